@@ -1,0 +1,2 @@
+//! The memory manager (being written).
+#![no_std]
