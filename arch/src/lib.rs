@@ -1,0 +1,34 @@
+//! x86_64 hardware layer of the kernel.
+//!
+//! Everything here touches the machine: segments and the TSS, the IDT and the
+//! trap entry path, the per-CPU base, the serial console, the TSC, CPUID, and
+//! QEMU's debug devices. It offers safe, documented interfaces; `unsafe` stays
+//! inside this crate (and the few low-level modules of `mm`).
+#![no_std]
+
+pub mod cpu;
+pub mod fw_cfg;
+pub mod gdt;
+pub mod irq;
+pub mod percpu;
+pub mod qemu;
+pub mod serial;
+pub mod time;
+pub mod trap;
+
+/// Brings up the boot CPU's own state, in the only order that works: the
+/// per-CPU base first (logging reads the CPU number), then the console, the
+/// GDT/TSS (the IDT refers to IST stacks), the IDT, and the TSC rate.
+pub fn init_boot_cpu() {
+    percpu::init_this_cpu(0, 0);
+    serial::init();
+    static BSP_TABLES: spin::Once<()> = spin::Once::new();
+    BSP_TABLES.call_once(|| {
+        static mut TABLES: gdt::CpuTables = gdt::CpuTables::new();
+        // SAFETY: guarded by the Once, so this is the only reference ever
+        // created to TABLES.
+        gdt::load(unsafe { &mut *(&raw mut TABLES) });
+    });
+    trap::load_idt();
+    time::calibrate();
+}

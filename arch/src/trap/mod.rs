@@ -1,0 +1,234 @@
+//! Traps: the IDT, the common dispatcher, and what a kernel bug prints.
+//!
+//! The arch layer owns the mechanism (saving registers, finding exception-table
+//! fixups, printing an oops); the kernel owns the policy through [`TrapHooks`]
+//! (what a page fault means, what to do with a faulting user task, which IRQ
+//! handler runs).
+
+pub mod backtrace;
+mod entry;
+pub mod extable;
+mod frame;
+
+use core::sync::atomic::Ordering;
+
+use spin::Once;
+use x86_64::registers::control::Cr2;
+use x86_64::structures::idt::{InterruptDescriptorTable, PageFaultErrorCode};
+use x86_64::VirtAddr;
+
+pub use frame::TrapFrame;
+
+use crate::gdt::IstSlot;
+
+/// Exception vectors by name.
+#[allow(missing_docs)]
+pub mod vector {
+    pub const DIVIDE_ERROR: u8 = 0;
+    pub const DEBUG: u8 = 1;
+    pub const NMI: u8 = 2;
+    pub const BREAKPOINT: u8 = 3;
+    pub const INVALID_OPCODE: u8 = 6;
+    pub const DOUBLE_FAULT: u8 = 8;
+    pub const GENERAL_PROTECTION: u8 = 13;
+    pub const PAGE_FAULT: u8 = 14;
+    pub const MACHINE_CHECK: u8 = 18;
+    /// First vector available to device and inter-processor interrupts.
+    pub const FIRST_IRQ: u8 = 32;
+}
+
+/// Human-readable exception names, indexed by vector.
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
+    "#BR bound range", "#UD invalid opcode", "#NM device not available",
+    "#DF double fault", "coprocessor segment overrun", "#TS invalid TSS",
+    "#NP segment not present", "#SS stack fault", "#GP general protection",
+    "#PF page fault", "reserved (15)", "#MF x87 floating point",
+    "#AC alignment check", "#MC machine check", "#XM SIMD floating point",
+    "#VE virtualization", "#CP control protection", "reserved (22)",
+    "reserved (23)", "reserved (24)", "reserved (25)", "reserved (26)",
+    "reserved (27)", "#HV hypervisor injection", "#VC VMM communication",
+    "#SX security", "reserved (31)",
+];
+
+/// Name of an exception vector (or "IRQ" for the rest).
+pub fn vector_name(vector: u8) -> &'static str {
+    EXCEPTION_NAMES.get(vector as usize).copied().unwrap_or("interrupt")
+}
+
+/// What a page fault looked like.
+#[derive(Clone, Copy, Debug)]
+pub struct PageFault {
+    /// The faulting linear address (CR2).
+    pub addr: VirtAddr,
+    /// The hardware error code.
+    pub code: PageFaultErrorCode,
+}
+
+/// What the kernel's page-fault handler decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The mapping was fixed (or another CPU fixed it): retry the access.
+    Handled,
+    /// Not a fault the memory manager can resolve.
+    Unhandled,
+}
+
+/// The kernel's policy for traps. Registered once with [`set_hooks`].
+pub struct TrapHooks {
+    /// A page fault at any privilege level. Runs with interrupts disabled.
+    pub page_fault: fn(&mut TrapFrame, PageFault) -> FaultOutcome,
+    /// An exception from ring 3 that was not resolved: the kernel ends the
+    /// offending task and does not return to it.
+    pub user_exception: fn(&mut TrapFrame, Option<PageFault>),
+    /// `int3`. Returns to the instruction after it.
+    pub breakpoint: fn(&mut TrapFrame),
+    /// Any vector >= 32.
+    pub irq: fn(u8, &mut TrapFrame),
+    /// Called after an oops has been printed; never returns.
+    pub fatal: fn() -> !,
+}
+
+static HOOKS: Once<TrapHooks> = Once::new();
+
+/// Registers the kernel's trap policy. Before this, every trap is an oops.
+pub fn set_hooks(hooks: TrapHooks) {
+    HOOKS.call_once(|| hooks);
+}
+
+static IDT: Once<InterruptDescriptorTable> = Once::new();
+
+fn build_idt() -> InterruptDescriptorTable {
+    let mut idt = InterruptDescriptorTable::new();
+    // SAFETY: `trap_stub_table` is the table of 256 assembly stubs emitted by
+    // `entry.rs`, in vector order.
+    let stubs = unsafe { &*(&raw const entry::trap_stub_table) };
+    for (v, &addr) in stubs.iter().enumerate() {
+        let addr = VirtAddr::new(addr);
+        // SAFETY (for each set_handler_addr below): every stub saves a full
+        // TrapFrame and returns with iretq, the contract the IDT requires.
+        let opts = match v {
+            0 => unsafe { idt.divide_error.set_handler_addr(addr) },
+            1 => unsafe { idt.debug.set_handler_addr(addr) },
+            2 => unsafe { idt.non_maskable_interrupt.set_handler_addr(addr) },
+            3 => unsafe { idt.breakpoint.set_handler_addr(addr) },
+            4 => unsafe { idt.overflow.set_handler_addr(addr) },
+            5 => unsafe { idt.bound_range_exceeded.set_handler_addr(addr) },
+            6 => unsafe { idt.invalid_opcode.set_handler_addr(addr) },
+            7 => unsafe { idt.device_not_available.set_handler_addr(addr) },
+            8 => unsafe { idt.double_fault.set_handler_addr(addr) },
+            10 => unsafe { idt.invalid_tss.set_handler_addr(addr) },
+            11 => unsafe { idt.segment_not_present.set_handler_addr(addr) },
+            12 => unsafe { idt.stack_segment_fault.set_handler_addr(addr) },
+            13 => unsafe { idt.general_protection_fault.set_handler_addr(addr) },
+            14 => unsafe { idt.page_fault.set_handler_addr(addr) },
+            16 => unsafe { idt.x87_floating_point.set_handler_addr(addr) },
+            17 => unsafe { idt.alignment_check.set_handler_addr(addr) },
+            18 => unsafe { idt.machine_check.set_handler_addr(addr) },
+            19 => unsafe { idt.simd_floating_point.set_handler_addr(addr) },
+            20 => unsafe { idt.virtualization.set_handler_addr(addr) },
+            21 => unsafe { idt.cp_protection_exception.set_handler_addr(addr) },
+            28 => unsafe { idt.hv_injection_exception.set_handler_addr(addr) },
+            29 => unsafe { idt.vmm_communication_exception.set_handler_addr(addr) },
+            30 => unsafe { idt.security_exception.set_handler_addr(addr) },
+            // 9, 15, 22..=27, 31 are reserved: the CPU never raises them.
+            9 | 15 | 22..=27 | 31 => continue,
+            _ => unsafe { idt[v as u8].set_handler_addr(addr) },
+        };
+        match v as u8 {
+            vector::DOUBLE_FAULT => {
+                // SAFETY: the IST slot is filled by `gdt::load` on every CPU.
+                unsafe { opts.set_stack_index(IstSlot::DoubleFault as u16) };
+            }
+            vector::NMI => {
+                // SAFETY: as above.
+                unsafe { opts.set_stack_index(IstSlot::Nmi as u16) };
+            }
+            vector::MACHINE_CHECK => {
+                // SAFETY: as above.
+                unsafe { opts.set_stack_index(IstSlot::MachineCheck as u16) };
+            }
+            vector::BREAKPOINT => {
+                // Let `int3` work from ring 3 too (debuggers, tests).
+                opts.set_privilege_level(x86_64::PrivilegeLevel::Ring3);
+            }
+            _ => {}
+        }
+    }
+    idt
+}
+
+/// Loads the shared IDT on this CPU (built on first use).
+pub fn load_idt() {
+    IDT.call_once(build_idt).load();
+}
+
+/// Entered from `trap_common` / `trap_paranoid` with the saved registers.
+#[unsafe(no_mangle)]
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    let cpu = crate::percpu::this_cpu();
+    cpu.irq_depth.fetch_add(1, Ordering::Relaxed);
+    dispatch(frame);
+    cpu.irq_depth.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn dispatch(frame: &mut TrapFrame) {
+    let vector = frame.vector as u8;
+    let hooks = HOOKS.get();
+    if vector >= vector::FIRST_IRQ {
+        match hooks {
+            Some(h) => (h.irq)(vector, frame),
+            None => oops(frame, None, "interrupt before the kernel registered handlers"),
+        }
+        return;
+    }
+    let fault = (vector == vector::PAGE_FAULT).then(|| PageFault {
+        addr: Cr2::read().unwrap_or(VirtAddr::zero()),
+        code: PageFaultErrorCode::from_bits_truncate(frame.error_code),
+    });
+    if let (Some(h), Some(pf)) = (hooks, fault) {
+        if (h.page_fault)(frame, pf) == FaultOutcome::Handled {
+            return;
+        }
+    }
+    if vector == vector::BREAKPOINT {
+        if let Some(h) = hooks {
+            (h.breakpoint)(frame);
+            return;
+        }
+    }
+    if frame.from_user() {
+        if let Some(h) = hooks {
+            (h.user_exception)(frame, fault);
+            return;
+        }
+    } else if let Some(fixup) = extable::search(frame.rip) {
+        frame.rip = fixup;
+        return;
+    }
+    oops(frame, fault, "unhandled exception");
+}
+
+/// Prints everything known about a fatal trap and stops the system.
+pub fn oops(frame: &TrapFrame, fault: Option<PageFault>, why: &str) -> ! {
+    let cpu = crate::percpu::cpu_id();
+    let vector = frame.vector as u8;
+    crate::serial::write_fmt_forced(format_args!(
+        "\nKERNEL OOPS on CPU {cpu}: {} (vector {vector}), error code {:#x}: {why}\n",
+        vector_name(vector),
+        frame.error_code,
+    ));
+    if let Some(pf) = fault {
+        crate::serial::write_fmt_forced(format_args!(
+            "  CR2 {:#018x}  ({:?})\n",
+            pf.addr.as_u64(),
+            pf.code
+        ));
+    }
+    crate::serial::write_fmt_forced(format_args!("{frame}\n"));
+    backtrace::print(frame.rip, frame.rbp);
+    match HOOKS.get() {
+        Some(h) => (h.fatal)(),
+        None => crate::qemu::exit(crate::qemu::ExitCode::Failure),
+    }
+}

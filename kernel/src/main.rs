@@ -1,0 +1,124 @@
+//! The bootable kernel.
+//!
+//! Boot order (`kernel_main`): the boot CPU's own state (per-CPU base,
+//! console, GDT/TSS, IDT, TSC), logging, trap policy, the heap, CPU
+//! protection features, then the command line decides between the default
+//! workload and the in-kernel test runner. The machine powers off at the end
+//! with a status QEMU reports to the host (see `arch::qemu`).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod cmdline;
+mod heap;
+mod logger;
+mod panic;
+mod selfcheck;
+mod selftest;
+mod testrunner;
+mod traps;
+
+use bootloader_api::config::{BootloaderConfig, Mapping};
+use bootloader_api::info::MemoryRegionKind;
+use bootloader_api::{entry_point, BootInfo};
+
+use arch::qemu::{self, ExitCode};
+
+/// Where the bootloader maps all of physical memory (the direct map): PML4
+/// slot 256, the first upper-half slot. Fixed so addresses read the same in
+/// every boot and in gdb.
+pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
+
+/// Bootloader settings, embedded in the kernel ELF.
+pub static BOOTLOADER_CONFIG: BootloaderConfig = {
+    let mut config = BootloaderConfig::new_default();
+    config.mappings.physical_memory = Some(Mapping::FixedAddress(PHYS_OFFSET));
+    // Keep everything the bootloader places dynamically (stack, boot info,
+    // framebuffer) in the upper half: slots 0..256 belong to user space.
+    config.mappings.dynamic_range_start = Some(0xffff_c000_0000_0000);
+    config.mappings.dynamic_range_end = Some(0xffff_d000_0000_0000);
+    config.kernel_stack_size = 256 * 1024;
+    config
+};
+
+entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
+
+fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
+    arch::init_boot_cpu();
+    logger::init();
+    traps::install();
+    let phys_offset = boot_info
+        .physical_memory_offset
+        .into_option()
+        .expect("bootloader did not map physical memory");
+    assert_eq!(phys_offset, PHYS_OFFSET, "direct map is not where the config asked");
+
+    let usable: u64 = boot_info
+        .memory_regions
+        .iter()
+        .filter(|r| r.kind == MemoryRegionKind::Usable)
+        .map(|r| r.end - r.start)
+        .sum();
+    let heap = heap::init(&boot_info.memory_regions, phys_offset);
+
+    let features = arch::cpu::features();
+    let enabled = arch::cpu::enable_protection(features);
+    let cmdline = cmdline::read();
+
+    let mut brand = [0u8; 48];
+    log::info!(
+        "boot: {} MiB usable RAM in {} regions, heap {} KiB at phys {:#x}",
+        usable >> 20,
+        boot_info.memory_regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable).count(),
+        heap.size >> 10,
+        heap.phys_start,
+    );
+    log::info!(
+        "boot: CPU \"{}\", TSC {} MHz, features {:?}, enabled {:?}",
+        arch::cpu::brand(&mut brand),
+        arch::time::tsc_per_us().unwrap_or(0),
+        features,
+        enabled,
+    );
+    log::info!(
+        "boot: 1 CPU online (boot CPU); build {}; command line \"{}\"",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        cmdline.raw(),
+    );
+
+    let status = match cmdline.mode() {
+        cmdline::Mode::Test => testrunner::run(&cmdline),
+        cmdline::Mode::Run => selfcheck::run(),
+    };
+    log::info!("powering off ({})", if status == ExitCode::Success { "success" } else { "failure" });
+    qemu::exit(status)
+}
+
+#[cfg(target_os = "none")]
+mod tests {
+    use ktest::ktest;
+
+    /// The machine came up the way the boot summary claims: running on CPU 0
+    /// in ring 0 with our GDT, a calibrated TSC, a working heap, and the
+    /// protection features on that the CPU offers.
+    #[ktest]
+    fn boot_smoke() {
+        use x86_64::instructions::segmentation::{Segment, CS};
+        assert_eq!(CS::get_reg(), arch::gdt::KERNEL_CS);
+        assert!(arch::time::tsc_per_us().is_some_and(|t| t > 10), "TSC not calibrated");
+        let v = alloc::vec![1u32; 1000];
+        assert_eq!(v.iter().sum::<u32>(), 1000);
+        let f = arch::cpu::features();
+        let cr4 = x86_64::registers::control::Cr4::read();
+        use x86_64::registers::control::Cr4Flags;
+        if f.contains(arch::cpu::Features::SMEP) {
+            assert!(cr4.contains(Cr4Flags::SUPERVISOR_MODE_EXECUTION_PROTECTION));
+        }
+        if f.contains(arch::cpu::Features::SMAP) {
+            assert!(cr4.contains(Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION));
+        }
+        let kernel_fn = boot_smoke as *const () as u64;
+        assert!(kernel_fn >= 0xffff_ffff_8000_0000, "kernel not linked in the upper half");
+    }
+}

@@ -1,0 +1,165 @@
+//! `cargo xtask`: the one developer tool (build, run, test).
+//!
+//! Every subcommand installs what it needs first (rustup components, QEMU,
+//! OVMF; see `setup.rs`) and says what it did.
+
+mod kernel;
+mod protocol;
+mod qemu;
+mod setup;
+mod symbols;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use boot::Firmware;
+use clap::{Args, Parser, Subcommand};
+
+use crate::kernel::BuildConfig;
+use crate::qemu::{Accel, Machine};
+
+/// Developer tool for the split-page-table-lock kernel.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the kernel and its BIOS (or UEFI) disk image.
+    Build {
+        #[command(flatten)]
+        kernel: KernelArgs,
+        /// Build the UEFI image instead of the BIOS one.
+        #[arg(long)]
+        uefi: bool,
+    },
+    /// Boot the kernel in QEMU; it prints a boot summary, runs its default
+    /// workload and powers off. Exits with the kernel's status.
+    Run(RunArgs),
+    /// Run the host tests, then the in-kernel tests in QEMU.
+    Test(test::TestArgs),
+}
+
+/// Options that change how the kernel is compiled.
+#[derive(Args, Clone, Debug)]
+pub struct KernelArgs {
+    /// Build with the release profile (optimized; debug info kept).
+    #[arg(long)]
+    release: bool,
+    /// Split page-table locks are used when SPLIT_PTLOCK_CPUS <= NR_CPUS (64).
+    /// The default is 4 (split locks on); a large value such as 1000000 builds
+    /// the single `mm.page_table_lock` kernel for comparison.
+    #[arg(long, value_name = "N")]
+    split_ptlock_cpus: Option<u32>,
+}
+
+impl KernelArgs {
+    fn config(&self) -> BuildConfig {
+        BuildConfig { release: self.release, split_ptlock_cpus: self.split_ptlock_cpus, features: Vec::new() }
+    }
+}
+
+/// Options of the virtual machine.
+#[derive(Args, Clone, Debug)]
+pub struct MachineArgs {
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=255))]
+    smp: u32,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(long, default_value = "1G", value_parser = qemu::parse_mem)]
+    mem: String,
+    /// Accelerator. Default: KVM only where the host CPU has hardware
+    /// virtualization (vmx/svm) and /dev/kvm opens, otherwise TCG.
+    #[arg(long, value_enum)]
+    accel: Option<Accel>,
+    /// Hard limit on the QEMU run, in seconds; the run is killed and reported
+    /// (with the test that was running) when it passes.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    kernel: KernelArgs,
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Boot through UEFI (OVMF) instead of legacy BIOS.
+    #[arg(long)]
+    uefi: bool,
+    /// Kernel log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log: String,
+    /// Extra arguments passed to QEMU verbatim (after `--`).
+    #[arg(last = true, value_name = "QEMU_ARGS")]
+    qemu_args: Vec<String>,
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds the kernel and the image for `firmware`; returns (elf, image).
+pub fn build_kernel(config: &BuildConfig, firmware: Firmware) -> Result<(PathBuf, PathBuf)> {
+    let elf = kernel::build(config)?;
+    let image = kernel::image(&elf, firmware)?;
+    Ok((elf, image))
+}
+
+fn run(args: RunArgs) -> Result<bool> {
+    let firmware = if args.uefi { Firmware::Uefi } else { Firmware::Bios };
+    let qemu_bin = setup::ensure_all(args.uefi)?;
+    let (elf, image) = build_kernel(&args.kernel.config(), firmware)?;
+    let (accel, why) = qemu::choose_accel(args.machine.accel);
+    println!("xtask: accelerator {accel}: {why}");
+    let machine = Machine {
+        image,
+        firmware,
+        smp: args.machine.smp,
+        mem: args.machine.mem.clone(),
+        accel,
+        cmdline: format!("mode=run log={}", args.log),
+        extra: args.qemu_args.clone(),
+    };
+    let symbols = symbols::Symbolizer::new(&elf);
+    let timeout = Duration::from_secs(args.machine.timeout.unwrap_or(600));
+    let name = format!("run-smp{}-{}", machine.smp, firmware.name());
+    let outcome = qemu::run(&qemu_bin, &machine, &name, timeout, symbols.as_ref(), true)?;
+    println!(
+        "xtask: {} ({:.1} s, {accel}); serial log: {}",
+        outcome.describe(&name),
+        outcome.elapsed.as_secs_f64(),
+        outcome.log.display()
+    );
+    Ok(outcome.kernel_succeeded())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { kernel, uefi } => (|| {
+            setup::ensure_rust()?;
+            let firmware = if uefi { Firmware::Uefi } else { Firmware::Bios };
+            let (elf, image) = build_kernel(&kernel.config(), firmware)?;
+            println!("xtask: kernel {}\nxtask: image  {}", elf.display(), image.display());
+            Ok(true)
+        })(),
+        Command::Run(args) => run(args),
+        Command::Test(args) => test::run(args),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

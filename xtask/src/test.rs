@@ -1,0 +1,249 @@
+//! `cargo xtask test`: host tests, then in-kernel tests in QEMU, then the
+//! runner's own failure paths (a deliberately failing, oopsing and hanging
+//! test must each make the run fail, with the right diagnosis).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use boot::Firmware;
+use clap::Args;
+
+use crate::kernel::BuildConfig;
+use crate::qemu::{self, Ending, Machine, Outcome};
+use crate::symbols::Symbolizer;
+use crate::{build_kernel, setup, workspace_root, KernelArgs};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Run only tests whose names contain FILTER (host and kernel tests).
+    filter: Option<String>,
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// vCPUs of the main kernel test run.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=255))]
+    smp: u32,
+    /// Guest RAM of the kernel test runs.
+    #[arg(long, default_value = "1G", value_parser = qemu::parse_mem)]
+    mem: String,
+    /// Accelerator (default: as for `run`).
+    #[arg(long, value_enum)]
+    accel: Option<qemu::Accel>,
+    /// Per-QEMU-run timeout in seconds (default 600 for the main run).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Skip the host (`cargo test`) part.
+    #[arg(long)]
+    skip_host: bool,
+    /// Skip the in-kernel (QEMU) part.
+    #[arg(long)]
+    skip_kernel: bool,
+    /// Skip the runner self-tests and the extra boots (UEFI, other -smp).
+    #[arg(long)]
+    quick: bool,
+}
+
+/// What a kernel run must show to count as passed.
+#[derive(Clone, Debug)]
+enum Expect {
+    /// All selected tests pass and the kernel exits with success.
+    Pass,
+    /// The named test FAILS (with `detail` in its message) and the run fails.
+    Fail { test: &'static str, detail: &'static str },
+    /// The kernel oopses inside the named test; the backtrace is symbolized.
+    Oops { test: &'static str },
+    /// The run hangs in the named test and the timeout names it.
+    Timeout { test: &'static str },
+}
+
+struct KernelRun {
+    name: String,
+    firmware: Firmware,
+    smp: u32,
+    cmdline: String,
+    timeout: Duration,
+    expect: Expect,
+}
+
+struct StepResult {
+    name: String,
+    ok: bool,
+    detail: String,
+    elapsed: Duration,
+}
+
+fn host_step(name: &str, args: &[&str], envs: &[(&str, String)], filter: Option<&str>) -> Result<StepResult> {
+    let start = Instant::now();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root()).args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    if let Some(f) = filter {
+        cmd.args(["--", f]);
+    }
+    println!("xtask: [{name}] cargo {}", args.join(" "));
+    let status = cmd.status().context("running cargo test")?;
+    Ok(StepResult {
+        name: name.to_string(),
+        ok: status.success(),
+        detail: if status.success() { "passed".into() } else { format!("FAILED ({status})") },
+        elapsed: start.elapsed(),
+    })
+}
+
+fn host_tests(args: &TestArgs) -> Result<Vec<StepResult>> {
+    let filter = args.filter.as_deref();
+    let mut env = Vec::new();
+    if let Some(n) = args.kernel.split_ptlock_cpus {
+        env.push(("SPLIT_PTLOCK_CPUS", n.to_string()));
+    }
+    let mut results = vec![host_step("host: xtask + boot", &["test", "-p", "xtask", "-p", "boot", "-p", "ktest"], &env, filter)?];
+    results.push(host_step("host: mm", &["test", "-p", "mm"], &env, filter)?);
+    Ok(results)
+}
+
+fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
+    let r = &o.report;
+    match &run.expect {
+        Expect::Pass => {
+            let ok = o.kernel_succeeded() && r.all_passed();
+            let detail = match (ok, r.summary) {
+                (true, Some((p, _))) => format!("{p} passed"),
+                _ => {
+                    let mut d = o.describe(&run.name);
+                    for (t, why) in &r.failed {
+                        d.push_str(&format!("\n      FAILED {t}: {}", why.join(" / ")));
+                    }
+                    if !r.not_run.is_empty() {
+                        d.push_str(&format!("\n      not run: {}", r.not_run.join(", ")));
+                    }
+                    d
+                }
+            };
+            (ok, detail)
+        }
+        Expect::Fail { test, detail } => {
+            let failed = r.failed.iter().any(|(t, why)| t.ends_with(test) && why.iter().any(|w| w.contains(detail)));
+            let ok = failed && o.ending == Ending::Exit(qemu::STATUS_FAILURE) && !r.all_passed();
+            (ok, format!("expected `{test}` to FAIL: {}", if ok { "it did, and the run failed" } else { "it did NOT" }))
+        }
+        Expect::Oops { test } => {
+            let log = std::fs::read_to_string(&o.log).unwrap_or_default();
+            let symbolized = log.contains("selftest::deliberate_oops at ");
+            let failed = r.failed.iter().any(|(t, _)| t.ends_with(test));
+            let ok = r.crashed && failed && symbolized && o.ending == Ending::Exit(qemu::STATUS_FAILURE);
+            (
+                ok,
+                format!(
+                    "expected an oops in `{test}` with a symbolized backtrace: oops {}, FAILED {}, symbolized {}",
+                    r.crashed, failed, symbolized
+                ),
+            )
+        }
+        Expect::Timeout { test } => {
+            let named = o.describe(&run.name).contains(test);
+            let ok = o.ending == Ending::Timeout && named;
+            (ok, format!("expected a timeout naming `{test}`: {}", o.describe(&run.name)))
+        }
+    }
+}
+
+fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
+    let filter = args.filter.clone().unwrap_or_default();
+    let filter_word = if filter.is_empty() { String::new() } else { format!(" filter={filter}") };
+    let main_timeout = Duration::from_secs(args.timeout.unwrap_or(600));
+    let mut runs = vec![KernelRun {
+        name: format!("kernel tests, -smp {}, BIOS", args.smp),
+        firmware: Firmware::Bios,
+        smp: args.smp,
+        cmdline: format!("mode=test{filter_word}"),
+        timeout: main_timeout,
+        expect: Expect::Pass,
+    }];
+    if args.quick || !filter.is_empty() {
+        return runs;
+    }
+    runs.push(KernelRun {
+        name: "UEFI boot smoke test, -smp 2".into(),
+        firmware: Firmware::Uefi,
+        smp: 2,
+        cmdline: "mode=test filter=boot_smoke".into(),
+        timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
+        expect: Expect::Pass,
+    });
+    let selftest = |name: &str, test: &'static str, expect: Expect, secs: u64| KernelRun {
+        name: format!("runner self-test: {name}"),
+        firmware: Firmware::Bios,
+        smp: 1,
+        cmdline: format!("mode=test selftests filter=selftest::{test}"),
+        timeout: Duration::from_secs(secs),
+        expect,
+    };
+    runs.push(selftest(
+        "failing test",
+        "deliberate_failure",
+        Expect::Fail { test: "deliberate_failure", detail: "deliberate failure" },
+        300,
+    ));
+    runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, 300));
+    runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 30));
+    runs
+}
+
+/// Runs everything; returns whether all of it passed.
+pub fn run(args: TestArgs) -> Result<bool> {
+    let total = Instant::now();
+    let mut results = Vec::new();
+    if !args.skip_host {
+        setup::ensure_rust()?;
+        results.extend(host_tests(&args)?);
+    }
+    if !args.skip_kernel {
+        let runs = kernel_runs(&args);
+        let need_uefi = runs.iter().any(|r| r.firmware == Firmware::Uefi);
+        let qemu_bin = setup::ensure_all(need_uefi)?;
+        let config = BuildConfig { features: Vec::new(), ..args.kernel.config() };
+        let (elf, bios) = build_kernel(&config, Firmware::Bios)?;
+        let uefi = if need_uefi { Some(crate::kernel::image(&elf, Firmware::Uefi)?) } else { None };
+        let symbols = Symbolizer::new(&elf);
+        let (accel, why) = qemu::choose_accel(args.accel);
+        println!("xtask: accelerator {accel}: {why}");
+        for run in runs {
+            let image = match run.firmware {
+                Firmware::Bios => bios.clone(),
+                Firmware::Uefi => uefi.clone().expect("UEFI image built above"),
+            };
+            let machine = Machine {
+                image,
+                firmware: run.firmware,
+                smp: run.smp,
+                mem: args.mem.clone(),
+                accel,
+                cmdline: run.cmdline.clone(),
+                extra: Vec::new(),
+            };
+            let log_name = format!("test-{}", run.name.replace([',', ':', ' '], "-").replace("--", "-"));
+            let outcome = qemu::run(&qemu_bin, &machine, &log_name, run.timeout, symbols.as_ref(), true)?;
+            let (ok, detail) = judge(&run, &outcome);
+            println!(
+                "xtask: [{}] {} in {:.1} s ({accel}); serial log: {}",
+                run.name,
+                if ok { "ok" } else { "FAILED" },
+                outcome.elapsed.as_secs_f64(),
+                outcome.log.display()
+            );
+            if !ok {
+                println!("xtask:     {detail}");
+            }
+            results.push(StepResult { name: run.name, ok, detail, elapsed: outcome.elapsed });
+        }
+    }
+    println!("\nxtask: test summary ({:.0} s in all)", total.elapsed().as_secs_f64());
+    for r in &results {
+        println!("  {:7} {:6.1} s  {}  {}", if r.ok { "ok" } else { "FAILED" }, r.elapsed.as_secs_f64(), r.name, r.detail.lines().next().unwrap_or(""));
+    }
+    let all_ok = results.iter().all(|r| r.ok);
+    println!("xtask: {}", if all_ok { "all tests passed" } else { "SOME TESTS FAILED" });
+    Ok(all_ok)
+}
