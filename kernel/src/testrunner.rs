@@ -50,7 +50,7 @@ pub fn run(cmdline: &Cmdline) -> ExitCode {
             .filter(|t| selftests || !t.name.contains(SELFTEST_MODULE))
             .collect()
     });
-    println!("running {} tests", tests.len());
+    println!("running {} test{}", tests.len(), if tests.len() == 1 { "" } else { "s" });
     for (i, test) in tests.iter().enumerate() {
         CURRENT.store(i + 1, Ordering::SeqCst);
         let generation = arch::serial::write_fmt_tracked(format_args!("test {} ... ", test.name));

@@ -40,7 +40,7 @@ impl TestReport {
     /// Consumes one line of serial output (with or without `\r`).
     pub fn feed(&mut self, line: &str) {
         let line = line.trim_end_matches(['\r', '\n']);
-        if let Some(n) = line.strip_prefix("running ").and_then(|r| r.strip_suffix(" tests")) {
+        if let Some(n) = line.strip_prefix("running ").and_then(|r| r.strip_suffix(" tests").or_else(|| r.strip_suffix(" test"))) {
             self.planned = n.trim().parse().ok();
         } else if let Some(rest) = line.strip_prefix("test ") {
             if let Some((name, result)) = rest.split_once(" ...") {
@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn log_line_breaking_an_open_line_is_tolerated() {
         let r = report(
-            "running 1 tests\ntest a::b ... \n[    0.1] cpu3 INFO  hello\ntest a::b ... ok\n1 passed, 0 failed\n",
+            "running 1 test\ntest a::b ... \n[    0.1] cpu3 INFO  hello\ntest a::b ... ok\n1 passed, 0 failed\n",
         );
         assert!(r.all_passed());
         assert_eq!(r.running, None);

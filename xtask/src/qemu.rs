@@ -220,6 +220,8 @@ pub fn run(qemu: &Path, machine: &Machine, name: &str, timeout: Duration, symbol
 
     let mut report = TestReport::default();
     let mut partial = String::new();
+    // Bytes of `partial` already echoed to the terminal.
+    let mut echoed = 0usize;
     let mut last_line = String::new();
     let mut open_streams = 2;
     let deadline = start + timeout;
@@ -234,28 +236,36 @@ pub fn run(qemu: &Path, machine: &Machine, name: &str, timeout: Duration, symbol
         match rx.recv_timeout(deadline - now) {
             Ok(Chunk::Out(data)) => {
                 let text = String::from_utf8_lossy(&data).replace('\r', "");
-                if echo {
-                    let mut out = stdout.lock();
-                    let _ = out.write_all(text.as_bytes());
-                    let _ = out.flush();
-                }
                 partial.push_str(&text);
+                let mut out = stdout.lock();
+                // Complete lines are echoed with their backtrace annotation;
+                // the open remainder (`test x ... `) is echoed at once so the
+                // terminal shows what is running.
                 while let Some(pos) = partial.find('\n') {
                     let line: String = partial.drain(..=pos).collect();
                     let line = line.trim_end_matches('\n');
+                    if echo {
+                        let _ = writeln!(out, "{}", &line[echoed.min(line.len())..]);
+                    }
+                    echoed = 0;
                     writeln!(log, "{line}")?;
                     report.feed(line);
                     if let Some(annotated) = symbols.and_then(|s| parse_frame_addr(line).and(s.annotate(line))) {
                         let sym = annotated[line.trim_end().len()..].trim();
                         writeln!(log, "        {sym}")?;
                         if echo {
-                            println!("        {sym}");
+                            let _ = writeln!(out, "        {sym}");
                         }
                     }
                     if !line.trim().is_empty() {
                         last_line = line.to_string();
                     }
                 }
+                if echo && partial.len() > echoed {
+                    let _ = out.write_all(partial[echoed..].as_bytes());
+                    echoed = partial.len();
+                }
+                let _ = out.flush();
             }
             Ok(Chunk::Err(data)) => {
                 let text = String::from_utf8_lossy(&data);

@@ -187,7 +187,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         300,
     ));
     runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, 300));
-    runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 30));
+    runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 15));
     runs
 }
 
