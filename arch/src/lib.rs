@@ -6,6 +6,7 @@
 //! inside this crate (and the few low-level modules of `mm`).
 #![no_std]
 
+pub mod context;
 pub mod cpu;
 pub mod fw_cfg;
 pub mod gdt;
@@ -13,8 +14,10 @@ pub mod irq;
 pub mod percpu;
 pub mod qemu;
 pub mod serial;
+pub mod syscall;
 pub mod time;
 pub mod trap;
+pub mod usercopy;
 
 /// Brings up the boot CPU's own state, in the only order that works: the
 /// per-CPU base first (logging reads the CPU number), then the console, the
