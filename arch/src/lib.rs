@@ -12,6 +12,7 @@ pub mod fw_cfg;
 pub mod gdt;
 pub mod irq;
 pub mod percpu;
+pub mod pic;
 pub mod qemu;
 pub mod serial;
 pub mod syscall;
@@ -33,5 +34,6 @@ pub fn init_boot_cpu() {
         gdt::load(unsafe { &mut *(&raw mut TABLES) });
     });
     trap::load_idt();
+    pic::disable();
     time::calibrate();
 }
