@@ -38,9 +38,10 @@ arch_context_switch:
 
 .p2align 4
 .global arch_thread_start
-// First switch-in of a new thread: r12 = entry, r13 = argument.
+// First switch-in of a new thread: r12 = entry, r13/r14 = arguments.
 arch_thread_start:
     mov rdi, r13
+    mov rsi, r14
     call r12
     ud2
 "#
@@ -52,18 +53,19 @@ unsafe extern "C" {
 }
 
 impl Context {
-    /// Prepares a context that, when switched to, runs `entry(arg)` on the
-    /// stack whose (exclusive) top is `stack_top`. `entry` must never return.
+    /// Prepares a context that, when switched to, runs `entry(args[0], args[1])`
+    /// on the stack whose (exclusive) top is `stack_top`. `entry` must never
+    /// return.
     ///
     /// # Safety
     /// `stack_top` must be the 16-byte-aligned top of a writable stack of at
     /// least 128 bytes that nothing else uses.
-    pub unsafe fn new_thread(stack_top: u64, entry: extern "C" fn(usize) -> !, arg: usize) -> Self {
+    pub unsafe fn new_thread(stack_top: u64, entry: extern "C" fn(usize, usize) -> !, args: [usize; 2]) -> Self {
         assert_eq!(stack_top % 16, 0, "misaligned stack top");
         // Initial frame, lowest address first: r15 r14 r13 r12 rbx rbp, the
         // return address, then padding so that `call r12` in
         // arch_thread_start sees a 16-byte-aligned stack.
-        let frame: [u64; 9] = [0, 0, arg as u64, entry as usize as u64, 0, 0, arch_thread_start as *const () as u64, 0, 0];
+        let frame: [u64; 9] = [0, args[1] as u64, args[0] as u64, entry as *const () as u64, 0, 0, arch_thread_start as *const () as u64, 0, 0];
         let rsp = stack_top - (frame.len() as u64) * 8;
         // SAFETY: the caller guarantees the stack is writable and unused; the
         // frame fits in the 128 bytes below its top.

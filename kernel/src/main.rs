@@ -14,6 +14,7 @@ mod cmdline;
 mod heap;
 mod logger;
 mod panic;
+mod sched;
 mod selfcheck;
 mod selftest;
 mod testrunner;
@@ -87,6 +88,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cmdline.raw(),
     );
 
+    sched::init_cpu("init");
     let status = match cmdline.mode() {
         cmdline::Mode::Test => testrunner::run(&cmdline),
         cmdline::Mode::Run => selfcheck::run(),

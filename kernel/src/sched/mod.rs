@@ -1,0 +1,280 @@
+//! The per-CPU scheduler.
+//!
+//! Design:
+//! - Every task is *pinned* to one CPU for its whole life and each CPU has its
+//!   own run queue, so the common path (yield, block, pick next) touches only
+//!   the local queue's lock; other CPUs take it only to wake a task there.
+//!   Because tasks never migrate, a task's saved context is written and read
+//!   by one CPU only.
+//! - Kernel code is not preempted: kernel tasks yield or block. A task running
+//!   in ring 3 is preempted by the local-APIC timer tick.
+//! - A task that exits cannot free the stack it is running on: the CPU parks
+//!   it as a "zombie" and the next task to run on that CPU drops it after the
+//!   switch.
+//!
+//! Locks: `CpuSched::rq` protects one CPU's run queue (lock order: it is a leaf;
+//! it is never held across a context switch). Everything else in `CpuSched`
+//! is touched only by its own CPU with interrupts disabled.
+
+mod task;
+mod wait;
+
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use arch::percpu::NR_CPUS;
+use spin::Mutex;
+
+pub use task::{KernelStack, State, Task, Tid};
+pub use wait::WaitQueue;
+
+/// One CPU's scheduler state.
+struct CpuSched {
+    /// Runnable tasks of this CPU, in FIFO order. Protected by the lock:
+    /// the owner pops and re-queues, any CPU pushes a woken task.
+    rq: Mutex<VecDeque<Arc<Task>>>,
+    /// The running task. Owner CPU only, interrupts off.
+    current: UnsafeCell<Option<Arc<Task>>>,
+    /// The task that runs when the queue is empty. Owner CPU only.
+    idle: UnsafeCell<Option<Arc<Task>>>,
+    /// An exited task whose stack we left; dropped after the next switch.
+    zombie: UnsafeCell<Option<Arc<Task>>>,
+    /// Whether `init_cpu` ran here.
+    ready: AtomicBool,
+    /// Context switches on this CPU.
+    switches: AtomicUsize,
+}
+
+// SAFETY: the UnsafeCell fields are accessed only by the owning CPU with
+// interrupts disabled (see the module comment), so there is never concurrent
+// access to them; `rq` is a lock.
+unsafe impl Sync for CpuSched {}
+
+impl CpuSched {
+    const fn new() -> Self {
+        Self {
+            rq: Mutex::new(VecDeque::new()),
+            current: UnsafeCell::new(None),
+            idle: UnsafeCell::new(None),
+            zombie: UnsafeCell::new(None),
+            ready: AtomicBool::new(false),
+            switches: AtomicUsize::new(0),
+        }
+    }
+}
+
+static CPUS: [CpuSched; NR_CPUS] = [const { CpuSched::new() }; NR_CPUS];
+
+/// How a CPU asks another to reschedule (an IPI once SMP exists).
+static KICK: spin::Once<fn(usize)> = spin::Once::new();
+
+/// Registers how to make a remote CPU notice newly queued work.
+pub fn set_kick(f: fn(usize)) {
+    KICK.call_once(|| f);
+}
+
+fn local() -> &'static CpuSched {
+    &CPUS[arch::percpu::cpu_id()]
+}
+
+/// Runs `f` on this CPU's private state with interrupts off.
+fn with_local<R>(f: impl FnOnce(&'static CpuSched) -> R) -> R {
+    arch::irq::without_interrupts(|| f(local()))
+}
+
+/// Makes the code running on this CPU a task (`name`), and creates the CPU's
+/// idle task. Call once per CPU, from its boot context, before any other
+/// scheduler call on that CPU.
+pub fn init_cpu(name: &str) {
+    with_local(|cs| {
+        let cpu = arch::percpu::cpu_id();
+        let boot = Task::adopt_current(name, cpu);
+        let idle = Task::new_kernel(alloc::format!("idle/{cpu}"), cpu, idle_loop, 0)
+            .expect("no memory for the idle task");
+        boot.set_state(State::Running);
+        // SAFETY: owner CPU, interrupts off.
+        unsafe {
+            *cs.current.get() = Some(boot);
+            *cs.idle.get() = Some(idle);
+        }
+        cs.ready.store(true, Ordering::Release);
+    });
+}
+
+/// Whether the scheduler runs on `cpu`.
+pub fn cpu_ready(cpu: usize) -> bool {
+    CPUS[cpu].ready.load(Ordering::Acquire)
+}
+
+/// The running task.
+pub fn current() -> Arc<Task> {
+    // SAFETY: owner CPU, interrupts off (with_local).
+    with_local(|cs| unsafe { (*cs.current.get()).clone() }).expect("scheduler not initialised on this CPU")
+}
+
+extern "C" fn idle_loop(_: usize) -> ! {
+    loop {
+        arch::irq::disable();
+        let has_work = !local().rq.lock().is_empty();
+        if has_work {
+            schedule();
+            arch::irq::enable();
+        } else {
+            // `sti; hlt` is atomic with respect to interrupts: a wake-up IPI
+            // that arrives after the check still ends the halt.
+            x86_64::instructions::interrupts::enable_and_hlt();
+        }
+    }
+}
+
+/// Queues `task` on its CPU and makes that CPU notice.
+fn enqueue(task: Arc<Task>) {
+    let cpu = task.cpu();
+    CPUS[cpu].rq.lock().push_back(task);
+    if cpu != arch::percpu::cpu_id() {
+        if let Some(kick) = KICK.get() {
+            kick(cpu);
+        }
+    }
+}
+
+/// Starts a new task (already created, state Runnable).
+pub fn spawn(task: Arc<Task>) -> Arc<Task> {
+    assert!(cpu_ready(task.cpu()), "CPU {} has no scheduler", task.cpu());
+    task.set_state(State::Runnable);
+    enqueue(task.clone());
+    task
+}
+
+/// Gives the CPU to the next runnable task on this CPU, if any.
+pub fn yield_now() {
+    schedule();
+}
+
+/// Wakes a task blocked in [`block_current`]; no effect on other states.
+pub fn wake(task: &Arc<Task>) {
+    if task.try_transition(State::Blocked, State::Runnable) {
+        enqueue(task.clone());
+    }
+}
+
+/// Blocks the running task until [`wake`] is called on it. The caller must
+/// have published itself where the waker will find it *before* calling, and
+/// must re-check its condition afterwards (wake-ups can be early).
+pub fn block_current() {
+    current().prepare_block();
+    block_prepared();
+}
+
+/// Second half of a block: the task already marked itself Blocked (and may
+/// have been woken since, in which case it is queued and this is a yield).
+pub(crate) fn block_prepared() {
+    schedule();
+}
+
+/// Ends the running task with `code`. Its resources are released once this
+/// CPU has switched away from its stack.
+pub fn exit_current(code: i64) -> ! {
+    let cur = current();
+    arch::irq::disable();
+    cur.finish(code);
+    drop(cur);
+    schedule();
+    unreachable!("an exited task was scheduled again");
+}
+
+/// The core: picks the next task on this CPU and switches to it.
+pub fn schedule() {
+    let was_enabled = arch::irq::enabled();
+    arch::irq::disable();
+    let cs = local();
+    // SAFETY: owner CPU, interrupts off, for all the UnsafeCell accesses below.
+    let prev = unsafe { (*cs.current.get()).clone() }.expect("schedule() before init_cpu");
+    let idle = unsafe { (*cs.idle.get()).clone() }.expect("no idle task");
+    let next = {
+        let mut rq = cs.rq.lock();
+        let candidate = rq.pop_front();
+        match candidate {
+            Some(next) => {
+                // A running task goes to the back of the queue; a blocked or
+                // exited one does not (a woken one was queued by its waker).
+                if prev.state() == State::Running && !Arc::ptr_eq(&prev, &idle) {
+                    prev.set_state(State::Runnable);
+                    rq.push_back(prev.clone());
+                }
+                next
+            }
+            None if prev.state() == State::Running => {
+                drop(rq);
+                if was_enabled {
+                    arch::irq::enable();
+                }
+                return;
+            }
+            None => idle.clone(),
+        }
+    };
+    if Arc::ptr_eq(&prev, &next) {
+        prev.set_state(State::Running);
+        if was_enabled {
+            arch::irq::enable();
+        }
+        return;
+    }
+    next.set_state(State::Running);
+    next.switch_in_hardware_state(&prev);
+    if prev.state() == State::Exited {
+        // SAFETY: owner CPU, interrupts off.
+        unsafe { *cs.zombie.get() = Some(prev.clone()) };
+    }
+    let prev_ctx = prev.context_ptr();
+    let next_ctx = next.context_ptr();
+    // SAFETY: owner CPU, interrupts off.
+    unsafe { *cs.current.get() = Some(next) };
+    cs.switches.fetch_add(1, Ordering::Relaxed);
+    // The Arcs in `current` and (for an exited prev) `zombie` keep both
+    // contexts alive across the switch; our local clones must not, or an
+    // exited task would never be freed.
+    drop(prev);
+    drop(idle);
+    // SAFETY: interrupts are off; `next_ctx` belongs to a task pinned to this
+    // CPU that is not running (it was queued or is the idle task), and
+    // `prev_ctx` stays alive in `current`/`zombie` until it is resumed.
+    unsafe { arch::context::switch(prev_ctx, next_ctx) };
+    finish_switch();
+    if was_enabled {
+        arch::irq::enable();
+    }
+}
+
+/// Runs after every switch, on the incoming task: frees the task we left if
+/// it had exited.
+fn finish_switch() {
+    let cs = local();
+    // SAFETY: owner CPU, interrupts off.
+    let zombie = unsafe { (*cs.zombie.get()).take() };
+    drop(zombie);
+}
+
+/// First code of every new task (see `Task::new_kernel`).
+pub(crate) fn task_entry_tail() {
+    finish_switch();
+}
+
+/// Called from the timer interrupt: preempts a task that was running in
+/// ring 3.
+pub fn tick(from_user: bool) {
+    if from_user {
+        schedule();
+    }
+}
+
+/// Number of context switches on `cpu` since boot.
+pub fn switches(cpu: usize) -> usize {
+    CPUS[cpu].switches.load(Ordering::Relaxed)
+}
+
+#[cfg(target_os = "none")]
+mod tests;

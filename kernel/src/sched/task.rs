@@ -1,0 +1,232 @@
+//! Tasks: kernel threads and (with an address space) user threads.
+
+use alloc::alloc::{alloc, dealloc, Layout};
+use alloc::string::String;
+use alloc::sync::Arc;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+
+use arch::context::Context;
+
+use super::WaitQueue;
+
+/// Task identifier, unique for the life of the system.
+pub type Tid = u64;
+
+static NEXT_TID: AtomicU64 = AtomicU64::new(1);
+/// Live `Task` objects (for leak tests).
+pub static LIVE_TASKS: AtomicU64 = AtomicU64::new(0);
+
+/// Scheduling state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Created, or waiting in a run queue.
+    Runnable = 0,
+    /// On its CPU now.
+    Running = 1,
+    /// Waiting for [`super::wake`].
+    Blocked = 2,
+    /// Finished; kept until the last reference goes.
+    Exited = 3,
+}
+
+impl State {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => State::Runnable,
+            1 => State::Running,
+            2 => State::Blocked,
+            _ => State::Exited,
+        }
+    }
+}
+
+/// Size of a kernel stack.
+pub const KERNEL_STACK_SIZE: usize = 32 * 1024;
+
+/// A task's own kernel stack.
+pub struct KernelStack {
+    base: *mut u8,
+}
+
+// SAFETY: the stack memory is owned by the KernelStack; the pointer is only
+// used to compute its bounds and to free it.
+unsafe impl Send for KernelStack {}
+// SAFETY: as above; no shared mutation happens through &KernelStack.
+unsafe impl Sync for KernelStack {}
+
+/// Live kernel stacks (for leak tests).
+pub static LIVE_STACKS: AtomicU64 = AtomicU64::new(0);
+
+impl KernelStack {
+    const LAYOUT: Layout = match Layout::from_size_align(KERNEL_STACK_SIZE, 4096) {
+        Ok(l) => l,
+        Err(_) => panic!("bad stack layout"),
+    };
+
+    /// Allocates a stack, or `None` when memory is exhausted.
+    pub fn new() -> Option<Self> {
+        // SAFETY: the layout has non-zero size.
+        let base = unsafe { alloc(Self::LAYOUT) };
+        if base.is_null() {
+            return None;
+        }
+        LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
+        Some(Self { base })
+    }
+
+    /// The (exclusive, 16-byte aligned) top.
+    pub fn top(&self) -> u64 {
+        self.base as u64 + KERNEL_STACK_SIZE as u64
+    }
+}
+
+impl Drop for KernelStack {
+    fn drop(&mut self) {
+        // SAFETY: `base` came from `alloc` with this layout and is freed once.
+        unsafe { dealloc(self.base, Self::LAYOUT) };
+        LIVE_STACKS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A thread of execution.
+pub struct Task {
+    tid: Tid,
+    name: String,
+    /// The CPU this task is pinned to.
+    cpu: usize,
+    state: AtomicU8,
+    /// Saved registers while switched out. Only the task's own CPU touches
+    /// it, with interrupts off (tasks never migrate).
+    context: UnsafeCell<Context>,
+    /// `None` for a CPU's boot context adopted as a task.
+    stack: Option<KernelStack>,
+    exit_code: AtomicI64,
+    /// Woken when the task exits.
+    exited: WaitQueue,
+}
+
+// SAFETY: `context` is accessed only by the task's own CPU with interrupts
+// disabled (see the scheduler's module comment); all other fields are
+// immutable or atomic.
+unsafe impl Sync for Task {}
+// SAFETY: as above.
+unsafe impl Send for Task {}
+
+impl Task {
+    fn alloc(name: String, cpu: usize, stack: Option<KernelStack>, context: Context) -> Arc<Self> {
+        LIVE_TASKS.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Self {
+            tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
+            name,
+            cpu,
+            state: AtomicU8::new(State::Runnable as u8),
+            context: UnsafeCell::new(context),
+            stack,
+            exit_code: AtomicI64::new(0),
+            exited: WaitQueue::new(),
+        })
+    }
+
+    /// Wraps the code already running on this CPU (its boot stack).
+    pub(super) fn adopt_current(name: &str, cpu: usize) -> Arc<Self> {
+        Self::alloc(String::from(name), cpu, None, Context::default())
+    }
+
+    /// A kernel task that will run `entry(arg)` on `cpu` once spawned.
+    /// `entry` must end with [`super::exit_current`]. `None` if out of memory.
+    pub fn new_kernel(name: String, cpu: usize, entry: extern "C" fn(usize) -> !, arg: usize) -> Option<Arc<Self>> {
+        let stack = KernelStack::new()?;
+        // SAFETY: the stack is fresh, aligned and owned by the task.
+        let ctx = unsafe { Context::new_thread(stack.top(), trampoline, [entry as *const () as usize, arg]) };
+        Some(Self::alloc(name, cpu, Some(stack), ctx))
+    }
+
+    /// Identifier.
+    pub fn tid(&self) -> Tid {
+        self.tid
+    }
+
+    /// Name given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The CPU it is pinned to.
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub(super) fn set_state(&self, s: State) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    pub(super) fn try_transition(&self, from: State, to: State) -> bool {
+        self.state.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Top of the kernel stack (None for adopted boot contexts).
+    pub fn stack_top(&self) -> Option<u64> {
+        self.stack.as_ref().map(KernelStack::top)
+    }
+
+    pub(super) fn context_ptr(&self) -> *mut Context {
+        self.context.get()
+    }
+
+    /// Marks the task as about to block (see `WaitQueue::wait_until`).
+    pub(super) fn prepare_block(&self) {
+        self.try_transition(State::Running, State::Blocked);
+    }
+
+    /// Undoes [`prepare_block`] if nobody woke the task meanwhile.
+    pub(super) fn cancel_block(&self) {
+        self.try_transition(State::Blocked, State::Running);
+    }
+
+    /// Sets the hardware up for running this task after `prev`.
+    pub(super) fn switch_in_hardware_state(&self, _prev: &Task) {
+        if let Some(top) = self.stack_top() {
+            arch::gdt::set_kernel_stack(x86_64::VirtAddr::new(top));
+        }
+    }
+
+    pub(super) fn finish(&self, code: i64) {
+        self.exit_code.store(code, Ordering::Release);
+        self.set_state(State::Exited);
+        self.exited.wake_all();
+    }
+
+    /// Whether the task has exited.
+    pub fn has_exited(&self) -> bool {
+        self.state() == State::Exited
+    }
+
+    /// Blocks until the task exits; returns its exit code.
+    pub fn join(&self) -> i64 {
+        self.exited.wait_until(|| self.has_exited());
+        self.exit_code.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        LIVE_TASKS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// First code a new kernel task runs: finish the switch that brought us here,
+/// then call the real entry.
+extern "C" fn trampoline(entry: usize, arg: usize) -> ! {
+    super::task_entry_tail();
+    arch::irq::enable();
+    // SAFETY: `new_kernel` passed an `extern "C" fn(usize) -> !` as usize.
+    let entry: extern "C" fn(usize) -> ! = unsafe { core::mem::transmute(entry) };
+    entry(arg)
+}
