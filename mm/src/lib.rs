@@ -1,2 +1,200 @@
-//! The memory manager (being written).
+//! The memory manager: the struct-page array (memmap), the frame allocator,
+//! page tables with Linux's split page-table locks, and the address space
+//! (`Mm`), following `Documentation/mm/split_page_table_lock.rst`.
+//!
+//! `#![no_std]`; reaches hardware only through [`hal::Hal`], so the same walker
+//! and helpers run in the kernel and in host tests (whose "physical memory" is
+//! an ordinary buffer holding real x86_64-format page tables).
+//!
+//! # Module map
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`addr`] | `PhysAddr`, `VirtAddr`, `Pfn`, the direct-map window |
+//! | [`hal`] | the hardware trait and its registration |
+//! | [`bootmem`] | usable RAM before the allocator; boot-time contiguous allocations |
+//! | [`memmap`] | `Page` descriptors (<= 64 bytes each) per usable frame, in sections |
+//! | [`frame`] | buddy allocator (orders 0..=10) + per-CPU order-0 caches; `Frames` |
+//! | [`physmem`] | `PhysMem`: memmap + allocator + window, one per machine |
+//! | [`lock`] | the ticket spinlock, lock classes and statistics, lock order (protocol comment) |
+//! | [`ptlock`] | `ptl` storage: inline lock or allocated pointer, chosen from the size |
+//! | [`ptdesc`] | `Ptdesc`, `PtPage`, `pagetable_*_ctor` / `pagetable_dtor` |
+//! | [`pgtable`] | entry types, the entry-access module, the walker and `*_alloc` |
+//! | `helpers` | `pte_offset_map_lock` and friends, `pmd_lock`, `huge_pte_lock` (re-exported here) |
+//! | [`mm_struct`] | `Mm` and `KernelPgd` |
+//! | [`config`] | split-lock configuration from the build, `describe_config` |
+//!
+//! # Boot sequence (kernel)
+//!
+//! ```text
+//! mm::hal::set(&KERNEL_HAL);                                   // once, on the BSP
+//! let mut boot = unsafe { mm::BootMem::new(&usable_ranges, mm::DirectMap::new(phys_offset)) };
+//! let heap = boot.alloc(HEAP_BYTES, 4096, mm::PageKind::Heap)  // before the buddy starts
+//!     .expect("heap");                                        // -> PhysAddr; map via phys_offset
+//! let phys: &'static mm::PhysMem = mm::init(boot);              // memmap carved, rest to buddy
+//! let kpgd = unsafe { mm::KernelPgd::new(cr3_phys) };
+//! let mm = mm::Mm::new(kpgd).expect("oom");                    // a user address space
+//! ```
+//!
+//! The kernel heap comes from [`BootMem::alloc`] (kind [`PageKind::Heap`] in
+//! the memmap); heap-backed allocations in `mm` (only the `debug-ptlock`
+//! build's allocated `ptl`) therefore need the heap set up before the first
+//! page-table constructor runs, not before `init`.
+//!
+//! # Public API summary
+//!
+//! * init: [`BootMem::new`], [`BootMem::alloc`], [`init`], [`phys`], [`hal::set`]
+//! * frames: [`alloc_pages`], [`alloc_pages_zeroed`], [`free_pages`],
+//!   [`nr_free_pages`], [`drain_all_pcp`] (and the same on [`PhysMem`])
+//! * address spaces: [`Mm::new`], [`Mm::new_in`], [`Mm::new_init_mm`],
+//!   `Drop for Mm` (frees the user page tables)
+//! * walker: [`pgd_offset`], [`p4d_offset`], [`pud_offset`], [`pmd_offset`],
+//!   [`p4d_alloc`], [`pud_alloc`], [`pmd_alloc`], [`pte_alloc`]
+//! * helpers: [`pte_offset_map_lock`], [`pte_offset_map_ro_nolock`],
+//!   [`pte_offset_map_rw_nolock`], [`pte_offset_map`], [`pte_unmap`],
+//!   [`pte_unmap_unlock`], [`pte_alloc_map_lock`], [`pmd_lock`],
+//!   [`pmd_lockptr`], [`pte_lockptr`], [`huge_pte_lock`], [`huge_pte_lockptr`]
+//! * tables: [`pagetable_alloc`], [`pagetable_pte_ctor`],
+//!   [`pagetable_pmd_ctor`], [`pagetable_dtor`], [`pagetable_free`]
+//! * report: [`describe_config`], [`memmap_stats`], [`lock::lock_stats`]
+
 #![no_std]
+
+extern crate alloc;
+#[cfg(any(test, loom))]
+extern crate std;
+
+pub mod addr;
+pub mod bootmem;
+pub mod config;
+pub mod frame;
+pub mod hal;
+mod helpers;
+pub mod lock;
+pub mod memmap;
+pub mod mm_struct;
+pub mod pgtable;
+pub mod physmem;
+pub mod ptdesc;
+pub mod ptlock;
+mod sync;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
+
+pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, PhysAddr, Pfn, VirtAddr};
+pub use bootmem::BootMem;
+pub use config::{MmConfig, describe_config};
+pub use frame::{Frames, MAX_ORDER};
+pub use helpers::*;
+pub use memmap::{MemmapStats, Page, PageKind};
+pub use mm_struct::{KernelPgd, Mm};
+pub use pgtable::entry::{P4d, Pgd, Pmd, Pte, PteFlags, Pud, pmd_same, pte_same};
+pub use pgtable::walk::{
+    P4dRef, PgdRef, PmdRef, PudRef, __pte_alloc, p4d_alloc, p4d_offset, p4d_populate, pgd_offset, pmd_alloc,
+    pmd_clear_bad, pmd_offset, pmd_populate, pte_alloc, pud_alloc, pud_offset, pud_populate, set_pmd, set_pud,
+    walk_alloc_pmd, walk_pmd,
+};
+pub use physmem::PhysMem;
+pub use ptdesc::{
+    PtLevel, PtPage, Ptdesc, page_ptdesc, pagetable_alloc, pagetable_dtor, pagetable_free, pagetable_pmd_ctor,
+    pagetable_pte_ctor, virt_to_ptdesc,
+};
+pub use ptlock::{ALLOC_SPLIT_PTLOCKS, AllocError, FaultInject, PtLock};
+
+#[cfg(not(loom))]
+static PHYS: spin::Once<PhysMem> = spin::Once::new();
+
+/// Builds the kernel's physical memory manager from `boot` (carving the
+/// memmap out of usable RAM and freeing everything else into the buddy
+/// allocator) and makes it the global one. Call once; later calls return the
+/// first instance and ignore `boot`.
+#[cfg(not(loom))]
+pub fn init(boot: BootMem) -> &'static PhysMem {
+    PHYS.call_once(|| PhysMem::new(boot))
+}
+
+/// The global physical memory manager. Panics before [`init`].
+#[cfg(not(loom))]
+pub fn phys() -> &'static PhysMem {
+    PHYS.get().expect("mm::init has not run")
+}
+
+/// The global physical memory manager, if [`init`] has run.
+#[cfg(not(loom))]
+pub fn try_phys() -> Option<&'static PhysMem> {
+    PHYS.get()
+}
+
+/// Allocates 2^order contiguous frames from the global allocator.
+#[cfg(not(loom))]
+pub fn alloc_pages(order: usize) -> Option<Frames<'static>> {
+    phys().alloc_pages(order)
+}
+
+/// Allocates 2^order zeroed frames from the global allocator.
+#[cfg(not(loom))]
+pub fn alloc_pages_zeroed(order: usize) -> Option<Frames<'static>> {
+    phys().alloc_pages_zeroed(order)
+}
+
+/// Frees frames (same as dropping them).
+pub fn free_pages(frames: Frames<'_>) {
+    drop(frames);
+}
+
+/// Free frames in the global allocator, per-CPU caches included.
+#[cfg(not(loom))]
+pub fn nr_free_pages() -> u64 {
+    phys().nr_free_pages()
+}
+
+/// Returns every CPU's cached frames to the global buddy allocator.
+#[cfg(not(loom))]
+pub fn drain_all_pcp() {
+    phys().drain_all_pcp()
+}
+
+/// Memmap figures for the boot report.
+#[cfg(not(loom))]
+pub fn memmap_stats() -> MemmapStats {
+    phys().memmap_stats()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_init_once() {
+        // The only test that touches the global instance. Its buffer is
+        // leaked: the global lives for the rest of the process.
+        let layout = std::alloc::Layout::from_size_align(0x40_0000, 4096).unwrap();
+        // SAFETY: non-zero layout.
+        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!buf.is_null());
+        // SAFETY: the leaked buffer spans physical 0..4 MiB at this window and
+        // is used by nothing else, forever.
+        let boot = unsafe { BootMem::new(&[(0x1000, 0x40_0000)], DirectMap::new(buf as u64)) };
+        let p = init(boot);
+        assert!(core::ptr::eq(p, phys()));
+        let before = nr_free_pages();
+        let f = alloc_pages_zeroed(3).unwrap();
+        assert_eq!(nr_free_pages(), before - 8);
+        free_pages(f);
+        assert_eq!(nr_free_pages(), before);
+        drain_all_pcp();
+        assert_eq!(memmap_stats().page_descriptor_bytes, 64);
+        let (kpgd, _) = alloc_pages_zeroed(0).unwrap().into_raw();
+        // SAFETY: a frame of the global PhysMem that is never freed.
+        let kernel = unsafe { KernelPgd::new(kpgd.phys()) };
+        let before = nr_free_pages();
+        let mm = Mm::new(kernel).unwrap();
+        assert_eq!(nr_free_pages(), before - 1);
+        drop(mm);
+        assert_eq!(nr_free_pages(), before);
+    }
+}

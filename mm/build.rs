@@ -1,0 +1,38 @@
+//! Generates the compile-time configuration of the split page-table locks.
+//!
+//! Linux decides `USE_SPLIT_PTE_PTLOCKS` from `CONFIG_SPLIT_PTLOCK_CPUS` and
+//! `CONFIG_NR_CPUS` at build time; we read the same two numbers from the
+//! environment (`cargo xtask ... --split-ptlock-cpus N` sets
+//! `SPLIT_PTLOCK_CPUS`) and write them as constants into `$OUT_DIR/config.rs`,
+//! which `src/config.rs` includes.
+
+use std::{env, fs, path::PathBuf};
+
+fn read(name: &str, default: usize) -> usize {
+    println!("cargo:rerun-if-env-changed={name}");
+    match env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")),
+        Err(_) => default,
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let split = read("SPLIT_PTLOCK_CPUS", 4);
+    let nr_cpus = read("NR_CPUS", 64);
+    assert!(nr_cpus >= 1, "NR_CPUS must be at least 1");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    fs::write(
+        out.join("config.rs"),
+        format!(
+            "/// `CONFIG_SPLIT_PTLOCK_CPUS` (env `SPLIT_PTLOCK_CPUS`, default 4).\n\
+             pub const SPLIT_PTLOCK_CPUS: usize = {split};\n\
+             /// `CONFIG_NR_CPUS` (env `NR_CPUS`, default 64).\n\
+             pub const NR_CPUS: usize = {nr_cpus};\n"
+        ),
+    )
+    .expect("write config.rs");
+}

@@ -1,0 +1,128 @@
+//! The buddy allocator: free blocks of 2^order frames on one list per order.
+//!
+//! A block of order `o` starting at PFN `p` (aligned to 2^o) has a buddy at
+//! `p ^ 2^o`. Freeing merges a block with its buddy while the buddy is a free
+//! block of the same order, then files the result; allocating takes the
+//! smallest free block that is big enough and splits it, filing the upper
+//! halves. Lists are doubly linked through the descriptors (`Page::lru`) so a
+//! buddy can be unlinked from the middle of its list in O(1).
+//!
+//! A [`Buddy`] lives inside the zone lock; `&mut Buddy` is the proof that the
+//! lock is held, which is what makes touching free frames' descriptors sound.
+
+use crate::addr::Pfn;
+use crate::memmap::{Links, MemMap, PG_BUDDY, Page};
+use core::sync::atomic::Ordering::Relaxed;
+
+/// Largest order: 2^10 frames = 4 MiB blocks (order 9 is a 2 MiB huge page).
+pub const MAX_ORDER: usize = 10;
+/// Number of orders, 0..=MAX_ORDER.
+pub const NR_ORDERS: usize = MAX_ORDER + 1;
+
+/// The free lists of one zone.
+pub(crate) struct Buddy {
+    heads: [u64; NR_ORDERS],
+    nr_free: [u64; NR_ORDERS],
+}
+
+fn page(map: &MemMap, pfn: u64) -> &Page {
+    map.pfn_to_page(Pfn::new(pfn)).expect("buddy: PFN outside the memmap")
+}
+
+/// The links of a page on a buddy list. Dereferencing the pointer is only
+/// sound while holding that list's lock (the zone lock), whose `&mut` the callers have.
+fn links(p: &Page) -> *mut Links {
+    p.lru.get()
+}
+
+impl Buddy {
+    pub(crate) const fn new() -> Self {
+        Self { heads: [Links::NONE; NR_ORDERS], nr_free: [0; NR_ORDERS] }
+    }
+
+    fn push(&mut self, map: &MemMap, pfn: u64, order: usize) {
+        let p = page(map, pfn);
+        let old = self.heads[order];
+        // SAFETY: &mut self proves the zone lock; `p` is being filed here.
+        unsafe { *links(p) = Links { prev: Links::NONE, next: old } };
+        if old != Links::NONE {
+            // SAFETY: `old` heads this list, so its links are the zone lock's.
+            unsafe { (*links(page(map, old))).prev = pfn };
+        }
+        self.heads[order] = pfn;
+        p.order.store(order as u8, Relaxed);
+        p.set_flag(PG_BUDDY);
+        self.nr_free[order] += 1;
+    }
+
+    fn unlink(&mut self, map: &MemMap, pfn: u64, order: usize) {
+        let p = page(map, pfn);
+        // SAFETY: `p` is on list `order` (PG_BUDDY with that order); zone lock held.
+        let l = unsafe { *links(p) };
+        if l.prev == Links::NONE {
+            self.heads[order] = l.next;
+        } else {
+            // SAFETY: neighbours on a buddy list belong to the zone lock too.
+            unsafe { (*links(page(map, l.prev))).next = l.next };
+        }
+        if l.next != Links::NONE {
+            // SAFETY: as above.
+            unsafe { (*links(page(map, l.next))).prev = l.prev };
+        }
+        p.clear_flag(PG_BUDDY);
+        self.nr_free[order] -= 1;
+    }
+
+    fn is_free_block(map: &MemMap, pfn: u64, order: usize) -> bool {
+        match map.pfn_to_page(Pfn::new(pfn)) {
+            Some(p) => p.has_flag(PG_BUDDY) && p.order.load(Relaxed) as usize == order,
+            None => false,
+        }
+    }
+
+    /// Takes a block of 2^order frames, or `None` if no block is big enough.
+    pub(crate) fn alloc(&mut self, map: &MemMap, order: usize) -> Option<Pfn> {
+        assert!(order <= MAX_ORDER, "order {order} too large");
+        let mut o = (order..NR_ORDERS).find(|&o| self.heads[o] != Links::NONE)?;
+        let pfn = self.heads[o];
+        self.unlink(map, pfn, o);
+        while o > order {
+            o -= 1;
+            self.push(map, pfn + (1 << o), o);
+        }
+        Some(Pfn::new(pfn))
+    }
+
+    /// Returns a block, merging it with free buddies.
+    ///
+    /// # Safety
+    ///
+    /// `pfn..pfn + 2^order` is a block the caller owns (allocated from this
+    /// zone, or never handed out), aligned to 2^order and covered by `map`,
+    /// and nobody uses it after this call.
+    pub(crate) unsafe fn free(&mut self, map: &MemMap, pfn: Pfn, order: usize) {
+        let mut pfn = pfn.as_u64();
+        let mut order = order;
+        debug_assert_eq!(pfn & ((1 << order) - 1), 0, "misaligned block");
+        while order < MAX_ORDER {
+            let buddy = pfn ^ (1 << order);
+            if !Self::is_free_block(map, buddy, order) {
+                break;
+            }
+            self.unlink(map, buddy, order);
+            pfn &= !(1 << order);
+            order += 1;
+        }
+        self.push(map, pfn, order);
+    }
+
+    /// Free frames on all lists.
+    pub(crate) fn free_frames(&self) -> u64 {
+        (0..NR_ORDERS).map(|o| self.nr_free[o] << o).sum()
+    }
+
+    /// Free blocks of one order.
+    pub(crate) fn free_blocks(&self, order: usize) -> u64 {
+        self.nr_free[order]
+    }
+}

@@ -1,0 +1,280 @@
+//! The frame allocator: a buddy zone fronted by per-CPU caches of order-0
+//! frames, and [`Frames`], the owning handle of an allocated block.
+//!
+//! # Locks
+//!
+//! | lock | protects |
+//! | --- | --- |
+//! | per-CPU list lock (`LockClass::FrameAllocator`, level `PcpList`) | that CPU's cached frames |
+//! | zone lock (`LockClass::FrameAllocator`, level `Zone`) | the buddy lists |
+//!
+//! Order: per-CPU list lock, then zone lock. Neither is ever held while taking
+//! a page-table lock, so callers may free frames while holding a PTE lock.
+//!
+//! # Counting
+//!
+//! The free-frame count is the buddy's free frames plus every per-CPU list's
+//! length: cached frames count as free. Each part is mirrored in an atomic
+//! written under its own lock, so reading the count takes no lock and the
+//! allocator shares no hot counter between CPUs; once concurrent
+//! allocations have finished, the sum is exact. `drain_pcp` moves every cached
+//! frame back to the buddy (so higher orders can merge again); it does not
+//! change the count.
+
+mod buddy;
+mod pcp;
+
+pub use buddy::{MAX_ORDER, NR_ORDERS};
+pub use pcp::{BATCH as PCP_BATCH, HIGH as PCP_HIGH};
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::addr::{PAGE_SIZE, PhysAddr, Pfn};
+use crate::config::NR_CPUS;
+use crate::lock::{LockClass, LockLevel, SpinLock};
+use crate::memmap::{MemMap, PG_PTL, Page, PageKind};
+use crate::physmem::PhysMem;
+use buddy::Buddy;
+use pcp::PcpList;
+
+/// Number of per-CPU lists (loom models run two "CPUs").
+pub const NR_PCP: usize = if cfg!(loom) {
+    2
+} else if NR_CPUS < 256 {
+    NR_CPUS
+} else {
+    256
+};
+
+#[repr(align(64))]
+struct PcpSlot {
+    list: SpinLock<PcpList>,
+    /// Mirror of the list length, written under `list`.
+    count: AtomicU64,
+}
+
+pub(crate) struct FrameAllocator {
+    zone: SpinLock<Buddy>,
+    /// Mirror of the buddy's free frames, written under `zone`.
+    zone_free: AtomicU64,
+    pcp: [PcpSlot; NR_PCP],
+}
+
+impl FrameAllocator {
+    pub(crate) fn new() -> Self {
+        Self {
+            zone: SpinLock::new(LockClass::FrameAllocator, LockLevel::Zone, Buddy::new()),
+            zone_free: AtomicU64::new(0),
+            pcp: core::array::from_fn(|_| PcpSlot {
+                list: SpinLock::new(LockClass::FrameAllocator, LockLevel::PcpList, PcpList::new()),
+                count: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Hands a block to the zone at boot.
+    ///
+    /// # Safety
+    ///
+    /// As [`Buddy::free`]: the block is free RAM covered by `map`, aligned.
+    pub(crate) unsafe fn add_free_block(&self, map: &MemMap, pfn: Pfn, order: usize) {
+        let mut zone = self.zone.lock();
+        // SAFETY: forwarded from the caller.
+        unsafe { zone.free(map, pfn, order) };
+        self.zone_free.store(zone.free_frames(), Relaxed);
+    }
+
+    fn local(&self) -> &PcpSlot {
+        &self.pcp[crate::hal::cpu_id() % NR_PCP]
+    }
+
+    fn alloc_raw(&self, map: &MemMap, order: usize) -> Option<Pfn> {
+        if order == 0 {
+            let slot = self.local();
+            let mut list = slot.list.lock();
+            if list.count() == 0 {
+                let mut zone = self.zone.lock();
+                for _ in 0..pcp::BATCH {
+                    let Some(pfn) = zone.alloc(map, 0) else { break };
+                    // SAFETY: the zone just gave us this frame.
+                    unsafe { list.push(map, pfn, &slot.count) };
+                }
+                self.zone_free.store(zone.free_frames(), Relaxed);
+            }
+            list.pop(map, &slot.count)
+        } else {
+            let mut zone = self.zone.lock();
+            let r = zone.alloc(map, order);
+            self.zone_free.store(zone.free_frames(), Relaxed);
+            r
+        }
+    }
+
+    /// Allocates a block; on failure drains every per-CPU cache back into the
+    /// buddy (merging what it can) and tries once more, so "no memory" means
+    /// no block of that order exists anywhere.
+    pub(crate) fn alloc(&self, map: &MemMap, order: usize) -> Option<Pfn> {
+        assert!(order <= MAX_ORDER, "order {order} > MAX_ORDER");
+        let pfn = match self.alloc_raw(map, order) {
+            Some(p) => p,
+            None => {
+                self.drain_all(map);
+                self.alloc_raw(map, order)?
+            }
+        };
+        for i in 0..1u64 << order {
+            let p = map.pfn_to_page(pfn.add(i)).expect("allocated frame outside memmap");
+            debug_assert_eq!(p.kind(), PageKind::Free, "allocator handed out a used frame");
+            p.set_kind(PageKind::Kernel);
+        }
+        map.pfn_to_page(pfn).expect("checked above").refcount.store(1, Relaxed);
+        Some(pfn)
+    }
+
+    /// Frees a block.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the block (it came from `alloc` with this order) and
+    /// nothing uses it afterwards.
+    pub(crate) unsafe fn free(&self, map: &MemMap, pfn: Pfn, order: usize) {
+        for i in 0..1u64 << order {
+            let p: &Page = map.pfn_to_page(pfn.add(i)).expect("freeing a frame outside memmap");
+            let kind = p.kind();
+            assert!(kind != PageKind::Free, "double free of frame {:?}", pfn.add(i));
+            debug_assert!(
+                kind != PageKind::PageTable && !p.has_flag(PG_PTL),
+                "page table {:?} freed without pagetable_dtor",
+                pfn.add(i)
+            );
+            p.set_kind(PageKind::Free);
+            p.refcount.store(0, Relaxed);
+        }
+        if order == 0 {
+            let slot = self.local();
+            let mut list = slot.list.lock();
+            // SAFETY: the caller gives the frame up.
+            unsafe { list.push(map, pfn, &slot.count) };
+            if list.count() > pcp::HIGH {
+                let mut zone = self.zone.lock();
+                for _ in 0..pcp::BATCH {
+                    let Some(p) = list.pop(map, &slot.count) else { break };
+                    // SAFETY: the frame was free on our list; now the zone's.
+                    unsafe { zone.free(map, p, 0) };
+                }
+                self.zone_free.store(zone.free_frames(), Relaxed);
+            }
+        } else {
+            let mut zone = self.zone.lock();
+            // SAFETY: forwarded from the caller.
+            unsafe { zone.free(map, pfn, order) };
+            self.zone_free.store(zone.free_frames(), Relaxed);
+        }
+    }
+
+    fn drain_slot(&self, map: &MemMap, slot: &PcpSlot) {
+        let mut list = slot.list.lock();
+        if list.count() == 0 {
+            return;
+        }
+        let mut zone = self.zone.lock();
+        while let Some(p) = list.pop(map, &slot.count) {
+            // SAFETY: the frame was free on our list; now the zone's.
+            unsafe { zone.free(map, p, 0) };
+        }
+        self.zone_free.store(zone.free_frames(), Relaxed);
+    }
+
+    pub(crate) fn drain_local(&self, map: &MemMap) {
+        self.drain_slot(map, self.local());
+    }
+
+    pub(crate) fn drain_all(&self, map: &MemMap) {
+        for slot in &self.pcp {
+            self.drain_slot(map, slot);
+        }
+    }
+
+    pub(crate) fn nr_free(&self) -> u64 {
+        self.zone_free.load(Relaxed) + self.nr_cached()
+    }
+
+    pub(crate) fn nr_cached(&self) -> u64 {
+        self.pcp.iter().map(|s| s.count.load(Relaxed)).sum()
+    }
+
+    pub(crate) fn free_blocks(&self, order: usize) -> u64 {
+        self.zone.lock().free_blocks(order)
+    }
+}
+
+/// An allocated block of 2^order physically contiguous frames. Dropping it
+/// frees the block; [`Frames::into_raw`] hands ownership to something else
+/// (a page table, the heap) and [`Frames::from_raw`] takes it back.
+#[must_use = "dropping Frames frees them at once"]
+pub struct Frames<'p> {
+    phys: &'p PhysMem,
+    pfn: Pfn,
+    order: u8,
+}
+
+impl<'p> Frames<'p> {
+    pub(crate) fn new(phys: &'p PhysMem, pfn: Pfn, order: usize) -> Self {
+        Self { phys, pfn, order: order as u8 }
+    }
+
+    /// The first frame.
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+    /// The block's physical address.
+    pub fn phys_addr(&self) -> PhysAddr {
+        self.pfn.phys()
+    }
+    /// The block's order.
+    pub fn order(&self) -> usize {
+        self.order as usize
+    }
+    /// Bytes in the block.
+    pub fn size(&self) -> u64 {
+        PAGE_SIZE << self.order
+    }
+    /// The descriptor of the first frame.
+    pub fn page(&self) -> &'p Page {
+        self.phys.memmap().pfn_to_page(self.pfn).expect("allocated frame outside memmap")
+    }
+    /// The direct-map address of the block.
+    pub fn virt(&self) -> *mut u8 {
+        self.phys.window().virt(self.phys_addr())
+    }
+    /// Gives up ownership without freeing: returns (first PFN, order).
+    pub fn into_raw(self) -> (Pfn, usize) {
+        let r = (self.pfn, self.order as usize);
+        core::mem::forget(self);
+        r
+    }
+    /// Takes back ownership of a block given up with [`Frames::into_raw`].
+    ///
+    /// # Safety
+    ///
+    /// `pfn`/`order` came from `into_raw` on a block of `phys`, and ownership
+    /// is not claimed twice.
+    pub unsafe fn from_raw(phys: &'p PhysMem, pfn: Pfn, order: usize) -> Self {
+        Self::new(phys, pfn, order)
+    }
+}
+
+impl Drop for Frames<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `Frames` owns the block (it came from the allocator or
+        // `from_raw`) and is being destroyed, so nobody uses it afterwards.
+        unsafe { self.phys.allocator().free(self.phys.memmap(), self.pfn, self.order as usize) };
+    }
+}
+
+impl fmt::Debug for Frames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Frames({:?}, order {})", self.pfn, self.order)
+    }
+}

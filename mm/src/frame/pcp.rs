@@ -1,0 +1,72 @@
+//! Per-CPU caches of order-0 frames (Linux `per_cpu_pages`).
+//!
+//! A fault storm allocates one frame per fault on every CPU; if each took the
+//! zone lock, the allocator would serialise exactly the work split page-table
+//! locks parallelise. Each CPU instead keeps a short list of free frames and
+//! only visits the zone in batches: to refill when empty, to give back when the
+//! list grows past `HIGH`.
+//!
+//! Each list has its own spinlock (always taken by "its" CPU in the kernel, so
+//! uncontended; on the host, threads may share a CPU number and the lock keeps
+//! that correct). Order: per-CPU list lock, then zone lock.
+
+use crate::addr::Pfn;
+use crate::memmap::{Links, MemMap, PG_PCP, Page};
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Frames moved between a list and the zone at a time.
+pub const BATCH: usize = 16;
+/// Above this many frames a list gives a batch back to the zone.
+pub const HIGH: usize = 4 * BATCH;
+
+/// One CPU's free list.
+pub(crate) struct PcpList {
+    head: u64,
+    count: usize,
+}
+
+/// The links of a page on a per-CPU list. Dereferencing the pointer is only
+/// sound while holding that list's lock (the per-CPU list lock), whose `&mut` the callers have.
+fn links(p: &Page) -> *mut Links {
+    p.lru.get()
+}
+
+impl PcpList {
+    pub(crate) const fn new() -> Self {
+        Self { head: Links::NONE, count: 0 }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Files a free frame.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns frame `pfn` and gives it up.
+    pub(crate) unsafe fn push(&mut self, map: &MemMap, pfn: Pfn, mirror: &AtomicU64) {
+        let p = map.pfn_to_page(pfn).expect("pcp: PFN outside the memmap");
+        // SAFETY: &mut self proves the list lock; the frame is being filed.
+        unsafe { (*links(p)).next = self.head };
+        p.set_flag(PG_PCP);
+        self.head = pfn.as_u64();
+        self.count += 1;
+        mirror.store(self.count as u64, Relaxed);
+    }
+
+    /// Takes a frame off the list.
+    pub(crate) fn pop(&mut self, map: &MemMap, mirror: &AtomicU64) -> Option<Pfn> {
+        if self.head == Links::NONE {
+            return None;
+        }
+        let pfn = self.head;
+        let p = map.pfn_to_page(Pfn::new(pfn)).expect("pcp: PFN outside the memmap");
+        // SAFETY: `p` heads this list, whose lock `&mut self` proves.
+        self.head = unsafe { (*links(p)).next };
+        p.clear_flag(PG_PCP);
+        self.count -= 1;
+        mirror.store(self.count as u64, Relaxed);
+        Some(Pfn::new(pfn))
+    }
+}

@@ -1,0 +1,121 @@
+//! The hardware abstraction the memory manager runs on.
+//!
+//! `mm` never touches CPU registers itself: the kernel registers one [`Hal`] at
+//! boot ([`set`]) and host tests use their own (`testing::HostHal`), so the one
+//! page-table walker and the one set of helpers run unchanged in both places.
+//!
+//! What the HAL provides:
+//! * the current CPU number (per-CPU frame caches, lock statistics, the lock
+//!   order checker);
+//! * a cycle counter (time spent spinning on contended locks);
+//! * the read-side critical-section hooks that `pte_offset_map` enters and
+//!   `pte_unmap` leaves (Linux: `rcu_read_lock`), which the kernel will use to
+//!   defer freeing of detached page tables;
+//! * per-CPU storage for the debug lock-order checker.
+//!
+//! The physical-memory window is not a HAL call: it is a fixed offset
+//! ([`crate::addr::DirectMap`]) handed to [`crate::init`], because every table
+//! access goes through it and an indirect call per entry would be wasteful. TLB
+//! flushing joins this trait with the unmap path.
+
+use crate::lock::lockdep::LockdepCpu;
+
+/// The hardware services `mm` needs. Implementations must be cheap: `cpu_id` and
+/// `cycles` are called on lock paths.
+pub trait Hal: Sync {
+    /// The number of the executing CPU (0-based). Any value is accepted; per-CPU
+    /// tables index it modulo their size.
+    fn cpu_id(&self) -> usize;
+
+    /// A monotonically increasing cycle count (TSC in the kernel).
+    fn cycles(&self) -> u64;
+
+    /// Enter a read-side critical section (Linux `rcu_read_lock`): a page table
+    /// reached through it must not be freed until the matching
+    /// [`rcu_read_unlock`](Hal::rcu_read_unlock). Nests.
+    fn rcu_read_lock(&self) {}
+
+    /// Leave a read-side critical section.
+    fn rcu_read_unlock(&self) {}
+
+    /// The executing CPU's lock-order state, for debug builds' checker. Return
+    /// `None` to switch the checker off (it then only checks that a lock is held,
+    /// not by whom).
+    fn lockdep(&self) -> Option<&LockdepCpu> {
+        None
+    }
+}
+
+/// The HAL in force before [`set`]: the boot CPU, no cycle counter.
+struct BootHal;
+
+impl Hal for BootHal {
+    fn cpu_id(&self) -> usize {
+        0
+    }
+    fn cycles(&self) -> u64 {
+        0
+    }
+}
+
+static HAL: spin::Once<&'static dyn Hal> = spin::Once::new();
+
+/// Registers the kernel's HAL. Call once, early at boot, before other CPUs run.
+/// Returns `false` (and changes nothing) if a HAL was already registered.
+pub fn set(hal: &'static dyn Hal) -> bool {
+    let mut fresh = false;
+    HAL.call_once(|| {
+        fresh = true;
+        hal
+    });
+    fresh
+}
+
+/// The registered HAL (the boot HAL before [`set`]; in this crate's own unit
+/// tests, the host test HAL).
+#[inline]
+pub fn get() -> &'static dyn Hal {
+    match HAL.get() {
+        Some(h) => *h,
+        None => default_hal(),
+    }
+}
+
+#[cfg(not(test))]
+fn default_hal() -> &'static dyn Hal {
+    &BootHal
+}
+
+#[cfg(test)]
+fn default_hal() -> &'static dyn Hal {
+    // Unit tests never call `set`: they all share the host HAL, whose per-CPU
+    // state is per-thread.
+    let _ = BootHal;
+    &crate::testing::HOST_HAL
+}
+
+/// Shortcut: the current CPU number.
+#[inline]
+pub fn cpu_id() -> usize {
+    get().cpu_id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_hal_is_cpu_zero() {
+        assert_eq!(BootHal.cpu_id(), 0);
+        assert_eq!(BootHal.cycles(), 0);
+        assert!(BootHal.lockdep().is_none());
+    }
+
+    #[test]
+    fn unit_tests_see_the_host_hal_with_distinct_cpus_per_thread() {
+        let here = cpu_id();
+        let there = std::thread::spawn(cpu_id).join().unwrap();
+        assert_ne!(here, there);
+        assert!(get().lockdep().is_some());
+    }
+}

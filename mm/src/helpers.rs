@@ -1,0 +1,515 @@
+//! The split page-table lock helpers of `Documentation/mm/split_page_table_lock.rst`
+//! (Linux `mm/pgtable-generic.c`, `include/linux/mm.h`), with the document's
+//! names and meanings.
+//!
+//! # Protocol
+//!
+//! * A PTE table's entries are protected by that table's lock. The lock is
+//!   found through the PMD *value* ([`pte_lockptr`]): it is the lock of the
+//!   table the PMD points to, so it stays the right lock for the mapped table
+//!   even if the PMD changes afterwards.
+//! * A PMD table's entries are protected by that table's lock; [`pmd_lockptr`]
+//!   rounds the entry's address down to its table and uses that table's
+//!   descriptor.
+//! * PUD/P4D/PGD entries and 1 GiB hugetlb entries: `mm.page_table_lock`.
+//! * With split locks off (see [`crate::config`]), and for the kernel's own
+//!   tables (`init_mm`), every helper gives `mm.page_table_lock`.
+//! * Order: `mm.page_table_lock` -> PMD lock -> PTE lock; the helpers take each
+//!   at its level, so the debug checker catches inversions (and a PTE lock
+//!   taken under a PMD lock that is the same `page_table_lock`).
+//!
+//! In Rust, "returns a pointer to the PTE with a pointer to its lock" is a
+//! guard that owns the mapping and, where taken, the lock:
+//!
+//! | helper | returns | dropping it is |
+//! | --- | --- | --- |
+//! | [`pte_offset_map`] | [`PteMap`] | [`pte_unmap`] |
+//! | [`pte_offset_map_ro_nolock`] | [`PteMapNolock<Ro>`](PteMapNolock) (+ the lock, not taken) | [`pte_unmap`] |
+//! | [`pte_offset_map_rw_nolock`] | ([`PteMapNolock<Rw>`](PteMapNolock), PMD value) | [`pte_unmap`] |
+//! | [`pte_offset_map_lock`], [`pte_alloc_map_lock`] | [`PteGuard`] (lock taken) | [`pte_unmap_unlock`] |
+//! | [`pmd_lock`], [`huge_pte_lock`] | [`PtlGuard`] | `spin_unlock` |
+//!
+//! Every "returns NULL" of the document is a `None`. A successful map places
+//! the caller inside a read-side critical section ([`crate::hal::Hal::rcu_read_lock`])
+//! until the unmap: that is what will keep a concurrently detached PTE table
+//! (and its lock) alive once tables are freed after a grace period.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::sync::atomic::Ordering::{Acquire, Release};
+
+use crate::addr::{PMD_SHIFT, PMD_SIZE, PUD_SIZE, PhysAddr, VirtAddr};
+use crate::config::{USE_SPLIT_PMD_PTLOCKS, USE_SPLIT_PTE_PTLOCKS};
+use crate::lock::ordered::{Above, Level, LockToken, Ordered, PageTableLockLevel, PmdLevel, PteLevel};
+use crate::lock::{LockLevel, RawSpinGuard};
+use crate::memmap::PageKind;
+use crate::mm_struct::Mm;
+use crate::pgtable::entry::{Pmd, Pte, pmd_same, pte_same};
+use crate::pgtable::slot::EntrySlot;
+use crate::pgtable::walk::{PmdRef, PudRef, pmd_clear_bad, pte_alloc};
+use crate::ptdesc::{PtLevel, page_ptdesc};
+use crate::physmem::PhysMem;
+use crate::ptlock::PtLock;
+
+/// A held page-table lock (`spinlock_t *` after `spin_lock`).
+pub type PtlGuard<'a> = RawSpinGuard<'a>;
+
+/// A page-table lock, not taken (`spinlock_t *`), with the level of the lock
+/// order it is taken at. Equality is identity.
+#[derive(Clone, Copy)]
+pub struct PtlRef<'a> {
+    lock: &'a PtLock,
+    level: LockLevel,
+}
+
+impl<'a> PtlRef<'a> {
+    pub(crate) fn new(lock: &'a PtLock, level: LockLevel) -> Self {
+        Self { lock, level }
+    }
+    /// `spin_lock(ptl)`.
+    #[track_caller]
+    pub fn lock(self) -> PtlGuard<'a> {
+        self.lock.lock(self.level)
+    }
+    /// `spin_lock_nested(ptl)`: a second lock of the same level.
+    #[track_caller]
+    pub fn lock_nested(self) -> PtlGuard<'a> {
+        self.lock.lock_nested(self.level)
+    }
+    /// The lock itself.
+    pub fn raw(self) -> &'a PtLock {
+        self.lock
+    }
+    /// The level it is taken at.
+    pub fn level(self) -> LockLevel {
+        self.level
+    }
+    /// Whether `guard` holds this lock.
+    pub fn is_held_by(self, guard: &PtlGuard<'_>) -> bool {
+        core::ptr::eq(self.lock, guard.lock())
+    }
+}
+
+impl PartialEq for PtlRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        core::ptr::eq(self.lock, other.lock)
+    }
+}
+impl Eq for PtlRef<'_> {}
+
+impl fmt::Debug for PtlRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PtlRef({:p} {}, {:?})", self.lock, self.lock.class().name(), self.level)
+    }
+}
+
+/// Linux `pte_lockptr(mm, pmdval)`: the lock of the PTE table `pmdval` points
+/// to (or `mm.page_table_lock` without split PTE locks). `pmdval` must be a
+/// table pointer validated by a map helper.
+pub fn pte_lockptr<'a>(mm: &'a Mm<'_>, pmdval: Pmd) -> PtlRef<'a> {
+    if USE_SPLIT_PTE_PTLOCKS && !mm.is_init_mm() {
+        let pt = page_ptdesc(mm.phys(), pmdval.pfn()).expect("pte_lockptr: pmd does not point into managed memory");
+        debug_assert_eq!(pt.level(), Some(PtLevel::Pte), "pte_lockptr: pmd does not point to a PTE table");
+        PtlRef::new(pt.ptlock_ptr(), LockLevel::Pte)
+    } else {
+        PtlRef::new(mm.page_table_lock_raw(), LockLevel::Pte)
+    }
+}
+
+/// Linux `pmd_lockptr`: the lock of the PMD table containing `pmd` (found by
+/// rounding the entry's address down to its table), or `mm.page_table_lock`
+/// without split PMD locks.
+pub fn pmd_lockptr<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>) -> PtlRef<'a> {
+    if USE_SPLIT_PMD_PTLOCKS && !mm.is_init_mm() {
+        let pt = page_ptdesc(mm.phys(), pmd.table_pa().pfn()).expect("pmd_lockptr: entry outside managed memory");
+        debug_assert_eq!(pt.level(), Some(PtLevel::Pmd), "pmd_lockptr: entry is not in a PMD table");
+        PtlRef::new(pt.ptlock_ptr(), LockLevel::Pmd)
+    } else {
+        PtlRef::new(mm.page_table_lock_raw(), LockLevel::Pmd)
+    }
+}
+
+/// Linux `pmd_lock`: takes the PMD table lock and returns it taken.
+#[track_caller]
+pub fn pmd_lock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>) -> PtlGuard<'a> {
+    pmd_lockptr(mm, pmd).lock()
+}
+
+/// Linux `pud_lockptr`: PUD entries have no split lock.
+pub fn pud_lockptr<'a>(mm: &'a Mm<'_>, _pud: PudRef<'_>) -> PtlRef<'a> {
+    mm.page_table_lock()
+}
+
+/// Linux `pud_lock`.
+#[track_caller]
+pub fn pud_lock<'a>(mm: &'a Mm<'_>, pud: PudRef<'_>) -> PtlGuard<'a> {
+    pud_lockptr(mm, pud).lock()
+}
+
+/// The entry a hugetlb page is mapped by: a PMD entry (2 MiB) or a PUD entry
+/// (1 GiB). Linux passes either as a `pte_t *`.
+#[derive(Clone, Copy, Debug)]
+pub enum HugePte<'a> {
+    /// A 2 MiB page's PMD entry.
+    Pmd(PmdRef<'a>),
+    /// A 1 GiB page's PUD entry.
+    Pud(PudRef<'a>),
+}
+
+/// Linux `huge_pte_lockptr`: pages of 1 GiB and up use `mm.page_table_lock`
+/// (no split lock at PUD level); pages of 2 MiB use the PMD split lock.
+pub fn huge_pte_lockptr<'a>(mm: &'a Mm<'_>, size: u64, pte: HugePte<'_>) -> PtlRef<'a> {
+    if size >= PUD_SIZE {
+        mm.page_table_lock()
+    } else if size >= PMD_SIZE {
+        match pte {
+            HugePte::Pmd(pmd) => pmd_lockptr(mm, pmd),
+            HugePte::Pud(_) => panic!("huge_pte_lockptr: a {size:#x}-byte page is mapped by a PMD entry"),
+        }
+    } else {
+        panic!("huge_pte_lockptr: {size:#x} is not a huge page size")
+    }
+}
+
+/// Linux `huge_pte_lock`: takes [`huge_pte_lockptr`].
+#[track_caller]
+pub fn huge_pte_lock<'a>(mm: &'a Mm<'_>, size: u64, pte: HugePte<'_>) -> PtlGuard<'a> {
+    huge_pte_lockptr(mm, size, pte).lock()
+}
+
+/// A read-side critical section (Linux `rcu_read_lock`), entered through the
+/// HAL and left on drop.
+struct RcuReadGuard {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl RcuReadGuard {
+    fn new() -> Self {
+        crate::hal::get().rcu_read_lock();
+        Self { _not_send: PhantomData }
+    }
+}
+
+impl Drop for RcuReadGuard {
+    fn drop(&mut self) {
+        crate::hal::get().rcu_read_unlock();
+    }
+}
+
+/// A mapped PTE (Linux: the `pte_t *` from `pte_offset_map`): the entry for
+/// one address in a PTE table, inside a read-side critical section.
+/// Lockless reads only. Dropping it is [`pte_unmap`].
+pub struct PteMap<'a> {
+    phys: &'a PhysMem,
+    table: PhysAddr,
+    addr: VirtAddr,
+    pmdval: Pmd,
+    _rcu: RcuReadGuard,
+}
+
+impl<'a> PteMap<'a> {
+    fn slot_at(&self, addr: VirtAddr) -> EntrySlot<'a> {
+        assert_eq!(addr.as_u64() >> PMD_SHIFT, self.addr.as_u64() >> PMD_SHIFT, "address outside this PTE table's span");
+        self.phys.slot(self.table.add(8 * addr.pte_index() as u64)).expect("validated table")
+    }
+    /// Linux `ptep_get`: the mapped entry (lockless).
+    pub fn ptep_get(&self) -> Pte {
+        self.get_at(self.addr)
+    }
+    /// Another entry of the same table (`addr` in the same 2 MiB span).
+    pub fn get_at(&self, addr: VirtAddr) -> Pte {
+        Pte::from_raw(self.slot_at(addr).load(Acquire))
+    }
+    /// The address the map was made for.
+    pub fn addr(&self) -> VirtAddr {
+        self.addr
+    }
+    /// The PMD value the map was made from.
+    pub fn pmdval(&self) -> Pmd {
+        self.pmdval
+    }
+    /// The mapped PTE table's physical address.
+    pub fn table_pa(&self) -> PhysAddr {
+        self.table
+    }
+    /// The PTE's physical address.
+    pub fn pte_pa(&self) -> PhysAddr {
+        self.table.add(8 * self.addr.pte_index() as u64)
+    }
+}
+
+impl fmt::Debug for PteMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PteMap({:?} in table {:?})", self.addr, self.table)
+    }
+}
+
+/// Linux `___pte_offset_map`: validates the PMD and maps the PTE, or returns
+/// `None` (leaving the read-side section) when the PMD is none, not present
+/// (a swap-like entry), huge, or bad; a bad PMD (including one pointing at
+/// anything but a PTE table we manage) is reported and cleared.
+fn map_pte<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMap<'a>> {
+    let rcu = RcuReadGuard::new();
+    let pmdval = pmd.get();
+    if pmdval.is_none() || !pmdval.is_present() || pmdval.is_huge() {
+        return None;
+    }
+    let points_to_pte_table = mm
+        .phys()
+        .page(pmdval.pfn())
+        .is_some_and(|p| p.kind() == PageKind::PageTable && p.pt_level.load(Acquire) == PtLevel::Pte as u8);
+    if pmdval.is_bad() || !points_to_pte_table {
+        pmd_clear_bad(pmd, pmdval);
+        return None;
+    }
+    Some(PteMap { phys: mm.phys(), table: pmdval.phys(), addr, pmdval, _rcu: rcu })
+}
+
+/// Linux `pte_offset_map`: maps the PTE for `addr` without locking. `None`
+/// if there is no PTE table (PMD none, huge, or bad: bad is reported and
+/// cleared).
+pub fn pte_offset_map<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMap<'a>> {
+    map_pte(mm, pmd, addr)
+}
+
+/// Typestate: the table may only be read under the lock.
+pub enum Ro {}
+/// Typestate: the table may be written under the lock.
+pub enum Rw {}
+
+/// A mapped PTE with its table's lock, not taken (Linux: the `pte_t *` and
+/// `spinlock_t *` from `pte_offset_map_{ro,rw}_nolock`).
+pub struct PteMapNolock<'a, M> {
+    map: PteMap<'a>,
+    ptl: PtlRef<'a>,
+    _mode: PhantomData<M>,
+}
+
+impl<'a, M> PteMapNolock<'a, M> {
+    /// The mapping.
+    pub fn map(&self) -> &PteMap<'a> {
+        &self.map
+    }
+    /// The PTE table's lock (right for this table even if the PMD changes).
+    pub fn ptl(&self) -> PtlRef<'a> {
+        self.ptl
+    }
+    /// Linux `ptep_get`.
+    pub fn ptep_get(&self) -> Pte {
+        self.map.ptep_get()
+    }
+}
+
+impl<'a> PteMapNolock<'a, Ro> {
+    /// Takes the lock for read-only use of the table. No PMD check is needed:
+    /// the read-side section keeps the table alive even if it was detached.
+    #[track_caller]
+    pub fn lock(self) -> PteGuard<'a, Ro> {
+        let ptl = self.ptl.lock();
+        PteGuard { ptl, map: self.map, _mode: PhantomData }
+    }
+}
+
+impl<'a> PteMapNolock<'a, Rw> {
+    /// Takes the lock and checks `pmd_same(*pmd, pmdval)`: the table is still
+    /// the one `pmd` points to, so writes under the lock are safe. `None`
+    /// (lock dropped, unmapped) if the PMD changed: the caller retries.
+    #[track_caller]
+    pub fn lock_if_pmd_same(self, pmd: PmdRef<'_>) -> Option<PteGuard<'a, Rw>> {
+        let ptl = self.ptl.lock();
+        if pmd_same(self.map.pmdval, pmd.get()) {
+            Some(PteGuard { ptl, map: self.map, _mode: PhantomData })
+        } else {
+            None
+        }
+    }
+    /// Takes the lock and checks `pte_same(*pte, expected)` (the other
+    /// stability check the document allows). `None` if the PTE changed.
+    #[track_caller]
+    pub fn lock_if_pte_same(self, expected: Pte) -> Option<PteGuard<'a, Rw>> {
+        let ptl = self.ptl.lock();
+        if pte_same(self.map.ptep_get(), expected) {
+            Some(PteGuard { ptl, map: self.map, _mode: PhantomData })
+        } else {
+            None
+        }
+    }
+}
+
+impl<M> fmt::Debug for PteMapNolock<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PteMapNolock({:?}, {:?})", self.map, self.ptl)
+    }
+}
+
+/// Linux `pte_offset_map_ro_nolock`: maps the PTE and returns its table's
+/// lock, not taken, for read-only use. `None` if there is no PTE table.
+pub fn pte_offset_map_ro_nolock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMapNolock<'a, Ro>> {
+    let map = map_pte(mm, pmd, addr)?;
+    let ptl = pte_lockptr(mm, map.pmdval);
+    Some(PteMapNolock { map, ptl, _mode: PhantomData })
+}
+
+/// Linux `pte_offset_map_rw_nolock`: as the read-only variant, plus the PMD
+/// value seen, which the caller must check with `pmd_same` after taking the
+/// lock and before writing (or use [`PteMapNolock::lock_if_pmd_same`]).
+pub fn pte_offset_map_rw_nolock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<(PteMapNolock<'a, Rw>, Pmd)> {
+    let map = map_pte(mm, pmd, addr)?;
+    let pmdval = map.pmdval;
+    let ptl = pte_lockptr(mm, pmdval);
+    Some((PteMapNolock { map, ptl, _mode: PhantomData }, pmdval))
+}
+
+/// A mapped PTE with its table's lock held (Linux: `pte_t *` + taken
+/// `spinlock_t *`). The lock is the proof for writes: `set_pte` needs nothing
+/// else. Dropping it is [`pte_unmap_unlock`]: unlock, then unmap.
+pub struct PteGuard<'a, M = Rw> {
+    // Field order is drop order: the lock is released before the read-side
+    // section ends, as in Linux's pte_unmap_unlock.
+    ptl: PtlGuard<'a>,
+    map: PteMap<'a>,
+    _mode: PhantomData<M>,
+}
+
+impl<'a, M> PteGuard<'a, M> {
+    /// Linux `ptep_get`: the locked entry.
+    pub fn ptep_get(&self) -> Pte {
+        self.map.ptep_get()
+    }
+    /// Another entry of the same table (same 2 MiB span).
+    pub fn get_at(&self, addr: VirtAddr) -> Pte {
+        self.map.get_at(addr)
+    }
+    /// The mapping.
+    pub fn map(&self) -> &PteMap<'a> {
+        &self.map
+    }
+    /// The held lock.
+    pub fn ptl(&self) -> &PtlGuard<'a> {
+        &self.ptl
+    }
+    /// The address mapped.
+    pub fn addr(&self) -> VirtAddr {
+        self.map.addr
+    }
+    /// The PMD value the table was reached through (still current: the PMD
+    /// cannot change a table pointer without this lock).
+    pub fn pmdval(&self) -> Pmd {
+        self.map.pmdval
+    }
+}
+
+impl<'a> PteGuard<'a, Rw> {
+    /// Linux `set_pte`: writes the locked entry.
+    pub fn set_pte(&mut self, pte: Pte) {
+        self.set_pte_at(self.map.addr, pte);
+    }
+    /// Linux `set_pte_at`: writes another entry of the locked table.
+    pub fn set_pte_at(&mut self, addr: VirtAddr, pte: Pte) {
+        self.map.slot_at(addr).store(pte.raw(), Release);
+    }
+    /// Linux `ptep_get_and_clear`: clears an entry and returns what it held
+    /// (atomically: the CPU may set accessed/dirty concurrently).
+    pub fn ptep_get_and_clear(&mut self, addr: VirtAddr) -> Pte {
+        Pte::from_raw(self.map.slot_at(addr).swap(0, Release))
+    }
+    /// Linux `pte_clear`.
+    pub fn pte_clear(&mut self, addr: VirtAddr) {
+        self.set_pte_at(addr, Pte::NONE);
+    }
+}
+
+impl<M> fmt::Debug for PteGuard<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PteGuard({:?}, {:?})", self.map, self.ptl)
+    }
+}
+
+/// Linux `__pte_offset_map_lock`: maps the PTE, takes its table's lock, then
+/// re-reads the PMD; if the PMD changed between mapping and locking (the table
+/// was replaced, removed or turned huge) it unlocks, unmaps and tries again.
+/// `None` if there is no PTE table.
+#[track_caller]
+pub fn pte_offset_map_lock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteGuard<'a, Rw>> {
+    loop {
+        let map = map_pte(mm, pmd, addr)?;
+        let ptl = pte_lockptr(mm, map.pmdval).lock();
+        if pmd_same(map.pmdval, pmd.get()) {
+            return Some(PteGuard { ptl, map, _mode: PhantomData });
+        }
+        // The PMD moved on: drop the lock, then the map, and retry.
+        drop(ptl);
+        drop(map);
+    }
+}
+
+/// Linux `pte_alloc_map_lock`: allocates the PTE table if needed
+/// ([`pte_alloc`]), then [`pte_offset_map_lock`]. `None` if allocation failed
+/// (or the PMD became huge meanwhile).
+#[track_caller]
+pub fn pte_alloc_map_lock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteGuard<'a, Rw>> {
+    pte_alloc(mm, pmd).ok()?;
+    pte_offset_map_lock(mm, pmd, addr)
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Things [`pte_unmap`] ends: any mapping made by a `pte_offset_map*` helper.
+pub trait PteMapping: sealed::Sealed {}
+impl sealed::Sealed for PteMap<'_> {}
+impl PteMapping for PteMap<'_> {}
+impl<M> sealed::Sealed for PteMapNolock<'_, M> {}
+impl<M> PteMapping for PteMapNolock<'_, M> {}
+
+/// Linux `pte_unmap`: ends the mapping and its read-side section.
+pub fn pte_unmap<T: PteMapping>(map: T) {
+    drop(map);
+}
+
+/// Linux `pte_unmap_unlock`: unlocks, then unmaps.
+pub fn pte_unmap_unlock<M>(guard: PteGuard<'_, M>) {
+    drop(guard);
+}
+
+/// [`pmd_lock`] with the lock order checked at compile time.
+#[track_caller]
+pub fn pmd_lock_ordered<'a, 't, L: Level>(
+    mm: &'a Mm<'_>,
+    pmd: PmdRef<'_>,
+    token: LockToken<'t, L>,
+) -> Ordered<'t, PmdLevel, PtlGuard<'a>>
+where
+    PmdLevel: Above<L>,
+{
+    Ordered::new(pmd_lock(mm, pmd), token.step())
+}
+
+/// [`pte_offset_map_lock`] with the lock order checked at compile time.
+#[track_caller]
+pub fn pte_offset_map_lock_ordered<'a, 't, L: Level>(
+    mm: &'a Mm<'_>,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+    token: LockToken<'t, L>,
+) -> Option<Ordered<'t, PteLevel, PteGuard<'a, Rw>>>
+where
+    PteLevel: Above<L>,
+{
+    Some(Ordered::new(pte_offset_map_lock(mm, pmd, addr)?, token.step()))
+}
+
+impl<'p> Mm<'p> {
+    /// [`Mm::lock_page_table`] with the lock order checked at compile time.
+    #[track_caller]
+    pub fn lock_page_table_ordered<'t, L: Level>(
+        &self,
+        token: LockToken<'t, L>,
+    ) -> Ordered<'t, PageTableLockLevel, PtlGuard<'_>>
+    where
+        PageTableLockLevel: Above<L>,
+    {
+        Ordered::new(self.lock_page_table(), token.step())
+    }
+}

@@ -1,0 +1,217 @@
+//! The run-time lock-order checker of debug builds.
+//!
+//! Each CPU keeps the set of locks it holds, with the level each was taken at
+//! (storage provided by the HAL: per-CPU in the kernel, per-thread on the host).
+//! Before a lock is taken we check that every held lock has a lower level
+//! (see the order in [`super`]), that the lock is not already ours (a
+//! self-deadlock, e.g. `pte_offset_map_lock` under `pmd_lock` when both are
+//! `mm.page_table_lock`), and afterwards we record it. In release builds every
+//! function here compiles to nothing.
+//!
+//! Only the owning CPU touches its [`LockdepCpu`], so relaxed atomics suffice:
+//! they are used for interior mutability without `unsafe`, not for ordering.
+
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+
+use super::LockLevel;
+
+/// How many locks one CPU may hold at once (the deepest legal nest is six).
+pub const MAX_HELD: usize = 16;
+
+/// One CPU's held-lock set.
+pub struct LockdepCpu {
+    depth: AtomicUsize,
+    addr: [AtomicUsize; MAX_HELD],
+    level: [AtomicU8; MAX_HELD],
+}
+
+impl LockdepCpu {
+    /// An empty set.
+    pub const fn new() -> Self {
+        Self {
+            depth: AtomicUsize::new(0),
+            addr: [const { AtomicUsize::new(0) }; MAX_HELD],
+            level: [const { AtomicU8::new(0) }; MAX_HELD],
+        }
+    }
+
+    /// Number of locks held.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Relaxed)
+    }
+
+    #[track_caller]
+    fn check(&self, addr: usize, level: LockLevel, nested: bool) {
+        for i in 0..self.depth() {
+            let held = self.addr[i].load(Relaxed);
+            let held_level = LockLevel::from_u8(self.level[i].load(Relaxed));
+            assert!(held != addr, "lockdep: recursive locking of lock {addr:#x} at {level:?}");
+            if held_level == LockLevel::Untracked {
+                continue;
+            }
+            assert!(
+                held_level < level || (held_level == level && nested),
+                "lockdep: lock order violation: taking {level:?} lock {addr:#x} while holding {held_level:?} lock {held:#x}"
+            );
+        }
+    }
+
+    #[track_caller]
+    fn push(&self, addr: usize, level: LockLevel) {
+        let d = self.depth();
+        assert!(d < MAX_HELD, "lockdep: more than {MAX_HELD} locks held");
+        self.addr[d].store(addr, Relaxed);
+        self.level[d].store(level as u8, Relaxed);
+        self.depth.store(d + 1, Relaxed);
+    }
+
+    fn remove(&self, addr: usize) {
+        let d = self.depth();
+        // Search from the top: releases are usually LIFO, but need not be.
+        if let Some(i) = (0..d).rev().find(|&i| self.addr[i].load(Relaxed) == addr) {
+            for j in i..d - 1 {
+                self.addr[j].store(self.addr[j + 1].load(Relaxed), Relaxed);
+                self.level[j].store(self.level[j + 1].load(Relaxed), Relaxed);
+            }
+            self.depth.store(d - 1, Relaxed);
+        }
+    }
+
+    fn contains(&self, addr: usize) -> bool {
+        (0..self.depth()).any(|i| self.addr[i].load(Relaxed) == addr)
+    }
+}
+
+impl Default for LockdepCpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const ACTIVE: bool = cfg!(all(debug_assertions, not(loom)));
+
+#[inline]
+fn cpu_state() -> Option<&'static LockdepCpu> {
+    if ACTIVE { crate::hal::get().lockdep() } else { None }
+}
+
+/// Checks an acquisition of `addr` at `level` before it spins.
+#[track_caller]
+#[inline]
+pub(crate) fn before_acquire(addr: usize, level: LockLevel, nested: bool) {
+    if let Some(c) = cpu_state() {
+        c.check(addr, level, nested);
+    }
+}
+
+/// Records that `addr` is now held.
+#[track_caller]
+#[inline]
+pub(crate) fn acquired(addr: usize, level: LockLevel) {
+    if let Some(c) = cpu_state() {
+        c.push(addr, level);
+    }
+}
+
+/// Records that `addr` was released.
+#[inline]
+pub(crate) fn released(addr: usize) {
+    if let Some(c) = cpu_state() {
+        c.remove(addr);
+    }
+}
+
+/// Whether this CPU holds `addr`; `None` when the checker is off.
+pub(crate) fn holds(addr: usize) -> Option<bool> {
+    cpu_state().map(|c| c.contains(addr))
+}
+
+/// Locks held by the executing CPU (0 when the checker is off). Tests use it to
+/// prove that a helper released everything it took.
+pub fn held_locks() -> usize {
+    cpu_state().map_or(0, |c| c.depth())
+}
+
+#[cfg(all(test, debug_assertions, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::lock::{LockClass, RawSpinLock};
+
+    #[test]
+    fn in_order_nesting_is_fine_and_tracked() {
+        let a = RawSpinLock::new(LockClass::PageTableLock);
+        let b = RawSpinLock::new(LockClass::PmdLock);
+        let c = RawSpinLock::new(LockClass::PteLock);
+        let ga = a.lock(LockLevel::PageTableLock);
+        let gb = b.lock(LockLevel::Pmd);
+        let gc = c.lock(LockLevel::Pte);
+        assert_eq!(held_locks(), 3);
+        drop(gb); // out-of-order release is allowed
+        drop(gc);
+        drop(ga);
+        assert_eq!(held_locks(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "lock order violation")]
+    fn pte_then_pmd_panics() {
+        let pte = RawSpinLock::new(LockClass::PteLock);
+        let pmd = RawSpinLock::new(LockClass::PmdLock);
+        let _g = pte.lock(LockLevel::Pte);
+        let _h = pmd.lock(LockLevel::Pmd);
+    }
+
+    #[test]
+    #[should_panic(expected = "lock order violation")]
+    fn two_pte_locks_without_nested_panics() {
+        let a = RawSpinLock::new(LockClass::PteLock);
+        let b = RawSpinLock::new(LockClass::PteLock);
+        let _g = a.lock(LockLevel::Pte);
+        let _h = b.lock(LockLevel::Pte);
+    }
+
+    #[test]
+    fn nested_same_level_is_allowed() {
+        let a = RawSpinLock::new(LockClass::PteLock);
+        let b = RawSpinLock::new(LockClass::PteLock);
+        let _g = a.lock(LockLevel::Pte);
+        let _h = b.lock_nested(LockLevel::Pte);
+        assert_eq!(held_locks(), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "recursive locking")]
+    fn recursion_panics_instead_of_deadlocking() {
+        let a = RawSpinLock::new(LockClass::PageTableLock);
+        let _g = a.lock(LockLevel::Pmd);
+        let _h = a.lock(LockLevel::Pte);
+    }
+
+    #[test]
+    #[should_panic(expected = "not held")]
+    fn assert_held_catches_a_missing_lock() {
+        let a = RawSpinLock::new(LockClass::PteLock);
+        a.assert_held();
+    }
+
+    #[test]
+    #[should_panic(expected = "not held by this CPU")]
+    fn assert_held_catches_a_lock_held_elsewhere() {
+        let a = std::sync::Arc::new(RawSpinLock::new(LockClass::PteLock));
+        let a2 = a.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _g = a2.lock(LockLevel::Pte);
+            tx.send(()).unwrap();
+            let _ = done_rx.recv();
+        });
+        rx.recv().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.assert_held()));
+        drop(done_tx);
+        holder.join().unwrap();
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    }
+}

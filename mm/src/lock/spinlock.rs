@@ -1,0 +1,402 @@
+//! The hand-written spinlock: a ticket lock in one 32-bit word.
+//!
+//! A ticket lock is FIFO-fair: under a fault storm every CPU waiting on a PTE
+//! lock gets it in arrival order, so no CPU starves and the spin-time
+//! statistics measure queueing rather than luck.
+//!
+//! Word layout: bits 16..32 hold the next ticket to hand out, bits 0..16 the
+//! ticket now served. `lock` takes a ticket with one `fetch_add(1 << 16)` and
+//! spins until the low half equals it; `unlock` advances the low half. Only the
+//! holder writes the low half and it knows its value (its own ticket), so it
+//! can advance it with `fetch_add(1)`, or with `fetch_sub(0xffff)` when it wraps
+//! from 0xffff to 0, without ever carrying into the high half. Overflow of the
+//! high half falls off the top of the word, which is exactly 16-bit wrapping.
+//!
+//! Lock plus class tag is 8 bytes, so by default `ptl` fits in a `usize` and
+//! lives inline in the page descriptor. With the `debug-ptlock` feature the
+//! lock also records its owner CPU and the `#[track_caller]` site that took it;
+//! it then no longer fits and `ptl` becomes a pointer (see `ptlock.rs`).
+
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::marker::PhantomData;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+#[cfg(feature = "debug-ptlock")]
+use core::{panic::Location, sync::atomic::AtomicPtr};
+
+use super::{LockClass, LockLevel, lockdep, stats};
+use crate::hal;
+use crate::sync::{AtomicU32, spin_loop};
+
+const TICKET_ONE: u32 = 1 << 16;
+
+/// A ticket spinlock that protects no Rust data: it guards memory the hardware
+/// also reads (page-table entries), so it is a bare lock, like `spinlock_t`.
+pub struct RawSpinLock {
+    /// The ticket word (see the module comment).
+    word: AtomicU32,
+    /// `LockClass as u8`, for statistics.
+    class: u8,
+    /// Debug lock only: the CPU holding the lock, `u32::MAX` when free.
+    #[cfg(feature = "debug-ptlock")]
+    owner_cpu: core::sync::atomic::AtomicU32,
+    /// Debug lock only: where the holder took it.
+    #[cfg(feature = "debug-ptlock")]
+    owner_site: AtomicPtr<Location<'static>>,
+}
+
+impl RawSpinLock {
+    /// A free lock of the given class.
+    #[cfg(not(loom))]
+    pub const fn new(class: LockClass) -> Self {
+        Self {
+            word: AtomicU32::new(0),
+            class: class as u8,
+            #[cfg(feature = "debug-ptlock")]
+            owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
+            #[cfg(feature = "debug-ptlock")]
+            owner_site: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    /// A free lock of the given class (loom atomics cannot be built in const).
+    #[cfg(loom)]
+    pub fn new(class: LockClass) -> Self {
+        Self {
+            word: AtomicU32::new(0),
+            class: class as u8,
+            #[cfg(feature = "debug-ptlock")]
+            owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
+            #[cfg(feature = "debug-ptlock")]
+            owner_site: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    /// The lock's statistics class.
+    pub fn class(&self) -> LockClass {
+        LockClass::from_u8(self.class)
+    }
+
+    /// Takes the lock at `level` of the lock order, spinning until it is ours.
+    #[track_caller]
+    #[inline]
+    pub fn lock(&self, level: LockLevel) -> RawSpinGuard<'_> {
+        self.lock_inner(level, false)
+    }
+
+    /// Takes a second lock of a level already held (Linux
+    /// `spin_lock_nested`). The caller documents why its order is safe.
+    #[track_caller]
+    pub fn lock_nested(&self, level: LockLevel) -> RawSpinGuard<'_> {
+        self.lock_inner(level, true)
+    }
+
+    #[track_caller]
+    #[inline]
+    fn lock_inner(&self, level: LockLevel, nested: bool) -> RawSpinGuard<'_> {
+        let hal = hal::get();
+        lockdep::before_acquire(self.addr(), level, nested);
+        let t = self.word.fetch_add(TICKET_ONE, Acquire);
+        let ticket = (t >> 16) as u16;
+        if t as u16 == ticket {
+            stats::record(self.class, false, 0);
+        } else {
+            let start = hal.cycles();
+            while self.word.load(Acquire) as u16 != ticket {
+                spin_loop();
+            }
+            stats::record(self.class, true, hal.cycles().wrapping_sub(start));
+        }
+        self.acquired(level, ticket)
+    }
+
+    /// Takes the lock if it is free right now.
+    #[track_caller]
+    pub fn try_lock(&self, level: LockLevel) -> Option<RawSpinGuard<'_>> {
+        let v = self.word.load(Relaxed);
+        if (v >> 16) as u16 != v as u16 {
+            return None;
+        }
+        lockdep::before_acquire(self.addr(), level, false);
+        self.word.compare_exchange(v, v.wrapping_add(TICKET_ONE), Acquire, Relaxed).ok()?;
+        stats::record(self.class, false, 0);
+        Some(self.acquired(level, v as u16))
+    }
+
+    #[track_caller]
+    fn acquired(&self, level: LockLevel, ticket: u16) -> RawSpinGuard<'_> {
+        lockdep::acquired(self.addr(), level);
+        #[cfg(feature = "debug-ptlock")]
+        {
+            self.owner_cpu.store(hal::cpu_id() as u32, Relaxed);
+            self.owner_site.store(Location::caller() as *const _ as *mut _, Relaxed);
+        }
+        // The low half is our ticket now; keep it so unlock needs no extra load.
+        RawSpinGuard { lock: self, ticket, level, _not_send: PhantomData }
+    }
+
+    fn unlock(&self, ticket: u16) {
+        #[cfg(feature = "debug-ptlock")]
+        {
+            self.owner_cpu.store(u32::MAX, Relaxed);
+            self.owner_site.store(core::ptr::null_mut(), Relaxed);
+        }
+        lockdep::released(self.addr());
+        if ticket == u16::MAX {
+            // 0xffff -> 0 without a carry into the high half.
+            self.word.fetch_sub(0xffff, Release);
+        } else {
+            self.word.fetch_add(1, Release);
+        }
+    }
+
+    /// Whether some CPU holds the lock (a snapshot: only meaningful to assert
+    /// that *we* hold it).
+    pub fn is_locked(&self) -> bool {
+        let v = self.word.load(Relaxed);
+        (v >> 16) as u16 != v as u16
+    }
+
+    /// Debug lock: the CPU that holds the lock.
+    #[cfg(feature = "debug-ptlock")]
+    pub fn owner_cpu(&self) -> Option<u32> {
+        match self.owner_cpu.load(Relaxed) {
+            u32::MAX => None,
+            c => Some(c),
+        }
+    }
+
+    /// Debug lock: the source location that took the lock.
+    #[cfg(feature = "debug-ptlock")]
+    pub fn owner_site(&self) -> Option<&'static Location<'static>> {
+        let p = self.owner_site.load(Relaxed);
+        // SAFETY: the pointer is null or came from `Location::caller()`, which
+        // is a `&'static Location`.
+        unsafe { p.cast_const().as_ref() }
+    }
+
+    /// Asserts (debug builds) that the executing CPU holds this lock: through the
+    /// lock-order checker where the HAL provides one, else that it is held at all.
+    #[track_caller]
+    #[inline]
+    pub fn assert_held(&self) {
+        if cfg!(debug_assertions) {
+            match lockdep::holds(self.addr()) {
+                Some(held) => assert!(held, "{} lock {:p} not held by this CPU", self.class().name(), self),
+                None => assert!(self.is_locked(), "{} lock {:p} not held", self.class().name(), self),
+            }
+            #[cfg(feature = "debug-ptlock")]
+            assert_eq!(self.owner_cpu(), Some(hal::cpu_id() as u32), "lock held by another CPU");
+        }
+    }
+
+    fn addr(&self) -> usize {
+        self as *const Self as usize
+    }
+}
+
+impl fmt::Debug for RawSpinLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawSpinLock")
+            .field("class", &self.class().name())
+            .field("locked", &self.is_locked())
+            .finish()
+    }
+}
+
+/// Proof that a [`RawSpinLock`] is held; dropping it unlocks. Not `Send`: a
+/// spinlock is released on the CPU that took it.
+#[must_use = "dropping the guard unlocks at once"]
+pub struct RawSpinGuard<'a> {
+    lock: &'a RawSpinLock,
+    ticket: u16,
+    level: LockLevel,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<'a> RawSpinGuard<'a> {
+    /// The lock this guard holds (compare with `core::ptr::eq` for identity).
+    pub fn lock(&self) -> &'a RawSpinLock {
+        self.lock
+    }
+    /// The level it was taken at.
+    pub fn level(&self) -> LockLevel {
+        self.level
+    }
+}
+
+impl Drop for RawSpinGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.unlock(self.ticket);
+    }
+}
+
+impl fmt::Debug for RawSpinGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawSpinGuard({:p}, {:?})", self.lock, self.level)
+    }
+}
+
+/// A spinlock that owns the data it protects.
+pub struct SpinLock<T> {
+    raw: RawSpinLock,
+    level: u8,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the lock serialises all access to `data`, so sharing the lock between
+// threads only ever moves `T` between them, which `T: Send` allows.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+// SAFETY: moving the lock moves `T`.
+unsafe impl<T: Send> Send for SpinLock<T> {}
+
+impl<T> SpinLock<T> {
+    /// A free lock of `class`, taken at `level` of the lock order.
+    #[cfg(not(loom))]
+    pub const fn new(class: LockClass, level: LockLevel, data: T) -> Self {
+        Self { raw: RawSpinLock::new(class), level: level as u8, data: UnsafeCell::new(data) }
+    }
+
+    /// A free lock of `class`, taken at `level` of the lock order.
+    #[cfg(loom)]
+    pub fn new(class: LockClass, level: LockLevel, data: T) -> Self {
+        Self { raw: RawSpinLock::new(class), level: level as u8, data: UnsafeCell::new(data) }
+    }
+
+    /// Takes the lock.
+    #[track_caller]
+    #[inline]
+    pub fn lock(&self) -> SpinLockGuard<'_, T> {
+        let raw = self.raw.lock(LockLevel::from_u8(self.level));
+        SpinLockGuard { raw, data: &self.data }
+    }
+
+    /// Takes the lock if free.
+    #[track_caller]
+    pub fn try_lock(&self) -> Option<SpinLockGuard<'_, T>> {
+        let raw = self.raw.try_lock(LockLevel::from_u8(self.level))?;
+        Some(SpinLockGuard { raw, data: &self.data })
+    }
+
+    /// The data, through exclusive access (no locking needed).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.data.get_mut()
+    }
+}
+
+/// Access to a [`SpinLock`]'s data; dropping it unlocks.
+#[must_use = "dropping the guard unlocks at once"]
+pub struct SpinLockGuard<'a, T> {
+    raw: RawSpinGuard<'a>,
+    data: &'a UnsafeCell<T>,
+}
+
+impl<T> Deref for SpinLockGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        let _ = &self.raw;
+        // SAFETY: `raw` proves the lock is held, so no other reference to the
+        // data exists until this guard drops.
+        unsafe { &*self.data.get() }
+    }
+}
+
+impl<T> DerefMut for SpinLockGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes this the only access.
+        unsafe { &mut *self.data.get() }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn ticket_wraps_without_corrupting_the_next_field() {
+        let l = RawSpinLock::new(LockClass::Other);
+        for _ in 0..70_000 {
+            let g = l.lock(LockLevel::Untracked);
+            assert!(l.is_locked());
+            drop(g);
+            assert!(!l.is_locked());
+        }
+        // A wrap happened (70000 > 65536); the lock still works and is free.
+        assert!(l.try_lock(LockLevel::Untracked).is_some());
+    }
+
+    #[test]
+    fn try_lock_fails_while_held() {
+        let l = RawSpinLock::new(LockClass::Other);
+        let g = l.lock(LockLevel::Untracked);
+        assert!(l.try_lock(LockLevel::Untracked).is_none());
+        drop(g);
+        assert!(l.try_lock(LockLevel::Untracked).is_some());
+    }
+
+    #[test]
+    fn mutual_exclusion_under_threads() {
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, 0u64));
+        let threads: std::vec::Vec<_> = (0..4)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        // Non-atomic read-modify-write: loses updates unless
+                        // the lock excludes.
+                        let mut g = l.lock();
+                        let v = *g;
+                        core::hint::black_box(());
+                        *g = v + 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*l.lock(), 80_000);
+    }
+
+    #[test]
+    fn contention_is_counted() {
+        let l = Arc::new(RawSpinLock::new(LockClass::Other));
+        let before = crate::lock::lock_stats(LockClass::Other);
+        let g = l.lock(LockLevel::Untracked);
+        let l2 = l.clone();
+        let waiter = std::thread::spawn(move || {
+            let _g = l2.lock(LockLevel::Untracked);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(g);
+        waiter.join().unwrap();
+        let after = crate::lock::lock_stats(LockClass::Other);
+        assert!(after.acquisitions >= before.acquisitions + 2);
+        assert!(after.contended > before.contended);
+        assert!(after.spin_cycles > before.spin_cycles);
+    }
+
+    #[cfg(feature = "debug-ptlock")]
+    #[test]
+    fn debug_lock_records_owner_and_site() {
+        let l = RawSpinLock::new(LockClass::Other);
+        assert!(l.owner_cpu().is_none());
+        let line = line!() + 1;
+        let g = l.lock(LockLevel::Untracked);
+        assert_eq!(l.owner_cpu(), Some(crate::hal::cpu_id() as u32));
+        let site = l.owner_site().unwrap();
+        assert_eq!((site.file(), site.line()), (file!(), line));
+        drop(g);
+        assert!(l.owner_site().is_none());
+        assert!(core::mem::size_of::<RawSpinLock>() > core::mem::size_of::<usize>());
+    }
+
+    #[cfg(not(feature = "debug-ptlock"))]
+    #[test]
+    fn plain_lock_fits_in_a_usize() {
+        assert!(core::mem::size_of::<RawSpinLock>() <= core::mem::size_of::<usize>());
+    }
+}

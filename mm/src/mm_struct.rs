@@ -1,0 +1,239 @@
+//! `Mm`, the address space (Linux `struct mm_struct`).
+//!
+//! # Locks
+//!
+//! * `page_table_lock` protects the PGD, (folded) P4D and PUD entries of this
+//!   address space, 1 GiB hugetlb entries, and, when split locks are off, the
+//!   PMD and PTE entries too. It sits after the address-space (VMA) lock and
+//!   before every PMD and PTE lock (see [`crate::lock`]).
+//! * The VMA set will join this struct with its own (sleeping) lock.
+//!
+//! Each user `Mm` owns a PGD frame whose upper half (slots 256..512) is a copy
+//! of the kernel's PML4, made once at creation: kernel mappings live in
+//! tables shared by all address spaces and never change after boot. Dropping
+//! an `Mm` frees every user page table it owns (each through
+//! `pagetable_dtor`), returning the free-frame count to where it was. Leaf
+//! frames mapped by those tables belong to whoever mapped them (the unmap/zap
+//! path that frees them comes with the fault handler).
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::addr::{KERNEL_PGD_BOUNDARY, PTRS_PER_TABLE, PhysAddr};
+use crate::lock::{LockClass, LockLevel};
+use crate::pgtable::entry::{Pgd, Pmd, Pud};
+use crate::physmem::PhysMem;
+use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_ctor};
+use crate::ptlock::PtLock;
+use crate::{PtlGuard, PtlRef};
+
+/// The kernel's own top-level table (Linux `init_mm.pgd` / `swapper_pg_dir`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPgd {
+    pa: PhysAddr,
+}
+
+impl KernelPgd {
+    /// Names the kernel's PML4.
+    ///
+    /// # Safety
+    ///
+    /// `pa` is the physical address of the live kernel PML4, page aligned,
+    /// mapped by the direct map of every `PhysMem` it is used with, never
+    /// freed, and accessed by others only atomically (the MMU, other CPUs).
+    pub const unsafe fn new(pa: PhysAddr) -> Self {
+        Self { pa }
+    }
+    /// Its physical address.
+    pub fn phys(self) -> PhysAddr {
+        self.pa
+    }
+}
+
+/// An address space.
+pub struct Mm<'p> {
+    phys: &'p PhysMem,
+    pgd: PhysAddr,
+    init_mm: bool,
+    /// Linux `mm->page_table_lock`.
+    page_table_lock: PtLock,
+    nr_ptes: AtomicU64,
+    nr_pmds: AtomicU64,
+    nr_puds: AtomicU64,
+}
+
+#[cfg(not(loom))]
+impl Mm<'static> {
+    /// A new user address space in the kernel's physical memory ([`crate::init`]
+    /// must have run). `None` if the PGD frame cannot be allocated.
+    pub fn new(kernel: KernelPgd) -> Option<Self> {
+        Self::new_in(crate::phys(), kernel)
+    }
+}
+
+impl<'p> Mm<'p> {
+    /// A new user address space whose tables come from `phys`.
+    pub fn new_in(phys: &'p PhysMem, kernel: KernelPgd) -> Option<Self> {
+        let mut t = pagetable_alloc(phys)?;
+        pagetable_ctor(&mut t, PtLevel::Pgd);
+        for i in KERNEL_PGD_BOUNDARY..PTRS_PER_TABLE {
+            // SAFETY: KernelPgd's contract: page aligned (so this slot is
+            // 8-byte aligned), mapped, live, atomically accessed.
+            let src = unsafe { phys.slot_unchecked(kernel.pa.add(8 * i as u64)) };
+            let dst = phys.slot(t.phys_addr().add(8 * i as u64)).expect("own PGD is managed");
+            // Not yet published: nobody else reads `dst`.
+            dst.store(src.load(Relaxed), Relaxed);
+        }
+        let pgd = t.publish().phys();
+        Some(Self::make(phys, pgd, false))
+    }
+
+    /// The kernel's address space (Linux `init_mm`) over the kernel PML4: its
+    /// tables get no split locks, every helper hands out its
+    /// `page_table_lock`, and dropping it frees nothing.
+    pub fn new_init_mm(phys: &'p PhysMem, kernel: KernelPgd) -> Self {
+        Self::make(phys, kernel.pa, true)
+    }
+
+    fn make(phys: &'p PhysMem, pgd: PhysAddr, init_mm: bool) -> Self {
+        Self {
+            phys,
+            pgd,
+            init_mm,
+            page_table_lock: PtLock::new(LockClass::PageTableLock),
+            nr_ptes: AtomicU64::new(0),
+            nr_pmds: AtomicU64::new(0),
+            nr_puds: AtomicU64::new(0),
+        }
+    }
+
+    /// The physical memory the tables come from.
+    pub fn phys(&self) -> &'p PhysMem {
+        self.phys
+    }
+
+    /// The PGD's physical address (what goes into CR3).
+    pub fn pgd_phys(&self) -> PhysAddr {
+        self.pgd
+    }
+
+    /// Whether this is the kernel's address space.
+    pub fn is_init_mm(&self) -> bool {
+        self.init_mm
+    }
+
+    /// `mm->page_table_lock`, not taken.
+    pub fn page_table_lock(&self) -> PtlRef<'_> {
+        PtlRef::new(&self.page_table_lock, LockLevel::PageTableLock)
+    }
+
+    /// `spin_lock(&mm->page_table_lock)`.
+    #[track_caller]
+    pub fn lock_page_table(&self) -> PtlGuard<'_> {
+        self.page_table_lock.lock(LockLevel::PageTableLock)
+    }
+
+    pub(crate) fn page_table_lock_raw(&self) -> &PtLock {
+        &self.page_table_lock
+    }
+
+    /// PTE tables installed (Linux `mm_pgtables_bytes` by level).
+    pub fn nr_ptes(&self) -> u64 {
+        self.nr_ptes.load(Relaxed)
+    }
+    /// PMD tables installed.
+    pub fn nr_pmds(&self) -> u64 {
+        self.nr_pmds.load(Relaxed)
+    }
+    /// PUD tables installed.
+    pub fn nr_puds(&self) -> u64 {
+        self.nr_puds.load(Relaxed)
+    }
+    pub(crate) fn inc_nr(&self, level: PtLevel) {
+        match level {
+            PtLevel::Pte => &self.nr_ptes,
+            PtLevel::Pmd => &self.nr_pmds,
+            PtLevel::Pud => &self.nr_puds,
+            PtLevel::Pgd => return,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    /// Frees a published table reached from an entry of `level + 1`.
+    ///
+    /// # Safety
+    ///
+    /// The entry pointing at it has been cleared and no walker can reach it.
+    unsafe fn free_table(&self, pa: PhysAddr) {
+        match page_ptdesc(self.phys, pa.pfn()) {
+            // SAFETY: forwarded from the caller.
+            Some(pt) => drop(unsafe { PtPage::from_published(self.phys, pt) }),
+            None => log::error!("mm: page table at {pa:?} is outside managed memory; not freed"),
+        }
+    }
+
+    fn free_pmd_table(&mut self, pa: PhysAddr) {
+        for i in 0..PTRS_PER_TABLE {
+            let Some(slot) = self.phys.slot(pa.add(8 * i as u64)) else { return };
+            let v = Pmd::from_raw(slot.swap(0, Relaxed));
+            if v.is_table() {
+                // SAFETY: `&mut self`: no walker exists; the entry is cleared.
+                unsafe { self.free_table(v.phys()) };
+            } else if v.is_bad() {
+                log::error!("mm: bad {v} in teardown");
+            }
+        }
+        // SAFETY: as above; the caller cleared the PUD entry.
+        unsafe { self.free_table(pa) };
+    }
+
+    fn free_pud_table(&mut self, pa: PhysAddr) {
+        for i in 0..PTRS_PER_TABLE {
+            let Some(slot) = self.phys.slot(pa.add(8 * i as u64)) else { return };
+            let v = Pud::from_raw(slot.swap(0, Relaxed));
+            if v.is_table() {
+                self.free_pmd_table(v.phys());
+            } else if v.is_bad() {
+                log::error!("mm: bad {v} in teardown");
+            }
+        }
+        // SAFETY: `&mut self`: no walker exists; the caller cleared the entry.
+        unsafe { self.free_table(pa) };
+    }
+
+    /// Linux `free_pgtables` + `pgd_free` for the whole user half.
+    fn free_pgtables(&mut self) {
+        for i in 0..KERNEL_PGD_BOUNDARY {
+            let Some(slot) = self.phys.slot(self.pgd.add(8 * i as u64)) else { return };
+            let v = Pgd::from_raw(slot.swap(0, Relaxed));
+            if v.is_table() {
+                self.free_pud_table(v.phys());
+            } else if v.is_bad() {
+                log::error!("mm: bad {v} in teardown");
+            }
+        }
+        // SAFETY: `&mut self`: the PGD is unreachable once this Mm is gone (the
+        // kernel switches CR3 away before dropping an Mm).
+        unsafe { self.free_table(self.pgd) };
+    }
+}
+
+impl Drop for Mm<'_> {
+    fn drop(&mut self) {
+        if !self.init_mm {
+            self.free_pgtables();
+        }
+    }
+}
+
+impl fmt::Debug for Mm<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mm")
+            .field("pgd", &self.pgd)
+            .field("init_mm", &self.init_mm)
+            .field("nr_puds", &self.nr_puds())
+            .field("nr_pmds", &self.nr_pmds())
+            .field("nr_ptes", &self.nr_ptes())
+            .finish()
+    }
+}

@@ -1,0 +1,194 @@
+//! All of physical memory: the memmap, the frame allocator, the direct-map
+//! window and the failure injector (Linux spreads these over `pglist_data`,
+//! `zone` and globals).
+//!
+//! Everything is an instance, not a global, for two reasons: host tests run in
+//! parallel threads and each builds its own `PhysMem` over its own buffer, so
+//! exact free-frame counts never see another test's allocations; and loom
+//! models must create their atomics inside each explored execution. The kernel
+//! builds exactly one with [`crate::init`] and reaches it through
+//! [`crate::phys`].
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr, Pfn};
+use crate::bootmem::BootMem;
+use crate::frame::{FrameAllocator, Frames, MAX_ORDER};
+use crate::memmap::{MemMap, MemmapStats, Page, PageKind};
+use crate::ptlock::FaultInject;
+
+/// Physical memory: memmap + frame allocator.
+pub struct PhysMem {
+    memmap: MemMap,
+    allocator: FrameAllocator,
+    fault: FaultInject,
+    /// Allocated split locks alive (ALLOC_SPLIT_PTLOCKS builds), for leak checks.
+    pub(crate) ptl_live: AtomicU64,
+    #[cfg(loom)]
+    pub(crate) loom_words: crate::pgtable::slot::LoomWords,
+}
+
+impl PhysMem {
+    /// Carves the memmap out of usable RAM (bootmem-style), marks what boot
+    /// took, and hands every remaining frame to the buddy allocator in the
+    /// largest aligned blocks that fit.
+    ///
+    /// Panics if RAM cannot even hold the memmap.
+    pub fn new(mut boot: BootMem) -> Self {
+        let usable = boot.usable();
+        let mut ranges = [(PhysAddr::new(0), PhysAddr::new(0)); crate::memmap::MAX_SECTIONS];
+        let n = usable.len();
+        ranges[..n].copy_from_slice(usable);
+        let ranges = &ranges[..n];
+        let bytes = MemMap::descriptor_bytes(ranges);
+        let at = boot
+            .alloc(bytes, PAGE_SIZE, PageKind::Memmap)
+            .expect("not enough contiguous RAM for the memmap");
+        // SAFETY: `at` is a fresh bootmem range of `bytes` bytes inside usable
+        // RAM; BootMem::new's contract makes that RAM and every usable range
+        // ours and mapped by the window for the life of this PhysMem.
+        let memmap = unsafe { MemMap::new(ranges, at, boot.window) };
+        for &((s, e), kind) in boot.reserved() {
+            let mut pfn = s.pfn();
+            while pfn < e.pfn() {
+                memmap.pfn_to_page(pfn).expect("reserved range outside RAM").set_kind(kind);
+                pfn = pfn.add(1);
+            }
+        }
+        let phys = Self {
+            memmap,
+            allocator: FrameAllocator::new(),
+            fault: FaultInject::new(),
+            ptl_live: AtomicU64::new(0),
+            #[cfg(loom)]
+            loom_words: crate::pgtable::slot::LoomWords::new(),
+        };
+        for &(s, e) in boot.free_ranges() {
+            let (mut pfn, end) = (s.pfn().as_u64(), e.pfn().as_u64());
+            while pfn < end {
+                let align = if pfn == 0 { MAX_ORDER as u32 } else { pfn.trailing_zeros() };
+                let fit = (end - pfn).ilog2();
+                let order = align.min(fit).min(MAX_ORDER as u32) as usize;
+                // SAFETY: free bootmem RAM, covered by the memmap, aligned to
+                // its order by construction, never handed out before.
+                unsafe { phys.allocator.add_free_block(&phys.memmap, Pfn::new(pfn), order) };
+                pfn += 1 << order;
+            }
+        }
+        phys
+    }
+
+    /// The memmap.
+    pub fn memmap(&self) -> &MemMap {
+        &self.memmap
+    }
+
+    pub(crate) fn allocator(&self) -> &FrameAllocator {
+        &self.allocator
+    }
+
+    /// The direct-map window.
+    pub fn window(&self) -> DirectMap {
+        self.memmap.window()
+    }
+
+    /// The descriptor of a frame.
+    pub fn page(&self, pfn: Pfn) -> Option<&Page> {
+        self.memmap.pfn_to_page(pfn)
+    }
+
+    /// Allocates 2^order contiguous frames (Linux `alloc_pages`). Their kind
+    /// is [`PageKind::Kernel`] until the owner says otherwise.
+    pub fn alloc_pages(&self, order: usize) -> Option<Frames<'_>> {
+        let pfn = self.allocator.alloc(&self.memmap, order)?;
+        Some(Frames::new(self, pfn, order))
+    }
+
+    /// Allocates and zeroes 2^order frames.
+    pub fn alloc_pages_zeroed(&self, order: usize) -> Option<Frames<'_>> {
+        let f = self.alloc_pages(order)?;
+        self.zero_frames(f.pfn(), order);
+        Some(f)
+    }
+
+    /// Frees a block (same as dropping it).
+    pub fn free_pages(&self, frames: Frames<'_>) {
+        drop(frames);
+    }
+
+    /// Free frames, counting those cached per CPU. Exact once concurrent
+    /// allocations and frees have finished.
+    pub fn nr_free_pages(&self) -> u64 {
+        self.allocator.nr_free()
+    }
+
+    /// Frames sitting in per-CPU caches (part of [`PhysMem::nr_free_pages`]).
+    pub fn nr_cached_pages(&self) -> u64 {
+        self.allocator.nr_cached()
+    }
+
+    /// Free blocks of exactly `order` on the buddy lists.
+    pub fn nr_free_blocks(&self, order: usize) -> u64 {
+        self.allocator.free_blocks(order)
+    }
+
+    /// Returns the executing CPU's cached frames to the buddy.
+    pub fn drain_local_pcp(&self) {
+        self.allocator.drain_local(&self.memmap);
+    }
+
+    /// Returns every CPU's cached frames to the buddy.
+    pub fn drain_all_pcp(&self) {
+        self.allocator.drain_all(&self.memmap);
+    }
+
+    /// The page-table constructor failure injector.
+    pub fn fault_inject(&self) -> &FaultInject {
+        &self.fault
+    }
+
+    /// Split locks currently allocated (always 0 with inline `ptl`).
+    pub fn nr_allocated_ptlocks(&self) -> u64 {
+        self.ptl_live.load(Relaxed)
+    }
+
+    /// Memmap figures for the boot report.
+    pub fn memmap_stats(&self) -> MemmapStats {
+        self.memmap.stats()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::testing::TestMachine;
+
+    #[test]
+    fn every_frame_but_the_memmap_is_free_after_init() {
+        let m = TestMachine::with_regions(&[(0x10_0000, 0x90_0000)]);
+        let total = 0x80_0000 / PAGE_SIZE;
+        let memmap_frames = m.phys.memmap().overhead_bytes().div_ceil(PAGE_SIZE);
+        assert_eq!(m.phys.nr_free_pages(), total - memmap_frames);
+    }
+
+    #[test]
+    fn bootmem_heap_range_is_marked_and_not_allocatable() {
+        let m = TestMachine::build(&[(0x10_0000, 0x90_0000)], |boot| {
+            let heap = boot.alloc(0x4_0000, PAGE_SIZE, PageKind::Heap).unwrap();
+            assert!(heap.is_aligned(PAGE_SIZE));
+        });
+        let map = m.phys.memmap();
+        let heap_frames = (0x100..0x900).filter(|&p| map.pfn_to_page(Pfn::new(p)).unwrap().kind() == PageKind::Heap).count();
+        assert_eq!(heap_frames, 0x40);
+        let total = 0x800;
+        let memmap_frames = map.overhead_bytes().div_ceil(PAGE_SIZE);
+        assert_eq!(m.phys.nr_free_pages(), total - 0x40 - memmap_frames);
+        // Allocate everything: no Heap frame is ever handed out.
+        let mut all = std::vec::Vec::new();
+        while let Some(f) = m.phys.alloc_pages(0) {
+            assert_ne!(f.page().kind(), PageKind::Heap);
+            all.push(f);
+        }
+        assert_eq!(all.len() as u64, total - 0x40 - memmap_frames);
+    }
+}

@@ -1,0 +1,193 @@
+//! Host test support: the host HAL, simulated machines, a log capture.
+//!
+//! Parallel-test strategy: `cargo test` runs tests on many threads at once, so
+//! every test builds its own [`TestMachine`] (a heap buffer standing in for
+//! physical memory, with its own memmap, allocator and failure injector).
+//! Exact free-frame counts therefore never see another test's allocations, and
+//! no test needs a global mutex. The only process-wide state is the HAL,
+//! whose per-CPU parts (CPU number, read-side depth, lock-order state) are
+//! per-thread, and the lock statistics, which tests only compare as lower
+//! bounds.
+
+extern crate std;
+
+use std::boxed::Box;
+use std::cell::{Cell, RefCell};
+use std::string::String;
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::vec::Vec;
+
+use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr};
+use crate::bootmem::BootMem;
+use crate::hal::Hal;
+use crate::lock::lockdep::LockdepCpu;
+use crate::mm_struct::KernelPgd;
+use crate::pgtable::entry::{Pgd, PteFlags};
+use crate::physmem::PhysMem;
+
+/// The host HAL: each thread is a CPU.
+pub struct HostHal;
+
+/// The one host HAL instance.
+pub static HOST_HAL: HostHal = HostHal;
+
+static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
+
+std::thread_local! {
+    static CPU: usize = NEXT_CPU.fetch_add(1, Relaxed);
+    static RCU_DEPTH: Cell<usize> = const { Cell::new(0) };
+    static LOCKDEP: &'static LockdepCpu = Box::leak(Box::new(LockdepCpu::new()));
+}
+
+impl Hal for HostHal {
+    fn cpu_id(&self) -> usize {
+        CPU.with(|c| *c)
+    }
+    fn cycles(&self) -> u64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+    }
+    fn rcu_read_lock(&self) {
+        RCU_DEPTH.with(|d| d.set(d.get() + 1));
+    }
+    fn rcu_read_unlock(&self) {
+        RCU_DEPTH.with(|d| {
+            assert!(d.get() > 0, "rcu_read_unlock without rcu_read_lock");
+            d.set(d.get() - 1)
+        });
+    }
+    fn lockdep(&self) -> Option<&LockdepCpu> {
+        Some(LOCKDEP.with(|l| *l))
+    }
+}
+
+/// Read-side critical-section depth of the calling thread.
+pub fn rcu_depth() -> usize {
+    RCU_DEPTH.with(|d| d.get())
+}
+
+/// A 4 KiB-aligned zeroed heap buffer playing physical memory `0..len`.
+struct Buffer {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Buffer {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, PAGE_SIZE as usize).unwrap();
+        // SAFETY: non-zero size (callers ask for at least one region).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "test buffer allocation failed");
+        Self { ptr, layout }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// A simulated machine: memory, its `PhysMem`, and a kernel PML4 whose upper
+/// half has recognisable entries. Field order matters: `phys` (which points
+/// into the buffer) drops before the buffer.
+pub struct TestMachine {
+    /// The machine's physical memory manager.
+    pub phys: PhysMem,
+    /// The "kernel" PML4 (a frame of this machine).
+    pub kernel: KernelPgd,
+    _buf: Buffer,
+}
+
+// SAFETY: the buffer is plain memory owned by the machine; all shared access
+// to it goes through `PhysMem`, which is Sync.
+unsafe impl Sync for TestMachine {}
+// SAFETY: as above.
+unsafe impl Send for TestMachine {}
+
+/// The fake kernel PGD entries every test machine has (slot, value).
+pub const KERNEL_PGD_ENTRIES: [(usize, u64); 2] = [(256, 0x7000_0000 | 0x63), (511, 0x7000_1000 | 0x63)];
+
+impl TestMachine {
+    /// 1 MiB..8 MiB of RAM (one 4 MiB-aligned order-10 block among others).
+    pub fn new() -> Self {
+        Self::with_regions(&[(0x10_0000, 0x80_0000)])
+    }
+
+    /// RAM made of `regions` (start, end).
+    pub fn with_regions(regions: &[(u64, u64)]) -> Self {
+        Self::build(regions, |_| {})
+    }
+
+    /// RAM made of `regions`, with `boot` run on the bootmem before the
+    /// allocator starts.
+    pub fn build(regions: &[(u64, u64)], boot: impl FnOnce(&mut BootMem)) -> Self {
+        let top = regions.iter().map(|r| r.1).max().expect("at least one region");
+        let buf = Buffer::new(top as usize);
+        let window = DirectMap::new(buf.ptr as u64);
+        // SAFETY: every region lies inside the buffer (which spans physical
+        // 0..top at `window`), nothing else uses it, and it outlives `phys`
+        // (field order).
+        let mut bm = unsafe { BootMem::new(regions, window) };
+        boot(&mut bm);
+        let phys = PhysMem::new(bm);
+        let (pfn, _) = phys.alloc_pages_zeroed(0).expect("kernel PGD").into_raw();
+        phys.page(pfn).unwrap().set_kind(crate::PageKind::Reserved);
+        for (i, v) in KERNEL_PGD_ENTRIES {
+            phys.slot(pfn.phys().add(8 * i as u64)).unwrap().store(v, Relaxed);
+        }
+        // SAFETY: a frame of this machine, page aligned, never freed (kind
+        // Reserved, handle forgotten), accessed through slots only.
+        let kernel = unsafe { KernelPgd::new(pfn.phys()) };
+        Self { phys, kernel, _buf: buf }
+    }
+
+    /// The kernel PGD entry in `slot` as seen by the test.
+    pub fn kernel_entry(&self, slot: usize) -> Pgd {
+        Pgd::from_raw(self.phys.slot(self.kernel.phys().add(8 * slot as u64)).unwrap().load(Relaxed))
+    }
+}
+
+impl Default for TestMachine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Makes a PMD value that fails `is_bad` checks: present, read-only.
+pub fn bad_pmd_value() -> crate::Pmd {
+    crate::Pmd::new(PhysAddr::new(0x20_0000), PteFlags::PRESENT)
+}
+
+struct CaptureLogger;
+
+std::thread_local! {
+    static LOGS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+impl log::Log for CaptureLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let line = std::format!("{} {}", record.level(), record.args());
+        LOGS.with(|l| l.borrow_mut().push(line));
+    }
+    fn flush(&self) {}
+}
+
+/// Installs the capturing logger (once per process).
+pub fn capture_logs() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        log::set_logger(&CaptureLogger).expect("logger");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
+
+/// The log lines this thread produced since the last call.
+pub fn take_logs() -> Vec<String> {
+    LOGS.with(|l| core::mem::take(&mut *l.borrow_mut()))
+}
