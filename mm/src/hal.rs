@@ -30,6 +30,16 @@ pub trait Hal: Sync {
     /// A monotonically increasing cycle count (TSC in the kernel).
     fn cycles(&self) -> u64;
 
+    /// Called on every turn of a contended spinlock's wait loop (`spins` counts
+    /// the turns). The default is the CPU's pause hint. A host HAL, whose
+    /// "CPUs" are preemptible threads, may yield now and then so a preempted
+    /// ticket holder can run (the paravirtualised-spinlock problem).
+    #[inline]
+    fn spin_wait(&self, spins: u32) {
+        let _ = spins;
+        crate::sync::spin_loop();
+    }
+
     /// Enter a read-side critical section (Linux `rcu_read_lock`): a page table
     /// reached through it must not be freed until the matching
     /// [`rcu_read_unlock`](Hal::rcu_read_unlock). Nests.

@@ -513,3 +513,7 @@ impl<'p> Mm<'p> {
         Ordered::new(self.lock_page_table(), token.step())
     }
 }
+
+#[cfg(all(test, not(loom)))]
+#[path = "helpers_tests.rs"]
+mod tests;

@@ -278,3 +278,6 @@ impl fmt::Debug for Frames<'_> {
         write!(f, "Frames({:?}, order {})", self.pfn, self.order)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;

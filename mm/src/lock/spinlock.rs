@@ -28,7 +28,7 @@ use core::{panic::Location, sync::atomic::AtomicPtr};
 
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
-use crate::sync::{AtomicU32, spin_loop};
+use crate::sync::AtomicU32;
 
 const TICKET_ONE: u32 = 1 << 16;
 
@@ -104,8 +104,10 @@ impl RawSpinLock {
             stats::record(self.class, false, 0);
         } else {
             let start = hal.cycles();
+            let mut spins = 0u32;
             while self.word.load(Acquire) as u16 != ticket {
-                spin_loop();
+                spins = spins.wrapping_add(1);
+                hal.spin_wait(spins);
             }
             stats::record(self.class, true, hal.cycles().wrapping_sub(start));
         }

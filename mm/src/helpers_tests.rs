@@ -1,0 +1,495 @@
+//! Tests of the documented helpers on real x86_64 tables in a simulated
+//! machine. Assertions follow the configuration in force, so the same tests
+//! exercise the split-lock build and the single-lock build
+//! (`SPLIT_PTLOCK_CPUS=1000000 cargo test -p mm`).
+
+extern crate std;
+
+use std::vec::Vec;
+
+use super::*;
+use crate::PAGE_SIZE;
+use crate::lock::lockdep::held_locks;
+use crate::pgtable::walk::{
+    p4d_alloc, p4d_offset, pgd_offset, pmd_alloc, pmd_offset, pud_alloc, pud_offset, set_pmd, set_pud, walk_alloc_pmd,
+};
+use crate::ptlock::AllocError;
+use crate::testing::{TestMachine, bad_pmd_value, capture_logs, rcu_depth, take_logs};
+use crate::{PteFlags, Pud};
+
+const A: VirtAddr = VirtAddr::new(0x4000_0000); // PGD 0, PUD 1, PMD 0, PTE 0
+const A_NEXT: VirtAddr = VirtAddr::new(0x4000_1000); // same PTE table
+const B_OTHER_PTE: VirtAddr = VirtAddr::new(0x4020_0000); // same PMD table, next PTE table
+const C_OTHER_PMD: VirtAddr = VirtAddr::new(0x8000_0000); // next PUD entry: another PMD table
+
+fn data_pte(m: &TestMachine) -> Pte {
+    // Any frame address will do: the tests never dereference mapped pages.
+    let _ = m;
+    Pte::page(crate::PhysAddr::new(0x123_4000), PteFlags::WRITABLE | PteFlags::USER)
+}
+
+/// A PMD entry with a PTE table installed.
+fn pmd_with_table<'a>(mm: &'a Mm<'_>, addr: VirtAddr) -> PmdRef<'a> {
+    let pmd = walk_alloc_pmd(mm, addr).expect("walk");
+    pte_alloc(mm, pmd).expect("pte table");
+    pmd
+}
+
+#[test]
+fn pte_offset_map_maps_a_table_inside_a_read_side_section() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    assert_eq!(rcu_depth(), 0);
+    let map = pte_offset_map(&mm, pmd, A).unwrap();
+    assert_eq!(rcu_depth(), 1, "pte_offset_map enters the read-side section");
+    assert_eq!(map.ptep_get(), Pte::NONE);
+    assert_eq!(map.table_pa(), pmd.get().phys());
+    assert_eq!(map.pmdval(), pmd.get());
+    assert_eq!(held_locks(), 0, "no lock taken");
+    pte_unmap(map);
+    assert_eq!(rcu_depth(), 0, "pte_unmap leaves it");
+}
+
+#[test]
+fn pte_offset_map_none_cases() {
+    capture_logs();
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = walk_alloc_pmd(&mm, A).unwrap();
+
+    // pmd none: nothing to map, nothing logged.
+    take_logs();
+    assert!(pte_offset_map(&mm, pmd, A).is_none());
+    assert!(pte_offset_map_lock(&mm, pmd, A).is_none());
+    assert!(pte_offset_map_ro_nolock(&mm, pmd, A).is_none());
+    assert!(pte_offset_map_rw_nolock(&mm, pmd, A).is_none());
+    assert_eq!(rcu_depth(), 0, "a failed map leaves the read-side section");
+
+    // pmd huge: not a PTE table; left alone.
+    let huge = Pmd::huge(crate::PhysAddr::new(0x20_0000), PteFlags::WRITABLE | PteFlags::USER);
+    set_pmd(&mm, pmd, huge, &pmd_lock(&mm, pmd));
+    assert!(pte_offset_map(&mm, pmd, A).is_none());
+    assert!(pte_offset_map_lock(&mm, pmd, A).is_none());
+    assert!(pte_offset_map_ro_nolock(&mm, pmd, A).is_none());
+    assert!(pte_offset_map_rw_nolock(&mm, pmd, A).is_none());
+    assert_eq!(pmd.get(), huge, "a huge pmd is not cleared");
+    assert!(take_logs().is_empty());
+
+    // pmd not present but not none (a swap-like entry): no table, not bad.
+    let swapish = Pmd::from_raw(0x4000);
+    set_pmd(&mm, pmd, swapish, &pmd_lock(&mm, pmd));
+    assert!(pte_offset_map(&mm, pmd, A).is_none());
+    assert_eq!(pmd.get(), swapish);
+
+    // pmd bad: reported and cleared, by each helper.
+    for helper in 0..4 {
+        set_pmd(&mm, pmd, bad_pmd_value(), &pmd_lock(&mm, pmd));
+        let mapped = match helper {
+            0 => pte_offset_map(&mm, pmd, A).is_some(),
+            1 => pte_offset_map_lock(&mm, pmd, A).is_some(),
+            2 => pte_offset_map_ro_nolock(&mm, pmd, A).is_some(),
+            _ => pte_offset_map_rw_nolock(&mm, pmd, A).is_some(),
+        };
+        assert!(!mapped);
+        assert!(pmd.get().is_none(), "bad pmd cleared by helper {helper}");
+        let logs = take_logs();
+        assert!(logs.iter().any(|l| l.starts_with("ERROR") && l.contains("bad pmd")), "not reported: {logs:?}");
+    }
+
+    // A well-formed pmd pointing at a frame that is not a PTE table: bad too.
+    let not_a_table = m.phys.alloc_pages(0).unwrap();
+    set_pmd(&mm, pmd, Pmd::table(not_a_table.phys_addr(), true), &pmd_lock(&mm, pmd));
+    assert!(pte_offset_map(&mm, pmd, A).is_none());
+    assert!(pmd.get().is_none());
+    assert_eq!(rcu_depth(), 0);
+    drop(not_a_table);
+}
+
+#[test]
+fn pte_offset_map_lock_takes_the_table_lock_and_unlocks_on_drop() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    let expected = pte_lockptr(&mm, pmd.get());
+    let mut g = pte_offset_map_lock(&mm, pmd, A).unwrap();
+    assert!(expected.is_held_by(g.ptl()));
+    assert!(expected.raw().is_locked());
+    assert_eq!(rcu_depth(), 1);
+    g.set_pte(data_pte(&m));
+    g.set_pte_at(A_NEXT, data_pte(&m));
+    assert_eq!(g.ptep_get(), data_pte(&m));
+    pte_unmap_unlock(g);
+    assert!(!expected.raw().is_locked());
+    assert_eq!((rcu_depth(), held_locks()), (0, 0));
+    // The write is in the real table: read it back locklessly.
+    let map = pte_offset_map(&mm, pmd, A_NEXT).unwrap();
+    assert_eq!(map.ptep_get(), data_pte(&m));
+    assert_eq!(map.get_at(A), data_pte(&m));
+    drop(map);
+    let mut g = pte_offset_map_lock(&mm, pmd, A).unwrap();
+    assert_eq!(g.ptep_get_and_clear(A), data_pte(&m));
+    g.pte_clear(A_NEXT);
+    assert_eq!(g.get_at(A_NEXT), Pte::NONE);
+}
+
+#[test]
+#[should_panic(expected = "outside this PTE table")]
+fn a_guard_refuses_entries_of_other_tables() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    let g = pte_offset_map_lock(&mm, pmd, A).unwrap();
+    let _ = g.get_at(B_OTHER_PTE);
+}
+
+#[test]
+fn ro_nolock_returns_the_lock_untaken() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    let nl = pte_offset_map_ro_nolock(&mm, pmd, A).unwrap();
+    assert_eq!(nl.ptl(), pte_lockptr(&mm, pmd.get()));
+    assert!(!nl.ptl().raw().is_locked(), "nolock: not taken");
+    assert_eq!(rcu_depth(), 1);
+    let ptl = nl.ptl();
+    let g = nl.lock();
+    assert!(ptl.raw().is_locked());
+    assert_eq!(g.ptep_get(), Pte::NONE);
+    drop(g);
+    assert!(!ptl.raw().is_locked());
+    let nl = pte_offset_map_ro_nolock(&mm, pmd, A).unwrap();
+    pte_unmap(nl);
+    assert_eq!(rcu_depth(), 0);
+}
+
+#[test]
+fn rw_nolock_returns_the_pmd_value_to_check() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    let (nl, pmdval) = pte_offset_map_rw_nolock(&mm, pmd, A).unwrap();
+    assert_eq!(pmdval, pmd.get());
+    assert!(!nl.ptl().raw().is_locked());
+    let mut g = nl.lock_if_pmd_same(pmd).expect("pmd unchanged");
+    g.set_pte(data_pte(&m));
+    drop(g);
+
+    // The PMD changes between map and lock (the table is detached): the
+    // pmd_same check refuses the write.
+    let (nl, pmdval) = pte_offset_map_rw_nolock(&mm, pmd, A).unwrap();
+    let table = {
+        let pl = pmd_lock(&mm, pmd);
+        let old = pmd.get();
+        let ptl = pte_lockptr(&mm, old);
+        let _pte_lock = ptl.lock();
+        set_pmd(&mm, pmd, Pmd::NONE, &pl);
+        old
+    };
+    assert!(!pmd_same(pmdval, pmd.get()));
+    assert!(nl.lock_if_pmd_same(pmd).is_none(), "changed pmd must fail the check");
+    assert_eq!((rcu_depth(), held_locks()), (0, 0));
+
+    // Put the table back; now the PTE changes instead.
+    set_pmd(&mm, pmd, table, &pmd_lock(&mm, pmd));
+    let (nl, _) = pte_offset_map_rw_nolock(&mm, pmd, A).unwrap();
+    let seen = nl.ptep_get();
+    pte_offset_map_lock(&mm, pmd, A).unwrap().set_pte(Pte::NONE);
+    assert!(nl.lock_if_pte_same(seen).is_none(), "changed pte must fail the check");
+    let (nl, _) = pte_offset_map_rw_nolock(&mm, pmd, A).unwrap();
+    assert!(nl.lock_if_pte_same(Pte::NONE).is_some());
+}
+
+#[test]
+fn pte_alloc_map_lock_allocates_once() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = walk_alloc_pmd(&mm, A).unwrap();
+    let before = m.phys.nr_free_pages();
+    let g = pte_alloc_map_lock(&mm, pmd, A).unwrap();
+    assert_eq!(m.phys.nr_free_pages(), before - 1);
+    assert_eq!(mm.nr_ptes(), 1);
+    let pt = page_ptdesc(&m.phys, pmd.get().pfn()).unwrap();
+    assert_eq!(pt.level(), Some(PtLevel::Pte));
+    assert_eq!(pt.page().kind(), crate::PageKind::PageTable);
+    assert_eq!(pt.has_ptl(), crate::config::USE_SPLIT_PTE_PTLOCKS);
+    drop(g);
+    let g = pte_alloc_map_lock(&mm, pmd, A_NEXT).unwrap();
+    assert_eq!(m.phys.nr_free_pages(), before - 1, "second call reuses the table");
+    assert_eq!(g.pmdval(), pmd.get());
+    drop(g);
+    // A huge pmd: pte_alloc succeeds (something is there) but there is no table.
+    let pmd2 = walk_alloc_pmd(&mm, B_OTHER_PTE).unwrap();
+    set_pmd(&mm, pmd2, Pmd::huge(crate::PhysAddr::new(0x20_0000), PteFlags::USER), &pmd_lock(&mm, pmd2));
+    assert!(pte_alloc(&mm, pmd2).is_ok());
+    assert!(pte_alloc_map_lock(&mm, pmd2, B_OTHER_PTE).is_none());
+}
+
+#[test]
+fn ctor_failure_reaches_the_caller_and_leaks_nothing() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let start = m.phys.nr_free_pages();
+
+    // PMD ctor fails: pmd_alloc says None, the PUD table stays, nothing else.
+    m.phys.fault_inject().fail_nth_ctor(1);
+    assert!(walk_alloc_pmd(&mm, A).is_none());
+    assert_eq!(m.phys.fault_inject().injected(), 1);
+    assert_eq!(m.phys.nr_free_pages(), start - 1, "only the PUD table is kept");
+    assert_eq!((mm.nr_puds(), mm.nr_pmds()), (1, 0));
+    assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+
+    // PTE ctor fails: pte_alloc reports the error, pte_alloc_map_lock None.
+    let pmd = walk_alloc_pmd(&mm, A).unwrap();
+    let mid = m.phys.nr_free_pages();
+    m.phys.fault_inject().fail_nth_ctor(1);
+    assert_eq!(pte_alloc(&mm, pmd), Err(AllocError));
+    m.phys.fault_inject().fail_nth_ctor(1);
+    assert!(pte_alloc_map_lock(&mm, pmd, A).is_none());
+    assert_eq!(m.phys.nr_free_pages(), mid, "the failed table was freed");
+    assert!(pmd.get().is_none());
+    assert_eq!(mm.nr_ptes(), 0);
+    assert_eq!((rcu_depth(), held_locks()), (0, 0));
+
+    // The injector fires once: the next attempt succeeds.
+    assert!(pte_alloc_map_lock(&mm, pmd, A).is_some());
+    drop(mm);
+    assert_eq!(m.phys.nr_free_pages(), start + 1, "the PGD is back too");
+    assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+}
+
+#[test]
+fn out_of_frames_reaches_the_caller() {
+    let m = TestMachine::with_regions(&[(0x10_0000, 0x14_0000)]);
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let start = m.phys.nr_free_pages();
+    let mut hog = Vec::new();
+    while let Some(f) = m.phys.alloc_pages(0) {
+        hog.push(f);
+    }
+    assert!(walk_alloc_pmd(&mm, A).is_none());
+    // Leave exactly two frames: PUD + PMD tables fit, the PTE table does not.
+    drop(hog.pop());
+    drop(hog.pop());
+    let pmd = walk_alloc_pmd(&mm, A).unwrap();
+    assert_eq!(pte_alloc(&mm, pmd), Err(AllocError));
+    assert!(pte_alloc_map_lock(&mm, pmd, A).is_none());
+    drop(hog);
+    drop(mm);
+    assert_eq!(m.phys.nr_free_pages(), start + 1);
+}
+
+#[test]
+fn lock_identity_follows_the_configuration() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let ptl = mm.page_table_lock();
+    let pa = pmd_with_table(&mm, A);
+    let pb = pmd_with_table(&mm, B_OTHER_PTE);
+    let pc = pmd_with_table(&mm, C_OTHER_PMD);
+
+    // PTE locks: through the guards each helper hands out.
+    let la = pte_offset_map_lock(&mm, pa, A).unwrap().ptl().lock() as *const PtLock;
+    let la2 = pte_offset_map_lock(&mm, pa, A_NEXT).unwrap().ptl().lock() as *const PtLock;
+    let lb = pte_offset_map_lock(&mm, pb, B_OTHER_PTE).unwrap().ptl().lock() as *const PtLock;
+    let ro = pte_offset_map_ro_nolock(&mm, pa, A).unwrap().ptl();
+    let rw = pte_offset_map_rw_nolock(&mm, pa, A).unwrap().0.ptl();
+    assert_eq!(la, la2, "one PTE table, one lock");
+    assert!(core::ptr::eq(ro.raw(), la) && core::ptr::eq(rw.raw(), la));
+    // PMD locks.
+    assert_eq!(pmd_lockptr(&mm, pa), pmd_lockptr(&mm, pb), "one PMD table, one lock");
+    if crate::config::USE_SPLIT_PTE_PTLOCKS {
+        assert_ne!(la, lb, "different PTE tables, different locks");
+        assert!(!core::ptr::eq(la, ptl.raw()));
+    } else {
+        assert!(core::ptr::eq(la, ptl.raw()) && core::ptr::eq(lb, ptl.raw()));
+    }
+    if crate::config::USE_SPLIT_PMD_PTLOCKS {
+        assert_ne!(pmd_lockptr(&mm, pa), pmd_lockptr(&mm, pc), "different PMD tables, different locks");
+        assert_ne!(pmd_lockptr(&mm, pa), ptl);
+        let pt = page_ptdesc(&m.phys, pa.table_pa().pfn()).unwrap();
+        assert!(core::ptr::eq(pmd_lockptr(&mm, pa).raw(), pt.ptlock_ptr()), "rounded down to the table");
+    } else {
+        assert_eq!(pmd_lockptr(&mm, pa), ptl);
+        assert_eq!(pmd_lockptr(&mm, pc), ptl);
+    }
+    // Upper levels always use page_table_lock.
+    let pud = pud_offset(&mm, p4d_offset(&mm, pgd_offset(&mm, A), A), A).unwrap();
+    assert_eq!(pud_lockptr(&mm, pud), ptl);
+    assert_eq!(pmd_lockptr(&mm, pa).level(), LockLevel::Pmd);
+    assert_eq!(pte_lockptr(&mm, pa.get()).level(), LockLevel::Pte);
+}
+
+#[test]
+fn huge_pte_lockptr_uses_pmd_lock_for_2m_and_page_table_lock_for_1g() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = walk_alloc_pmd(&mm, A).unwrap();
+    let huge2m = Pmd::huge(crate::PhysAddr::new(0x20_0000), PteFlags::WRITABLE | PteFlags::USER);
+    let g = huge_pte_lock(&mm, PMD_SIZE, HugePte::Pmd(pmd));
+    assert!(pmd_lockptr(&mm, pmd).is_held_by(&g));
+    set_pmd(&mm, pmd, huge2m, &g);
+    drop(g);
+    assert_eq!(huge_pte_lockptr(&mm, PMD_SIZE, HugePte::Pmd(pmd)), pmd_lockptr(&mm, pmd));
+
+    let gaddr = C_OTHER_PMD;
+    let pud = pud_alloc(&mm, pgd_offset(&mm, gaddr), gaddr).unwrap();
+    let g = huge_pte_lock(&mm, PUD_SIZE, HugePte::Pud(pud));
+    assert!(mm.page_table_lock().is_held_by(&g));
+    set_pud(&mm, pud, Pud::huge(crate::PhysAddr::new(0x4000_0000), PteFlags::USER), &g);
+    drop(g);
+    assert_eq!(huge_pte_lockptr(&mm, PUD_SIZE, HugePte::Pud(pud)), mm.page_table_lock());
+    assert!(pmd_offset(&mm, pud, gaddr).is_none(), "a 1 GiB page has no PMD table");
+    assert!(pmd_alloc(&mm, pud, gaddr).is_none());
+    // Teardown does not follow huge leaves.
+    let before = m.phys.nr_free_pages();
+    drop(mm);
+    // PGD, PUD and A's PMD table; C's PUD entry maps 1 GiB, nothing below it.
+    assert_eq!(m.phys.nr_free_pages(), before + 3);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn pte_lock_under_pmd_lock_is_in_order_or_recursion_when_they_are_one_lock() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _pl = pmd_lock(&mm, pmd);
+        let _pte = pte_offset_map_lock(&mm, pmd, A).unwrap();
+        assert_eq!(held_locks(), 2);
+    }));
+    if crate::config::USE_SPLIT_PMD_PTLOCKS {
+        assert!(r.is_ok(), "PMD lock -> PTE lock is the documented order");
+    } else {
+        let msg = r.expect_err("both are page_table_lock: must be caught, not deadlock");
+        assert!(msg.downcast_ref::<std::string::String>().unwrap().contains("recursive locking"));
+    }
+    assert_eq!(held_locks(), 0);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "lock order violation")]
+fn pmd_lock_under_a_pte_lock_is_caught() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pa = pmd_with_table(&mm, A);
+    let pc = pmd_with_table(&mm, C_OTHER_PMD);
+    let _pte = pte_offset_map_lock(&mm, pa, A).unwrap();
+    let _pmd = pmd_lock(&mm, pc);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "under their table's pmd_lock")]
+fn writing_a_pmd_under_the_wrong_lock_is_caught() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let other = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = walk_alloc_pmd(&mm, A).unwrap();
+    let wrong = other.lock_page_table();
+    set_pmd(&mm, pmd, Pmd::NONE, &wrong);
+}
+
+#[test]
+fn offsets_refuse_missing_or_huge_upper_levels() {
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pgd = pgd_offset(&mm, A);
+    assert_eq!(p4d_offset(&mm, pgd, A), pgd, "P4D is folded");
+    assert_eq!(p4d_alloc(&mm, pgd, A), Some(pgd));
+    assert!(pud_offset(&mm, pgd, A).is_none(), "p4d none");
+    let pud = pud_alloc(&mm, pgd, A).unwrap();
+    assert_eq!(pud_alloc(&mm, pgd, A).unwrap(), pud, "second pud_alloc reuses");
+    assert!(pmd_offset(&mm, pud, A).is_none(), "pud none");
+    let pmd = pmd_alloc(&mm, pud, A).unwrap();
+    assert_eq!(pmd_alloc(&mm, pud, A).unwrap(), pmd);
+    assert_eq!(crate::pgtable::walk::walk_pmd(&mm, A).unwrap(), pmd);
+    assert_eq!((mm.nr_puds(), mm.nr_pmds()), (1, 1));
+    assert_eq!(pmd.pa(), pud.get().phys().add(8 * A.pmd_index() as u64));
+    assert_eq!(page_ptdesc(&m.phys, pmd.table_pa().pfn()).unwrap().level(), Some(PtLevel::Pmd));
+    assert_eq!(page_ptdesc(&m.phys, pud.table_pa().pfn()).unwrap().level(), Some(PtLevel::Pud));
+}
+
+#[test]
+fn kernel_tables_get_no_split_lock() {
+    let m = TestMachine::new();
+    let kmm = Mm::new_init_mm(&m.phys, m.kernel);
+    assert!(kmm.is_init_mm());
+    let kaddr = VirtAddr::new(0xffff_c000_0000_0000);
+    let before = m.phys.nr_free_pages();
+    let pmd = walk_alloc_pmd(&kmm, kaddr).unwrap();
+    let g = pte_alloc_map_lock(&kmm, pmd, kaddr).unwrap();
+    assert!(kmm.page_table_lock().is_held_by(g.ptl()), "init_mm: page_table_lock");
+    drop(g);
+    assert_eq!(pmd_lockptr(&kmm, pmd), kmm.page_table_lock());
+    assert_eq!(pte_lockptr(&kmm, pmd.get()), kmm.page_table_lock());
+    let pte_table = page_ptdesc(&m.phys, pmd.get().pfn()).unwrap();
+    let pmd_table = page_ptdesc(&m.phys, pmd.table_pa().pfn()).unwrap();
+    assert!(!pte_table.has_ptl() && !pmd_table.has_ptl());
+    assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+    assert!(!pgd_offset(&kmm, kaddr).get().flags().contains(PteFlags::USER), "kernel tables are not user");
+    // init_mm never frees the kernel's tables.
+    drop(kmm);
+    assert_eq!(m.phys.nr_free_pages(), before - 3);
+}
+
+#[test]
+fn ordered_tokens_take_locks_in_order_at_run_time_too() {
+    use crate::lock::ordered::{LockToken, Unlocked};
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    // SAFETY: the only root token of this test thread, created holding nothing.
+    let mut root: LockToken<'_, Unlocked> = unsafe { LockToken::new() };
+    {
+        let mut pl = pmd_lock_ordered(&mm, pmd, root.borrow());
+        let mut pte = pte_offset_map_lock_ordered(&mm, pmd, A, pl.token()).unwrap();
+        pte.set_pte(Pte::NONE);
+        if crate::config::USE_SPLIT_PMD_PTLOCKS {
+            assert_eq!(held_locks(), 2);
+        }
+    }
+    let g = mm.lock_page_table_ordered(root.borrow());
+    assert!(mm.page_table_lock().is_held_by(&g));
+}
+
+#[test]
+fn lock_statistics_count_acquisitions_per_class() {
+    use crate::lock::{LockClass, lock_stats};
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    let pte_class = if crate::config::USE_SPLIT_PTE_PTLOCKS { LockClass::PteLock } else { LockClass::PageTableLock };
+    let before = lock_stats(pte_class).acquisitions;
+    for _ in 0..10 {
+        drop(pte_offset_map_lock(&mm, pmd, A).unwrap());
+    }
+    assert!(lock_stats(pte_class).acquisitions >= before + 10);
+    assert!(lock_stats(LockClass::FrameAllocator).acquisitions > 0);
+}
+
+#[test]
+fn every_pte_lock_in_a_table_serialises_writers() {
+    // Many threads increment a counter kept in one PTE's software-available
+    // bits under pte_offset_map_lock: any lost update means the lock did not
+    // exclude.
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd = pmd_with_table(&mm, A);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..2000 {
+                    let mut g = pte_offset_map_lock(&mm, pmd, A).unwrap();
+                    let v = g.ptep_get().raw();
+                    std::hint::black_box(());
+                    g.set_pte(Pte::from_raw(v + PAGE_SIZE));
+                }
+            });
+        }
+    });
+    let map = pte_offset_map(&mm, pmd, A).unwrap();
+    assert_eq!(map.ptep_get().raw(), 8000 * PAGE_SIZE);
+}
