@@ -237,3 +237,73 @@ impl fmt::Debug for Mm<'_> {
             .finish()
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::addr::{PGDIR_SIZE, PUD_SIZE, VirtAddr};
+    use crate::testing::{KERNEL_PGD_ENTRIES, TestMachine};
+    use crate::{pgd_offset, pte_alloc_map_lock, walk_alloc_pmd};
+
+    #[test]
+    fn new_mm_shares_the_kernel_half_and_nothing_else() {
+        let m = TestMachine::new();
+        let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+        assert_ne!(mm.pgd_phys(), m.kernel.phys());
+        let pgd = page_ptdesc(&m.phys, mm.pgd_phys().pfn()).unwrap();
+        assert_eq!(pgd.level(), Some(PtLevel::Pgd));
+        assert!(!pgd.has_ptl(), "the PGD is protected by page_table_lock");
+        for slot in 0..PTRS_PER_TABLE {
+            let va = VirtAddr::new(if slot < 256 { slot as u64 * PGDIR_SIZE } else { 0xffff_0000_0000_0000 | (slot as u64 * PGDIR_SIZE) });
+            let got = pgd_offset(&mm, va).get();
+            match KERNEL_PGD_ENTRIES.iter().find(|(s, _)| *s == slot) {
+                Some(&(_, v)) => assert_eq!(got.raw(), v, "kernel slot {slot}"),
+                None => assert!(got.is_none(), "slot {slot} should be empty"),
+            }
+            assert_eq!(got, if slot >= 256 { m.kernel_entry(slot) } else { Pgd::NONE });
+        }
+    }
+
+    #[test]
+    fn dropping_an_mm_frees_every_table_and_split_lock() {
+        let m = TestMachine::new();
+        let start = m.phys.nr_free_pages();
+        let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+        // Spread over two PGD slots, several PUD and PMD entries.
+        let addrs = [0x1000u64, 0x20_1000, 0x4000_0000, PUD_SIZE * 3 + 0x60_0000, PGDIR_SIZE + 0x1000, PGDIR_SIZE * 2 - 0x1000];
+        for &a in &addrs {
+            let va = VirtAddr::new(a);
+            let pmd = walk_alloc_pmd(&mm, va).unwrap();
+            drop(pte_alloc_map_lock(&mm, pmd, va).unwrap());
+        }
+        let tables = 1 + mm.nr_puds() + mm.nr_pmds() + mm.nr_ptes();
+        // PMD tables: PGD 0 has PUD entries 0, 1, 3; PGD 1 has 0 and 511.
+        assert_eq!((mm.nr_puds(), mm.nr_pmds(), mm.nr_ptes()), (2, 5, 6));
+        assert_eq!(m.phys.nr_free_pages(), start - tables);
+        if crate::ALLOC_SPLIT_PTLOCKS {
+            let split = if crate::config::USE_SPLIT_PTE_PTLOCKS { 6 } else { 0 }
+                + if crate::config::USE_SPLIT_PMD_PTLOCKS { 5 } else { 0 };
+            assert_eq!(m.phys.nr_allocated_ptlocks(), split);
+        } else {
+            assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+        }
+        drop(mm);
+        assert_eq!(m.phys.nr_free_pages(), start, "every table freed");
+        assert_eq!(m.phys.nr_allocated_ptlocks(), 0, "every split lock freed");
+    }
+
+    #[test]
+    fn many_address_spaces_come_and_go_without_leaks() {
+        let m = TestMachine::new();
+        let start = m.phys.nr_free_pages();
+        for round in 0..20u64 {
+            let mms: std::vec::Vec<_> = (0..4).map(|_| Mm::new_in(&m.phys, m.kernel).unwrap()).collect();
+            for (i, mm) in mms.iter().enumerate() {
+                let va = VirtAddr::new((round * 7 + i as u64) * 0x20_0000);
+                drop(pte_alloc_map_lock(mm, walk_alloc_pmd(mm, va).unwrap(), va).unwrap());
+            }
+        }
+        assert_eq!(m.phys.nr_free_pages(), start);
+    }
+}

@@ -81,8 +81,8 @@ impl<'p> Ptdesc<'p> {
     /// split locks off for its level): reading the word then would interpret
     /// another kind's data as a lock.
     pub(crate) fn ptlock_ptr(self) -> &'p PtLock {
-        debug_assert_eq!(self.page.kind(), PageKind::PageTable, "ptl of a page that is not a page table");
         assert!(self.has_ptl(), "no split lock on table {:?}", self.pfn);
+        debug_assert_eq!(self.page.kind(), PageKind::PageTable, "ptl of a page that is not a page table");
         // SAFETY: PG_PTL says `init` constructed the lock and `dtor` has not
         // freed it; a published table's lock lives until the table is freed,
         // which happens only once no walker can reach it.
@@ -231,5 +231,82 @@ pub fn pagetable_dtor(table: &mut PtPage<'_>) {
     if page.kind() == PageKind::PageTable {
         page.set_kind(PageKind::Kernel);
         page.pt_level.store(0, Relaxed);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::testing::TestMachine;
+
+    #[test]
+    fn ctor_and_dtor_manage_kind_level_and_lock() {
+        let m = TestMachine::new();
+        let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+        let before = m.phys.nr_free_pages();
+        let mut t = pagetable_alloc(&m.phys).unwrap();
+        assert_eq!(t.ptdesc().page().kind(), PageKind::Kernel);
+        assert_eq!(t.ptdesc().level(), None);
+        pagetable_pte_ctor(&mm, &mut t).unwrap();
+        let pt = t.ptdesc();
+        assert_eq!((pt.page().kind(), pt.level()), (PageKind::PageTable, Some(PtLevel::Pte)));
+        assert_eq!(pt.has_ptl(), USE_SPLIT_PTE_PTLOCKS);
+        if USE_SPLIT_PTE_PTLOCKS {
+            let l = pt.ptlock_ptr();
+            assert_eq!(l.class(), LockClass::PteLock);
+            assert!(!l.is_locked());
+            assert_eq!(m.phys.nr_allocated_ptlocks(), u64::from(crate::ALLOC_SPLIT_PTLOCKS));
+        }
+        pagetable_dtor(&mut t);
+        assert!(!pt.has_ptl());
+        assert_eq!(pt.page().kind(), PageKind::Kernel);
+        assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+        pagetable_dtor(&mut t); // idempotent
+        pagetable_free(t);
+        assert_eq!(m.phys.nr_free_pages(), before);
+
+        // Dropping a constructed table runs the dtor on the way out.
+        let mut t = pagetable_alloc(&m.phys).unwrap();
+        pagetable_pmd_ctor(&mm, &mut t).unwrap();
+        assert_eq!(t.ptdesc().has_ptl(), USE_SPLIT_PMD_PTLOCKS);
+        if USE_SPLIT_PMD_PTLOCKS {
+            assert_eq!(t.ptdesc().ptlock_ptr().class(), LockClass::PmdLock);
+        }
+        drop(t);
+        assert_eq!(m.phys.nr_free_pages(), before);
+        assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+    }
+
+    #[test]
+    fn injected_ctor_failure_leaves_the_table_unconstructed() {
+        let m = TestMachine::new();
+        let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+        let before = m.phys.nr_free_pages();
+        let mut t = pagetable_alloc(&m.phys).unwrap();
+        m.phys.fault_inject().fail_nth_ctor(1);
+        assert_eq!(pagetable_pte_ctor(&mm, &mut t), Err(AllocError));
+        assert!(!t.ptdesc().has_ptl());
+        assert_ne!(t.ptdesc().page().kind(), PageKind::PageTable);
+        drop(t);
+        assert_eq!(m.phys.nr_free_pages(), before);
+    }
+
+    #[test]
+    #[should_panic(expected = "no split lock")]
+    fn ptl_of_an_unconstructed_table_is_refused() {
+        let m = TestMachine::new();
+        let t = pagetable_alloc(&m.phys).unwrap();
+        let _ = t.ptdesc().ptlock_ptr();
+    }
+
+    #[test]
+    fn virt_and_pfn_lookups_agree() {
+        let m = TestMachine::new();
+        let t = pagetable_alloc(&m.phys).unwrap();
+        let va = m.phys.window().virt(t.phys_addr());
+        let a = virt_to_ptdesc(&m.phys, va).unwrap();
+        let b = page_ptdesc(&m.phys, t.ptdesc().pfn()).unwrap();
+        assert!(core::ptr::eq(a.page(), b.page()));
+        assert_eq!(a.phys(), t.phys_addr());
     }
 }
