@@ -80,6 +80,7 @@ pub mod ptlock;
 mod sync;
 
 #[cfg(test)]
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) mod testing;
 
 #[cfg(all(test, loom))]

@@ -1,0 +1,174 @@
+//! Model checks of the lock protocol with `loom`: the *real* helpers, walker
+//! and allocator, with the spinlock word and every page-table entry as loom
+//! atomics, explored over all interleavings (up to a preemption bound).
+//!
+//! Run: `RUSTFLAGS="--cfg loom" cargo test -p mm --release --target-dir target/loom loom`
+//!
+//! Each model leaks its machine for the threads (loom threads need `'static`)
+//! and reclaims it once they are joined.
+
+extern crate std;
+
+use std::boxed::Box;
+
+use crate::addr::VirtAddr;
+use crate::config::{USE_SPLIT_PMD_PTLOCKS, USE_SPLIT_PTE_PTLOCKS};
+use crate::pgtable::walk::{pud_alloc, walk_alloc_pmd, walk_pmd};
+use crate::testing::TestMachine;
+use crate::{
+    Mm, PhysAddr, Pte, PteFlags, pgd_offset, pmd_alloc, pmd_lock, pte_alloc, pte_lockptr, pte_offset_map,
+    pte_offset_map_lock, set_pmd,
+};
+use crate::{pte_alloc_map_lock, pud_offset};
+
+const A: VirtAddr = VirtAddr::new(0x4000_0000);
+const A_NEXT: VirtAddr = VirtAddr::new(0x4000_1000);
+const B: VirtAddr = VirtAddr::new(0x4020_0000);
+
+fn builder() -> loom::model::Builder {
+    let mut b = loom::model::Builder::new();
+    // Setup and teardown touch hundreds of entries on one thread; they add
+    // branches but no interleavings.
+    b.max_branches = 100_000;
+    // No preemption bound (unless LOOM_MAX_PREEMPTIONS sets one): these
+    // models are small enough to explore every interleaving in seconds.
+    b
+}
+
+/// A machine and an address space for one execution; `'static` for loom
+/// threads until [`Fixture::teardown`].
+struct Fixture {
+    m: *mut TestMachine,
+    mm: *mut Mm<'static>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let m = Box::into_raw(Box::new(TestMachine::with_regions(&[(0x10_0000, 0x14_0000)])));
+        // SAFETY: just leaked; freed only in `teardown`, after every user.
+        let mr: &'static TestMachine = unsafe { &*m };
+        let mm = Box::into_raw(Box::new(Mm::new_in(&mr.phys, mr.kernel).unwrap()));
+        Self { m, mm }
+    }
+    fn machine(&self) -> &'static TestMachine {
+        // SAFETY: valid until `teardown`, which consumes the fixture.
+        unsafe { &*self.m }
+    }
+    fn mm(&self) -> &'static Mm<'static> {
+        // SAFETY: as above.
+        unsafe { &*self.mm }
+    }
+    fn teardown(self) {
+        // SAFETY: every thread using them was joined and no reference
+        // escaped the model closure; the Mm goes before its machine.
+        unsafe {
+            drop(Box::from_raw(self.mm));
+            drop(Box::from_raw(self.m));
+        }
+    }
+}
+
+fn page(n: u64) -> Pte {
+    Pte::page(PhysAddr::new(0x100_0000 + n * 0x1000), PteFlags::WRITABLE | PteFlags::USER)
+}
+
+/// Split locks that exist for `ptes` PTE tables and `pmds` PMD tables.
+fn locks_for(ptes: u64, pmds: u64) -> u64 {
+    if !crate::ALLOC_SPLIT_PTLOCKS {
+        return 0;
+    }
+    (if USE_SPLIT_PTE_PTLOCKS { ptes } else { 0 }) + if USE_SPLIT_PMD_PTLOCKS { pmds } else { 0 }
+}
+
+#[test]
+fn loom_pte_alloc_map_lock_race_installs_exactly_one_table() {
+    builder().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        let pmd = walk_alloc_pmd(mm, A).unwrap();
+        let before = m.phys.nr_free_pages();
+        let threads = [(A, 1), (A_NEXT, 2)].map(|(addr, n)| {
+            loom::thread::spawn(move || {
+                let pmd = walk_pmd(mm, addr).unwrap();
+                let mut g = pte_alloc_map_lock(mm, pmd, addr).expect("memory is plentiful");
+                assert!(g.ptep_get().is_none());
+                g.set_pte(page(n));
+                g.pmdval()
+            })
+        });
+        let [a, b] = threads.map(|t| t.join().unwrap());
+        assert_eq!(a, b, "both threads used the same table");
+        assert_eq!(pmd.get(), a);
+        assert_eq!(mm.nr_ptes(), 1, "exactly one table installed");
+        assert_eq!(m.phys.nr_free_pages(), before - 1, "the loser's table was freed");
+        assert_eq!(m.phys.nr_allocated_ptlocks(), locks_for(1, 1), "the loser's lock was freed");
+        let map = pte_offset_map(mm, pmd, A).unwrap();
+        assert_eq!((map.get_at(A), map.get_at(A_NEXT)), (page(1), page(2)));
+        drop(map);
+        f.teardown();
+    });
+}
+
+#[test]
+fn loom_pmd_alloc_race_installs_exactly_one_table() {
+    builder().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        let pud = pud_alloc(mm, pgd_offset(mm, A), A).unwrap();
+        let before = m.phys.nr_free_pages();
+        let threads = [A, B].map(|addr| {
+            loom::thread::spawn(move || {
+                let pud = pud_offset(mm, pgd_offset(mm, addr), addr).unwrap();
+                pmd_alloc(mm, pud, addr).expect("memory is plentiful").table_pa()
+            })
+        });
+        let [a, b] = threads.map(|t| t.join().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(pud.get().phys(), a);
+        assert_eq!(mm.nr_pmds(), 1);
+        assert_eq!(m.phys.nr_free_pages(), before - 1);
+        assert_eq!(m.phys.nr_allocated_ptlocks(), locks_for(0, 1));
+        f.teardown();
+    });
+}
+
+#[test]
+fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
+    builder().check(|| {
+        let f = Fixture::new();
+        let mm = f.mm();
+        // Two PTE tables under one PMD table: pmd(A) -> T1, pmd(B) -> T2.
+        let pmd_a = walk_alloc_pmd(mm, A).unwrap();
+        let pmd_b = walk_alloc_pmd(mm, B).unwrap();
+        pte_alloc(mm, pmd_a).unwrap();
+        pte_alloc(mm, pmd_b).unwrap();
+        let (t1, t2) = (pmd_a.get(), pmd_b.get());
+
+        // The writer swaps the two tables, holding the PMD lock and both
+        // tables' PTE locks (as Linux does when it replaces a PTE table).
+        let writer = loom::thread::spawn(move || {
+            let pl = pmd_lock(mm, pmd_a);
+            let (l1, l2) = (pte_lockptr(mm, t1), pte_lockptr(mm, t2));
+            // Two PTE locks: taken in address order. With split locks off
+            // they are the already-held page_table_lock.
+            let (first, second) = if (l1.raw() as *const _) < (l2.raw() as *const _) { (l1, l2) } else { (l2, l1) };
+            let g1 = (!first.is_held_by(&pl)).then(|| first.lock());
+            let g2 = (!second.is_held_by(&pl) && first != second).then(|| second.lock_nested());
+            set_pmd(mm, pmd_a, t2, &pl);
+            set_pmd(mm, pmd_b, t1, &pl);
+            drop((g2, g1, pl));
+        });
+
+        let reader = loom::thread::spawn(move || {
+            let g = pte_offset_map_lock(mm, pmd_a, A).expect("pmd(A) always has a table");
+            // Holding the PTE lock, the pmd must still point at the locked
+            // table: the lock is worthless otherwise.
+            assert_eq!(pmd_a.get(), g.pmdval(), "locked a table the pmd no longer points to");
+            assert!(pte_lockptr(mm, pmd_a.get()).is_held_by(g.ptl()));
+        });
+        writer.join().unwrap();
+        reader.join().unwrap();
+        assert_eq!((pmd_a.get(), pmd_b.get()), (t2, t1));
+        f.teardown();
+    });
+}
