@@ -172,3 +172,31 @@ fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
         f.teardown();
     });
 }
+
+#[test]
+fn loom_ticket_lock_is_mutually_exclusive() {
+    use crate::lock::{LockClass, LockLevel, SpinLock};
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+    loom::model(|| {
+        // loom's UnsafeCell reports any unsynchronised access: the lock must
+        // order the two increments.
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0u64)));
+        let ts: std::vec::Vec<_> = (0..2)
+            .map(|_| {
+                let l = l.clone();
+                loom::thread::spawn(move || {
+                    let g = l.lock();
+                    // SAFETY: loom's cell access; the guard excludes others.
+                    g.with_mut(|v| unsafe { *v += 1 });
+                })
+            })
+            .collect();
+        for t in ts {
+            t.join().unwrap();
+        }
+        let g = l.lock();
+        // SAFETY: as above.
+        assert_eq!(g.with(|v| unsafe { *v }), 2);
+    });
+}
