@@ -26,6 +26,9 @@ pub const USE_SPLIT_PTE_PTLOCKS: bool = SPLIT_PTLOCK_CPUS <= NR_CPUS;
 /// Linux `USE_SPLIT_PMD_PTLOCKS`.
 pub const USE_SPLIT_PMD_PTLOCKS: bool = USE_SPLIT_PTE_PTLOCKS && ARCH_ENABLE_SPLIT_PMD_PTLOCK;
 
+// The document: split PMD locks only where split PTE locks are on.
+const _: () = assert!(!USE_SPLIT_PMD_PTLOCKS || USE_SPLIT_PTE_PTLOCKS);
+
 pub use crate::ptlock::ALLOC_SPLIT_PTLOCKS;
 
 /// What the kernel's boot summary prints about the memory manager's locks.
@@ -85,13 +88,6 @@ impl fmt::Display for MmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pmd_split_implies_pte_split() {
-        // The document: PMD split locks only when PTE split locks are on.
-        assert!(!USE_SPLIT_PMD_PTLOCKS || USE_SPLIT_PTE_PTLOCKS);
-        assert_eq!(USE_SPLIT_PTE_PTLOCKS, SPLIT_PTLOCK_CPUS <= NR_CPUS);
-    }
 
     #[test]
     fn describe_config_names_the_locks() {

@@ -2,7 +2,7 @@
 //! array), found by PFN arithmetic.
 //!
 //! RAM arrives as a handful of ranges with holes between them. Each range
-//! becomes a [`Section`]: its base PFN and a slice of descriptors, so a hole
+//! becomes a section: its base PFN and a slice of descriptors, so a hole
 //! costs nothing. Lookup is a binary search over the (few, sorted) sections.
 //! The descriptor arrays themselves are carved out of RAM at boot (`bootmem`),
 //! before any allocator exists.

@@ -51,7 +51,7 @@ impl Hal for HostHal {
     #[cfg(not(loom))]
     fn spin_wait(&self, spins: u32) {
         // Test threads are preemptible: let a preempted ticket holder run.
-        if spins % 128 == 0 {
+        if spins.is_multiple_of(128) {
             std::thread::yield_now();
         } else {
             core::hint::spin_loop();

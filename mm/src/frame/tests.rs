@@ -159,7 +159,7 @@ fn threads_allocating_and_freeing_concurrently_lose_nothing() {
                 let mut rng = 0x9e37_79b9_7f4a_7c15 ^ (t + 1);
                 let mut held: Vec<Frames<'_>> = Vec::new();
                 for _ in 0..3000 {
-                    if held.len() < 64 && xorshift(&mut rng) % 3 != 0 {
+                    if held.len() < 64 && !xorshift(&mut rng).is_multiple_of(3) {
                         let order = (xorshift(&mut rng) % 4) as usize;
                         if let Some(f) = p.alloc_pages(order) {
                             // Stamp the block: another owner would overwrite it.
