@@ -254,13 +254,19 @@ fn map_pte<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMap
     if pmdval.is_none() || !pmdval.is_present() || pmdval.is_huge() {
         return None;
     }
-    let points_to_pte_table = mm
-        .phys()
-        .page(pmdval.pfn())
-        .is_some_and(|p| p.kind() == PageKind::PageTable && p.pt_level.load(Acquire) == PtLevel::Pte as u8);
-    if pmdval.is_bad() || !points_to_pte_table {
-        pmd_clear_bad(pmd, pmdval);
-        return None;
+    match mm.phys().page(pmdval.pfn()) {
+        Some(p) if !pmdval.is_bad() && p.kind() == PageKind::PageTable && p.pt_level.load(Acquire) == PtLevel::Pte as u8 => {}
+        // A table we do not manage: in a user address space that can only be
+        // corruption; the kernel's may hold the bootloader's tables, which
+        // we cannot map but must not destroy.
+        None if mm.is_init_mm() && !pmdval.is_bad() => {
+            log::error!("mm: init_mm {pmdval} at {:?} points outside managed memory", pmd.pa());
+            return None;
+        }
+        _ => {
+            pmd_clear_bad(pmd, pmdval);
+            return None;
+        }
     }
     Some(PteMap { phys: mm.phys(), table: pmdval.phys(), addr, pmdval, _rcu: rcu })
 }

@@ -433,6 +433,15 @@ fn kernel_tables_get_no_split_lock() {
     assert!(!pte_table.has_ptl() && !pmd_table.has_ptl());
     assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
     assert!(!pgd_offset(&kmm, kaddr).get().flags().contains(PteFlags::USER), "kernel tables are not user");
+    // A kernel PMD pointing at a table we do not manage (the bootloader's) is
+    // reported, not mapped, and not destroyed.
+    capture_logs();
+    take_logs();
+    let foreign = Pmd::table(crate::PhysAddr::new(0x7f0_0000), false);
+    set_pmd(&kmm, pmd, foreign, &pmd_lock(&kmm, pmd));
+    assert!(pte_offset_map(&kmm, pmd, kaddr).is_none());
+    assert_eq!(pmd.get(), foreign, "kernel entry left alone");
+    assert!(take_logs().iter().any(|l| l.contains("outside managed memory")));
     // init_mm never frees the kernel's tables.
     drop(kmm);
     assert_eq!(m.phys.nr_free_pages(), before - 3);

@@ -159,16 +159,19 @@ impl<'p> Mm<'p> {
         .fetch_add(1, Relaxed);
     }
 
-    /// Frees a published table reached from an entry of `level + 1`.
+    /// Frees a published table of `level`, unless the frame is not one (a
+    /// corrupted entry must not free somebody else's frame).
     ///
     /// # Safety
     ///
     /// The entry pointing at it has been cleared and no walker can reach it.
-    unsafe fn free_table(&self, pa: PhysAddr) {
+    unsafe fn free_table(&self, pa: PhysAddr, level: PtLevel) {
         match page_ptdesc(self.phys, pa.pfn()) {
-            // SAFETY: forwarded from the caller.
-            Some(pt) => drop(unsafe { PtPage::from_published(self.phys, pt) }),
-            None => log::error!("mm: page table at {pa:?} is outside managed memory; not freed"),
+            Some(pt) if pt.page().kind() == crate::PageKind::PageTable && pt.level() == Some(level) => {
+                // SAFETY: forwarded from the caller.
+                drop(unsafe { PtPage::from_published(self.phys, pt) })
+            }
+            _ => log::error!("mm: {level:?} table at {pa:?} is not a page table we own; not freed"),
         }
     }
 
@@ -178,13 +181,13 @@ impl<'p> Mm<'p> {
             let v = Pmd::from_raw(slot.swap(0, Relaxed));
             if v.is_table() {
                 // SAFETY: `&mut self`: no walker exists; the entry is cleared.
-                unsafe { self.free_table(v.phys()) };
+                unsafe { self.free_table(v.phys(), PtLevel::Pte) };
             } else if v.is_bad() {
                 log::error!("mm: bad {v} in teardown");
             }
         }
         // SAFETY: as above; the caller cleared the PUD entry.
-        unsafe { self.free_table(pa) };
+        unsafe { self.free_table(pa, PtLevel::Pmd) };
     }
 
     fn free_pud_table(&mut self, pa: PhysAddr) {
@@ -198,7 +201,7 @@ impl<'p> Mm<'p> {
             }
         }
         // SAFETY: `&mut self`: no walker exists; the caller cleared the entry.
-        unsafe { self.free_table(pa) };
+        unsafe { self.free_table(pa, PtLevel::Pud) };
     }
 
     /// Linux `free_pgtables` + `pgd_free` for the whole user half.
@@ -214,7 +217,7 @@ impl<'p> Mm<'p> {
         }
         // SAFETY: `&mut self`: the PGD is unreachable once this Mm is gone (the
         // kernel switches CR3 away before dropping an Mm).
-        unsafe { self.free_table(self.pgd) };
+        unsafe { self.free_table(self.pgd, PtLevel::Pgd) };
     }
 }
 
@@ -291,6 +294,21 @@ mod tests {
         drop(mm);
         assert_eq!(m.phys.nr_free_pages(), start, "every table freed");
         assert_eq!(m.phys.nr_allocated_ptlocks(), 0, "every split lock freed");
+    }
+
+    #[test]
+    fn teardown_never_frees_a_frame_that_is_not_its_table() {
+        let m = TestMachine::new();
+        let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+        let va = VirtAddr::new(0x4000_0000);
+        let pmd = walk_alloc_pmd(&mm, va).unwrap();
+        // A well-formed table pointer to somebody's data frame.
+        let data = m.phys.alloc_pages(0).unwrap();
+        crate::set_pmd(&mm, pmd, Pmd::table(data.phys_addr(), true), &crate::pmd_lock(&mm, pmd));
+        let before = m.phys.nr_free_pages();
+        drop(mm);
+        assert_eq!(m.phys.nr_free_pages(), before + 3, "PGD, PUD, PMD tables only");
+        assert_eq!(data.page().kind(), crate::PageKind::Kernel, "the data frame survived");
     }
 
     #[test]
