@@ -1,6 +1,7 @@
 //! The kernel heap: `linked_list_allocator` behind a spin lock, on a
-//! physically contiguous range carved from the bootloader's memory map and
-//! reached through the direct map.
+//! physically contiguous range the memory setup takes from boot memory
+//! (`memory.rs`, recorded as `PageKind::Heap` in the memmap) and reaches
+//! through the direct map.
 //!
 //! Page tables never come from here (DESIGN.md section 4): only ordinary
 //! kernel objects, and the separately allocated `ptl` of the debug-lock build.
@@ -8,12 +9,8 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
 
-use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use linked_list_allocator::Heap;
 use spin::Mutex;
-
-/// Upper bound of the heap; smaller machines get an eighth of their RAM.
-const HEAP_MAX: u64 = 32 << 20;
 
 /// Protects the allocator's free list. Taken with interrupts disabled so an
 /// interrupt handler that allocates cannot deadlock against its own CPU.
@@ -40,41 +37,13 @@ unsafe impl GlobalAlloc for LockedHeap {
     }
 }
 
-/// Where the heap lives.
-#[derive(Clone, Copy, Debug)]
-pub struct HeapRange {
-    /// Physical start (page aligned).
-    pub phys_start: u64,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-static RANGE: spin::Once<HeapRange> = spin::Once::new();
-
-/// Carves the heap from the largest usable region (from its top, so the
-/// bottom of memory stays free for the AP trampoline and DMA-minded users)
-/// and hands it to the allocator. Call once.
-pub fn init(regions: &MemoryRegions, phys_offset: u64) -> HeapRange {
-    *RANGE.call_once(|| {
-        let usable: u64 = regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable).map(|r| r.end - r.start).sum();
-        let size = HEAP_MAX.min(usable / 8) & !0xfff;
-        let region = regions
-            .iter()
-            .filter(|r| r.kind == MemoryRegionKind::Usable)
-            .max_by_key(|r| r.end - r.start)
-            .expect("no usable memory");
-        assert!(region.end - region.start >= size, "largest usable region is smaller than the heap");
-        let phys_start = (region.end - size) & !0xfff;
-        // SAFETY: the range is usable RAM that nothing else owns yet (the
-        // frame allocator is told to exclude it), mapped by the direct map.
-        unsafe { HEAP.0.lock().init((phys_offset + phys_start) as *mut u8, size as usize) };
-        HeapRange { phys_start, size }
-    })
-}
-
-/// The heap's physical range (for the frame allocator to exclude).
-pub fn range() -> Option<HeapRange> {
-    RANGE.get().copied()
+/// Hands `[virt, virt + size)` to the allocator. Call once.
+pub fn init(virt: u64, size: u64) {
+    let mut heap = HEAP.0.lock();
+    assert_eq!(heap.size(), 0, "heap initialised twice");
+    // SAFETY: the caller took this range from boot memory for the heap alone;
+    // it is mapped writable through the direct map.
+    unsafe { heap.init(virt as *mut u8, size as usize) };
 }
 
 /// Bytes currently allocated.

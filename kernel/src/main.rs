@@ -13,15 +13,18 @@ extern crate alloc;
 mod cmdline;
 mod heap;
 mod logger;
+mod memory;
+mod mmhal;
 mod panic;
+mod rcu;
 mod sched;
 mod selfcheck;
 mod selftest;
 mod testrunner;
 mod traps;
+mod user;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
-use bootloader_api::info::MemoryRegionKind;
 use bootloader_api::{entry_point, BootInfo};
 
 use arch::qemu::{self, ExitCode};
@@ -55,26 +58,28 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         .expect("bootloader did not map physical memory");
     assert_eq!(phys_offset, PHYS_OFFSET, "direct map is not where the config asked");
 
-    let usable: u64 = boot_info
-        .memory_regions
-        .iter()
-        .filter(|r| r.kind == MemoryRegionKind::Usable)
-        .map(|r| r.end - r.start)
-        .sum();
-    let heap = heap::init(&boot_info.memory_regions, phys_offset);
+    mmhal::install();
+    let mem = memory::init(&boot_info.memory_regions, phys_offset);
 
     let features = arch::cpu::features();
     let enabled = arch::cpu::enable_protection(features);
     let cmdline = cmdline::read();
 
     let mut brand = [0u8; 48];
+    let memmap = mm::memmap_stats();
     log::info!(
-        "boot: {} MiB usable RAM in {} regions, heap {} KiB at phys {:#x}",
-        usable >> 20,
-        boot_info.memory_regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable).count(),
-        heap.size >> 10,
-        heap.phys_start,
+        "boot: {} MiB usable RAM in {} regions; heap {} MiB at phys {:#x}; {} free frames; memmap {} KiB ({} B per page, {}.{:04}% of RAM)",
+        mem.usable >> 20,
+        mem.regions,
+        mem.heap_size >> 20,
+        mem.heap_phys,
+        mm::nr_free_pages(),
+        memmap.overhead_bytes >> 10,
+        memmap.page_descriptor_bytes,
+        memmap.overhead_ppm / 10_000,
+        memmap.overhead_ppm % 10_000,
     );
+    log::info!("boot: page-table locks: {}", mm::describe_config());
     log::info!(
         "boot: CPU \"{}\", TSC {} MHz, features {:?}, enabled {:?}",
         arch::cpu::brand(&mut brand),

@@ -34,11 +34,37 @@ impl BuildConfig {
     }
 }
 
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Flags come from .cargo/config.toml (kernel) or are set below (user);
+    // a stray RUSTFLAGS in the environment would override both.
+    cmd.env_remove("RUSTFLAGS").env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+/// Builds the user programs (a static ELF at 4 MiB, see user/linker.ld) and
+/// returns its path. They get their own target directory: their code-model
+/// flags differ from the kernel's, and sharing one would rebuild both every time.
+pub fn build_user() -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root())
+        .args(["build", "--package", "user", "--target", "x86_64-unknown-none", "--release"])
+        .args(["--target-dir", "target/user"])
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static\x1f-Cforce-frame-pointers=yes");
+    let status = cmd.status().context("running cargo build for the user programs")?;
+    if !status.success() {
+        bail!("user program build failed");
+    }
+    Ok(workspace_root().join("target/user/x86_64-unknown-none/release/user"))
+}
+
 /// Builds the kernel and returns the path of its ELF.
 pub fn build(config: &BuildConfig) -> Result<PathBuf> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root())
-        .args(["build", "--package", "kernel", "--target", "x86_64-unknown-none"]);
+    let user = build_user()?;
+    let mut cmd = cargo();
+    // The kernel embeds the user programs (kernel/src/user/mod.rs).
+    cmd.env("PTLK_USER_ELF", &user);
+    cmd.current_dir(workspace_root()).args(["build", "--package", "kernel", "--target", "x86_64-unknown-none"]);
     if config.release {
         cmd.arg("--release");
     }

@@ -1,0 +1,80 @@
+//! Physical memory at boot: from the bootloader's memory map to the mm
+//! crate's memmap and frame allocator, with the kernel heap carved out first.
+//!
+//! The first MiB is never given to the allocator: it holds firmware data on
+//! BIOS machines and the AP start-up trampoline must live there (the
+//! trampoline code takes its page from it directly).
+
+use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
+
+use crate::heap;
+
+/// Everything below this stays out of the frame allocator.
+pub const LOW_MEMORY_END: u64 = 0x10_0000;
+
+/// Upper bound of the heap; smaller machines get an eighth of their RAM.
+const HEAP_MAX: u64 = 32 << 20;
+
+/// Usable RAM, as the bootloader reported it.
+pub struct BootReport {
+    /// Total usable bytes.
+    pub usable: u64,
+    /// Number of usable regions.
+    pub regions: usize,
+    /// The heap's physical start.
+    pub heap_phys: u64,
+    /// The heap's size.
+    pub heap_size: u64,
+}
+
+/// Whether `[start, end)` lies inside one usable region of the boot memory
+/// map (the AP trampoline checks its page with this).
+pub fn is_usable(regions: &MemoryRegions, start: u64, end: u64) -> bool {
+    regions.iter().any(|r| r.kind == MemoryRegionKind::Usable && r.start <= start && end <= r.end)
+}
+
+/// Builds the heap and the frame allocator. Call once, on the boot CPU.
+pub fn init(regions: &MemoryRegions, phys_offset: u64) -> BootReport {
+    let mut ranges = [(0u64, 0u64); mm::memmap::MAX_SECTIONS];
+    let mut n = 0;
+    let mut usable = 0;
+    let mut count = 0;
+    for r in regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable) {
+        usable += r.end - r.start;
+        count += 1;
+        let start = r.start.max(LOW_MEMORY_END);
+        if start < r.end && n < ranges.len() {
+            ranges[n] = (start, r.end);
+            n += 1;
+        }
+    }
+    // SAFETY: the ranges are RAM the bootloader reports as usable (not holding
+    // the kernel, its page tables, boot info or stack), mapped writable by the
+    // direct map at `phys_offset`, and nothing else will claim them.
+    let mut boot = unsafe { mm::BootMem::new(&ranges[..n], mm::DirectMap::new(phys_offset)) };
+    let heap_size = HEAP_MAX.min(usable / 8) & !0xfff;
+    let heap_phys = boot.alloc(heap_size, 4096, mm::PageKind::Heap).expect("no room for the kernel heap");
+    heap::init(phys_offset + heap_phys.as_u64(), heap_size);
+    mm::init(boot);
+    BootReport { usable, regions: count, heap_phys: heap_phys.as_u64(), heap_size }
+}
+
+#[cfg(target_os = "none")]
+mod tests {
+    use ktest::ktest;
+
+    /// Frames come and go through the allocator with exact accounting, and a
+    /// zeroed frame is zero through the direct map.
+    #[ktest]
+    fn frame_alloc_free_accounting() {
+        let before = mm::nr_free_pages();
+        let f = mm::alloc_pages_zeroed(2).expect("no frames");
+        assert_eq!(mm::nr_free_pages(), before - 4);
+        // SAFETY: the 4 frames are ours; the direct map maps them.
+        let bytes = unsafe { core::slice::from_raw_parts(f.virt(), 4 * 4096) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        assert!(f.phys_addr().as_u64() >= super::LOW_MEMORY_END, "allocator handed out low memory");
+        mm::free_pages(f);
+        assert_eq!(mm::nr_free_pages(), before);
+    }
+}

@@ -1,0 +1,78 @@
+//! A minimal RCU for page-table walkers.
+//!
+//! Readers (`pte_offset_map` ... `pte_unmap`, through the mm HAL) mark their
+//! CPU as inside a read-side critical section; they never sleep or switch
+//! tasks inside one. [`synchronize`] returns once every reader that might have
+//! seen a pointer published before the call has left its section, after
+//! which a detached page table may be freed (DESIGN.md section 6).
+//!
+//! Per CPU there is a nesting depth and a generation number; leaving the
+//! outermost section bumps the generation. `synchronize` snapshots both for
+//! every CPU and waits, for each CPU that was inside a section, until its
+//! generation moves. All accesses are SeqCst: the writer's detach (a store to
+//! the page table) is ordered before its snapshot, and a reader's depth
+//! increment before its first table read, so a reader that the snapshot saw
+//! outside a section cannot reach the detached table.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use arch::percpu::NR_CPUS;
+
+struct RcuCpu {
+    /// Nesting depth of read-side sections on this CPU.
+    depth: AtomicU64,
+    /// Bumped each time the outermost section ends.
+    generation: AtomicU64,
+}
+
+static CPUS: [RcuCpu; NR_CPUS] = [const { RcuCpu { depth: AtomicU64::new(0), generation: AtomicU64::new(0) } }; NR_CPUS];
+
+/// Grace periods completed (statistics).
+static GRACE_PERIODS: AtomicU64 = AtomicU64::new(0);
+
+/// Enters a read-side critical section on this CPU (nests). The caller must
+/// not switch tasks until the matching [`read_unlock`]; interrupts stay as
+/// they are (the page-fault path runs with them off).
+pub fn read_lock() {
+    CPUS[arch::percpu::cpu_id()].depth.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Leaves a read-side critical section.
+pub fn read_unlock() {
+    let cpu = &CPUS[arch::percpu::cpu_id()];
+    let prev = cpu.depth.fetch_sub(1, Ordering::SeqCst);
+    assert!(prev > 0, "rcu read_unlock without read_lock");
+    if prev == 1 {
+        cpu.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether this CPU is inside a read-side section.
+pub fn in_read_section() -> bool {
+    CPUS[arch::percpu::cpu_id()].depth.load(Ordering::SeqCst) != 0
+}
+
+/// Waits until every read-side section that was running on another CPU when
+/// this was called has ended. Must not be called inside a section.
+pub fn synchronize() {
+    let me = arch::percpu::cpu_id();
+    assert!(!in_read_section(), "synchronize() inside an RCU read-side section would deadlock");
+    let mut snapshot = [(0u64, 0u64); NR_CPUS];
+    for (cpu, snap) in snapshot.iter_mut().enumerate() {
+        *snap = (CPUS[cpu].depth.load(Ordering::SeqCst), CPUS[cpu].generation.load(Ordering::SeqCst));
+    }
+    for (cpu, &(depth, generation)) in snapshot.iter().enumerate() {
+        if cpu == me || depth == 0 {
+            continue;
+        }
+        while CPUS[cpu].generation.load(Ordering::SeqCst) == generation {
+            core::hint::spin_loop();
+        }
+    }
+    GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Grace periods completed since boot.
+pub fn grace_periods() -> u64 {
+    GRACE_PERIODS.load(Ordering::Relaxed)
+}

@@ -1,0 +1,88 @@
+//! System-call wrappers and tiny formatting helpers (no allocator here).
+
+use abi::nr;
+
+/// A raw system call with up to three arguments.
+pub fn syscall3(n: usize, a: usize, b: usize, c: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the kernel's syscall ABI (abi crate): RCX and R11 are
+    // clobbered, every other register is preserved.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") n as isize => ret,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") c,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Two-argument system call.
+pub fn syscall2(n: usize, a: usize, b: usize) -> isize {
+    syscall3(n, a, b, 0)
+}
+
+pub fn log(msg: impl AsRef<[u8]>) {
+    let m = msg.as_ref();
+    syscall2(nr::LOG, m.as_ptr() as usize, m.len());
+}
+
+pub fn exit(code: isize) -> ! {
+    syscall2(nr::EXIT, code as usize, 0);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+pub fn yield_now() {
+    syscall2(nr::YIELD, 0, 0);
+}
+
+pub fn gettid() -> usize {
+    syscall2(nr::GETTID, 0, 0) as usize
+}
+
+pub fn getcpu() -> usize {
+    syscall2(nr::GETCPU, 0, 0) as usize
+}
+
+/// Decimal digits of `v`, right-aligned in a fixed buffer.
+pub fn dec(mut v: u64) -> DecBuf {
+    let mut d = DecBuf { buf: [0; 20], start: 20 };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return d;
+        }
+    }
+}
+
+pub struct DecBuf {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl core::ops::Deref for DecBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// Concatenates `parts` into `buf` (truncating).
+pub fn fmt<'a>(buf: &'a mut [u8], parts: &[&[u8]]) -> &'a [u8] {
+    let mut n = 0;
+    for p in parts {
+        let take = p.len().min(buf.len() - n);
+        buf[n..n + take].copy_from_slice(&p[..take]);
+        n += take;
+    }
+    &buf[..n]
+}
