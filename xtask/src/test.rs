@@ -100,6 +100,27 @@ fn host_tests(args: &TestArgs) -> Result<Vec<StepResult>> {
     }
     let mut results = vec![host_step("host: xtask + boot", &["test", "-p", "xtask", "-p", "boot", "-p", "ktest"], &env, filter)?];
     results.push(host_step("host: mm", &["test", "-p", "mm"], &env, filter)?);
+    results.push(host_step("host: mm, debug-ptlock (allocated ptl)", &["test", "-p", "mm", "--features", "debug-ptlock"], &env, filter)?);
+    if args.kernel.split_ptlock_cpus.is_none() {
+        // The single-lock build in its own target dir: the setting is a
+        // build-script input, and sharing a dir would rebuild mm each time.
+        let single = [("SPLIT_PTLOCK_CPUS", "1000000".to_string())];
+        results.push(host_step(
+            "host: mm, single page_table_lock",
+            &["test", "-p", "mm", "--target-dir", "target/host-single"],
+            &single,
+            filter,
+        )?);
+    }
+    let loom_filter = filter.map_or("loom".to_string(), |f| f.to_string());
+    let mut loom_env = env.clone();
+    loom_env.push(("RUSTFLAGS", "--cfg loom".to_string()));
+    results.push(host_step(
+        "host: mm, loom models of the lock protocol",
+        &["test", "-p", "mm", "--release", "--target-dir", "target/loom"],
+        &loom_env,
+        Some(&loom_filter),
+    )?);
     Ok(results)
 }
 
