@@ -11,6 +11,7 @@
 extern crate alloc;
 
 mod cmdline;
+mod debuginfo;
 mod heap;
 mod logger;
 mod memory;

@@ -3,6 +3,7 @@
 //! Every subcommand installs what it needs first (rustup components, QEMU,
 //! OVMF; see `setup.rs`) and says what it did.
 
+mod gdb;
 mod kernel;
 mod protocol;
 mod qemu;
@@ -44,6 +45,9 @@ enum Command {
     Run(RunArgs),
     /// Run the host tests, then the in-kernel tests in QEMU.
     Test(test::TestArgs),
+    /// Start QEMU paused with its gdb stub and attach gdb with the kernel's
+    /// symbols and the page-table-aware helpers (gdb/ptlk.py).
+    Gdb(gdb::GdbArgs),
 }
 
 /// Options that change how the kernel is compiled.
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
         })(),
         Command::Run(args) => run(args),
         Command::Test(args) => test::run(args),
+        Command::Gdb(args) => gdb::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
