@@ -1,22 +1,30 @@
 //! x86_64 hardware layer of the kernel.
 //!
 //! Everything here touches the machine: segments and the TSS, the IDT and the
-//! trap entry path, the per-CPU base, the serial console, the TSC, CPUID, and
-//! QEMU's debug devices. It offers safe, documented interfaces; `unsafe` stays
+//! trap entry path, the per-CPU base, the serial console, the TSC, CPUID,
+//! QEMU's debug devices, ACPI, the local APIC, AP start-up, IPIs and TLB
+//! shoot-down. It offers safe, documented interfaces; `unsafe` stays
 //! inside this crate (and the few low-level modules of `mm`).
 #![no_std]
 
+pub mod acpi;
+pub mod apic;
 pub mod context;
 pub mod cpu;
+pub mod cpumask;
 pub mod fw_cfg;
 pub mod gdt;
+pub mod ipi;
 pub mod irq;
+pub mod kvmap;
 pub mod percpu;
 pub mod pic;
 pub mod qemu;
 pub mod serial;
+pub mod smp;
 pub mod syscall;
 pub mod time;
+pub mod tlb;
 pub mod trap;
 pub mod usercopy;
 

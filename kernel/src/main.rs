@@ -2,9 +2,11 @@
 //!
 //! Boot order (`kernel_main`): the boot CPU's own state (per-CPU base,
 //! console, GDT/TSS, IDT, TSC), logging, trap policy, the heap, CPU
-//! protection features, then the command line decides between the default
-//! workload and the in-kernel test runner. The machine powers off at the end
-//! with a status QEMU reports to the host (see `arch::qemu`).
+//! protection features, the other CPUs (`smp::init`: ACPI, local APIC, AP
+//! start-up, timer), the scheduler with its tick and kick, then the command
+//! line decides between the default workload and the in-kernel test runner.
+//! The machine powers off at the end with a status QEMU reports to the host
+//! (see `arch::qemu`).
 #![no_std]
 #![no_main]
 
@@ -21,6 +23,7 @@ mod rcu;
 mod sched;
 mod selfcheck;
 mod selftest;
+mod smp;
 mod testrunner;
 mod traps;
 mod user;
@@ -65,6 +68,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let features = arch::cpu::features();
     let enabled = arch::cpu::enable_protection(features);
     let cmdline = cmdline::read();
+    smp::init(boot_info.rsdp_addr.into_option(), &boot_info.memory_regions, phys_offset);
 
     let mut brand = [0u8; 48];
     let memmap = mm::memmap_stats();
@@ -89,12 +93,19 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         enabled,
     );
     log::info!(
-        "boot: 1 CPU online (boot CPU); build {}; command line \"{}\"",
+        "boot: {} CPU{} online; build {}; command line \"{}\"",
+        arch::percpu::online_count(),
+        if arch::percpu::online_count() == 1 { "" } else { "s" },
         if cfg!(debug_assertions) { "debug" } else { "release" },
         cmdline.raw(),
     );
 
     sched::init_cpu("init");
+    sched::set_kick(smp::kick);
+    smp::set_tick_handler(sched::tick);
+    // Kernel code is not preempted (the tick only preempts ring 3), so the
+    // boot task can take interrupts from here on: ticks, IPIs.
+    arch::irq::enable();
     let status = match cmdline.mode() {
         cmdline::Mode::Test => testrunner::run(&cmdline),
         cmdline::Mode::Run => selfcheck::run(),

@@ -20,6 +20,15 @@ impl mm::hal::Hal for KernelHal {
         arch::time::rdtsc()
     }
 
+    /// A CPU spinning on a page-table lock may have interrupts off while the
+    /// lock holder waits for it to acknowledge a TLB shoot-down: servicing
+    /// pending flushes here is what makes that wait finish (arch/src/tlb.rs).
+    #[inline]
+    fn spin_wait(&self, _spins: u32) {
+        arch::tlb::service_pending();
+        core::hint::spin_loop();
+    }
+
     fn rcu_read_lock(&self) {
         crate::rcu::read_lock();
     }

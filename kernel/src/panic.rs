@@ -10,6 +10,12 @@ static PANICKING: AtomicBool = AtomicBool::new(false);
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     arch::irq::disable();
+    // Stop the other CPUs (NMI) before printing, so the report is not
+    // interleaved with their output and they stop changing state. If another
+    // CPU is already dying, let its report stand and stop here.
+    if !arch::ipi::stop_other_cpus() {
+        arch::ipi::park();
+    }
     if PANICKING.swap(true, Ordering::SeqCst) {
         arch::serial::write_fmt_forced(format_args!("\nnested panic on CPU {}: {}\n", arch::percpu::cpu_id(), info.message()));
         arch::qemu::exit(arch::qemu::ExitCode::Failure);

@@ -35,7 +35,9 @@ fn breakpoint(frame: &mut TrapFrame) {
 }
 
 fn irq(vector: u8, frame: &mut TrapFrame) {
-    arch::trap::oops(frame, None, if vector == 0xff { "spurious interrupt" } else { "unexpected interrupt" });
+    if !crate::smp::handle_irq(vector, frame) {
+        arch::trap::oops(frame, None, "unexpected interrupt");
+    }
 }
 
 fn fatal() -> ! {

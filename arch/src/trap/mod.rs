@@ -182,6 +182,9 @@ fn dispatch(frame: &mut TrapFrame) {
         }
         return;
     }
+    if vector == vector::NMI && crate::ipi::stop_requested_for_me() {
+        crate::ipi::park(); // Another CPU is dying and asked us to stop.
+    }
     let fault = (vector == vector::PAGE_FAULT).then(|| PageFault {
         addr: Cr2::read().unwrap_or(VirtAddr::zero()),
         code: PageFaultErrorCode::from_bits_truncate(frame.error_code),
@@ -211,6 +214,11 @@ fn dispatch(frame: &mut TrapFrame) {
 
 /// Prints everything known about a fatal trap and stops the system.
 pub fn oops(frame: &TrapFrame, fault: Option<PageFault>, why: &str) -> ! {
+    // Stop the other CPUs first so the report is not interleaved with their
+    // output; if another CPU is already reporting, its report wins.
+    if !crate::ipi::stop_other_cpus() {
+        crate::ipi::park();
+    }
     let cpu = crate::percpu::cpu_id();
     let vector = frame.vector as u8;
     crate::serial::write_fmt_forced(format_args!(
