@@ -119,6 +119,15 @@ impl BootMem {
         None
     }
 
+    /// Reserves up to `n` 1 GiB-aligned 1 GiB ranges for the gigantic hugetlb
+    /// pool (Linux `hugepages=` for 1 GiB pages, taken from memblock because
+    /// the buddy cannot make blocks that large). Returns how many it got.
+    /// Call before anything else takes boot memory, so the big aligned
+    /// ranges are still whole.
+    pub fn reserve_gigantic(&mut self, n: usize) -> usize {
+        (0..n).take_while(|_| self.alloc(crate::addr::PUD_SIZE, crate::addr::PUD_SIZE, PageKind::Gigantic).is_some()).count()
+    }
+
     /// The usable ranges, sorted and merged.
     pub fn usable(&self) -> &[(PhysAddr, PhysAddr)] {
         &self.usable[..self.nr_usable]

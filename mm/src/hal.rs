@@ -11,14 +11,17 @@
 //! * the read-side critical-section hooks that `pte_offset_map` enters and
 //!   `pte_unmap` leaves (Linux: `rcu_read_lock`), which the kernel will use to
 //!   defer freeing of detached page tables;
-//! * per-CPU storage for the debug lock-order checker.
+//! * per-CPU storage for the debug lock-order checker;
+//! * TLB shoot-down on a set of CPUs ([`Hal::flush_tlb`]) and the wait for a
+//!   grace period ([`Hal::synchronize_rcu`]): the two halves of the freeing
+//!   protocol in [`crate::tlb`].
 //!
 //! The physical-memory window is not a HAL call: it is a fixed offset
 //! ([`crate::addr::DirectMap`]) handed to [`crate::init`], because every table
-//! access goes through it and an indirect call per entry would be wasteful. TLB
-//! flushing joins this trait with the unmap path.
+//! access goes through it and an indirect call per entry would be wasteful.
 
 use crate::lock::lockdep::LockdepCpu;
+use crate::tlb::{CpuBitmap, TlbRange};
 
 /// The hardware services `mm` needs. Implementations must be cheap: `cpu_id` and
 /// `cycles` are called on lock paths.
@@ -48,6 +51,24 @@ pub trait Hal: Sync {
     /// Leave a read-side critical section.
     fn rcu_read_unlock(&self) {}
 
+    /// Linux `synchronize_rcu`: returns once every read-side critical section
+    /// ([`rcu_read_lock`](Hal::rcu_read_lock) .. [`rcu_read_unlock`](Hal::rcu_read_unlock))
+    /// that began before the call has ended. Sections that begin later need
+    /// not be waited for. `mm` calls it with no spinlock held and outside any
+    /// read-side section of its own (after dropping `mmap_lock`), to free
+    /// detached page tables.
+    fn synchronize_rcu(&self);
+
+    /// Invalidates `range` of the current address space's translations on
+    /// every CPU in `cpus` (the executing CPU included, if it is in the set)
+    /// and returns once each has done so (Linux `flush_tlb_mm_range`). Must
+    /// be legal with interrupts disabled and with page-table spinlocks held:
+    /// the fault path flushes under a PTE or PMD lock (COW of the zero page,
+    /// splitting a huge PMD). With `range.freed_tables` the CPUs must also
+    /// drop cached paging-structure entries for the range. An empty set is
+    /// allowed and means nothing to do.
+    fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange);
+
     /// The executing CPU's lock-order state, for debug builds' checker. Return
     /// `None` to switch the checker off (it then only checks that a lock is held,
     /// not by whom).
@@ -65,6 +86,14 @@ impl Hal for BootHal {
     }
     fn cycles(&self) -> u64 {
         0
+    }
+    fn synchronize_rcu(&self) {
+        // Its read-side hooks are no-ops: there is never a reader to wait for.
+    }
+    fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange) {
+        // Before the kernel's HAL is registered no CPU has loaded a user
+        // address space, so no CPU can be in any address space's bitmap.
+        assert!(cpus.is_empty(), "TLB shoot-down {range:?} on {cpus:?} before the HAL is registered");
     }
 }
 
@@ -119,6 +148,8 @@ mod tests {
         assert_eq!(BootHal.cpu_id(), 0);
         assert_eq!(BootHal.cycles(), 0);
         assert!(BootHal.lockdep().is_none());
+        BootHal.synchronize_rcu();
+        BootHal.flush_tlb(&CpuBitmap::new(), TlbRange::ALL);
     }
 
     #[test]

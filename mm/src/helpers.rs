@@ -179,12 +179,12 @@ pub fn huge_pte_lock<'a>(mm: &'a Mm<'_>, size: u64, pte: HugePte<'_>) -> PtlGuar
 
 /// A read-side critical section (Linux `rcu_read_lock`), entered through the
 /// HAL and left on drop.
-struct RcuReadGuard {
+pub(crate) struct RcuReadGuard {
     _not_send: PhantomData<*const ()>,
 }
 
 impl RcuReadGuard {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         crate::hal::get().rcu_read_lock();
         Self { _not_send: PhantomData }
     }

@@ -21,7 +21,15 @@
 //! | [`ptdesc`] | `Ptdesc`, `PtPage`, `pagetable_*_ctor` / `pagetable_dtor` |
 //! | [`pgtable`] | entry types, the entry-access module, the walker and `*_alloc` |
 //! | `helpers` | `pte_offset_map_lock` and friends, `pmd_lock`, `huge_pte_lock` (re-exported here) |
-//! | [`mm_struct`] | `Mm` and `KernelPgd` |
+//! | [`mm_struct`] | `Mm` (PGD, `page_table_lock`, `mmap_lock` + VMA set, `cpu_bitmap`, counters) and `KernelPgd` |
+//! | [`vma`] | `Vma`, `VmFlags`, `Prot`, `MapFlags`, the ordered `VmaSet` |
+//! | [`mmap`] | `Mm::mmap` / `munmap` / `mprotect` / `populate` / `access_remote`, lockless and locked walks |
+//! | [`memory`] | `handle_mm_fault`, `do_anonymous_page`, `do_wp_page`, zap, `free_pgtables`, `change_protection` |
+//! | [`huge_memory`] | THP: `do_huge_pmd_anonymous_page`, deposit/withdraw, `__split_huge_pmd`, `zap_huge_pmd` |
+//! | [`hugetlb`] | `hugetlb_fault` for 2 MiB (buddy) and 1 GiB (gigantic pool) pages |
+//! | [`gigantic`] | the pool of 1 GiB frames reserved at boot |
+//! | [`tlb`] | `CpuBitmap`, `TlbRange`, `MmuGather` (flush, then free; grace period for tables) |
+//! | [`counters`] | per-`Mm` RSS and fault counters (`MmStats`) |
 //! | [`config`] | split-lock configuration from the build, `describe_config` |
 //!
 //! # Boot sequence (kernel)
@@ -29,6 +37,7 @@
 //! ```text
 //! mm::hal::set(&KERNEL_HAL);                                   // once, on the BSP
 //! let mut boot = unsafe { mm::BootMem::new(&usable_ranges, mm::DirectMap::new(phys_offset)) };
+//! boot.reserve_gigantic(n);                                    // 1 GiB hugetlb pool, first
 //! let heap = boot.alloc(HEAP_BYTES, 4096, mm::PageKind::Heap)  // before the buddy starts
 //!     .expect("heap");                                        // -> PhysAddr; map via phys_offset
 //! let phys: &'static mm::PhysMem = mm::init(boot);              // memmap carved, rest to buddy
@@ -47,7 +56,18 @@
 //! * frames: [`alloc_pages`], [`alloc_pages_zeroed`], [`free_pages`],
 //!   [`nr_free_pages`], [`drain_all_pcp`] (and the same on [`PhysMem`])
 //! * address spaces: [`Mm::new`], [`Mm::new_in`], [`Mm::new_init_mm`],
-//!   `Drop for Mm` (frees the user page tables)
+//!   `Drop for Mm` (unmaps everything, frees frames and tables exactly)
+//! * mappings: [`Mm::mmap`]`(addr: Option<VirtAddr>, len, Prot, MapFlags) -> Result<VirtAddr, MmapError>`,
+//!   [`Mm::munmap`]`(addr, len)`, [`Mm::mprotect`]`(addr, len, Prot)`,
+//!   [`Mm::populate`], [`Mm::vmas`], [`Mm::mappings`], [`Mm::follow_pte_lockless`]
+//! * faults: [`handle_mm_fault`]`(mm, addr, Access) -> Result<FaultResult, FaultError>`
+//!   (takes `mmap_lock` shared itself; errors `MapErr`, `AccErr`, `Oom`),
+//!   [`Access::from_x86_error_code`]
+//! * kernel access to user memory: [`Mm::access_remote`]`(addr, &mut [u8], write)`
+//! * shoot-down: [`Mm::cpu_bitmap`] (set a CPU's bit when loading the CR3),
+//!   [`hal::Hal::flush_tlb`], [`hal::Hal::synchronize_rcu`], [`MmuGather`]
+//! * counters: [`Mm::stats`] -> [`MmStats`]; the zero page [`PhysMem::zero_pfn`];
+//!   the gigantic pool [`BootMem::reserve_gigantic`], [`PhysMem::gigantic_pool`]
 //! * walker: [`pgd_offset`], [`p4d_offset`], [`pud_offset`], [`pmd_offset`],
 //!   [`p4d_alloc`], [`pud_alloc`], [`pmd_alloc`], [`pte_alloc`]
 //! * helpers: [`pte_offset_map_lock`], [`pte_offset_map_ro_nolock`],
@@ -67,17 +87,25 @@ extern crate std;
 pub mod addr;
 pub mod bootmem;
 pub mod config;
+pub mod counters;
 pub mod frame;
+pub mod gigantic;
 pub mod hal;
 mod helpers;
+pub mod huge_memory;
+pub mod hugetlb;
 pub mod lock;
 pub mod memmap;
+pub mod memory;
 pub mod mm_struct;
+pub mod mmap;
 pub mod pgtable;
 pub mod physmem;
 pub mod ptdesc;
 pub mod ptlock;
 mod sync;
+pub mod tlb;
+pub mod vma;
 
 #[cfg(test)]
 #[cfg_attr(loom, allow(dead_code))]
@@ -86,16 +114,26 @@ pub(crate) mod testing;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
+#[cfg(all(test, not(loom)))]
+mod fault_tests;
+
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, PhysAddr, Pfn, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};
+pub use counters::MmStats;
+pub use gigantic::{GIGANTIC_ORDER, GiganticPool};
+pub use huge_memory::{HPAGE_PMD_ORDER, pgtable_trans_huge_deposit, pgtable_trans_huge_withdraw};
+pub use memory::{Access, FaultError, FaultResult, MAX_FAULT_RETRIES, handle_mm_fault};
+pub use mmap::{Mapping, MmapError};
+pub use tlb::{CpuBitmap, MmuGather, TlbRange};
+pub use vma::{MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, Vma, VmFlags, VmaSet};
 pub use frame::{Frames, MAX_ORDER};
 pub use helpers::*;
 pub use memmap::{MemmapStats, Page, PageKind};
 pub use mm_struct::{KernelPgd, Mm};
-pub use pgtable::entry::{P4d, Pgd, Pmd, Pte, PteFlags, Pud, pmd_same, pte_same};
+pub use pgtable::entry::{P4d, PROTNONE, Pgd, Pmd, Pte, PteFlags, Pud, pmd_same, pte_same};
 pub use pgtable::walk::{
-    P4dRef, PgdRef, PmdRef, PudRef, __pte_alloc, p4d_alloc, p4d_offset, p4d_populate, pgd_offset, pmd_alloc,
+    P4dRef, PgdRef, PmdRef, PudRef, __pte_alloc, p4d_alloc, p4d_clear, p4d_offset, p4d_populate, pgd_offset, pmd_alloc,
     pmd_clear_bad, pmd_offset, pmd_populate, pte_alloc, pud_alloc, pud_offset, pud_populate, set_pmd, set_pud,
     walk_alloc_pmd, walk_pmd,
 };

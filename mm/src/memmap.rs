@@ -16,11 +16,12 @@
 //! | `flags` `PCP` | the per-CPU list lock |
 //! | `lru` | whichever free list the frame is on (zone lock or per-CPU list lock) |
 //! | `word` | the frame's owner; for a page table, only through `ptdesc` (`ptl`) |
+//! | `link` | PMD table: head of its deposited PTE tables (`pmd_huge_pte`), under its PMD lock; deposited PTE table: next in that list, same lock; frame or table waiting in an `MmuGather`: next in the gather's list, owned by the gather |
 
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::mem::{ManuallyDrop, size_of};
-use core::sync::atomic::{AtomicU8, AtomicU32, Ordering::Relaxed};
+use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr, Pfn};
 use crate::ptlock::PtlStorage;
@@ -45,6 +46,8 @@ pub enum PageKind {
     PageTable = 6,
     /// The shared zero page.
     ZeroPage = 7,
+    /// A 1 GiB frame of the gigantic hugetlb pool (reserved at boot).
+    Gigantic = 8,
 }
 
 impl PageKind {
@@ -57,7 +60,9 @@ impl PageKind {
             4 => PageKind::Kernel,
             5 => PageKind::Anon,
             6 => PageKind::PageTable,
-            _ => PageKind::ZeroPage,
+            7 => PageKind::ZeroPage,
+            8 => PageKind::Gigantic,
+            _ => PageKind::Reserved,
         }
     }
 }
@@ -104,6 +109,9 @@ pub struct Page {
     pub(crate) refcount: AtomicU32,
     pub(crate) lru: UnsafeCell<Links>,
     pub(crate) word: UnsafeCell<PageWord>,
+    /// An owner-private list link (see the module's lock table). An atomic
+    /// so that it needs no `unsafe`; each use is serialised by its owner.
+    pub(crate) link: AtomicU64,
 }
 
 // The struct-page budget: at most 64 bytes per 4 KiB frame (1.5625% of RAM).
@@ -128,6 +136,7 @@ impl Page {
             refcount: AtomicU32::new(0),
             lru: UnsafeCell::new(Links { prev: Links::NONE, next: Links::NONE }),
             word: UnsafeCell::new(PageWord { private: 0 }),
+            link: AtomicU64::new(0),
         }
     }
 

@@ -6,21 +6,37 @@
 //!   address space, 1 GiB hugetlb entries, and, when split locks are off, the
 //!   PMD and PTE entries too. It sits after the address-space (VMA) lock and
 //!   before every PMD and PTE lock (see [`crate::lock`]).
-//! * The VMA set will join this struct with its own (sleeping) lock.
+//! * `mmap_lock` (a fair reader-writer spinlock, level 1, before
+//!   `page_table_lock`) protects the VMA set: faults hold it shared,
+//!   `mmap`/`munmap`/`mprotect` exclusive. Page tables are detached only
+//!   under the exclusive lock, so a fault holding it shared may walk PUD and
+//!   PMD tables without further locks; PTE tables are still reached through
+//!   `pte_offset_map*`, which may fail and make the fault retry.
+//! * `cpu_bitmap` (atomic, no lock) records the CPUs that may cache this
+//!   address space's translations; shoot-downs go to them.
+//! * The counters are per-CPU sharded atomics (no lock).
+//! * `pmd_huge_pte` (without split PMD locks only) is the head of the
+//!   deposited PTE tables, under `page_table_lock` (with split PMD locks each
+//!   PMD table keeps its own head, under its own lock).
 //!
 //! Each user `Mm` owns a PGD frame whose upper half (slots 256..512) is a copy
 //! of the kernel's PML4, made once at creation: kernel mappings live in
 //! tables shared by all address spaces and never change after boot. Dropping
 //! an `Mm` frees every user page table it owns (each through
-//! `pagetable_dtor`), returning the free-frame count to where it was. Leaf
-//! frames mapped by those tables belong to whoever mapped them (the unmap/zap
-//! path that frees them comes with the fault handler).
+//! `pagetable_dtor`), after unmapping every VMA (Linux `exit_mmap`): all
+//! anonymous frames, huge frames and deposited tables go back, and the
+//! free-frame count returns to where it was before the `Mm` was created.
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use alloc::vec::Vec;
+
 use crate::addr::{KERNEL_PGD_BOUNDARY, PTRS_PER_TABLE, PhysAddr};
-use crate::lock::{LockClass, LockLevel};
+use crate::counters::{MmCounters, MmStats};
+use crate::lock::{LockClass, LockLevel, RwSpinLock};
+use crate::tlb::{CpuBitmap, MmuGather, TlbRange};
+use crate::vma::{Vma, VmaSet};
 use crate::pgtable::entry::{Pgd, Pmd, Pud};
 use crate::physmem::PhysMem;
 use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_ctor};
@@ -57,6 +73,14 @@ pub struct Mm<'p> {
     init_mm: bool,
     /// Linux `mm->page_table_lock`.
     page_table_lock: PtLock,
+    /// Linux `mm->mmap_lock`: the VMA set (module comment).
+    pub(crate) mmap_lock: RwSpinLock<VmaSet>,
+    /// Linux `mm_cpumask`.
+    cpu_bitmap: CpuBitmap,
+    pub(crate) counters: MmCounters,
+    /// Linux `mm->pmd_huge_pte`, used without split PMD locks: the first
+    /// deposited PTE table (PFN + 1, 0 = none), under `page_table_lock`.
+    pub(crate) pmd_huge_pte: AtomicU64,
     nr_ptes: AtomicU64,
     nr_pmds: AtomicU64,
     nr_puds: AtomicU64,
@@ -101,6 +125,10 @@ impl<'p> Mm<'p> {
             pgd,
             init_mm,
             page_table_lock: PtLock::new(LockClass::PageTableLock),
+            mmap_lock: RwSpinLock::new(LockClass::MmapLock, VmaSet::new()),
+            cpu_bitmap: CpuBitmap::new(),
+            counters: MmCounters::new(),
+            pmd_huge_pte: AtomicU64::new(0),
             nr_ptes: AtomicU64::new(0),
             nr_pmds: AtomicU64::new(0),
             nr_puds: AtomicU64::new(0),
@@ -157,6 +185,59 @@ impl<'p> Mm<'p> {
             PtLevel::Pgd => return,
         }
         .fetch_add(1, Relaxed);
+    }
+    pub(crate) fn dec_nr(&self, level: PtLevel) {
+        match level {
+            PtLevel::Pte => &self.nr_ptes,
+            PtLevel::Pmd => &self.nr_pmds,
+            PtLevel::Pud => &self.nr_puds,
+            PtLevel::Pgd => return,
+        }
+        .fetch_sub(1, Relaxed);
+    }
+
+    /// Linux `mm_cpumask`: the CPUs that may cache this address space's
+    /// translations. The kernel sets a CPU's bit when it loads this address
+    /// space's CR3 on that CPU; shoot-downs go to every CPU in it.
+    pub fn cpu_bitmap(&self) -> &CpuBitmap {
+        &self.cpu_bitmap
+    }
+
+    /// A snapshot of the RSS and fault counters.
+    pub fn stats(&self) -> MmStats {
+        self.counters.snapshot()
+    }
+
+    /// A snapshot of the VMA set (takes `mmap_lock` shared).
+    pub fn vmas(&self) -> Vec<Vma> {
+        self.mmap_lock.read().iter().copied().collect()
+    }
+
+    /// `mmap_lock`, for callers that hold it across several operations (the
+    /// kernel's `handle_mm_fault` callers need not: it takes it itself).
+    pub fn mmap_lock(&self) -> &RwSpinLock<VmaSet> {
+        &self.mmap_lock
+    }
+
+    /// Linux `exit_mmap`: unmaps every VMA (frames, huge frames, deposited
+    /// tables), shoots down whatever CPUs may still cache translations, then
+    /// frees the page tables.
+    fn exit_mmap(&mut self) {
+        let vmas = self.mmap_lock.get_mut().take_all();
+        let this: &Self = self;
+        let mut tlb = MmuGather::new(this);
+        for vma in &vmas {
+            crate::memory::unmap_page_range(&mut tlb, vma, vma.start.as_u64(), vma.end.as_u64());
+        }
+        if !this.cpu_bitmap.is_empty() {
+            // The tables below go without a grace period (nobody can walk a
+            // dying address space), but CPUs that ran it may still hold
+            // paging-structure caches for them.
+            tlb.flush_range(crate::VirtAddr::new(0), crate::VirtAddr::new(u64::MAX));
+            crate::tlb::flush_tlb_range(this, TlbRange::ALL);
+        }
+        tlb.finish();
+        debug_assert_eq!(this.pmd_huge_pte.load(Relaxed), 0, "deposited tables left at exit");
     }
 
     /// Frees a published table of `level`, unless the frame is not one (a
@@ -224,6 +305,7 @@ impl<'p> Mm<'p> {
 impl Drop for Mm<'_> {
     fn drop(&mut self) {
         if !self.init_mm {
+            self.exit_mmap();
             self.free_pgtables();
         }
     }

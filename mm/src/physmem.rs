@@ -14,13 +14,19 @@ use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr, Pfn};
 use crate::bootmem::BootMem;
 use crate::frame::{FrameAllocator, Frames, MAX_ORDER};
+use crate::gigantic::GiganticPool;
 use crate::memmap::{MemMap, MemmapStats, Page, PageKind};
 use crate::ptlock::FaultInject;
 
-/// Physical memory: memmap + frame allocator.
+/// Physical memory: memmap + frame allocator + the gigantic pool + the zero
+/// page.
 pub struct PhysMem {
     memmap: MemMap,
     allocator: FrameAllocator,
+    gigantic: GiganticPool,
+    /// The shared zero page (Linux `ZERO_PAGE(0)`), allocated at creation
+    /// and never freed.
+    zero_pfn: Pfn,
     fault: FaultInject,
     /// Allocated split locks alive (ALLOC_SPLIT_PTLOCKS builds), for leak checks.
     pub(crate) ptl_live: AtomicU64,
@@ -55,9 +61,11 @@ impl PhysMem {
                 pfn = pfn.add(1);
             }
         }
-        let phys = Self {
+        let mut phys = Self {
             memmap,
             allocator: FrameAllocator::new(),
+            gigantic: GiganticPool::new(),
+            zero_pfn: Pfn::new(0),
             fault: FaultInject::new(),
             ptl_live: AtomicU64::new(0),
             #[cfg(loom)]
@@ -75,7 +83,30 @@ impl PhysMem {
                 pfn += 1 << order;
             }
         }
+        for &((s, e), kind) in boot.reserved() {
+            if kind == PageKind::Gigantic {
+                let mut pa = s;
+                while pa < e {
+                    phys.gigantic.add(pa.pfn());
+                    pa = pa.add(crate::addr::PUD_SIZE);
+                }
+            }
+        }
+        let (zero, _) = phys.alloc_pages_zeroed(0).expect("no frame for the zero page").into_raw();
+        phys.page(zero).expect("allocated").set_kind(PageKind::ZeroPage);
+        phys.zero_pfn = zero;
         phys
+    }
+
+    /// The shared zero page's frame (Linux `my_zero_pfn`): mapped read-only
+    /// by read faults on anonymous memory, never written, never freed.
+    pub fn zero_pfn(&self) -> Pfn {
+        self.zero_pfn
+    }
+
+    /// The pool of 1 GiB hugetlb frames.
+    pub fn gigantic_pool(&self) -> &GiganticPool {
+        &self.gigantic
     }
 
     /// The memmap.
@@ -168,8 +199,8 @@ mod tests {
         let m = TestMachine::with_regions(&[(0x10_0000, 0x90_0000)]);
         let total = 0x80_0000 / PAGE_SIZE;
         let memmap_frames = m.phys.memmap().overhead_bytes().div_ceil(PAGE_SIZE);
-        // The test machine takes one frame for its kernel PML4.
-        assert_eq!(m.phys.nr_free_pages(), total - memmap_frames - 1);
+        // The zero page and the test machine's kernel PML4 take one frame each.
+        assert_eq!(m.phys.nr_free_pages(), total - memmap_frames - 2);
     }
 
     #[test]
@@ -183,15 +214,15 @@ mod tests {
         assert_eq!(heap_frames, 0x40);
         let total = 0x800;
         let memmap_frames = map.overhead_bytes().div_ceil(PAGE_SIZE);
-        // The test machine takes one frame for its kernel PML4.
-        assert_eq!(m.phys.nr_free_pages(), total - 0x40 - memmap_frames - 1);
+        // The zero page and the test machine's kernel PML4 take one frame each.
+        assert_eq!(m.phys.nr_free_pages(), total - 0x40 - memmap_frames - 2);
         // Allocate everything: no Heap frame is ever handed out.
         let mut all = std::vec::Vec::new();
         while let Some(f) = m.phys.alloc_pages(0) {
             assert_ne!(f.page().kind(), PageKind::Heap);
             all.push(f);
         }
-        assert_eq!(all.len() as u64, total - 0x40 - memmap_frames - 1);
+        assert_eq!(all.len() as u64, total - 0x40 - memmap_frames - 2);
         assert_eq!(m.phys.nr_free_pages(), 0);
     }
 }

@@ -131,6 +131,13 @@ impl<'p> PtPage<'p> {
     pub fn phys_addr(&self) -> PhysAddr {
         self.pt.phys()
     }
+    /// Writes entry `index` of a table nobody else can reach yet (filling
+    /// the PTE table a huge PMD is split into, before publishing it).
+    pub(crate) fn init_entry(&mut self, index: usize, raw: u64) {
+        assert!(index < crate::addr::PTRS_PER_TABLE);
+        let slot = self.phys.slot(self.phys_addr().add(8 * index as u64)).expect("own table is managed");
+        slot.store(raw, Relaxed);
+    }
     /// Gives up ownership because the table is now reachable from an entry.
     pub(crate) fn publish(self) -> Ptdesc<'p> {
         let pt = self.pt;
@@ -209,9 +216,12 @@ pub fn pagetable_pte_ctor(mm: &Mm<'_>, table: &mut PtPage<'_>) -> Result<(), All
     ctor_with_lock(mm, table, PtLevel::Pte, USE_SPLIT_PTE_PTLOCKS, LockClass::PteLock)
 }
 
-/// Linux `pagetable_pmd_ctor`: as [`pagetable_pte_ctor`] for a PMD table.
+/// Linux `pagetable_pmd_ctor`: as [`pagetable_pte_ctor`] for a PMD table;
+/// also empties its list of deposited PTE tables (Linux `pmd_huge_pte`).
 pub fn pagetable_pmd_ctor(mm: &Mm<'_>, table: &mut PtPage<'_>) -> Result<(), AllocError> {
-    ctor_with_lock(mm, table, PtLevel::Pmd, USE_SPLIT_PMD_PTLOCKS, LockClass::PmdLock)
+    ctor_with_lock(mm, table, PtLevel::Pmd, USE_SPLIT_PMD_PTLOCKS, LockClass::PmdLock)?;
+    table.pt.page.link.store(0, Relaxed);
+    Ok(())
 }
 
 /// Linux `pagetable_dtor`: destroys the split lock (freeing it if allocated)

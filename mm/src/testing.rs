@@ -14,8 +14,8 @@ extern crate std;
 use std::boxed::Box;
 use std::cell::{Cell, RefCell};
 use std::string::String;
-use std::sync::Once;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, Once};
 use std::vec::Vec;
 
 use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr};
@@ -25,6 +25,7 @@ use crate::lock::lockdep::LockdepCpu;
 use crate::mm_struct::KernelPgd;
 use crate::pgtable::entry::{Pgd, PteFlags};
 use crate::physmem::PhysMem;
+use crate::tlb::{CpuBitmap, TlbRange};
 
 /// The host HAL: each thread is a CPU.
 pub struct HostHal;
@@ -34,10 +35,65 @@ pub static HOST_HAL: HostHal = HostHal;
 
 static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
 
+/// One thread's read-side state as other threads see it: a sequence number,
+/// odd while the thread is inside its outermost read-side section.
+struct RcuReader {
+    seq: AtomicU64,
+}
+
+/// Every thread that ever entered a read-side section (entries of exited
+/// threads stay, even, and are skipped).
+static RCU_READERS: Mutex<Vec<Arc<RcuReader>>> = Mutex::new(Vec::new());
+
+struct RcuThread {
+    depth: Cell<usize>,
+    me: Arc<RcuReader>,
+}
+
+impl RcuThread {
+    fn register() -> Self {
+        let me = Arc::new(RcuReader { seq: AtomicU64::new(0) });
+        RCU_READERS.lock().unwrap().push(me.clone());
+        Self { depth: Cell::new(0), me }
+    }
+}
+
+impl Drop for RcuThread {
+    fn drop(&mut self) {
+        if let Ok(mut v) = RCU_READERS.lock() {
+            v.retain(|r| !Arc::ptr_eq(r, &self.me));
+        }
+    }
+}
+
+/// A TLB-flush observer: called on the flushing thread for each shoot-down.
+pub type FlushObserver = Box<dyn Fn(&CpuBitmap, TlbRange)>;
+
+static FLUSHES: AtomicU64 = AtomicU64::new(0);
+
 std::thread_local! {
     static CPU: usize = NEXT_CPU.fetch_add(1, Relaxed);
-    static RCU_DEPTH: Cell<usize> = const { Cell::new(0) };
+    static RCU: RcuThread = RcuThread::register();
     static LOCKDEP: &'static LockdepCpu = Box::leak(Box::new(LockdepCpu::new()));
+    static FLUSH_OBSERVER: RefCell<Option<FlushObserver>> = const { RefCell::new(None) };
+    static THREAD_FLUSHES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Installs (or with `None` removes) this thread's flush observer. Tests use
+/// it to check, at the moment of each shoot-down, that the frames it covers
+/// have not been freed yet.
+pub fn set_flush_observer(f: Option<FlushObserver>) {
+    FLUSH_OBSERVER.with(|o| *o.borrow_mut() = f);
+}
+
+/// Shoot-downs requested by this thread so far.
+pub fn thread_flushes() -> u64 {
+    THREAD_FLUSHES.with(|c| c.get())
+}
+
+/// Shoot-downs requested by all threads so far.
+pub fn total_flushes() -> u64 {
+    FLUSHES.load(Relaxed)
 }
 
 impl Hal for HostHal {
@@ -58,12 +114,47 @@ impl Hal for HostHal {
         }
     }
     fn rcu_read_lock(&self) {
-        RCU_DEPTH.with(|d| d.set(d.get() + 1));
+        RCU.with(|r| {
+            if r.depth.get() == 0 {
+                // Odd: inside. SeqCst pairs with synchronize_rcu's fence: either
+                // the updater sees us inside, or our later loads see its
+                // detach.
+                r.me.seq.fetch_add(1, SeqCst);
+            }
+            r.depth.set(r.depth.get() + 1);
+        });
     }
     fn rcu_read_unlock(&self) {
-        RCU_DEPTH.with(|d| {
-            assert!(d.get() > 0, "rcu_read_unlock without rcu_read_lock");
-            d.set(d.get() - 1)
+        RCU.with(|r| {
+            let d = r.depth.get();
+            assert!(d > 0, "rcu_read_unlock without rcu_read_lock");
+            r.depth.set(d - 1);
+            if d == 1 {
+                r.me.seq.fetch_add(1, SeqCst);
+            }
+        });
+    }
+    fn synchronize_rcu(&self) {
+        assert_eq!(rcu_depth(), 0, "synchronize_rcu inside a read-side section would wait for itself");
+        std::sync::atomic::fence(SeqCst);
+        let snapshot: Vec<(Arc<RcuReader>, u64)> =
+            RCU_READERS.lock().unwrap().iter().map(|r| (r.clone(), r.seq.load(SeqCst))).collect();
+        for (r, seq) in snapshot {
+            if seq % 2 == 1 {
+                // Inside a section that began before us: wait for it to end.
+                while r.seq.load(SeqCst) == seq {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+    fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange) {
+        FLUSHES.fetch_add(1, Relaxed);
+        THREAD_FLUSHES.with(|c| c.set(c.get() + 1));
+        FLUSH_OBSERVER.with(|o| {
+            if let Some(f) = o.borrow().as_ref() {
+                f(cpus, range);
+            }
         });
     }
     fn lockdep(&self) -> Option<&LockdepCpu> {
@@ -73,7 +164,7 @@ impl Hal for HostHal {
 
 /// Read-side critical-section depth of the calling thread.
 pub fn rcu_depth() -> usize {
-    RCU_DEPTH.with(|d| d.get())
+    RCU.with(|r| r.depth.get())
 }
 
 /// A 4 KiB-aligned zeroed heap buffer playing physical memory `0..len`.

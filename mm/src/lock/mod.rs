@@ -6,7 +6,7 @@
 //!
 //! | lock | protects |
 //! | --- | --- |
-//! | address-space lock (VMA tree; the kernel's, not in this crate) | the VMA set; held for read by faults, which keeps PUD/PMD tables from being freed |
+//! | `mmap_lock` ([`RwSpinLock`], `Mm::mmap_lock`) | the VMA set; held shared by faults (which keeps page tables from being detached under them), exclusive by mmap/munmap/mprotect |
 //! | `mm.page_table_lock` | PGD, P4D (folded) and PUD entries; 1 GiB hugetlb entries; *every* entry when split locks are off |
 //! | PMD lock (`pmd_lock`, the PMD table's `ptl`) | the entries of that one PMD table; 2 MiB hugetlb/THP entries |
 //! | PTE lock (`pte_offset_map_lock`, the PTE table's `ptl`) | the entries of that one PTE table |
@@ -16,8 +16,12 @@
 //! Order (a CPU may only take a lock of a *higher* level than all it holds):
 //!
 //! ```text
-//! address-space lock -> mm.page_table_lock -> PMD lock -> PTE lock -> per-CPU frame cache -> zone
+//! mmap_lock -> mm.page_table_lock -> PMD lock -> PTE lock -> per-CPU frame cache -> zone
 //! ```
+//!
+//! The gigantic-page pool lock sits at the zone's level and nests with
+//! nothing. `hal::flush_tlb` may be called with any of these held;
+//! `hal::synchronize_rcu` is only called with none held.
 //!
 //! Two locks of one level are never held together unless the second is taken
 //! with [`RawSpinLock::lock_nested`], whose caller documents its own order.
@@ -40,9 +44,11 @@
 
 pub mod lockdep;
 pub mod ordered;
+mod rwlock;
 mod spinlock;
 pub mod stats;
 
+pub use rwlock::{RwReadGuard, RwSpinLock, RwWriteGuard};
 pub use spinlock::{RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard};
 pub use stats::{LockStats, lock_stats, reset_lock_stats};
 
@@ -60,11 +66,13 @@ pub enum LockClass {
     FrameAllocator = 3,
     /// Anything else.
     Other = 4,
+    /// `Mm::mmap_lock`, the VMA set's reader-writer lock.
+    MmapLock = 5,
 }
 
 impl LockClass {
     /// Number of classes.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
     /// All classes, in index order.
     pub const ALL: [LockClass; Self::COUNT] = [
         LockClass::PageTableLock,
@@ -72,6 +80,7 @@ impl LockClass {
         LockClass::PteLock,
         LockClass::FrameAllocator,
         LockClass::Other,
+        LockClass::MmapLock,
     ];
     /// A short name for reports.
     pub const fn name(self) -> &'static str {
@@ -81,6 +90,7 @@ impl LockClass {
             LockClass::PteLock => "pte_lock",
             LockClass::FrameAllocator => "frame_allocator",
             LockClass::Other => "other",
+            LockClass::MmapLock => "mmap_lock",
         }
     }
     pub(crate) const fn from_u8(v: u8) -> LockClass {
@@ -89,6 +99,7 @@ impl LockClass {
             1 => LockClass::PmdLock,
             2 => LockClass::PteLock,
             3 => LockClass::FrameAllocator,
+            5 => LockClass::MmapLock,
             _ => LockClass::Other,
         }
     }
@@ -100,7 +111,7 @@ impl LockClass {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum LockLevel {
-    /// The address-space (VMA) lock.
+    /// The address-space lock (`mmap_lock`, the VMA set).
     AddressSpace = 1,
     /// `mm.page_table_lock`.
     PageTableLock = 2,

@@ -40,6 +40,11 @@ bitflags::bitflags! {
     }
 }
 
+/// Linux `_PAGE_PROTNONE`: a leaf entry of a `PROT_NONE` mapping keeps its
+/// frame but is not present (so every user access faults); this software bit
+/// tells it from an empty or swap-like entry.
+pub const PROTNONE: PteFlags = PteFlags::SOFT1;
+
 /// Bits 12..52: the physical address.
 pub const ENTRY_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -166,6 +171,10 @@ impl Pud {
     pub fn is_huge(self) -> bool {
         self.is_present() && self.flags().contains(PteFlags::HUGE)
     }
+    /// A 1 GiB leaf, present or `PROT_NONE` (see [`PROTNONE`]).
+    pub fn is_leaf(self) -> bool {
+        self.flags().contains(PteFlags::HUGE) && (self.is_present() || self.flags().contains(PROTNONE))
+    }
     /// Linux `pud_bad`: present, not huge, and not a well-formed table pointer.
     pub fn is_bad(self) -> bool {
         self.is_present() && !self.is_huge() && !table_flags_ok(self.flags())
@@ -190,6 +199,10 @@ impl Pmd {
     pub fn is_huge(self) -> bool {
         self.is_present() && self.flags().contains(PteFlags::HUGE)
     }
+    /// A 2 MiB leaf (THP or hugetlb), present or `PROT_NONE` (see [`PROTNONE`]).
+    pub fn is_leaf(self) -> bool {
+        self.flags().contains(PteFlags::HUGE) && (self.is_present() || self.flags().contains(PROTNONE))
+    }
     /// Linux `pmd_bad`: present, not huge, and not a well-formed table pointer.
     pub fn is_bad(self) -> bool {
         self.is_present() && !self.is_huge() && !table_flags_ok(self.flags())
@@ -208,6 +221,14 @@ impl Pte {
     /// Writable mapping.
     pub fn is_writable(self) -> bool {
         self.flags().contains(PteFlags::WRITABLE)
+    }
+    /// Linux `pte_protnone`: maps a frame of a `PROT_NONE` mapping.
+    pub fn is_protnone(self) -> bool {
+        !self.is_present() && self.flags().contains(PROTNONE)
+    }
+    /// Maps a frame, present or `PROT_NONE`.
+    pub fn maps_frame(self) -> bool {
+        self.is_present() || self.is_protnone()
     }
 }
 

@@ -178,6 +178,15 @@ pub fn set_pmd(mm: &Mm<'_>, pmd: PmdRef<'_>, v: Pmd, guard: &RawSpinGuard<'_>) {
     pmd.write(v);
 }
 
+/// Linux `p4d_clear` (folded: `pgd_clear`): empties a PGD entry under
+/// `mm.page_table_lock`, detaching the PUD table it pointed to; the caller
+/// frees that table only after a grace period.
+#[track_caller]
+pub fn p4d_clear(mm: &Mm<'_>, p4d: P4dRef<'_>, guard: &RawSpinGuard<'_>) {
+    assert_page_table_lock(mm, guard);
+    p4d.write(Pgd::NONE);
+}
+
 /// Linux `set_pud`: writes a PUD entry (a 1 GiB page, or none) under
 /// `mm.page_table_lock`.
 #[track_caller]

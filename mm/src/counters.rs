@@ -1,0 +1,129 @@
+//! Per-address-space counters: RSS and faults by kind (Linux `mm_rss_stat`
+//! plus the vmstat fault events), read by tests and benchmarks.
+//!
+//! Counters are sharded by CPU, each shard on its own cache line, and updated
+//! with relaxed atomics: a fault storm on eight CPUs must not bounce one
+//! counter line between them, which would bring back the very contention
+//! split page-table locks remove (Linux caches RSS per task for the same
+//! reason). A read sums the shards; it is exact once the counted work is done.
+//! No lock protects them.
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::config::NR_CPUS;
+
+const SHARDS: usize = if NR_CPUS < 16 { NR_CPUS } else { 16 };
+
+/// What is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum Counter {
+    /// Anonymous memory mapped, in 4 KiB pages (THP counts 512). Signed in
+    /// effect: one CPU maps, another unmaps; the sum is what matters.
+    Rss,
+    /// hugetlb memory mapped, in 4 KiB pages.
+    HugetlbPages,
+    AnonFaults,
+    ZeroPageFaults,
+    CowFaults,
+    ThpFaults,
+    ThpFallbacks,
+    ThpSplits,
+    HugetlbFaults,
+    SpuriousFaults,
+    LostRaces,
+    Retries,
+    Oom,
+}
+
+const N: usize = Counter::Oom as usize + 1;
+
+#[repr(align(64))]
+struct Shard {
+    c: [AtomicU64; N],
+}
+
+/// The sharded counters of one `Mm`.
+pub(crate) struct MmCounters {
+    shards: [Shard; SHARDS],
+}
+
+impl MmCounters {
+    pub(crate) fn new() -> Self {
+        Self { shards: core::array::from_fn(|_| Shard { c: [const { AtomicU64::new(0) }; N] }) }
+    }
+
+    #[inline]
+    pub(crate) fn add(&self, c: Counter, n: i64) {
+        let s = &self.shards[crate::hal::cpu_id() % SHARDS];
+        s.c[c as usize].fetch_add(n as u64, Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn inc(&self, c: Counter) {
+        self.add(c, 1);
+    }
+
+    fn sum(&self, c: Counter) -> u64 {
+        self.shards.iter().fold(0u64, |a, s| a.wrapping_add(s.c[c as usize].load(Relaxed)))
+    }
+
+    pub(crate) fn snapshot(&self) -> MmStats {
+        MmStats {
+            rss_pages: self.sum(Counter::Rss),
+            hugetlb_pages: self.sum(Counter::HugetlbPages),
+            anon_faults: self.sum(Counter::AnonFaults),
+            zero_page_faults: self.sum(Counter::ZeroPageFaults),
+            cow_faults: self.sum(Counter::CowFaults),
+            thp_faults: self.sum(Counter::ThpFaults),
+            thp_fallbacks: self.sum(Counter::ThpFallbacks),
+            thp_splits: self.sum(Counter::ThpSplits),
+            hugetlb_faults: self.sum(Counter::HugetlbFaults),
+            spurious_faults: self.sum(Counter::SpuriousFaults),
+            lost_races: self.sum(Counter::LostRaces),
+            retries: self.sum(Counter::Retries),
+            oom: self.sum(Counter::Oom),
+        }
+    }
+}
+
+/// A snapshot of an address space's counters ([`crate::Mm::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmStats {
+    /// Anonymous memory mapped now, in 4 KiB pages (a 2 MiB THP counts 512;
+    /// the shared zero page counts nothing).
+    pub rss_pages: u64,
+    /// hugetlb memory mapped now, in 4 KiB pages.
+    pub hugetlb_pages: u64,
+    /// Faults that mapped a fresh zeroed 4 KiB page (`do_anonymous_page`).
+    pub anon_faults: u64,
+    /// Read faults that mapped the shared zero page.
+    pub zero_page_faults: u64,
+    /// Write faults that copied the zero page into a private page (`do_wp_page`).
+    pub cow_faults: u64,
+    /// Faults that mapped a 2 MiB transparent huge page.
+    pub thp_faults: u64,
+    /// THP-eligible faults that fell back to 4 KiB (no 2 MiB frame free).
+    pub thp_fallbacks: u64,
+    /// Huge PMDs split into PTE tables (partial munmap/mprotect).
+    pub thp_splits: u64,
+    /// Faults that mapped a hugetlb page (2 MiB or 1 GiB).
+    pub hugetlb_faults: u64,
+    /// Faults that found the access already allowed (another CPU fixed it,
+    /// or a stale TLB entry).
+    pub spurious_faults: u64,
+    /// Faults that prepared a frame or table and found, under the lock, that
+    /// another CPU had installed one first.
+    pub lost_races: u64,
+    /// Walks restarted because a page table changed under them.
+    pub retries: u64,
+    /// Faults that failed for lack of memory.
+    pub oom: u64,
+}
+
+impl MmStats {
+    /// Faults that installed something new.
+    pub fn installing_faults(&self) -> u64 {
+        self.anon_faults + self.zero_page_faults + self.cow_faults + self.thp_faults + self.hugetlb_faults
+    }
+}

@@ -1,0 +1,206 @@
+//! Transparent huge pages (Linux `mm/huge_memory.c`): 2 MiB anonymous pages
+//! mapped by one PMD entry, with a PTE table deposited beside each so that a
+//! later split never allocates under a lock.
+//!
+//! # Locks
+//!
+//! | what | protected by |
+//! | --- | --- |
+//! | a huge PMD entry | the PMD table's lock (`pmd_lock`) |
+//! | the deposited PTE tables of a PMD table (`pmd_huge_pte`) | the same PMD lock (with split PMD locks the list head lives in the PMD table's descriptor; without, in `Mm`, under `page_table_lock`, which is then what `pmd_lock` returns) |
+//!
+//! Faults install huge PMDs under `mmap_lock` shared; splits, zaps and
+//! protection changes of huge PMDs run under `mmap_lock` exclusive.
+//!
+//! # Deposit
+//!
+//! `do_huge_pmd_anonymous_page` allocates and constructs a PTE table before
+//! taking the PMD lock, and under it deposits the table with the huge PMD
+//! (Linux `pgtable_trans_huge_deposit`, asserted under `pmd_lock`). A split
+//! withdraws it, fills it with 512 entries for the subpages and publishes it
+//! in place of the huge entry: no allocation, no failure, under the lock.
+//! Zapping the whole huge page withdraws and frees the deposited table (it
+//! was never reachable by a walker, so it needs no grace period).
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, VirtAddr};
+use crate::counters::Counter;
+use crate::memmap::PageKind;
+use crate::memory::{FaultError, vm_huge_flags};
+use crate::mm_struct::Mm;
+use crate::pgtable::entry::{Pmd, Pte, PteFlags};
+use crate::pgtable::walk::{PmdRef, pmd_populate, set_pmd};
+use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_pte_ctor};
+use crate::tlb::{MmuGather, TlbRange, flush_tlb_range};
+use crate::vma::Vma;
+use crate::config::USE_SPLIT_PMD_PTLOCKS;
+use crate::{PtlGuard, pmd_lock, pmd_lockptr};
+
+/// Order of a PMD-sized page (2 MiB = 2^9 frames).
+pub const HPAGE_PMD_ORDER: usize = 9;
+const HPAGE_PMD_NR: u64 = 1 << HPAGE_PMD_ORDER;
+
+/// Linux `pmd_huge_pte(mm, pmd)`: the head of the deposited-table list for
+/// the PMD table containing `pmd` (PFN + 1, 0 = empty).
+pub(crate) fn pmd_huge_pte<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>) -> &'a AtomicU64 {
+    if USE_SPLIT_PMD_PTLOCKS && !mm.is_init_mm() {
+        &page_ptdesc(mm.phys(), pmd.table_pa().pfn()).expect("PMD table is managed").page().link
+    } else {
+        &mm.pmd_huge_pte
+    }
+}
+
+#[track_caller]
+fn assert_pmd_locked(mm: &Mm<'_>, pmd: PmdRef<'_>, ptl: &PtlGuard<'_>) {
+    assert!(pmd_lockptr(mm, pmd).is_held_by(ptl), "deposit list used without its pmd_lock");
+    ptl.lock().assert_held();
+}
+
+/// Linux `pgtable_trans_huge_deposit`: parks a constructed, empty PTE table
+/// with the huge PMD `pmd`. Called under `pmd_lock` (asserted).
+#[track_caller]
+pub fn pgtable_trans_huge_deposit<'p>(mm: &Mm<'p>, pmd: PmdRef<'_>, pgtable: PtPage<'p>, ptl: &PtlGuard<'_>) {
+    assert_pmd_locked(mm, pmd, ptl);
+    let head = pmd_huge_pte(mm, pmd);
+    // The list owns the table from now on (it is reachable from no entry).
+    let pt = pgtable.publish();
+    pt.page().link.store(head.load(Relaxed), Relaxed);
+    head.store(pt.pfn().as_u64() + 1, Relaxed);
+}
+
+/// Linux `pgtable_trans_huge_withdraw`: takes back a table deposited with a
+/// huge PMD of the same PMD table. Called under `pmd_lock` (asserted).
+/// Panics if none is deposited (every huge PMD deposits one).
+#[track_caller]
+pub fn pgtable_trans_huge_withdraw<'p>(mm: &Mm<'p>, pmd: PmdRef<'_>, ptl: &PtlGuard<'_>) -> PtPage<'p> {
+    assert_pmd_locked(mm, pmd, ptl);
+    let head = pmd_huge_pte(mm, pmd);
+    let first = head.load(Relaxed);
+    assert_ne!(first, 0, "huge PMD without a deposited PTE table");
+    let pt = page_ptdesc(mm.phys(), crate::Pfn::new(first - 1)).expect("deposited table is managed");
+    head.store(pt.page().link.swap(0, Relaxed), Relaxed);
+    debug_assert_eq!(pt.level(), Some(PtLevel::Pte));
+    // SAFETY: a deposited table was never reachable from an entry, so no
+    // walker can hold it; the list owned it alone and we just unlinked it.
+    unsafe { PtPage::from_published(mm.phys(), pt) }
+}
+
+/// What `do_huge_pmd_anonymous_page` did.
+pub(crate) enum ThpOutcome {
+    /// The huge page is mapped.
+    Mapped,
+    /// No 2 MiB frame: use 4 KiB pages.
+    Fallback,
+    /// The PMD was populated meanwhile; walk again.
+    Raced,
+}
+
+/// Linux `do_huge_pmd_anonymous_page`: maps a zeroed 2 MiB page at the
+/// empty PMD `pmd`. The frame and the PTE table to deposit are allocated,
+/// zeroed and constructed before `pmd_lock`; under it the PMD must still be
+/// none, else another CPU won (a table or a huge page) and both are freed
+/// after the unlock.
+pub(crate) fn do_huge_pmd_anonymous_page(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr) -> Result<ThpOutcome, FaultError> {
+    let _ = addr;
+    let Some(folio) = mm.phys().alloc_pages_zeroed(HPAGE_PMD_ORDER) else {
+        mm.counters.inc(Counter::ThpFallbacks);
+        return Ok(ThpOutcome::Fallback);
+    };
+    for i in 0..HPAGE_PMD_NR {
+        mm.phys().page(folio.pfn().add(i)).expect("allocated").set_kind(PageKind::Anon);
+    }
+    let Some(mut pgtable) = pagetable_alloc(mm.phys()) else { return Err(FaultError::Oom) };
+    pagetable_pte_ctor(mm, &mut pgtable).map_err(|_| FaultError::Oom)?;
+    let entry = Pmd::new(folio.phys_addr(), vm_huge_flags(vma.flags));
+    let pl = pmd_lock(mm, pmd);
+    if !pmd.get().is_none() {
+        drop(pl);
+        drop(pgtable);
+        drop(folio);
+        mm.counters.inc(Counter::LostRaces);
+        return Ok(ThpOutcome::Raced);
+    }
+    pgtable_trans_huge_deposit(mm, pmd, pgtable, &pl);
+    mm.inc_nr(PtLevel::Pte);
+    set_pmd(mm, pmd, entry, &pl);
+    drop(pl);
+    // The entry owns the 2 MiB block now.
+    let _ = folio.into_raw();
+    mm.counters.add(Counter::Rss, HPAGE_PMD_NR as i64);
+    mm.counters.inc(Counter::ThpFaults);
+    Ok(ThpOutcome::Mapped)
+}
+
+/// Linux `__split_huge_pmd` (+ `split_huge_page`): replaces the huge PMD at
+/// `haddr` by its deposited PTE table filled with 512 entries for the
+/// subpages, with the same protection. Each subpage becomes an independent
+/// 4 KiB frame. Under `pmd_lock`, with `mmap_lock` exclusive. A hugetlb
+/// PMD is never split (callers refuse unaligned ranges on hugetlb VMAs).
+pub(crate) fn __split_huge_pmd(mm: &Mm<'_>, pmd: PmdRef<'_>, haddr: VirtAddr) {
+    let pl = pmd_lock(mm, pmd);
+    let old = pmd.get();
+    if !old.is_leaf() {
+        return;
+    }
+    let mut pgtable = pgtable_trans_huge_withdraw(mm, pmd, &pl);
+    // Bit 7 is PS in a PMD but PAT in a PTE: drop it.
+    let flags = old.flags().difference(PteFlags::HUGE);
+    let base = old.pfn();
+    for i in 0..PTRS_PER_TABLE {
+        pgtable.init_entry(i, Pte::new(base.add(i as u64).phys(), flags).raw());
+    }
+    // split_page: every subpage is now a separately owned order-0 frame
+    // (the buddy frees and merges them one by one).
+    for i in 1..HPAGE_PMD_NR {
+        mm.phys().page(base.add(i)).expect("mapped frame is managed").refcount.store(1, Relaxed);
+    }
+    // pmdp_invalidate: no CPU may hold the 2 MiB translation once 4 KiB ones
+    // for the same addresses can be loaded (x86 forbids mixing them for one
+    // address), so clear and shoot down before publishing the table.
+    set_pmd(mm, pmd, Pmd::NONE, &pl);
+    flush_tlb_range(mm, TlbRange::new(haddr, haddr.add(PMD_SIZE)));
+    pmd_populate(mm, pmd, pgtable, &pl);
+    drop(pl);
+    mm.counters.inc(Counter::ThpSplits);
+}
+
+/// Linux `zap_huge_pmd`: clears a huge PMD (THP or 2 MiB hugetlb) under
+/// `pmd_lock` (= `huge_pte_lock` for 2 MiB) and gathers the 2 MiB frame; a
+/// THP's deposited table is withdrawn and freed at once.
+pub(crate) fn zap_huge_pmd(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pmd: PmdRef<'_>, haddr: VirtAddr) {
+    let mm = tlb.mm();
+    let pl = pmd_lock(mm, pmd);
+    let old = pmd.get();
+    if !old.is_leaf() {
+        return;
+    }
+    set_pmd(mm, pmd, Pmd::NONE, &pl);
+    let deposited = (!vma.flags.is_hugetlb()).then(|| pgtable_trans_huge_withdraw(mm, pmd, &pl));
+    tlb.remove_page(old.pfn(), HPAGE_PMD_ORDER, haddr);
+    drop(pl);
+    let pages = (PMD_SIZE / PAGE_SIZE) as i64;
+    if let Some(t) = deposited {
+        drop(t);
+        mm.dec_nr(PtLevel::Pte);
+        mm.counters.add(Counter::Rss, -pages);
+    } else {
+        mm.counters.add(Counter::HugetlbPages, -pages);
+    }
+}
+
+/// Linux `change_huge_pmd`: rewrites a whole huge PMD with `vma`'s
+/// protection under `pmd_lock`.
+pub(crate) fn change_huge_pmd(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pmd: PmdRef<'_>, haddr: VirtAddr) {
+    let mm = tlb.mm();
+    let pl = pmd_lock(mm, pmd);
+    let old = pmd.get();
+    if !old.is_leaf() {
+        return;
+    }
+    let new = Pmd::new(old.phys(), vm_huge_flags(vma.flags));
+    if new != old {
+        set_pmd(mm, pmd, new, &pl);
+        tlb.flush_range(haddr, haddr.add(PMD_SIZE));
+    }
+}

@@ -1,0 +1,386 @@
+//! A fair, writer-preferring reader-writer spinlock: `mmap_lock`.
+//!
+//! # Protocol
+//!
+//! * What it protects: whatever it owns. `Mm` uses one for its VMA set
+//!   (Linux `mm->mmap_lock`): page faults hold it *shared* (never a lock that
+//!   serialises all faults of an address space), `mmap`/`munmap`/`mprotect`
+//!   hold it exclusive. Holding it shared also pins the page-table *tree*
+//!   above the PTE level for the fault (tables are only detached under the
+//!   exclusive lock).
+//! * Level: [`LockLevel::AddressSpace`] (1), the first lock of the order:
+//!   `mmap_lock -> mm.page_table_lock -> PMD lock -> PTE lock -> frame caches`.
+//!   Read and write acquisitions are both recorded by the debug lock-order
+//!   checker; a CPU never takes it twice (not even shared: with a waiting
+//!   writer, a recursive reader would deadlock).
+//!
+//! # Why writer-preferring
+//!
+//! Eight CPUs faulting constantly keep the reader count above zero nearly all
+//! the time. With a reader-preferring lock a `munmap` would wait for a moment
+//! with no reader at all, which may never come. Here a writer first queues
+//! behind other writers (a ticket, so writers are FIFO among themselves),
+//! then sets `WRITER` in the state word: from that moment no new reader gets
+//! in, the readers inside drain, and the writer owns the lock. Readers that
+//! arrived meanwhile spin until the writer leaves. Readers may in turn wait
+//! behind a stream of writers, which is the right trade for an address space:
+//! writers (mmap/munmap) are rare and short, faults are many.
+//!
+//! # Word layout
+//!
+//! `state`: bit 0 `WRITER` (a writer is waiting for readers to drain, or
+//! holds the lock); bits 1.. the number of readers inside. `writers`: a
+//! ticket word like [`super::RawSpinLock`]'s (next ticket in bits 16..32,
+//! now serving in bits 0..16), ordering writers among themselves.
+
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::marker::PhantomData;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use super::{LockClass, LockLevel, lockdep, stats};
+use crate::hal;
+use crate::sync::AtomicU32;
+
+const WRITER: u32 = 1;
+const READER: u32 = 2;
+const TICKET_ONE: u32 = 1 << 16;
+
+/// A fair, writer-preferring reader-writer spinlock owning a `T`.
+pub struct RwSpinLock<T> {
+    /// `WRITER` bit + reader count (module comment).
+    state: AtomicU32,
+    /// Writer queue: ticket word.
+    writers: AtomicU32,
+    class: u8,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the lock hands out `&T` to any number of readers (so `T: Sync`) or
+// one `&mut T` (so `T: Send`), never both at once.
+unsafe impl<T: Send + Sync> Sync for RwSpinLock<T> {}
+// SAFETY: moving the lock moves `T`.
+unsafe impl<T: Send> Send for RwSpinLock<T> {}
+
+impl<T> RwSpinLock<T> {
+    /// A free lock of statistics class `class`.
+    #[cfg(not(loom))]
+    pub const fn new(class: LockClass, data: T) -> Self {
+        Self { state: AtomicU32::new(0), writers: AtomicU32::new(0), class: class as u8, data: UnsafeCell::new(data) }
+    }
+
+    /// A free lock (loom atomics cannot be built in const).
+    #[cfg(loom)]
+    pub fn new(class: LockClass, data: T) -> Self {
+        Self { state: AtomicU32::new(0), writers: AtomicU32::new(0), class: class as u8, data: UnsafeCell::new(data) }
+    }
+
+    fn addr(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Takes the lock shared (Linux `mmap_read_lock`).
+    #[track_caller]
+    pub fn read(&self) -> RwReadGuard<'_, T> {
+        lockdep::before_acquire(self.addr(), LockLevel::AddressSpace, false);
+        let hal = hal::get();
+        let mut start = None;
+        let mut spins = 0u32;
+        let mut s = self.state.load(Relaxed);
+        loop {
+            if s & WRITER == 0 {
+                match self.state.compare_exchange_weak(s, s + READER, Acquire, Relaxed) {
+                    Ok(_) => break,
+                    Err(now) => {
+                        s = now;
+                        continue;
+                    }
+                }
+            }
+            // A writer waits or holds: stay out until it leaves.
+            start.get_or_insert_with(|| hal.cycles());
+            spins = spins.wrapping_add(1);
+            hal.spin_wait(spins);
+            s = self.state.load(Relaxed);
+        }
+        self.record(start);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace);
+        RwReadGuard { lock: self, _not_send: PhantomData }
+    }
+
+    /// Takes the lock exclusive (Linux `mmap_write_lock`).
+    #[track_caller]
+    pub fn write(&self) -> RwWriteGuard<'_, T> {
+        lockdep::before_acquire(self.addr(), LockLevel::AddressSpace, false);
+        let hal = hal::get();
+        let mut start = None;
+        let mut spins = 0u32;
+        // 1. Queue behind other writers.
+        let t = self.writers.fetch_add(TICKET_ONE, Acquire);
+        let ticket = (t >> 16) as u16;
+        while self.writers.load(Acquire) as u16 != ticket {
+            start.get_or_insert_with(|| hal.cycles());
+            spins = spins.wrapping_add(1);
+            hal.spin_wait(spins);
+        }
+        // 2. Close the door on new readers (only the ticket holder sets it).
+        let s = self.state.fetch_or(WRITER, Acquire);
+        debug_assert_eq!(s & WRITER, 0, "two writers inside the rwlock");
+        // 3. Let the readers inside drain.
+        while self.state.load(Acquire) != WRITER {
+            start.get_or_insert_with(|| hal.cycles());
+            spins = spins.wrapping_add(1);
+            hal.spin_wait(spins);
+        }
+        self.record(start);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace);
+        RwWriteGuard { lock: self, ticket, _not_send: PhantomData }
+    }
+
+    /// Takes the lock shared if no writer waits or holds it right now.
+    #[track_caller]
+    pub fn try_read(&self) -> Option<RwReadGuard<'_, T>> {
+        let s = self.state.load(Relaxed);
+        if s & WRITER != 0 {
+            return None;
+        }
+        lockdep::before_acquire(self.addr(), LockLevel::AddressSpace, false);
+        self.state.compare_exchange(s, s + READER, Acquire, Relaxed).ok()?;
+        self.record(None);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace);
+        Some(RwReadGuard { lock: self, _not_send: PhantomData })
+    }
+
+    fn record(&self, start: Option<u64>) {
+        match start {
+            None => stats::record(self.class, false, 0),
+            Some(s) => stats::record(self.class, true, hal::get().cycles().wrapping_sub(s)),
+        }
+    }
+
+    /// Readers inside now (a snapshot, for assertions and reports).
+    pub fn readers(&self) -> u32 {
+        self.state.load(Relaxed) / READER
+    }
+
+    /// Whether a writer holds or waits for the lock (snapshot).
+    pub fn writer_pending(&self) -> bool {
+        self.state.load(Relaxed) & WRITER != 0
+    }
+
+    /// The data through exclusive access (no locking needed).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.data.get_mut()
+    }
+
+    /// Asserts (debug builds) that this CPU holds the lock, shared or not.
+    #[track_caller]
+    pub fn assert_held(&self) {
+        if cfg!(debug_assertions) {
+            match lockdep::holds(self.addr()) {
+                Some(held) => assert!(held, "mmap_lock not held by this CPU"),
+                None => assert!(self.state.load(Relaxed) != 0, "mmap_lock not held"),
+            }
+        }
+    }
+}
+
+impl<T> fmt::Debug for RwSpinLock<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RwSpinLock").field("readers", &self.readers()).field("writer", &self.writer_pending()).finish()
+    }
+}
+
+/// Shared access; dropping it releases (Linux `mmap_read_unlock`).
+#[must_use = "dropping the guard unlocks at once"]
+pub struct RwReadGuard<'a, T> {
+    lock: &'a RwSpinLock<T>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<T> Deref for RwReadGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: a reader is inside, so no writer holds the lock and no
+        // `&mut T` exists until every reader has left.
+        unsafe { &*self.lock.data.get() }
+    }
+}
+
+impl<T> Drop for RwReadGuard<'_, T> {
+    fn drop(&mut self) {
+        lockdep::released(self.lock.addr());
+        self.lock.state.fetch_sub(READER, Release);
+    }
+}
+
+/// Exclusive access; dropping it releases (Linux `mmap_write_unlock`).
+#[must_use = "dropping the guard unlocks at once"]
+pub struct RwWriteGuard<'a, T> {
+    lock: &'a RwSpinLock<T>,
+    ticket: u16,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<T> Deref for RwWriteGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the writer is alone inside (state == WRITER, no readers).
+        unsafe { &*self.lock.data.get() }
+    }
+}
+
+impl<T> DerefMut for RwWriteGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes this the only access.
+        unsafe { &mut *self.lock.data.get() }
+    }
+}
+
+impl<T> Drop for RwWriteGuard<'_, T> {
+    fn drop(&mut self) {
+        lockdep::released(self.lock.addr());
+        // Readers cannot have entered (WRITER set): the state is exactly WRITER.
+        self.lock.state.store(0, Release);
+        // Next writer's turn; wrap 0xffff -> 0 without carrying into "next".
+        if self.ticket == u16::MAX {
+            self.lock.writers.fetch_sub(0xffff, Release);
+        } else {
+            self.lock.writers.fetch_add(1, Release);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::vec::Vec;
+
+    #[test]
+    fn readers_share_writers_exclude() {
+        let l = RwSpinLock::new(LockClass::Other, 5u32);
+        let a = l.read();
+        // Another CPU (thread) reads at the same time.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let b = l.try_read().expect("readers share");
+                assert_eq!((*b, l.readers()), (5, 2));
+            });
+        });
+        assert_eq!(*a, 5);
+        drop(a);
+        let mut w = l.write();
+        *w = 6;
+        assert!(l.try_read().is_none(), "a writer excludes readers");
+        drop(w);
+        assert_eq!(*l.read(), 6);
+        assert_eq!((l.readers(), l.writer_pending()), (0, false));
+    }
+
+    #[test]
+    fn writers_exclude_each_other_and_readers_see_consistent_pairs() {
+        let l = Arc::new(RwSpinLock::new(LockClass::Other, (0u64, 0u64)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (l, stop) = (l.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(SeqCst) {
+                        let g = l.read();
+                        assert_eq!(g.0, g.1, "a reader saw a half-done write");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        let mut g = l.write();
+                        g.0 += 1;
+                        core::hint::black_box(&mut *g);
+                        g.1 += 1;
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, SeqCst);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(*l.read(), (4000, 4000));
+    }
+
+    /// The point of writer preference: readers that keep the lock busy
+    /// without a single gap still let a writer in promptly.
+    #[test]
+    fn a_writer_is_not_starved_by_overlapping_readers() {
+        let l = Arc::new(RwSpinLock::new(LockClass::Other, 0u64));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        // Four readers whose critical sections overlap: each re-enters right
+        // after leaving, so with a reader-preferring lock the count would
+        // (almost) never reach zero.
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (l, stop, reads) = (l.clone(), stop.clone(), reads.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(SeqCst) {
+                        let _g = l.read();
+                        reads.fetch_add(1, SeqCst);
+                        for _ in 0..200 {
+                            core::hint::spin_loop();
+                        }
+                    }
+                })
+            })
+            .collect();
+        while reads.load(SeqCst) < 1000 {
+            std::thread::yield_now();
+        }
+        let t0 = std::time::Instant::now();
+        for i in 0..50 {
+            *l.write() = i;
+        }
+        let took = t0.elapsed();
+        stop.store(true, SeqCst);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert!(took < std::time::Duration::from_secs(5), "50 writes took {took:?}");
+        assert!(lock_stats_seen());
+    }
+
+    fn lock_stats_seen() -> bool {
+        crate::lock::lock_stats(LockClass::Other).acquisitions > 0
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "recursive locking")]
+    fn recursive_read_is_caught() {
+        let l = RwSpinLock::new(LockClass::Other, ());
+        let _a = l.read();
+        let _b = l.read();
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "lock order violation")]
+    fn mmap_lock_under_a_page_table_lock_is_caught() {
+        let pt = crate::lock::RawSpinLock::new(LockClass::PageTableLock);
+        let l = RwSpinLock::new(LockClass::MmapLock, ());
+        let _g = pt.lock(LockLevel::PageTableLock);
+        let _r = l.read();
+    }
+}

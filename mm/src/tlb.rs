@@ -1,0 +1,392 @@
+//! TLB shoot-down and deferred freeing: [`CpuBitmap`] (Linux `mm_cpumask`),
+//! [`TlbRange`], and [`MmuGather`] (Linux `struct mmu_gather`).
+//!
+//! # The freeing protocol
+//!
+//! Other CPUs may still translate through an entry we just cleared (their
+//! TLBs and paging-structure caches), and lockless walkers
+//! (`pte_offset_map` users) may still be reading a table we just detached.
+//! So nothing is freed when its entry is cleared:
+//!
+//! 1. Entries are cleared under their lock (PTE lock, PMD lock,
+//!    `page_table_lock`); each cleared mapping is *gathered*: its frame goes
+//!    on the gather's page list and its address range widens the range to
+//!    flush. Detached page tables go on the gather's table list.
+//! 2. [`MmuGather::flush_mmu`] (Linux `tlb_flush_mmu`): one
+//!    [`Hal::flush_tlb`](crate::hal::Hal::flush_tlb) of the gathered range on
+//!    every CPU in the address space's [`CpuBitmap`], *then* the gathered
+//!    frames are freed. No CPU can reach them any more.
+//! 3. [`MmuGather::finish`] (Linux `tlb_finish_mmu`): flush as above, then
+//!    [`Hal::synchronize_rcu`](crate::hal::Hal::synchronize_rcu): every
+//!    walker that could have seen a detached table has left its read-side
+//!    section. Only then does each table go through `pagetable_dtor` and back
+//!    to the allocator, the destructor *with* the free, not before: a walker
+//!    that found the table may still take its split lock.
+//!
+//! The gather is `#[must_use]` and must be finished. Dropping an unfinished
+//! gather finishes it (flush, grace period, free) and logs a warning, so
+//! forgetting costs time but never safety.
+//!
+//! # Locks
+//!
+//! A gather takes no lock itself. [`MmuGather::flush_mmu`] may run with page
+//! table locks held (the HAL allows a flush there); [`MmuGather::finish`]
+//! waits for a grace period and so runs with no spinlock held (the callers
+//! drop `mmap_lock` first).
+//!
+//! Lists are threaded through the frames' own descriptors (`Page::link`), so
+//! gathering never allocates and has no batch limit.
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::addr::{PAGE_SIZE, Pfn, VirtAddr};
+use crate::config::NR_CPUS;
+use crate::frame::{Frames, MAX_ORDER};
+use crate::gigantic::GIGANTIC_ORDER;
+use crate::mm_struct::Mm;
+use crate::ptdesc::{PtPage, page_ptdesc};
+
+const WORDS: usize = NR_CPUS.div_ceil(64);
+
+/// A set of CPU numbers `0..NR_CPUS`, updated concurrently (Linux
+/// `mm_cpumask`). An address space's bitmap holds every CPU that may cache
+/// its translations: the kernel sets a CPU's bit when it loads the address
+/// space's CR3 there (and may clear it once that CPU has flushed it away).
+///
+/// Ordering: [`CpuBitmap::set`] is sequentially consistent and the unmap
+/// path issues a full fence between clearing entries and reading the set, so
+/// a CPU either is seen (and flushed) or loads CR3 after the clear (and
+/// cannot cache the old entry). Linux relies on the same pairing of
+/// `cpumask_set_cpu` + barrier in `switch_mm` with the flush path.
+pub struct CpuBitmap {
+    words: [AtomicU64; WORDS],
+}
+
+impl CpuBitmap {
+    /// The empty set.
+    pub const fn new() -> Self {
+        Self { words: [const { AtomicU64::new(0) }; WORDS] }
+    }
+
+    fn split(cpu: usize) -> (usize, u64) {
+        assert!(cpu < NR_CPUS, "CPU {cpu} out of range (NR_CPUS = {NR_CPUS})");
+        (cpu / 64, 1 << (cpu % 64))
+    }
+
+    /// Adds `cpu`; returns whether it was already present.
+    pub fn set(&self, cpu: usize) -> bool {
+        let (w, b) = Self::split(cpu);
+        self.words[w].fetch_or(b, Ordering::SeqCst) & b != 0
+    }
+
+    /// Removes `cpu`; returns whether it was present.
+    pub fn clear(&self, cpu: usize) -> bool {
+        let (w, b) = Self::split(cpu);
+        self.words[w].fetch_and(!b, Ordering::SeqCst) & b != 0
+    }
+
+    /// Whether `cpu` is in the set.
+    pub fn contains(&self, cpu: usize) -> bool {
+        let (w, b) = Self::split(cpu);
+        self.words[w].load(Ordering::SeqCst) & b != 0
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| w.load(Ordering::SeqCst) == 0)
+    }
+
+    /// Number of CPUs in the set.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.load(Ordering::SeqCst).count_ones() as usize).sum()
+    }
+
+    /// The CPUs in the set, ascending (each word read once).
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, w)| {
+            let mut bits = w.load(Ordering::SeqCst);
+            core::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(i * 64 + b)
+            })
+        })
+    }
+
+    /// The raw words (bit `c % 64` of word `c / 64` is CPU `c`).
+    pub fn words(&self) -> [u64; WORDS] {
+        core::array::from_fn(|i| self.words[i].load(Ordering::SeqCst))
+    }
+}
+
+impl Default for CpuBitmap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for CpuBitmap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// What a shoot-down must invalidate: `[start, end)` of user virtual
+/// addresses, or everything. Any CPU invalidating it must also drop
+/// paging-structure-cache entries for the range when `freed_tables` is set
+/// (x86 `invlpg` does so for every linear address; a full flush does too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbRange {
+    /// First byte (page aligned).
+    pub start: VirtAddr,
+    /// One past the last byte (page aligned); `u64::MAX` with `start` 0 means all.
+    pub end: VirtAddr,
+    /// Page tables under the range were detached (Linux `tlb->freed_tables`).
+    pub freed_tables: bool,
+}
+
+impl TlbRange {
+    /// Every translation of the address space.
+    pub const ALL: TlbRange = TlbRange { start: VirtAddr::new(0), end: VirtAddr::new(u64::MAX), freed_tables: true };
+
+    /// `[start, end)`, rounded out to pages.
+    pub fn new(start: VirtAddr, end: VirtAddr) -> Self {
+        let s = start.as_u64() & !(PAGE_SIZE - 1);
+        let e = end.as_u64().saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        Self { start: VirtAddr::new(s), end: VirtAddr::new(e), freed_tables: false }
+    }
+
+    /// The page containing `addr`.
+    pub fn page(addr: VirtAddr) -> Self {
+        Self::new(addr, addr.add(1))
+    }
+
+    /// Whether this is [`TlbRange::ALL`].
+    pub fn is_all(&self) -> bool {
+        self.start.as_u64() == 0 && self.end.as_u64() == u64::MAX
+    }
+
+    /// Number of 4 KiB pages covered (`u64::MAX` for all).
+    pub fn nr_pages(&self) -> u64 {
+        if self.is_all() { u64::MAX } else { (self.end.as_u64() - self.start.as_u64()) / PAGE_SIZE }
+    }
+
+    /// Whether `addr` is covered.
+    pub fn contains(&self, addr: VirtAddr) -> bool {
+        self.start <= addr && addr < self.end
+    }
+}
+
+/// Calls the HAL's shoot-down for `range` on the CPUs of `mm`.
+pub(crate) fn flush_tlb_range(mm: &Mm<'_>, range: TlbRange) {
+    // Entries were cleared before this point; make the clear visible before
+    // reading the set of CPUs (pairs with `CpuBitmap::set`).
+    core::sync::atomic::fence(Ordering::SeqCst);
+    crate::hal::get().flush_tlb(mm.cpu_bitmap(), range);
+}
+
+/// A singly linked list of frames threaded through `Page::link`:
+/// `link = (next_pfn + 1) << 8 | order`, 0 ends the list.
+struct FreeList {
+    head: u64,
+    len: u64,
+}
+
+impl FreeList {
+    const fn new() -> Self {
+        Self { head: 0, len: 0 }
+    }
+    fn push(&mut self, mm: &Mm<'_>, pfn: Pfn, order: usize) {
+        let page = mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        page.link.store(self.head, Ordering::Relaxed);
+        self.head = ((pfn.as_u64() + 1) << 8) | order as u64;
+        self.len += 1;
+    }
+    fn pop(&mut self, mm: &Mm<'_>) -> Option<(Pfn, usize)> {
+        if self.head == 0 {
+            return None;
+        }
+        let pfn = Pfn::new((self.head >> 8) - 1);
+        let order = (self.head & 0xff) as usize;
+        let page = mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        self.head = page.link.swap(0, Ordering::Relaxed);
+        self.len -= 1;
+        Some((pfn, order))
+    }
+}
+
+/// Linux `struct mmu_gather`: cleared mappings waiting for their shoot-down,
+/// and detached tables waiting for a grace period (module comment).
+#[must_use = "an MmuGather holds frames and tables until it is finished (tlb_finish_mmu)"]
+pub struct MmuGather<'m, 'p> {
+    mm: &'m Mm<'p>,
+    start: u64,
+    end: u64,
+    freed_tables: bool,
+    pages: FreeList,
+    tables: FreeList,
+    finished: bool,
+}
+
+impl<'m, 'p> MmuGather<'m, 'p> {
+    /// Linux `tlb_gather_mmu`: an empty gather for `mm`.
+    pub fn new(mm: &'m Mm<'p>) -> Self {
+        Self { mm, start: u64::MAX, end: 0, freed_tables: false, pages: FreeList::new(), tables: FreeList::new(), finished: false }
+    }
+
+    /// The address space.
+    pub fn mm(&self) -> &'m Mm<'p> {
+        self.mm
+    }
+
+    /// Linux `tlb_flush_pte_range` / `__tlb_adjust_range`: `[start, end)`
+    /// had an entry changed or cleared and must be shot down.
+    pub fn flush_range(&mut self, start: VirtAddr, end: VirtAddr) {
+        self.start = self.start.min(start.as_u64());
+        self.end = self.end.max(end.as_u64());
+    }
+
+    /// Linux `tlb_remove_page_size`: the entry mapping `pfn` (a block of
+    /// 2^order frames, or a gigantic page) at `[addr, addr + size)` was
+    /// cleared; free the frames after the shoot-down.
+    pub fn remove_page(&mut self, pfn: Pfn, order: usize, addr: VirtAddr) {
+        debug_assert!(order <= MAX_ORDER || order == GIGANTIC_ORDER);
+        self.flush_range(addr, addr.add(PAGE_SIZE << order));
+        self.pages.push(self.mm, pfn, order);
+    }
+
+    /// Linux `tlb_remove_table` (`pte_free_tlb` & co.): a page table whose
+    /// entries covered `[start, end)` was detached from its parent; free it
+    /// (dtor with the free) after the shoot-down and a grace period.
+    pub fn remove_table(&mut self, table: Pfn, start: VirtAddr, end: VirtAddr) {
+        self.flush_range(start, end);
+        self.freed_tables = true;
+        self.tables.push(self.mm, table, 0);
+    }
+
+    /// Frames waiting for the flush.
+    pub fn nr_pending_pages(&self) -> u64 {
+        self.pages.len
+    }
+
+    /// Tables waiting for the grace period.
+    pub fn nr_pending_tables(&self) -> u64 {
+        self.tables.len
+    }
+
+    /// The range the next flush covers (None: nothing to flush).
+    pub fn pending_range(&self) -> Option<TlbRange> {
+        (self.start < self.end).then(|| TlbRange {
+            start: VirtAddr::new(self.start),
+            end: VirtAddr::new(self.end),
+            freed_tables: self.freed_tables,
+        })
+    }
+
+    /// Linux `tlb_flush_mmu`: shoots the gathered range down on every CPU
+    /// of the address space, then frees the gathered frames. Tables stay for
+    /// [`MmuGather::finish`]. Legal with page-table locks held.
+    pub fn flush_mmu(&mut self) {
+        debug_assert!(self.pages.len == 0 || self.pending_range().is_some(), "gathered frames without a range to flush");
+        if let Some(range) = self.pending_range() {
+            flush_tlb_range(self.mm, range);
+            self.start = u64::MAX;
+            self.end = 0;
+        }
+        let phys = self.mm.phys();
+        while let Some((pfn, order)) = self.pages.pop(self.mm) {
+            if order == GIGANTIC_ORDER {
+                phys.gigantic_pool().free(pfn);
+            } else {
+                // SAFETY: the gather owns the block: it was mapped by exactly
+                // one entry, which was cleared under its lock before being
+                // gathered, and the shoot-down above removed every cached
+                // translation of it.
+                drop(unsafe { Frames::from_raw(phys, pfn, order) });
+            }
+        }
+    }
+
+    /// Linux `tlb_finish_mmu`: [`MmuGather::flush_mmu`], then waits for a
+    /// grace period and frees the detached tables (dtor with the free). Call
+    /// with no spinlock held.
+    pub fn finish(mut self) {
+        self.finish_inner();
+    }
+
+    fn finish_inner(&mut self) {
+        self.finished = true;
+        self.flush_mmu();
+        if self.tables.len == 0 {
+            return;
+        }
+        crate::hal::get().synchronize_rcu();
+        let phys = self.mm.phys();
+        while let Some((pfn, _)) = self.tables.pop(self.mm) {
+            let pt = page_ptdesc(phys, pfn).expect("gathered table outside the memmap");
+            // SAFETY: the table was detached from its parent entry under the
+            // parent's lock (and for PTE tables their own lock) before being
+            // gathered, so no entry points to it; the grace period that just
+            // ended covers every walker that could have found it before that;
+            // the gather owned it alone.
+            drop(unsafe { PtPage::from_published(phys, pt) });
+        }
+    }
+}
+
+impl Drop for MmuGather<'_, '_> {
+    fn drop(&mut self) {
+        // A test that failed inside a flush must not flush (and fail) again
+        // while unwinding: that would abort the whole test binary.
+        #[cfg(test)]
+        if std::thread::panicking() {
+            return;
+        }
+        if !self.finished {
+            if self.pages.len != 0 || self.tables.len != 0 || self.start < self.end {
+                log::warn!("mm: MmuGather dropped without finish(): {self:?}");
+            }
+            self.finish_inner();
+        }
+    }
+}
+
+impl fmt::Debug for MmuGather<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmuGather")
+            .field("range", &self.pending_range())
+            .field("pages", &self.pages.len)
+            .field("tables", &self.tables.len)
+            .finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_bitmap_sets_clears_and_iterates() {
+        let b = CpuBitmap::new();
+        assert!(b.is_empty());
+        assert!(!b.set(3));
+        assert!(b.set(3));
+        b.set(NR_CPUS - 1);
+        assert_eq!(b.iter().collect::<std::vec::Vec<_>>(), [3, NR_CPUS - 1]);
+        assert_eq!(b.count(), 2);
+        assert!(b.clear(3) && !b.clear(3));
+        assert!(!b.contains(3) && b.contains(NR_CPUS - 1));
+    }
+
+    #[test]
+    fn tlb_range_rounds_out_to_pages() {
+        let r = TlbRange::new(VirtAddr::new(0x1234), VirtAddr::new(0x3001));
+        assert_eq!((r.start.as_u64(), r.end.as_u64(), r.nr_pages()), (0x1000, 0x4000, 3));
+        assert!(r.contains(VirtAddr::new(0x3fff)) && !r.contains(VirtAddr::new(0x4000)));
+        assert!(TlbRange::ALL.is_all() && TlbRange::ALL.contains(VirtAddr::new(0xdead_0000)));
+    }
+}
