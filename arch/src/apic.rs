@@ -335,15 +335,42 @@ pub fn send_nmi(apic_id: u32) {
 /// Measures the timer's input rate against the TSC (10 ms, timer masked,
 /// divide by 16). Call once, on the boot CPU, with interrupts off; every
 /// CPU's timer runs from the same clock. Returns ticks per second.
+///
+/// Under a hypervisor the vCPU can be descheduled at any instruction. A
+/// pause in the middle of the window is harmless (both clocks keep running),
+/// but a pause between starting the APIC count and reading the TSC (or
+/// between the final TSC read and the count read) skews the result. So each
+/// register access is bracketed by TSC reads, the rate is taken over the
+/// bracket, and of several rounds the one with the tightest brackets wins.
 pub fn timer_calibrate() -> u64 {
-    const MS: u64 = 10;
+    const ROUNDS: usize = 5;
+    const WINDOW_US: u64 = 10_000;
+    let per_us = crate::time::tsc_per_us().expect("TSC not calibrated");
     write(Reg::TimerDivide, TIMER_DIVIDE_BY_16);
     write(Reg::LvtTimer, Lvt::MASKED.bits() | u32::from(vectors::TIMER));
-    write(Reg::TimerInitialCount, u32::MAX);
-    crate::time::delay_us(MS * 1000);
-    let elapsed = u32::MAX - read(Reg::TimerCurrentCount);
-    write(Reg::TimerInitialCount, 0);
-    let per_sec = u64::from(elapsed) * (1000 / MS);
+    let mut best: Option<(u64, u64)> = None; // (bracket slack, ticks per second)
+    for _ in 0..ROUNDS {
+        let t0 = crate::time::rdtsc();
+        write(Reg::TimerInitialCount, u32::MAX);
+        let t1 = crate::time::rdtsc();
+        while crate::time::rdtsc() < t1 + WINDOW_US * per_us {
+            core::hint::spin_loop();
+        }
+        let t2 = crate::time::rdtsc();
+        let count = read(Reg::TimerCurrentCount);
+        let t3 = crate::time::rdtsc();
+        write(Reg::TimerInitialCount, 0);
+        let elapsed = u64::from(u32::MAX - count);
+        // The count ran from somewhere in [t0, t1] to somewhere in [t2, t3];
+        // take the middles, and remember how uncertain they are.
+        let tsc = ((t2 + t3) - (t0 + t1)) / 2;
+        let slack = (t1 - t0) + (t3 - t2);
+        let rate = (u128::from(elapsed) * u128::from(per_us) * 1_000_000 / u128::from(tsc.max(1))) as u64;
+        if best.is_none_or(|(s, _)| slack < s) {
+            best = Some((slack, rate));
+        }
+    }
+    let per_sec = best.map_or(0, |(_, r)| r);
     TIMER_TICKS_PER_SEC.store(per_sec, Ordering::Relaxed);
     per_sec
 }

@@ -38,6 +38,18 @@ impl CpuMask {
         Self { words: [0; MASK_WORDS] }
     }
 
+    /// The set whose raw words are `words` (CPU `n` is bit `n % 64` of word
+    /// `n / 64`); bits at or above NR_CPUS are dropped. For converting other
+    /// bitmaps of CPUs (the memory manager's `mm_cpumask`) without a loop.
+    pub fn from_words(words: &[u64]) -> Self {
+        let mut m = Self::new();
+        for (dst, &src) in m.words.iter_mut().zip(words) {
+            *dst = src;
+        }
+        m.words[MASK_WORDS - 1] &= LAST_WORD_BITS;
+        m
+    }
+
     /// `{cpu}`.
     pub fn single(cpu: usize) -> Self {
         let mut m = Self::new();
@@ -328,6 +340,8 @@ mod tests {
         assert_eq!(CpuMask::all_possible().count(), NR_CPUS);
         assert_eq!(CpuMask::single(last).first(), Some(last));
         assert_eq!(CpuMask::all_possible().without(last).count(), NR_CPUS - 1);
+        assert_eq!(CpuMask::from_words(&[u64::MAX; 8]), CpuMask::all_possible());
+        assert_eq!(CpuMask::from_words(m.words()), m);
     }
 
     /// Debug output collapses runs into ranges.

@@ -29,6 +29,31 @@ impl mm::hal::Hal for KernelHal {
         core::hint::spin_loop();
     }
 
+    fn synchronize_rcu(&self) {
+        crate::rcu::synchronize();
+    }
+
+    /// Shoots down on the address space's CPUs (arch/src/tlb.rs), which is
+    /// legal with interrupts off and page-table locks held. When page tables
+    /// were freed the whole TLB goes: a full flush also drops the
+    /// paging-structure caches for every address, on every vendor, whereas
+    /// `invlpg` only guarantees that for the address it names on AMD.
+    fn flush_tlb(&self, cpus: &mm::CpuBitmap, range: mm::TlbRange) {
+        if cpus.is_empty() {
+            return;
+        }
+        let mask: arch::cpumask::CpuMask = cpus.iter().collect();
+        let range = if range.is_all() || range.freed_tables {
+            arch::tlb::TlbRange::ALL
+        } else {
+            arch::tlb::TlbRange::range(
+                x86_64::VirtAddr::new(range.start.as_u64()),
+                x86_64::VirtAddr::new(range.end.as_u64()),
+            )
+        };
+        arch::tlb::shootdown(&mask, range);
+    }
+
     fn rcu_read_lock(&self) {
         crate::rcu::read_lock();
     }

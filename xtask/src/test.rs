@@ -178,7 +178,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         name: format!("kernel tests, -smp {}, BIOS", args.smp),
         firmware: Firmware::Bios,
         smp: args.smp,
-        cmdline: format!("mode=test{filter_word}"),
+        cmdline: format!("mode=test expect_cpus={}{filter_word}", args.smp),
         timeout: main_timeout,
         expect: Expect::Pass,
     }];
@@ -193,6 +193,19 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
         expect: Expect::Pass,
     });
+    // Short SMP runs at other CPU counts: the smallest machine, and an odd
+    // one that also asks for a phantom CPU (APIC ID 77, absent) whose
+    // start-up must time out without stopping the others.
+    for (smp, extra) in [(1, ""), (3, " smp_phantom=77")] {
+        runs.push(KernelRun {
+            name: format!("SMP tests, -smp {smp}, BIOS"),
+            firmware: Firmware::Bios,
+            smp,
+            cmdline: format!("mode=test expect_cpus={smp} filter=smp::tests{extra}"),
+            timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
+            expect: Expect::Pass,
+        });
+    }
     let selftest = |name: &str, test: &'static str, expect: Expect, secs: u64| KernelRun {
         name: format!("runner self-test: {name}"),
         firmware: Firmware::Bios,

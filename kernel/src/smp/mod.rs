@@ -67,6 +67,8 @@ pub struct SmpInfo {
     pub failed: usize,
     /// The APIC mode in use.
     pub mode: ApicMode,
+    /// Non-existent CPUs added by `smp_phantom=` (a testing aid).
+    pub phantoms: usize,
 }
 
 static INFO: Once<SmpInfo> = Once::new();
@@ -143,6 +145,17 @@ pub fn init(rsdp: Option<u64>, regions: &MemoryRegions, phys_offset: u64) {
         });
     }
 
+    // Testing aid: `smp_phantom=ID` adds a CPU that does not exist, so the
+    // start-up timeout path runs (`cargo xtask test` does this at -smp 3).
+    let mut phantoms = 0;
+    if let Some(id) = crate::cmdline::read().value("smp_phantom").and_then(|v| v.parse::<u32>().ok()) {
+        if aps.len() < NR_CPUS - 1 && id != bsp_apic && !enabled.iter().any(|c| c.apic_id == id) {
+            log::info!("smp: adding phantom CPU with APIC ID {id} (smp_phantom): it must time out");
+            aps.push(MadtCpu { apic_id: id, acpi_uid: u32::MAX, flags: arch::acpi::LocalApicFlags::ENABLED, x2apic_entry: false });
+            phantoms = 1;
+        }
+    }
+
     let mut failed = 0;
     let mut started: Vec<(usize, u32)> = Vec::new();
     if !aps.is_empty() {
@@ -182,7 +195,7 @@ pub fn init(rsdp: Option<u64>, regions: &MemoryRegions, phys_offset: u64) {
     }
 
     apic::timer_start_periodic(TICK_HZ);
-    INFO.call_once(|| SmpInfo { madt_enabled: enabled.len(), beyond_nr_cpus: beyond, failed, mode });
+    INFO.call_once(|| SmpInfo { madt_enabled: enabled.len(), beyond_nr_cpus: beyond, failed, mode, phantoms });
 
     // Prove the IPI path end to end before anybody relies on it.
     let answered = AtomicUsize::new(0);

@@ -19,9 +19,10 @@ fn online() -> usize {
 }
 
 /// The number of CPUs online is what the command line expects
-/// (`expect_cpus=N`, passed by xtask from `-smp N`), or else what the MADT
-/// lists (capped at NR_CPUS) minus those that failed; CPU 0 is the boot
-/// CPU; APIC IDs are distinct.
+/// (`expect_cpus=N`, passed by xtask from `-smp N`) and what the MADT lists
+/// (capped at NR_CPUS); a phantom CPU (`smp_phantom=ID`, which xtask adds
+/// at -smp 3) timed out, was reported and did not stop the others; CPU 0 is
+/// the boot CPU; APIC IDs are distinct.
 #[ktest]
 fn cpu_count() {
     let info = info().expect("smp::init did not run");
@@ -30,7 +31,7 @@ fn cpu_count() {
         let expect: usize = expect.parse().expect("expect_cpus is not a number");
         assert_eq!(n, expect.min(NR_CPUS), "expected {expect} CPUs online (NR_CPUS {NR_CPUS})");
     }
-    assert_eq!(info.failed, 0, "{} CPUs failed to start", info.failed);
+    assert_eq!(info.failed, info.phantoms, "{} CPUs failed to start ({} phantoms)", info.failed, info.phantoms);
     let x2 = arch::cpu::features().contains(arch::cpu::Features::X2APIC);
     assert_eq!(info.mode == arch::apic::ApicMode::X2Apic, x2, "x2APIC must be used exactly when CPUID reports it");
     assert_eq!(n, info.madt_enabled.max(1) - info.beyond_nr_cpus, "online count disagrees with the MADT");
