@@ -620,6 +620,7 @@ fn faults_race_munmap_and_fixed_remap() {
         }
         let (mm, stop) = (&mm, &stop);
         s.spawn(move || {
+            let _stop = StopOnDrop(stop);
             on_cpu(mm);
             for round in 0..200u64 {
                 let off = (round * 13 % PAGES) * PAGE_SIZE;
@@ -634,7 +635,6 @@ fn faults_race_munmap_and_fixed_remap() {
                     }
                 }
             }
-            stop.store(true, SeqCst);
         });
     });
     assert!(faults.load(SeqCst) > 0);
@@ -653,6 +653,15 @@ fn faults_race_munmap_and_fixed_remap() {
     assert_eq!((mm.nr_ptes(), mm.nr_pmds(), mm.nr_puds()), (0, 0, 0));
     drop(mm);
     assert_eq!(m.phys.nr_free_pages(), start);
+}
+
+/// Sets the flag when dropped, also when the owning thread panics, so the
+/// threads that wait for it stop and the panic is reported.
+struct StopOnDrop<'a>(&'a AtomicBool);
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, SeqCst);
+    }
 }
 
 #[test]

@@ -117,6 +117,9 @@ mod loom_tests;
 #[cfg(all(test, not(loom)))]
 mod fault_tests;
 
+#[cfg(all(test, not(loom)))]
+mod huge_tests;
+
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, PhysAddr, Pfn, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};

@@ -35,7 +35,7 @@ use alloc::vec::Vec;
 use crate::addr::{KERNEL_PGD_BOUNDARY, PTRS_PER_TABLE, PhysAddr};
 use crate::counters::{MmCounters, MmStats};
 use crate::lock::{LockClass, LockLevel, RwSpinLock};
-use crate::tlb::{CpuBitmap, MmuGather, TlbRange};
+use crate::tlb::{CpuBitmap, MmuGather};
 use crate::vma::{Vma, VmaSet};
 use crate::pgtable::entry::{Pgd, Pmd, Pud};
 use crate::physmem::PhysMem;
@@ -230,11 +230,11 @@ impl<'p> Mm<'p> {
             crate::memory::unmap_page_range(&mut tlb, vma, vma.start.as_u64(), vma.end.as_u64());
         }
         if !this.cpu_bitmap.is_empty() {
-            // The tables below go without a grace period (nobody can walk a
-            // dying address space), but CPUs that ran it may still hold
-            // paging-structure caches for them.
-            tlb.flush_range(crate::VirtAddr::new(0), crate::VirtAddr::new(u64::MAX));
-            crate::tlb::flush_tlb_range(this, TlbRange::ALL);
+            // The tables freed below go without a grace period (nobody can
+            // walk a dying address space), but CPUs that ran it may still
+            // hold TLB and paging-structure entries for them: one full flush
+            // covers the frames and the tables.
+            tlb.flush_all();
         }
         tlb.finish();
         debug_assert_eq!(this.pmd_huge_pte.load(Relaxed), 0, "deposited tables left at exit");

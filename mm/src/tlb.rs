@@ -250,6 +250,15 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         self.end = self.end.max(end.as_u64());
     }
 
+    /// Makes the next flush a full one ([`TlbRange::ALL`], paging-structure
+    /// caches included): Linux `tlb->fullmm`, used when a whole address space
+    /// goes away.
+    pub fn flush_all(&mut self) {
+        self.start = 0;
+        self.end = u64::MAX;
+        self.freed_tables = true;
+    }
+
     /// Linux `tlb_remove_page_size`: the entry mapping `pfn` (a block of
     /// 2^order frames, or a gigantic page) at `[addr, addr + size)` was
     /// cleared; free the frames after the shoot-down.
