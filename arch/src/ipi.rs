@@ -299,6 +299,11 @@ pub fn stop_other_cpus() -> bool {
     true
 }
 
+/// How many CPUs have parked after a stop (for the dying CPU's report).
+pub fn stopped_count() -> usize {
+    STOPPED.load().count()
+}
+
 /// Whether a stop is in progress and this CPU is not the one stopping.
 /// Checked by the NMI handler.
 pub fn stop_requested_for_me() -> bool {

@@ -26,6 +26,10 @@ fn panic(info: &PanicInfo) -> ! {
         "\nKERNEL PANIC on CPU {cpu}: {}\n  at {file}:{line}\n",
         info.message()
     ));
+    let others = arch::percpu::online_count().saturating_sub(1);
+    if others > 0 {
+        arch::serial::write_fmt_forced(format_args!("  stopped {} of {others} other CPUs (NMI)\n", arch::ipi::stopped_count()));
+    }
     let rip = panic as *const () as u64;
     arch::trap::backtrace::print(rip, arch::trap::backtrace::current_rbp());
     crate::testrunner::on_panic(info);

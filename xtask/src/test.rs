@@ -222,6 +222,14 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     ));
     runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, 300));
     runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 15));
+    runs.push(KernelRun {
+        name: "runner self-test: panic on another CPU".into(),
+        firmware: Firmware::Bios,
+        smp: 3,
+        cmdline: "mode=test selftests filter=smp::tests::selftest::".into(),
+        timeout: Duration::from_secs(300),
+        expect: Expect::Fail { test: "panic_on_another_cpu", detail: "deliberate panic on CPU" },
+    });
     runs
 }
 

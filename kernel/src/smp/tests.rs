@@ -128,13 +128,15 @@ fn ipi_to_all_but_self() {
 /// of the next round before everyone has checked the current one.
 #[ktest]
 fn barrier_keeps_cpus_in_step() {
-    const ROUNDS: usize = 200;
     let n = online();
+    // Every round needs every vCPU scheduled on the host: fewer rounds on
+    // big, overcommitted machines.
+    let rounds = (1600 / n).clamp(20, 200);
     let barrier = Barrier::new(n);
     let slots: [AtomicUsize; NR_CPUS] = [const { AtomicUsize::new(0) }; NR_CPUS];
     on_each_cpu(|| {
         let me = percpu::cpu_id();
-        for round in 1..=ROUNDS {
+        for round in 1..=rounds {
             slots[me].store(round, Ordering::Relaxed);
             barrier.wait();
             for c in percpu::online_cpus() {
@@ -329,15 +331,16 @@ fn range_for(i: u64, base: VirtAddr) -> TlbRange {
     }
 }
 
-/// Stress with interrupts off: every CPU at once issues a thousand
-/// shoot-downs at all the others (mixed sizes) from a cross-called function,
+/// Stress with interrupts off: every CPU at once issues up to a thousand
+/// shoot-downs (8000 in all at -smp 8; fewer each, at least 250, on bigger
+/// machines) at all the others (mixed sizes) from a cross-called function,
 /// i.e. with interrupts disabled, so every acknowledgement has to come from
 /// a wait loop servicing its own queue. No deadlock, and the acknowledgement
 /// count adds up exactly.
 #[ktest]
 fn shootdown_stress_all_cpus_interrupts_off() {
-    const PER_CPU: u64 = 1000;
     let n = online() as u64;
+    let per_cpu = (8000 / n).clamp(250, 1000);
     let base = VirtAddr::new(arch::kvmap::WINDOW_BASE);
     let before = sum_serviced();
     let barrier = Barrier::new(n as usize);
@@ -345,15 +348,15 @@ fn shootdown_stress_all_cpus_interrupts_off() {
     on_each_cpu(|| {
         let others = CpuMask::online().without(percpu::cpu_id());
         barrier.wait();
-        for i in 0..PER_CPU {
+        for i in 0..per_cpu {
             shootdown(&others, range_for(i, base));
         }
         barrier.wait();
     });
     let ms = (arch::time::now_ns() - t0) / 1_000_000;
     let serviced = sum_serviced() - before;
-    assert_eq!(serviced, PER_CPU * n * (n - 1), "acknowledged requests do not add up");
-    log::info!("smp test: {} concurrent shoot-downs from {n} CPUs, {serviced} acknowledgements, {ms} ms", PER_CPU * n);
+    assert_eq!(serviced, per_cpu * n * (n - 1), "acknowledged requests do not add up");
+    log::info!("smp test: {} concurrent shoot-downs from {n} CPUs, {serviced} acknowledgements, {ms} ms", per_cpu * n);
 }
 
 static TASK_SHOTS: AtomicU64 = AtomicU64::new(0);
@@ -390,9 +393,10 @@ extern "C" fn bystander(_: usize) -> ! {
 /// with interrupts enabled and taking the requests as TLB_SHOOTDOWN IPIs.
 #[ktest]
 fn shootdown_stress_from_tasks_through_interrupts() {
-    const PER_SHOOTER: usize = 500;
     let me = percpu::cpu_id();
     let cpus: Vec<usize> = percpu::online_cpus().collect();
+    // 2000 in all at -smp 8; at least 100 per shooter on big machines.
+    let per_shooter = (4000 / cpus.len()).clamp(100, 500);
     TASK_SHOTS.store(0, Ordering::Relaxed);
     TASK_STOP.store(false, Ordering::Relaxed);
     TASK_START.store(0, Ordering::Relaxed);
@@ -401,7 +405,7 @@ fn shootdown_stress_from_tasks_through_interrupts() {
     let mut bystanders = Vec::new();
     for &cpu in &cpus {
         let (name, entry): (&str, extern "C" fn(usize) -> !) = if cpu % 2 == 0 { ("tlb-shooter", shooter) } else { ("tlb-bystander", bystander) };
-        let task = crate::sched::Task::new_kernel(alloc::format!("{name}/{cpu}"), cpu, entry, PER_SHOOTER).expect("out of memory");
+        let task = crate::sched::Task::new_kernel(alloc::format!("{name}/{cpu}"), cpu, entry, per_shooter).expect("out of memory");
         let task: Arc<crate::sched::Task> = crate::sched::spawn(task);
         if cpu % 2 == 0 { shooters.push(task) } else { bystanders.push(task) }
     }
@@ -414,7 +418,7 @@ fn shootdown_stress_from_tasks_through_interrupts() {
         t.join();
     }
     let ms = (arch::time::now_ns() - t0) / 1_000_000;
-    assert_eq!(TASK_SHOTS.load(Ordering::Relaxed), (PER_SHOOTER * shooters.len()) as u64);
+    assert_eq!(TASK_SHOTS.load(Ordering::Relaxed), (per_shooter * shooters.len()) as u64);
     let via_irq: u64 = cpus.iter().filter(|&&c| c % 2 == 1).map(|&c| arch::ipi::tlb_ipis(c) - irq_before[c]).sum();
     if !bystanders.is_empty() {
         assert!(via_irq > 0, "no bystander ever took a TLB_SHOOTDOWN interrupt");
@@ -426,4 +430,21 @@ fn shootdown_stress_from_tasks_through_interrupts() {
         via_irq,
         bystanders.len()
     );
+}
+
+/// The runner's own failure path for SMP (runs only with `selftests`).
+mod selftest {
+    use super::*;
+
+    /// A panic on another CPU, while the test CPU waits for it with
+    /// interrupts off, is reported as this test's failure: the panicking CPU
+    /// stops the others with an NMI (the waiting one included), prints, and
+    /// ends the run. xtask expects exactly that (`-smp 3`).
+    #[ktest]
+    fn panic_on_another_cpu() {
+        let me = percpu::cpu_id();
+        let other = percpu::online_cpus().find(|&c| c != me).expect("needs two CPUs");
+        on_cpus(&CpuMask::single(other), || panic!("deliberate panic on CPU {}", percpu::cpu_id()));
+        unreachable!("the panic on CPU {other} did not end the run");
+    }
 }
