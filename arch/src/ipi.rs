@@ -90,7 +90,7 @@ impl Channel {
             service();
             core::hint::spin_loop();
             turns = turns.wrapping_add(1);
-            if turns % 1024 == 0 && crate::time::rdtsc() - start > limit {
+            if turns.is_multiple_of(1024) && crate::time::rdtsc() - start > limit {
                 self.report_stuck(me);
             }
         }

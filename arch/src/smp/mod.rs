@@ -65,7 +65,7 @@ impl ApStart {
     /// will run on `stack_top` (16-byte aligned, the top of a stack it owns
     /// for good) and call `main(cpu)` once its hardware state is set up.
     pub fn new(cpu: usize, apic_id: u32, tables: &'static mut CpuTables, stack_top: u64, main: fn(usize) -> !) -> Self {
-        assert!(stack_top % 16 == 0, "AP stack top must be 16-byte aligned");
+        assert!(stack_top.is_multiple_of(16), "AP stack top must be 16-byte aligned");
         Self {
             cpu,
             apic_id,
@@ -117,7 +117,7 @@ impl Trampoline {
     /// lists them as reserved), and the direct map is set up (`kvmap::init`).
     pub unsafe fn install(phys: u64) -> Trampoline {
         let pages = TRAMPOLINE_PAGES as u64;
-        assert!(phys % PAGE == 0 && phys >= PAGE && phys + pages * PAGE <= 0x10_0000, "trampoline at {phys:#x} is not usable");
+        assert!(phys.is_multiple_of(PAGE) && phys >= PAGE && phys + pages * PAGE <= 0x10_0000, "trampoline at {phys:#x} is not usable");
         let off = crate::kvmap::direct_map_offset();
         assert!(off != 0, "kvmap::init has not run");
         let virt = (off + phys) as *mut u8;
