@@ -365,7 +365,7 @@ impl Barrier {
             arch::tlb::service_pending();
             core::hint::spin_loop();
             turns = turns.wrapping_add(1);
-            if turns % 4096 == 0 && arch::time::now_ns() - start > BARRIER_TIMEOUT_NS {
+            if turns.is_multiple_of(4096) && arch::time::now_ns() - start > BARRIER_TIMEOUT_NS {
                 panic!("barrier: {} of {} CPUs arrived after 60 s", self.count.load(Ordering::Relaxed), self.n);
             }
         }
