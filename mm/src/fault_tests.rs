@@ -93,7 +93,7 @@ fn anon_write_fault_maps_a_zeroed_private_page() {
     let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
     let a = mm.mmap(None, 4 * PAGE_SIZE, RW, MapFlags::empty()).unwrap().as_u64();
     assert_eq!(a % PAGE_SIZE, 0);
-    assert!(a < crate::MMAP_BASE && a >= crate::MMAP_BASE - 0x10_0000, "top-down placement: {a:#x}");
+    assert!((crate::MMAP_BASE - 0x10_0000..crate::MMAP_BASE).contains(&a), "top-down placement: {a:#x}");
     assert_eq!(fault(&mm, a + 8, Access::WRITE), Ok(FaultResult::Anon));
     assert_eq!(fault(&mm, a + 16, Access::WRITE), Ok(FaultResult::Spurious), "already mapped");
     assert_eq!(read_u64(&mm, a + 8), 0, "fresh pages are zeroed");
@@ -686,4 +686,138 @@ fn many_vmas_and_counters_survive_a_long_sequence() {
     check_consistent(&mm);
     drop(mm);
     assert_eq!(m.phys.nr_free_pages(), start);
+}
+
+mod model {
+    //! A property test: random mmap/munmap/mprotect/fault sequences against
+    //! a page-by-page model of the address space.
+    use super::*;
+    use proptest::prelude::*;
+
+    const BASE: u64 = 0x4000_0000 - PMD_SIZE; // two PMDs, across a PUD boundary
+    const NPAGES: u64 = 1024;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Mmap { page: u64, len: u64, prot: u8, huge: bool },
+        Munmap { page: u64, len: u64 },
+        Mprotect { page: u64, len: u64, prot: u8 },
+        Touch { page: u64, kind: u8 },
+    }
+
+    fn prot_of(p: u8) -> Prot {
+        [Prot::NONE, Prot::READ, RW, Prot::READ | Prot::EXEC][p as usize % 4]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Ranges are often 2 MiB aligned so whole THPs come and go too.
+        let range = prop_oneof![(0..NPAGES, 1..64u64), (0..2u64, Just(512u64)).prop_map(|(i, l)| (i * 512, l))];
+        prop_oneof![
+            (range.clone(), 0..4u8, any::<bool>()).prop_map(|((page, len), prot, huge)| Op::Mmap { page, len, prot, huge }),
+            range.clone().prop_map(|(page, len)| Op::Munmap { page, len }),
+            (range, 0..4u8).prop_map(|((page, len), prot)| Op::Mprotect { page, len, prot }),
+            (0..NPAGES, 0..3u8).prop_map(|(page, kind)| Op::Touch { page, kind }),
+            (0..2u64, 0..3u8).prop_map(|(i, kind)| Op::Touch { page: i * 512 + 7, kind }),
+        ]
+    }
+
+    /// page -> (VmFlags, last value written, if any)
+    type Model = BTreeMap<u64, (VmFlags, Option<u64>)>;
+
+    fn normalized(model: &Model) -> Vec<(u64, u64, VmFlags)> {
+        let mut out: Vec<(u64, u64, VmFlags)> = Vec::new();
+        for (&p, &(f, _)) in model {
+            match out.last_mut() {
+                Some(last) if last.1 == p && last.2 == f => last.1 = p + 1,
+                _ => out.push((p, p + 1, f)),
+            }
+        }
+        out
+    }
+
+    fn run(ops: Vec<Op>) {
+        let m = TestMachine::with_regions(&[(0x10_0000, 0x140_0000)]);
+        let start = m.phys.nr_free_pages();
+        let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+        on_cpu(&mm);
+        let mut model = Model::new();
+        let mut stamp = 1u64;
+        for op in ops {
+            match op {
+                Op::Mmap { page, len, prot, huge } => {
+                    let len = len.min(NPAGES - page);
+                    let flags = if huge { MapFlags::FIXED | MapFlags::HUGEPAGE } else { MapFlags::FIXED };
+                    let r = mm.mmap(Some(VirtAddr::new(BASE + page * PAGE_SIZE)), len * PAGE_SIZE, prot_of(prot), flags);
+                    assert_eq!(r, Ok(VirtAddr::new(BASE + page * PAGE_SIZE)));
+                    let vf = VmFlags::from_prot_and_map(prot_of(prot), flags);
+                    for p in page..page + len {
+                        model.insert(p, (vf, None));
+                    }
+                }
+                Op::Munmap { page, len } => {
+                    let len = len.min(NPAGES - page);
+                    mm.munmap(VirtAddr::new(BASE + page * PAGE_SIZE), len * PAGE_SIZE).unwrap();
+                    for p in page..page + len {
+                        model.remove(&p);
+                    }
+                }
+                Op::Mprotect { page, len, prot } => {
+                    let len = len.min(NPAGES - page);
+                    let r = mm.mprotect(VirtAddr::new(BASE + page * PAGE_SIZE), len * PAGE_SIZE, prot_of(prot));
+                    if (page..page + len).all(|p| model.contains_key(&p)) {
+                        assert_eq!(r, Ok(()));
+                        for p in page..page + len {
+                            let e = model.get_mut(&p).unwrap();
+                            e.0 = e.0.with_prot(prot_of(prot));
+                        }
+                    } else {
+                        assert_eq!(r, Err(MmapError::NoMemory));
+                    }
+                }
+                Op::Touch { page, kind } => {
+                    let va = BASE + page * PAGE_SIZE;
+                    let access = [Access::READ, Access::WRITE, Access::EXEC][kind as usize];
+                    let r = fault(&mm, va, access);
+                    match model.get_mut(&page) {
+                        None => assert_eq!(r, Err(FaultError::MapErr)),
+                        Some((f, data)) => {
+                            if crate::memory::access_error(*f, access) {
+                                assert_eq!(r, Err(FaultError::AccErr));
+                            } else {
+                                assert!(r.is_ok(), "{r:?}");
+                                if access.write {
+                                    write_u64(&mm, va + 8, stamp);
+                                    *data = Some(stamp);
+                                    stamp += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let got: Vec<(u64, u64, VmFlags)> = mm
+                .vmas()
+                .iter()
+                .map(|v| ((v.start.as_u64() - BASE) / PAGE_SIZE, (v.end.as_u64() - BASE) / PAGE_SIZE, v.flags))
+                .collect();
+            assert_eq!(got, normalized(&model), "the VMA set differs from the model");
+            check_consistent(&mm);
+        }
+        for (&p, &(_, data)) in &model {
+            if let Some(v) = data {
+                assert_eq!(read_u64(&mm, BASE + p * PAGE_SIZE + 8), v, "page {p}");
+            }
+        }
+        drop(mm);
+        assert_eq!(m.phys.nr_free_pages(), start, "teardown frees everything");
+        assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn random_mmap_munmap_mprotect_sequences_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+            run(ops);
+        }
+    }
 }

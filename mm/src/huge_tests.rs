@@ -360,7 +360,7 @@ fn thp_and_4k_faults_race_splits_in_one_pmd_table() {
                 on_cpu(mm);
                 let mut i = t * 17;
                 while !stop.load(SeqCst) {
-                    let va = base + (i * 4099 % (4 * PMD_SIZE)) & !7;
+                    let va = (base + (i * 4099 % (4 * PMD_SIZE))) & !7;
                     match fault(mm, va, if i % 4 == 0 { Access::READ } else { Access::WRITE }) {
                         Ok(_) => {
                             ok.fetch_add(1, SeqCst);
@@ -437,15 +437,10 @@ fn deposit_requires_the_pmd_lock() {
     let wrong = pmd_lock(&mm, other);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::pgtable_trans_huge_withdraw(&mm, pmd, &wrong)));
     drop(wrong);
+    assert_eq!(r.is_err(), crate::config::USE_SPLIT_PMD_PTLOCKS);
     match r {
-        Ok(t) => {
-            assert!(!crate::config::USE_SPLIT_PMD_PTLOCKS);
-            drop(t);
-        }
-        Err(_) => {
-            assert!(crate::config::USE_SPLIT_PMD_PTLOCKS);
-            drop(crate::pgtable_trans_huge_withdraw(&mm, pmd, &pmd_lock(&mm, pmd)));
-        }
+        Ok(t) => drop(t),
+        Err(_) => drop(crate::pgtable_trans_huge_withdraw(&mm, pmd, &pmd_lock(&mm, pmd))),
     }
 }
 

@@ -200,3 +200,120 @@ fn loom_ticket_lock_is_mutually_exclusive() {
         assert_eq!(g.with(|v| unsafe { *v }), 2);
     });
 }
+
+/// A machine with an order-9-capable block for THP models: 4 MiB at 2 MiB.
+struct BigFixture {
+    m: *mut TestMachine,
+    mm: *mut Mm<'static>,
+}
+
+impl BigFixture {
+    fn new(regions: &[(u64, u64)]) -> Self {
+        let m = Box::into_raw(Box::new(TestMachine::with_regions(regions)));
+        // SAFETY: just leaked; freed only in `teardown`, after every user.
+        let mr: &'static TestMachine = unsafe { &*m };
+        let mm = Box::into_raw(Box::new(Mm::new_in(&mr.phys, mr.kernel).unwrap()));
+        Self { m, mm }
+    }
+    fn machine(&self) -> &'static TestMachine {
+        // SAFETY: valid until `teardown`, which consumes the fixture.
+        unsafe { &*self.m }
+    }
+    fn mm(&self) -> &'static Mm<'static> {
+        // SAFETY: as above.
+        unsafe { &*self.mm }
+    }
+    fn teardown(self) {
+        // SAFETY: every thread using them was joined; the Mm goes first.
+        unsafe {
+            drop(Box::from_raw(self.mm));
+            drop(Box::from_raw(self.m));
+        }
+    }
+}
+
+fn bounded() -> loom::model::Builder {
+    let mut b = builder();
+    // The fault path takes mmap_lock, the PTE lock and the frame
+    // allocator's locks: bound preemptions (overridable by
+    // LOOM_MAX_PREEMPTIONS) to keep the model to seconds.
+    if b.preemption_bound.is_none() {
+        b.preemption_bound = Some(3);
+    }
+    b
+}
+
+/// `do_anonymous_page` on two CPUs for the same page: both allocate and
+/// zero a frame outside the lock; under the PTE lock exactly one installs,
+/// the other sees the entry taken, frees its frame and returns quietly.
+#[test]
+fn loom_do_anonymous_page_another_cpu_won() {
+    use crate::{Access, FaultResult, MapFlags, Prot, handle_mm_fault};
+    bounded().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        mm.mmap(Some(A), 2 * crate::PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED).unwrap();
+        // Tables exist already (the pte_alloc race has its own model).
+        assert_eq!(handle_mm_fault(mm, A_NEXT, Access::READ), Ok(FaultResult::ZeroPage));
+        // Touch A's entry once here: frame words become loom atomics on
+        // first touch, and that creation must not race (it is the harness's
+        // bookkeeping, not the protocol under test).
+        assert!(mm.follow_pte_lockless(A).is_none());
+        let before = m.phys.nr_free_pages();
+        let ts = [0, 1].map(|_| loom::thread::spawn(move || handle_mm_fault(mm, A, Access::WRITE).unwrap()));
+        let [r1, r2] = ts.map(|t| t.join().unwrap());
+        let anon = [r1, r2].iter().filter(|r| **r == FaultResult::Anon).count();
+        assert_eq!(anon, 1, "{r1:?} {r2:?}");
+        assert!(matches!(if r1 == FaultResult::Anon { r2 } else { r1 }, FaultResult::LostRace | FaultResult::Spurious));
+        assert_eq!(m.phys.nr_free_pages(), before - 1, "the loser's frame was freed");
+        let st = mm.stats();
+        assert_eq!((st.rss_pages, st.anon_faults), (1, 1));
+        assert_eq!(mm.mappings().len(), 2);
+        f.teardown();
+    });
+}
+
+/// A THP fault and a 4 KiB fault (one CPU fell back) race on one empty
+/// PMD: either the huge page or the PTE table wins under `pmd_lock`, the
+/// loser frees what it prepared and retries into the winner's mapping.
+#[test]
+fn loom_thp_fault_races_pte_alloc_on_one_pmd() {
+    use crate::memory::fault_locked;
+    use crate::vma::Vma;
+    use crate::{Access, FaultResult, MapFlags, PMD_SIZE, Prot, VmFlags};
+    const H: VirtAddr = VirtAddr::new(0x4000_0000);
+    bounded().check(|| {
+        let f = BigFixture::new(&[(0x20_0000, 0x60_0000)]);
+        let (m, mm) = (f.machine(), f.mm());
+        mm.mmap(Some(H), PMD_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED | MapFlags::HUGEPAGE).unwrap();
+        // The PMD table exists; the race is on its entry.
+        let _ = walk_alloc_pmd(mm, H).unwrap();
+        let before = m.phys.nr_free_pages();
+        let vma = mm.vmas()[0];
+        let plain = Vma { flags: vma.flags.difference(VmFlags::HUGEPAGE), ..vma };
+        let t1 = loom::thread::spawn(move || {
+            let _l = mm.mmap_lock().read();
+            fault_locked(mm, &vma, H, Access::WRITE, false).unwrap()
+        });
+        let t2 = loom::thread::spawn(move || {
+            let _l = mm.mmap_lock().read();
+            fault_locked(mm, &plain, H.add(0x1000), Access::WRITE, false).unwrap()
+        });
+        let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
+        let maps = mm.mappings();
+        if r1 == FaultResult::Thp {
+            assert_eq!(r2, FaultResult::Spurious);
+            assert_eq!(maps.len(), 1);
+            assert_eq!(maps[0].size, PMD_SIZE);
+            // 512 frames + the deposited table.
+            assert_eq!(m.phys.nr_free_pages(), before - 513);
+        } else {
+            assert_eq!((r1, r2), (FaultResult::Anon, FaultResult::Anon));
+            assert_eq!(maps.len(), 2);
+            // Two frames + the PTE table; the 2 MiB block and its table went back.
+            assert_eq!(m.phys.nr_free_pages(), before - 3);
+        }
+        assert_eq!(mm.nr_ptes(), 1);
+        f.teardown();
+    });
+}

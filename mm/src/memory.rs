@@ -398,7 +398,7 @@ fn zap_pud_range(tlb: &mut MmuGather<'_, '_>, vma: &Vma, p4d: crate::P4dRef<'_>,
         let Some(pud) = pud_offset(mm, p4d, VirtAddr::new(a)) else { return };
         let v = pud.get();
         if v.is_leaf() {
-            debug_assert!(a % PUD_SIZE == 0 && next - a == PUD_SIZE, "partial unmap of a 1 GiB page");
+            debug_assert!(a.is_multiple_of(PUD_SIZE) && next - a == PUD_SIZE, "partial unmap of a 1 GiB page");
             zap_huge_pud(tlb, pud, VirtAddr::new(a & !(PUD_SIZE - 1)));
         } else if v.is_table() {
             zap_pmd_range(tlb, vma, pud, a, next);

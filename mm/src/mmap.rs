@@ -69,7 +69,7 @@ pub struct Mapping {
 /// rounded range.
 fn user_range(addr: VirtAddr, len: u64) -> Result<(u64, u64), MmapError> {
     let start = addr.as_u64();
-    if start % PAGE_SIZE != 0 || len == 0 {
+    if !start.is_multiple_of(PAGE_SIZE) || len == 0 {
         return Err(MmapError::Invalid);
     }
     let len = len.checked_add(PAGE_SIZE - 1).ok_or(MmapError::Invalid)? & !(PAGE_SIZE - 1);
@@ -86,7 +86,7 @@ fn check_hugetlb_cuts(vmas: &VmaSet, start: u64, end: u64) -> Result<(), MmapErr
     for v in vmas.overlapping(start, end) {
         let sz = v.flags.page_size();
         if v.flags.is_hugetlb()
-            && ((start > v.start.as_u64() && start % sz != 0) || (end < v.end.as_u64() && end % sz != 0))
+            && ((start > v.start.as_u64() && !start.is_multiple_of(sz)) || (end < v.end.as_u64() && !end.is_multiple_of(sz)))
         {
             return Err(MmapError::Invalid);
         }

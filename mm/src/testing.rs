@@ -69,8 +69,6 @@ impl Drop for RcuThread {
 /// A TLB-flush observer: called on the flushing thread for each shoot-down.
 pub type FlushObserver = Box<dyn Fn(&CpuBitmap, TlbRange)>;
 
-static FLUSHES: AtomicU64 = AtomicU64::new(0);
-
 std::thread_local! {
     static CPU: usize = NEXT_CPU.fetch_add(1, Relaxed);
     static RCU: RcuThread = RcuThread::register();
@@ -89,11 +87,6 @@ pub fn set_flush_observer(f: Option<FlushObserver>) {
 /// Shoot-downs requested by this thread so far.
 pub fn thread_flushes() -> u64 {
     THREAD_FLUSHES.with(|c| c.get())
-}
-
-/// Shoot-downs requested by all threads so far.
-pub fn total_flushes() -> u64 {
-    FLUSHES.load(Relaxed)
 }
 
 impl Hal for HostHal {
@@ -149,7 +142,6 @@ impl Hal for HostHal {
         }
     }
     fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange) {
-        FLUSHES.fetch_add(1, Relaxed);
         THREAD_FLUSHES.with(|c| c.set(c.get() + 1));
         FLUSH_OBSERVER.with(|o| {
             if let Some(f) = o.borrow().as_ref() {
