@@ -12,7 +12,7 @@
 //! | 2  | `yield`    | -                              | 0 |
 //! | 3  | `gettid`   | -                              | thread id |
 //! | 4  | `getcpu`   | -                              | CPU number |
-//! | 5  | `mmap`     | addr, len, prot, flags         | address / -EINVAL / -ENOMEM / -EEXIST |
+//! | 5  | `mmap`     | addr, len, prot, flags         | address / -EINVAL / -ENOMEM |
 //! | 6  | `munmap`   | addr, len                      | 0 / -EINVAL |
 //! | 7  | `mprotect` | addr, len, prot                | 0 / -EINVAL / -ENOMEM |
 //! | 8  | `barrier`  | id, parties                    | 0 once `parties` threads of the address space arrived |
@@ -37,7 +37,6 @@ pub mod nr {
 pub mod errno {
     pub const ENOMEM: isize = 12;
     pub const EFAULT: isize = 14;
-    pub const EEXIST: isize = 17;
     pub const EINVAL: isize = 22;
     pub const ENOSYS: isize = 38;
 }
@@ -51,7 +50,7 @@ pub mod prot {
 
 /// `flags` of `mmap`.
 pub mod map {
-    /// Map exactly at `addr` (replacing nothing: overlapping is -EEXIST).
+    /// Map exactly at `addr`, replacing whatever was mapped there.
     pub const FIXED: usize = 1 << 0;
     /// Transparent-huge-page hint: faults may map 2 MiB pages.
     pub const HUGEPAGE: usize = 1 << 1;

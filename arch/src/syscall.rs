@@ -128,15 +128,15 @@ pub fn user_frame(rip: u64, rsp: u64, args: [u64; 3]) -> TrapFrame {
 ///
 /// # Safety
 /// `kernel_stack_top` must be the top of the current thread's own kernel
-/// stack, and nothing on that stack may be needed any more. CR3 must hold the
+/// stack, the current stack pointer must lie at least `size_of::<TrapFrame>()`
+/// below it, and nothing on that stack may be needed any more. CR3 must hold the
 /// address space that maps `frame.rip` and `frame.rsp` for user access.
 pub unsafe fn enter_user(frame: &TrapFrame, kernel_stack_top: u64) -> ! {
     crate::gdt::set_kernel_stack(VirtAddr::new(kernel_stack_top));
     let slot = (kernel_stack_top as *mut TrapFrame).wrapping_sub(1);
-    // SAFETY: the slot is the top of this thread's kernel stack (caller's
-    // contract); the frame is copied there before jumping, and the current
-    // Rust frame lies below it only if the stack is nearly full, which the
-    // caller rules out by calling this first thing in the thread.
+    // SAFETY: the slot is the top of this thread's kernel stack, which the
+    // caller keeps free of live Rust frames (its code runs below the slot);
+    // the frame is copied there before jumping to it.
     unsafe {
         slot.write(frame.clone());
         arch_enter_user(slot)

@@ -27,6 +27,7 @@ mod smp;
 mod testrunner;
 mod traps;
 mod user;
+mod uspace;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{entry_point, BootInfo};
@@ -101,6 +102,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     );
 
     sched::init_cpu("init");
+    uspace::init_cpu();
     sched::set_kick(smp::kick);
     smp::set_tick_handler(sched::tick);
     // Kernel code is not preempted (the tick only preempts ring 3), so the

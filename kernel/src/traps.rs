@@ -1,8 +1,9 @@
 //! The kernel's trap policy (arch provides the mechanism).
 //!
-//! Until the memory manager handles page faults, a page fault is unresolved
-//! and falls through to the exception table or an oops. Breakpoints are
-//! counted and skipped, which is what the trap tests check.
+//! Page faults on user addresses go to the memory manager (`uspace::fault`);
+//! what it cannot resolve falls through to the exception table, a killed
+//! user task, or an oops. Breakpoints are counted and skipped, which is what
+//! the trap tests check.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,15 +18,18 @@ pub static PAGE_FAULTS: AtomicU64 = AtomicU64::new(0);
 /// See [`PAGE_FAULTS`].
 pub static LAST_FAULT_ADDR: AtomicU64 = AtomicU64::new(0);
 
-fn page_fault(_frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
+/// Counts a page fault (for the trap tests).
+pub fn count_page_fault(addr: u64) {
     PAGE_FAULTS.fetch_add(1, Ordering::Relaxed);
-    LAST_FAULT_ADDR.store(pf.addr.as_u64(), Ordering::Relaxed);
-    FaultOutcome::Unhandled
+    LAST_FAULT_ADDR.store(addr, Ordering::Relaxed);
+}
+
+fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
+    crate::uspace::page_fault(frame, pf)
 }
 
 fn user_exception(frame: &mut TrapFrame, fault: Option<PageFault>) {
-    // No user tasks exist yet: any ring-3 trap is a kernel bug.
-    arch::trap::oops(frame, fault, "exception in user mode with no user tasks");
+    crate::uspace::user_exception(frame, fault)
 }
 
 fn breakpoint(frame: &mut TrapFrame) {

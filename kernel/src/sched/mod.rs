@@ -16,7 +16,7 @@
 //! it is never held across a context switch). Everything else in `CpuSched`
 //! is touched only by its own CPU with interrupts disabled.
 
-mod task;
+pub mod task;
 mod wait;
 
 use alloc::collections::VecDeque;
@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use arch::percpu::NR_CPUS;
 use spin::Mutex;
 
-pub use task::{KernelStack, State, Task, Tid};
+pub use task::{State, Task};
 pub use wait::WaitQueue;
 
 /// One CPU's scheduler state.
@@ -112,6 +112,12 @@ pub fn cpu_ready(cpu: usize) -> bool {
 pub fn current() -> Arc<Task> {
     // SAFETY: owner CPU, interrupts off (with_local).
     with_local(|cs| unsafe { (*cs.current.get()).clone() }).expect("scheduler not initialised on this CPU")
+}
+
+/// The address space of the running task, if it is a user thread.
+pub fn current_space() -> Option<Arc<crate::uspace::AddressSpace>> {
+    // SAFETY: owner CPU, interrupts off (with_local).
+    with_local(|cs| unsafe { (*cs.current.get()).as_ref().and_then(|t| t.space()) })
 }
 
 extern "C" fn idle_loop(_: usize) -> ! {

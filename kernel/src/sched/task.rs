@@ -9,6 +9,7 @@ use core::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use arch::context::Context;
 
 use super::WaitQueue;
+use crate::uspace::AddressSpace;
 
 /// Task identifier, unique for the life of the system.
 pub type Tid = u64;
@@ -105,6 +106,9 @@ pub struct Task {
     exit_code: AtomicI64,
     /// Woken when the task exits.
     exited: WaitQueue,
+    /// The address space of a user thread (`None` for kernel tasks, which
+    /// run on the kernel's own page tables).
+    space: Option<Arc<AddressSpace>>,
 }
 
 // SAFETY: `context` is accessed only by the task's own CPU with interrupts
@@ -115,7 +119,7 @@ unsafe impl Sync for Task {}
 unsafe impl Send for Task {}
 
 impl Task {
-    fn alloc(name: String, cpu: usize, stack: Option<KernelStack>, context: Context) -> Arc<Self> {
+    fn alloc(name: String, cpu: usize, stack: Option<KernelStack>, context: Context, space: Option<Arc<AddressSpace>>) -> Arc<Self> {
         LIVE_TASKS.fetch_add(1, Ordering::Relaxed);
         Arc::new(Self {
             tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
@@ -126,21 +130,55 @@ impl Task {
             stack,
             exit_code: AtomicI64::new(0),
             exited: WaitQueue::new(),
+            space,
         })
     }
 
     /// Wraps the code already running on this CPU (its boot stack).
     pub(super) fn adopt_current(name: &str, cpu: usize) -> Arc<Self> {
-        Self::alloc(String::from(name), cpu, None, Context::default())
+        Self::alloc(String::from(name), cpu, None, Context::default(), None)
     }
 
     /// A kernel task that will run `entry(arg)` on `cpu` once spawned.
     /// `entry` must end with [`super::exit_current`]. `None` if out of memory.
     pub fn new_kernel(name: String, cpu: usize, entry: extern "C" fn(usize) -> !, arg: usize) -> Option<Arc<Self>> {
+        Self::with_stack(name, cpu, entry, arg, None)
+    }
+
+    /// A user thread of `space`: starts like a kernel task running `entry`
+    /// (which enters ring 3), and runs on `space`'s page tables.
+    pub fn new_user(
+        name: String,
+        cpu: usize,
+        space: Arc<AddressSpace>,
+        entry: extern "C" fn(usize) -> !,
+        arg: usize,
+    ) -> Option<Arc<Self>> {
+        Self::with_stack(name, cpu, entry, arg, Some(space))
+    }
+
+    fn with_stack(
+        name: String,
+        cpu: usize,
+        entry: extern "C" fn(usize) -> !,
+        arg: usize,
+        space: Option<Arc<AddressSpace>>,
+    ) -> Option<Arc<Self>> {
         let stack = KernelStack::new()?;
-        // SAFETY: the stack is fresh, aligned and owned by the task.
-        let ctx = unsafe { Context::new_thread(stack.top(), trampoline, [entry as *const () as usize, arg]) };
-        Some(Self::alloc(name, cpu, Some(stack), ctx))
+        // The task's code starts below a slot the size of a trap frame at the
+        // top of its stack: a user thread builds its first ring-3 frame
+        // there (`arch::syscall::enter_user`) without overwriting its own
+        // live Rust frames.
+        let start = stack.top() - core::mem::size_of::<arch::trap::TrapFrame>() as u64;
+        // SAFETY: the stack is fresh, aligned (the frame size is a multiple
+        // of 16) and owned by the task.
+        let ctx = unsafe { Context::new_thread(start, trampoline, [entry as *const () as usize, arg]) };
+        Some(Self::alloc(name, cpu, Some(stack), ctx, space))
+    }
+
+    /// The address space of a user thread.
+    pub fn space(&self) -> Option<Arc<AddressSpace>> {
+        self.space.clone()
     }
 
     /// Identifier.
@@ -190,10 +228,27 @@ impl Task {
         self.try_transition(State::Blocked, State::Running);
     }
 
-    /// Sets the hardware up for running this task after `prev`.
-    pub(super) fn switch_in_hardware_state(&self, _prev: &Task) {
+    /// Sets the hardware up for running this task after `prev`: its kernel
+    /// stack for traps from ring 3, and its page tables. Kernel tasks run on
+    /// the kernel's own PML4, so a finished address space is never left in
+    /// CR3. The CPU leaves `prev`'s cpumask only after CR3 no longer points
+    /// at it (the write flushed its translations), so a shoot-down never
+    /// misses a CPU that may still cache them.
+    pub(super) fn switch_in_hardware_state(&self, prev: &Task) {
         if let Some(top) = self.stack_top() {
             arch::gdt::set_kernel_stack(x86_64::VirtAddr::new(top));
+        }
+        match (&prev.space, &self.space) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => {}
+            (old, new) => {
+                match new {
+                    Some(space) => space.activate(),
+                    None => crate::memory::load_kernel_cr3(),
+                }
+                if let Some(old) = old {
+                    old.deactivate();
+                }
+            }
         }
     }
 

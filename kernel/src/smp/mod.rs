@@ -236,6 +236,7 @@ fn start_one(tramp: &Trampoline, cpu: usize, apic_id: u32) -> Result<(), StartEr
 fn ap_main(cpu: usize) -> ! {
     apic::timer_start_periodic(TICK_HZ);
     crate::sched::init_cpu(&alloc::format!("ap-boot/{cpu}"));
+    crate::uspace::init_cpu();
     percpu::mark_online();
     log::debug!("smp: CPU {cpu} (APIC ID {}) online", percpu::this_cpu().apic_id());
     crate::sched::exit_current(0)

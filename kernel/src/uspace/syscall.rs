@@ -1,0 +1,108 @@
+//! System-call dispatch (ABI: the `abi` crate).
+//!
+//! Every handler validates its arguments: user pointers go through
+//! `arch::usercopy` (range-checked, SMAP-windowed, fault-tolerant), and a bad
+//! pointer or length becomes an error code, never a kernel fault.
+
+use abi::{errno, nr};
+use arch::trap::TrapFrame;
+use mm::{MapFlags, MmapError, Prot, VirtAddr};
+
+use crate::sched;
+
+/// Entered from `arch::syscall` with interrupts disabled, on the thread's
+/// kernel stack.
+pub fn handle(frame: &mut TrapFrame) {
+    // System calls are interruptible (IPIs, TLB shoot-downs, ticks); the
+    // return path needs interrupts off again before it swaps GS back.
+    arch::irq::enable();
+    let args = [frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9];
+    let ret = dispatch(frame.rax as usize, args);
+    arch::irq::disable();
+    frame.rax = ret as u64;
+}
+
+fn dispatch(number: usize, a: [u64; 6]) -> isize {
+    match number {
+        nr::LOG => sys_log(a[0], a[1] as usize),
+        nr::EXIT => sched::exit_current(a[0] as i64),
+        nr::YIELD => {
+            sched::yield_now();
+            0
+        }
+        nr::GETTID => sched::current().tid() as isize,
+        nr::GETCPU => arch::percpu::cpu_id() as isize,
+        nr::MMAP => sys_mmap(a[0], a[1], a[2] as usize, a[3] as usize),
+        nr::MUNMAP => result(current_space().mm.munmap(VirtAddr::new(a[0]), a[1]).map(|_| 0)),
+        nr::MPROTECT => match prot_from(a[2] as usize) {
+            Some(prot) => result(current_space().mm.mprotect(VirtAddr::new(a[0]), a[1], prot).map(|_| 0)),
+            None => -errno::EINVAL,
+        },
+        nr::BARRIER => {
+            if a[1] == 0 || a[1] > 4096 {
+                return -errno::EINVAL;
+            }
+            current_space().barrier(a[0], a[1] as usize);
+            0
+        }
+        nr::CYCLES => arch::time::rdtsc() as isize,
+        _ => -errno::ENOSYS,
+    }
+}
+
+fn current_space() -> alloc::sync::Arc<super::AddressSpace> {
+    sched::current().space().expect("system call from a task without an address space")
+}
+
+fn sys_log(ptr: u64, len: usize) -> isize {
+    if len > abi::LOG_MAX {
+        return -errno::EINVAL;
+    }
+    let mut buf = alloc::vec![0u8; len];
+    if arch::usercopy::copy_from_user(&mut buf, ptr).is_err() {
+        return -errno::EFAULT;
+    }
+    match core::str::from_utf8(&buf) {
+        Ok(text) => {
+            let me = sched::current();
+            log::info!("[user tid {} {}] {}", me.tid(), me.name(), text);
+            0
+        }
+        Err(_) => -errno::EINVAL,
+    }
+}
+
+fn prot_from(bits: usize) -> Option<Prot> {
+    if bits & !(abi::prot::READ | abi::prot::WRITE | abi::prot::EXEC) != 0 {
+        return None;
+    }
+    let mut p = Prot::empty();
+    p.set(Prot::READ, bits & abi::prot::READ != 0);
+    p.set(Prot::WRITE, bits & abi::prot::WRITE != 0);
+    p.set(Prot::EXEC, bits & abi::prot::EXEC != 0);
+    Some(p)
+}
+
+fn sys_mmap(addr: u64, len: u64, prot: usize, flags: usize) -> isize {
+    let Some(prot) = prot_from(prot) else { return -errno::EINVAL };
+    let known = abi::map::FIXED | abi::map::HUGEPAGE | abi::map::HUGETLB_2M | abi::map::HUGETLB_1G | abi::map::POPULATE;
+    if flags & !known != 0 {
+        return -errno::EINVAL;
+    }
+    let mut f = MapFlags::empty();
+    f.set(MapFlags::FIXED, flags & abi::map::FIXED != 0);
+    f.set(MapFlags::HUGEPAGE, flags & abi::map::HUGEPAGE != 0);
+    f.set(MapFlags::HUGETLB_2M, flags & abi::map::HUGETLB_2M != 0);
+    f.set(MapFlags::HUGETLB_1G, flags & abi::map::HUGETLB_1G != 0);
+    f.set(MapFlags::POPULATE, flags & abi::map::POPULATE != 0);
+    let hint = if flags & abi::map::FIXED != 0 { Some(VirtAddr::new(addr)) } else { None };
+    result(current_space().mm.mmap(hint, len, prot, f).map(|a| a.as_u64() as isize))
+}
+
+fn result(r: Result<isize, MmapError>) -> isize {
+    match r {
+        Ok(v) => v,
+        Err(MmapError::NoMemory) => -errno::ENOMEM,
+        Err(_) => -errno::EINVAL,
+    }
+}
