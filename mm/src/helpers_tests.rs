@@ -509,3 +509,45 @@ fn every_pte_lock_in_a_table_serialises_writers() {
     let map = pte_offset_map(&mm, pmd, A).unwrap();
     assert_eq!(map.ptep_get().raw(), 8000 * PAGE_SIZE);
 }
+
+/// `pte_offset_map_lock` re-reads the pmd after taking the lock and retries
+/// when it changed: a reader that reached table T1 through pmd(A) and waits
+/// for T1's lock while a writer swaps pmd(A) to T2 must come back holding
+/// T2's lock, with pmd(A) pointing at T2. (The loom model of the same race
+/// is in loom_tests.rs; this is its host-thread twin.)
+#[test]
+fn pte_offset_map_lock_retries_when_the_pmd_changes_under_it() {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    let m = TestMachine::new();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    let pmd_a = pmd_with_table(&mm, A);
+    let pmd_b = pmd_with_table(&mm, B_OTHER_PTE);
+    let (t1, t2) = (pmd_a.get(), pmd_b.get());
+    let reader_started = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let pl = pmd_lock(&mm, pmd_a);
+        let (l1, l2) = (pte_lockptr(&mm, t1), pte_lockptr(&mm, t2));
+        let (first, second) = if (l1.raw() as *const _) < (l2.raw() as *const _) { (l1, l2) } else { (l2, l1) };
+        let g1 = (!first.is_held_by(&pl)).then(|| first.lock());
+        let g2 = (!second.is_held_by(&pl) && first != second).then(|| second.lock_nested());
+        let reader = s.spawn(|| {
+            reader_started.store(true, Ordering::SeqCst);
+            let g = pte_offset_map_lock(&mm, pmd_a, A).expect("pmd(A) always has a table");
+            let seen = g.pmdval();
+            assert!(pte_lockptr(&mm, seen).is_held_by(g.ptl()));
+            assert_eq!(pmd_a.get(), seen, "locked a table the pmd no longer points to");
+            pte_unmap_unlock(g);
+            seen
+        });
+        while !reader_started.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Let the reader read pmd(A) = T1 and queue on T1's lock.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        set_pmd(&mm, pmd_a, t2, &pl);
+        set_pmd(&mm, pmd_b, t1, &pl);
+        drop((g2, g1, pl));
+        assert_eq!(reader.join().unwrap(), t2, "the reader must end up on the table pmd(A) points to now");
+    });
+    assert_eq!((pmd_a.get(), pmd_b.get()), (t2, t1));
+}
