@@ -95,7 +95,120 @@ pub mod program {
     /// Spins for `arg0` iterations without system calls (preemption test),
     /// then exits 0.
     pub const SPIN: usize = 8;
+    /// The fault storm (see [`crate::storm`]): `arg0` is the thread index;
+    /// exits with the number of mismatches.
+    pub const STORM: usize = 9;
+
+    /// A short name for task names and logs.
+    pub const fn name(program: usize) -> &'static str {
+        match program {
+            REPORT_CPU => "report-cpu",
+            YIELD_TRACE => "yield-trace",
+            TOUCH_KERNEL => "touch-kernel",
+            EXEC_NX => "exec-nx",
+            BAD_POINTERS => "bad-pointers",
+            EXIT_WITH => "exit-with",
+            WRITE_TEXT => "write-text",
+            TOUCH_RANGE => "touch-range",
+            SPIN => "spin",
+            STORM => "storm",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Shared trace area used by `YIELD_TRACE` (mapped by the test).
 pub const TRACE_ADDR: u64 = 0x1000_0000;
+
+/// The fault-storm program (`program::STORM`): threads of one address space
+/// touch memory in patterns chosen by a parameter block the kernel writes at
+/// [`storm::PARAMS_ADDR`]; each thread reports into its own result slot.
+pub mod storm {
+    /// Where the kernel maps the parameter block (one page: params, then
+    /// one [`Report`] per thread).
+    pub const PARAMS_ADDR: u64 = 0x2000_0000;
+    /// Offset of thread `i`'s report: `REPORTS_OFFSET + i * size_of::<Report>()`.
+    pub const REPORTS_OFFSET: u64 = 256;
+    /// Most threads one storm can have (reports must fit in the page).
+    pub const MAX_THREADS: usize = 48;
+
+    /// Write a tag into this thread's slot of each assigned page, then read
+    /// every tag back.
+    pub const MODE_TOUCH: u64 = 0;
+    /// Read every assigned page first (each must read zero: the shared zero
+    /// page), wait for all threads, then write and verify as `MODE_TOUCH`.
+    pub const MODE_COW: u64 = 1;
+    /// Rounds of: map `len` bytes anywhere, write one byte per 4 KiB page,
+    /// unmap (will-it-scale page_fault1, per thread).
+    pub const MODE_CYCLE: u64 = 2;
+    /// Rounds of `mmap(MAP_FIXED)` over `[base, base + len)`: replaces the
+    /// mapping (unmap + map under the address-space lock) while others touch it.
+    pub const MODE_REMAPPER: u64 = 3;
+    /// Rounds of `mprotect` of one 4 KiB page in each 2 MiB of the range,
+    /// splitting any 2 MiB mapping there.
+    pub const MODE_SPLITTER: u64 = 4;
+
+    /// Thread `i` of `n` touches the `i`-th contiguous block of pages.
+    pub const PATTERN_BLOCKS: u64 = 0;
+    /// Thread `i` touches pages `i, i + n, i + 2n, ...` (same PTE tables).
+    pub const PATTERN_INTERLEAVED: u64 = 1;
+    /// Every thread touches every page (its own 8-byte slot in it).
+    pub const PATTERN_SAME: u64 = 2;
+    /// Thread `i` touches the first page of every 2 MiB region if `i` is
+    /// even (THP faults), else every 64th page plus its index (4 KiB faults).
+    pub const PATTERN_HUGE_MIX: u64 = 3;
+
+    /// The parameter block.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Params {
+        /// One of the `MODE_*` constants (for threads that follow `pattern`).
+        pub mode: u64,
+        /// One of the `PATTERN_*` constants.
+        pub pattern: u64,
+        /// Start of the region (mapped by the kernel, except in `MODE_CYCLE`).
+        pub base: u64,
+        /// Its length in bytes.
+        pub len: u64,
+        /// Threads taking part (barrier parties).
+        pub threads: u64,
+        /// Rounds (each starts with a barrier).
+        pub rounds: u64,
+        /// `map::*` flags for the mappings the program makes itself.
+        pub map_flags: u64,
+        /// Nonzero: a tag that reads back as zero was lost to a concurrent
+        /// remap (counted in `lost`), not an error.
+        pub tolerate_loss: u64,
+        /// Nonzero: between rounds, thread 0 replaces the whole region with a
+        /// fresh mapping (MAP_FIXED), so every round faults again.
+        pub remap_between_rounds: u64,
+        /// Per-thread mode overrides: thread `i` runs `special_mode` if
+        /// `i < special_threads` (remappers, splitters).
+        pub special_threads: u64,
+        /// See `special_threads`.
+        pub special_mode: u64,
+    }
+
+    /// What one thread reports.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Report {
+        /// Pages this thread touched (first-touch faults in `MODE_CYCLE`).
+        pub touched: u64,
+        /// Tags that read back wrong: data corruption.
+        pub mismatches: u64,
+        /// Tags lost to a concurrent remap (only with `tolerate_loss`).
+        pub lost: u64,
+        /// TSC when the timed part began (after the start barrier) and ended.
+        pub start_cycles: u64,
+        /// See `start_cycles`.
+        pub end_cycles: u64,
+        /// Set to 1 when the thread finished.
+        pub done: u64,
+    }
+
+    /// The tag a thread writes into a page in a round.
+    pub const fn tag(page_addr: u64, thread: u64, round: u64) -> u64 {
+        (page_addr ^ (thread << 48) ^ (round << 40)) | 1
+    }
+}

@@ -14,6 +14,7 @@ extern crate alloc;
 
 mod cmdline;
 mod debuginfo;
+mod faultstat;
 mod heap;
 mod logger;
 mod memory;
@@ -24,6 +25,7 @@ mod sched;
 mod selfcheck;
 mod selftest;
 mod smp;
+mod storm;
 mod testrunner;
 mod traps;
 mod user;

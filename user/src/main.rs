@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod storm;
 mod sys;
 
 use abi::{errno, program};
@@ -23,6 +24,7 @@ extern "C" fn _start(program: usize, arg0: usize, arg1: usize) -> ! {
         program::WRITE_TEXT => write_text(),
         program::TOUCH_RANGE => touch_range(arg0, arg1),
         program::SPIN => spin(arg0),
+        program::STORM => storm::run(arg0 as u64),
         _ => {
             sys::log("unknown program");
             -1

@@ -86,3 +86,46 @@ pub fn fmt<'a>(buf: &'a mut [u8], parts: &[&[u8]]) -> &'a [u8] {
     }
     &buf[..n]
 }
+
+pub fn barrier(id: u64, parties: u64) {
+    syscall2(nr::BARRIER, id as usize, parties as usize);
+}
+
+pub fn cycles() -> u64 {
+    syscall2(nr::CYCLES, 0, 0) as u64
+}
+
+pub fn mmap(addr: usize, len: usize, prot: usize, flags: usize) -> isize {
+    syscall6(nr::MMAP, [addr, len, prot, flags, 0, 0])
+}
+
+pub fn munmap(addr: usize, len: usize) -> isize {
+    syscall2(nr::MUNMAP, addr, len)
+}
+
+pub fn mprotect(addr: usize, len: usize, prot: usize) -> isize {
+    syscall3(nr::MPROTECT, addr, len, prot)
+}
+
+/// A raw system call with six arguments (RDI, RSI, RDX, R10, R8, R9).
+pub fn syscall6(n: usize, a: [usize; 6]) -> isize {
+    let ret: isize;
+    // SAFETY: the kernel's syscall ABI: RCX and R11 are clobbered, every
+    // other register is preserved.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") n as isize => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}

@@ -40,8 +40,12 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
     if reenable {
         arch::irq::enable();
     }
+    let start = arch::time::rdtsc();
     let r = mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access);
     arch::irq::disable();
+    if r.is_ok() {
+        crate::faultstat::record(arch::time::rdtsc().wrapping_sub(start));
+    }
     match r {
         Ok(_) => FaultOutcome::Handled,
         Err(e) => {

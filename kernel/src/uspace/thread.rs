@@ -18,7 +18,7 @@ struct UserStart {
 pub fn spawn_user(space: &Arc<AddressSpace>, cpu: usize, program: usize, args: [u64; 2]) -> Result<Arc<Task>, SpaceError> {
     let stack_top = space.map_stack()?;
     let start = Box::new(UserStart { entry: space.entry(), stack_top, args: [program as u64, args[0], args[1]] });
-    let name = alloc::format!("user/{program}");
+    let name = alloc::format!("{}/{cpu}", abi::program::name(program));
     let task = Task::new_user(name, cpu, space.clone(), user_thread_entry, Box::into_raw(start) as usize)
         .ok_or(SpaceError::NoMemory)?;
     Ok(sched::spawn(task))

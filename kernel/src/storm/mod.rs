@@ -1,0 +1,128 @@
+//! Fault storms: ring-3 threads of one address space, one per CPU (or as
+//! many as asked), faulting the same address space at once through the real
+//! #PF path. Used by the storm tests, `cargo xtask run`'s default workload
+//! and the benchmark.
+//!
+//! The kernel maps a parameter page at `abi::storm::PARAMS_ADDR`, writes the
+//! [`Params`], optionally maps the region the threads will touch, starts the
+//! threads (pinned round-robin over the given CPUs), waits for them, and
+//! collects each thread's [`Report`] and exit code, the address space's
+//! counters and page-table contents, before tearing it down.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use abi::storm::{Params, Report, PARAMS_ADDR, REPORTS_OFFSET};
+use mm::{MapFlags, Mapping, MmStats, Prot, VirtAddr};
+
+use crate::uspace::{spawn_user, AddressSpace};
+
+/// One storm to run.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Parameters the user threads read.
+    pub params: Params,
+    /// Map `[params.base, params.base + params.len)` with these flags before
+    /// starting (`None`: the threads map their own memory).
+    pub premap: Option<MapFlags>,
+    /// CPUs to pin threads to, round-robin (`params.threads` threads).
+    pub cpus: Vec<usize>,
+}
+
+/// What a storm did.
+pub struct Outcome {
+    /// Exit code of each thread (the mismatch count, or `uspace::KILLED`).
+    pub exit_codes: Vec<i64>,
+    /// Each thread's report.
+    pub reports: Vec<Report>,
+    /// The address space's counters at the end.
+    pub stats: MmStats,
+    /// Every page-table entry mapping user memory in the region at the end.
+    pub mappings: Vec<Mapping>,
+    /// The CPU each thread ran on.
+    pub cpus: Vec<usize>,
+}
+
+impl Outcome {
+    /// Total pages touched.
+    pub fn touched(&self) -> u64 {
+        self.reports.iter().map(|r| r.touched).sum()
+    }
+
+    /// Total mismatches (data corruption) over all threads.
+    pub fn mismatches(&self) -> u64 {
+        self.reports.iter().map(|r| r.mismatches).sum()
+    }
+
+    /// Cycles from the first thread's start to the last thread's end.
+    pub fn span_cycles(&self) -> u64 {
+        let start = self.reports.iter().map(|r| r.start_cycles).min().unwrap_or(0);
+        let end = self.reports.iter().map(|r| r.end_cycles).max().unwrap_or(0);
+        end.saturating_sub(start)
+    }
+}
+
+/// Why a storm could not run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StormError {
+    /// Out of memory while setting up.
+    NoMemory,
+    /// Too many threads for the report page.
+    TooManyThreads,
+}
+
+/// Runs `spec` to completion.
+pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
+    let p = spec.params;
+    let n = p.threads as usize;
+    if n == 0 || n > abi::storm::MAX_THREADS {
+        return Err(StormError::TooManyThreads);
+    }
+    let space: Arc<AddressSpace> = AddressSpace::with_programs().map_err(|_| StormError::NoMemory)?;
+    space
+        .mm
+        .mmap(Some(VirtAddr::new(PARAMS_ADDR)), 4096, Prot::READ | Prot::WRITE, MapFlags::FIXED)
+        .map_err(|_| StormError::NoMemory)?;
+    // SAFETY: Params is repr(C) plain data; viewing it as bytes is sound.
+    let bytes = unsafe { core::slice::from_raw_parts(&p as *const Params as *const u8, core::mem::size_of::<Params>()) };
+    if !space.write(PARAMS_ADDR, bytes) {
+        return Err(StormError::NoMemory);
+    }
+    if let Some(flags) = spec.premap {
+        space
+            .mm
+            .mmap(Some(VirtAddr::new(p.base)), p.len, Prot::READ | Prot::WRITE, flags | MapFlags::FIXED)
+            .map_err(|_| StormError::NoMemory)?;
+    }
+    let cpus: Vec<usize> = (0..n).map(|i| spec.cpus[i % spec.cpus.len()]).collect();
+    let threads: Vec<_> = (0..n)
+        .map(|i| spawn_user(&space, cpus[i], abi::program::STORM, [i as u64, 0]))
+        .collect::<Result<_, _>>()
+        .map_err(|_| StormError::NoMemory)?;
+    let exit_codes: Vec<i64> = threads.iter().map(|t| t.join()).collect();
+    let mut reports = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut r = Report::default();
+        // SAFETY: Report is repr(C) plain data.
+        let buf = unsafe { core::slice::from_raw_parts_mut(&mut r as *mut Report as *mut u8, core::mem::size_of::<Report>()) };
+        let at = PARAMS_ADDR + REPORTS_OFFSET + (i * core::mem::size_of::<Report>()) as u64;
+        if !space.read(at, buf) {
+            return Err(StormError::NoMemory);
+        }
+        reports.push(r);
+    }
+    let stats = space.mm.stats();
+    let region = p.base..p.base + p.len;
+    let mappings = space.mm.mappings().into_iter().filter(|m| region.contains(&m.va.as_u64())).collect();
+    drop(threads);
+    drop(space);
+    Ok(Outcome { exit_codes, reports, stats, mappings, cpus })
+}
+
+/// The CPUs online now.
+pub fn online() -> Vec<usize> {
+    arch::percpu::online_cpus().collect()
+}
+
+#[cfg(target_os = "none")]
+mod tests;

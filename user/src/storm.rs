@@ -1,0 +1,157 @@
+//! The fault-storm program: see `abi::storm` for the protocol.
+
+use abi::storm::{self, Params, Report};
+
+use crate::sys;
+
+const PAGE: u64 = 4096;
+const HUGE: u64 = 2 << 20;
+
+fn params() -> Params {
+    // SAFETY: the kernel maps and fills the parameter page before starting
+    // any storm thread, and never changes it while they run.
+    unsafe { (storm::PARAMS_ADDR as *const Params).read_volatile() }
+}
+
+fn report(index: u64) -> *mut Report {
+    (storm::PARAMS_ADDR + storm::REPORTS_OFFSET + index * core::mem::size_of::<Report>() as u64) as *mut Report
+}
+
+/// Pages (addresses) thread `i` of `n` touches in `[base, base + len)`.
+fn for_each_page(p: &Params, i: u64, mut f: impl FnMut(u64)) {
+    let pages = p.len / PAGE;
+    let n = p.threads.max(1);
+    match p.pattern {
+        storm::PATTERN_BLOCKS => {
+            let per = pages / n;
+            for k in i * per..(i + 1) * per {
+                f(p.base + k * PAGE);
+            }
+        }
+        storm::PATTERN_INTERLEAVED => {
+            let mut k = i;
+            while k < pages {
+                f(p.base + k * PAGE);
+                k += n;
+            }
+        }
+        storm::PATTERN_SAME => {
+            for k in 0..pages {
+                f(p.base + k * PAGE);
+            }
+        }
+        _ /* HUGE_MIX */ => {
+            let mut region = p.base;
+            while region < p.base + p.len {
+                if i % 2 == 0 {
+                    f(region);
+                } else {
+                    let mut k = 1 + i;
+                    while k < HUGE / PAGE {
+                        f(region + k * PAGE);
+                        k += 64;
+                    }
+                }
+                region += HUGE;
+            }
+        }
+    }
+}
+
+/// The word of `page` that belongs to thread `i`.
+fn slot(page: u64, i: u64) -> *mut u64 {
+    (page + (i % 512) * 8) as *mut u64
+}
+
+/// Entry: thread `index` of the storm.
+pub fn run(index: u64) -> isize {
+    let p = params();
+    let r = report(index);
+    let mut out = Report::default();
+    let mode = if index < p.special_threads { p.special_mode } else { p.mode };
+    sys::barrier(0, p.threads);
+    out.start_cycles = sys::cycles();
+    for round in 0..p.rounds.max(1) {
+        match mode {
+            storm::MODE_CYCLE => {
+                let len = p.len as usize;
+                let addr = sys::mmap(0, len, abi::prot::READ | abi::prot::WRITE, p.map_flags as usize);
+                if addr < 0 {
+                    out.mismatches += 1;
+                    break;
+                }
+                let mut a = addr as u64;
+                while a < addr as u64 + p.len {
+                    // SAFETY: we just mapped [addr, addr + len) read-write.
+                    unsafe { (a as *mut u8).write_volatile(1) };
+                    out.touched += 1;
+                    a += PAGE;
+                }
+                sys::munmap(addr as usize, len);
+            }
+            storm::MODE_REMAPPER => {
+                let flags = abi::map::FIXED | p.map_flags as usize;
+                if sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags) != p.base as isize {
+                    out.mismatches += 1;
+                }
+                sys::yield_now();
+            }
+            storm::MODE_SPLITTER => {
+                // Toggle EXEC on one 4 KiB page per 2 MiB region: a real
+                // protection change (so a huge mapping there must split) that
+                // never takes away what the touchers need.
+                for step in 0..20 {
+                    let extra = if step % 2 == 0 { abi::prot::EXEC } else { 0 };
+                    let mut region = p.base;
+                    while region < p.base + p.len {
+                        let page = region + PAGE * (1 + (round * 20 + step) % 500);
+                        if sys::mprotect(page as usize, PAGE as usize, abi::prot::READ | abi::prot::WRITE | extra) != 0 {
+                            out.mismatches += 1;
+                        }
+                        region += HUGE;
+                    }
+                    sys::yield_now();
+                }
+            }
+            _ => {
+                if mode == storm::MODE_COW {
+                    for_each_page(&p, index, |page| {
+                        // SAFETY: the kernel mapped the region readable.
+                        if unsafe { slot(page, index).read_volatile() } != 0 {
+                            out.mismatches += 1;
+                        }
+                    });
+                    sys::barrier(1, p.threads);
+                }
+                for_each_page(&p, index, |page| {
+                    // SAFETY: the kernel mapped the region read-write; this
+                    // slot is ours alone.
+                    unsafe { slot(page, index).write_volatile(storm::tag(page, index, round)) };
+                    out.touched += 1;
+                });
+                for_each_page(&p, index, |page| {
+                    // SAFETY: as above.
+                    let v = unsafe { slot(page, index).read_volatile() };
+                    if v == 0 && p.tolerate_loss != 0 {
+                        out.lost += 1;
+                    } else if v != storm::tag(page, index, round) {
+                        out.mismatches += 1;
+                    }
+                });
+            }
+        }
+        if p.remap_between_rounds != 0 && round + 1 < p.rounds {
+            sys::barrier(2, p.threads);
+            if index == 0 {
+                let flags = abi::map::FIXED | p.map_flags as usize;
+                sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags);
+            }
+            sys::barrier(3, p.threads);
+        }
+    }
+    out.end_cycles = sys::cycles();
+    out.done = 1;
+    // SAFETY: the report slot of this thread is ours alone.
+    unsafe { r.write_volatile(out) };
+    out.mismatches as isize
+}
