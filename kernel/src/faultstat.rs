@@ -63,11 +63,6 @@ pub struct Summary {
     pub p99_cycles: u64,
 }
 
-/// Faults resolved by `cpu` so far.
-pub fn faults(cpu: usize) -> u64 {
-    CPUS[cpu].count.load(Relaxed)
-}
-
 /// Clears every CPU's counters (call while no storm runs).
 pub fn reset() {
     for c in &CPUS {

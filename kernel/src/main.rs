@@ -30,6 +30,7 @@ mod testrunner;
 mod traps;
 mod user;
 mod uspace;
+mod workload;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{entry_point, BootInfo};
@@ -112,7 +113,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::irq::enable();
     let status = match cmdline.mode() {
         cmdline::Mode::Test => testrunner::run(&cmdline),
-        cmdline::Mode::Run => selfcheck::run(),
+        cmdline::Mode::Run => workload::run(),
     };
     log::info!("powering off ({})", if status == ExitCode::Success { "success" } else { "failure" });
     qemu::exit(status)

@@ -76,3 +76,49 @@ pub fn synchronize() {
 pub fn grace_periods() -> u64 {
     GRACE_PERIODS.load(Ordering::Relaxed)
 }
+
+#[cfg(target_os = "none")]
+mod tests {
+    use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+    use ktest::ktest;
+
+    use crate::sched;
+
+    /// 0: start, 1: reader inside, 2: reader may leave, 3: reader left.
+    static STAGE: AtomicU64 = AtomicU64::new(0);
+
+    extern "C" fn reader(_: usize) -> ! {
+        super::read_lock();
+        STAGE.store(1, SeqCst);
+        while STAGE.load(SeqCst) != 2 {
+            core::hint::spin_loop();
+        }
+        // Linger inside the section: a synchronize that does not wait for
+        // us returns during this delay and sees stage 2, not 3.
+        arch::time::delay_us(20_000);
+        STAGE.store(3, SeqCst);
+        super::read_unlock();
+        sched::exit_current(0)
+    }
+
+    /// `synchronize` waits for a read-side section that began before it on
+    /// another CPU, and returns only once that section has ended.
+    #[ktest]
+    fn synchronize_waits_for_a_reader_on_another_cpu() {
+        let Some(other) = arch::percpu::online_cpus().find(|&c| c != arch::percpu::cpu_id()) else {
+            return; // One CPU: there is no other reader to wait for.
+        };
+        STAGE.store(0, SeqCst);
+        let t = sched::spawn(sched::Task::new_kernel("rcu-reader".into(), other, reader, 0).unwrap());
+        while STAGE.load(SeqCst) != 1 {
+            core::hint::spin_loop();
+        }
+        let before = super::grace_periods();
+        STAGE.store(2, SeqCst);
+        super::synchronize();
+        assert_eq!(STAGE.load(SeqCst), 3, "synchronize returned while the reader was still inside");
+        assert_eq!(super::grace_periods(), before + 1);
+        assert_eq!(t.join(), 0);
+    }
+}

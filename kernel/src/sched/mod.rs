@@ -166,14 +166,6 @@ pub fn wake(task: &Arc<Task>) {
     }
 }
 
-/// Blocks the running task until [`wake`] is called on it. The caller must
-/// have published itself where the waker will find it *before* calling, and
-/// must re-check its condition afterwards (wake-ups can be early).
-pub fn block_current() {
-    current().prepare_block();
-    block_prepared();
-}
-
 /// Second half of a block: the task already marked itself Blocked (and may
 /// have been woken since, in which case it is queued and this is a yield).
 pub(crate) fn block_prepared() {
@@ -275,11 +267,6 @@ pub fn tick(from_user: bool) {
     if from_user {
         schedule();
     }
-}
-
-/// Number of context switches on `cpu` since boot.
-pub fn switches(cpu: usize) -> usize {
-    CPUS[cpu].switches.load(Ordering::Relaxed)
 }
 
 #[cfg(target_os = "none")]

@@ -119,6 +119,20 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
     Ok(Outcome { exit_codes, reports, stats, mappings, cpus })
 }
 
+/// Lets every CPU switch once, so exited tasks (and the address space they
+/// held) are freed before frames are counted.
+pub fn settle() {
+    extern "C" fn nop(_: usize) -> ! {
+        crate::sched::exit_current(0)
+    }
+    for cpu in online() {
+        if let Some(t) = crate::sched::Task::new_kernel("settle".into(), cpu, nop, 0) {
+            crate::sched::spawn(t).join();
+        }
+    }
+    crate::sched::yield_now();
+}
+
 /// The CPUs online now.
 pub fn online() -> Vec<usize> {
     arch::percpu::online_cpus().collect()

@@ -10,23 +10,10 @@ use ktest::ktest;
 use mm::MapFlags;
 
 use super::*;
-use crate::sched;
 
 const BASE: u64 = 0x1_0000_0000; // 4 GiB: 1 GiB aligned, far from the image
 const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
-
-/// Lets every CPU switch once, so exited tasks (and the address space they
-/// held) are freed.
-pub fn settle() {
-    extern "C" fn nop(_: usize) -> ! {
-        sched::exit_current(0)
-    }
-    for cpu in online() {
-        sched::spawn(sched::Task::new_kernel("settle".into(), cpu, nop, 0).unwrap()).join();
-    }
-    sched::yield_now();
-}
 
 /// Runs `spec` and checks what every storm must satisfy: threads exit 0,
 /// no mismatches, and the frames all come back.

@@ -11,7 +11,7 @@ use mm::{MapFlags, Prot, VirtAddr};
 
 use super::space::LIVE_SPACES;
 use super::*;
-use crate::sched::{self, task::LIVE_STACKS, task::LIVE_TASKS};
+use crate::sched::task::{LIVE_STACKS, LIVE_TASKS};
 
 fn cpus() -> Vec<usize> {
     arch::percpu::online_cpus().collect()
@@ -113,14 +113,4 @@ fn thread_and_space_churn_leaks_nothing() {
     assert_eq!(after, before, "(free frames, tasks, kernel stacks, address spaces) changed");
 }
 
-/// Lets every CPU run its scheduler once, so exited tasks parked as
-/// zombies are dropped.
-fn settle() {
-    extern "C" fn nop(_: usize) -> ! {
-        sched::exit_current(0)
-    }
-    for cpu in cpus() {
-        sched::spawn(sched::Task::new_kernel("settle".into(), cpu, nop, 0).unwrap()).join();
-    }
-    sched::yield_now();
-}
+use crate::storm::settle;
