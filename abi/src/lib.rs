@@ -75,8 +75,9 @@ pub mod program {
     /// Calls `getcpu` and `gettid` `arg0` times, checks they are stable, logs
     /// one line, exits with the CPU number.
     pub const REPORT_CPU: usize = 0;
-    /// `arg0` rounds of: append `arg1` (a thread tag) to the shared trace at
-    /// `TRACE_ADDR`, then `yield`. Exits 0.
+    /// Two threads run this together (barrier 100): `arg0` rounds of:
+    /// append `arg1` (a thread tag) to the shared trace at `TRACE_ADDR`, then
+    /// `yield`. Exits 0.
     pub const YIELD_TRACE: usize = 1;
     /// Reads a kernel address: must be killed.
     pub const TOUCH_KERNEL: usize = 2;

@@ -57,6 +57,9 @@ fn yield_trace(rounds: usize, tag: usize) -> isize {
     // threads; the index is only updated atomically.
     let next = unsafe { core::sync::atomic::AtomicU64::from_ptr(abi::TRACE_ADDR as *mut u64) };
     let entries = (abi::TRACE_ADDR + 8) as *mut u8;
+    // Both threads start together, or the first could finish before the
+    // second exists.
+    sys::barrier(100, 2);
     for _ in 0..rounds {
         let i = next.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
         // SAFETY: as above; each index is handed out once.
