@@ -1,7 +1,7 @@
 //! The kernel command line, passed by xtask through QEMU's fw_cfg
 //! (`-fw_cfg name=opt/ptlk/cmdline,string=...`).
 //!
-//! Words: `mode=run|test`, `filter=SUBSTRING` (tests), `selftests` (also run
+//! Words: `mode=run|test|bench`, `filter=SUBSTRING` (tests), `selftests` (also run
 //! the runner's own deliberately failing tests), `log=error|warn|info|debug|trace`.
 
 use spin::Once;
@@ -17,6 +17,8 @@ pub enum Mode {
     Run,
     /// The in-kernel test runner.
     Test,
+    /// The fault-storm benchmark (`workload=`, `windows=`, `mib=`, `rounds=`).
+    Bench,
 }
 
 /// The parsed command line.
@@ -51,6 +53,7 @@ impl Cmdline {
     pub fn mode(&self) -> Mode {
         match self.value("mode") {
             Some("test") => Mode::Test,
+            Some("bench") => Mode::Bench,
             _ => Mode::Run,
         }
     }

@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+mod bench;
 mod cmdline;
 mod debuginfo;
 mod faultstat;
@@ -114,6 +115,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let status = match cmdline.mode() {
         cmdline::Mode::Test => testrunner::run(&cmdline),
         cmdline::Mode::Run => workload::run(),
+        cmdline::Mode::Bench => bench::run(cmdline),
     };
     log::info!("powering off ({})", if status == ExitCode::Success { "success" } else { "failure" });
     qemu::exit(status)

@@ -3,6 +3,7 @@
 //! Every subcommand installs what it needs first (rustup components, QEMU,
 //! OVMF; see `setup.rs`) and says what it did.
 
+mod bench;
 mod gdb;
 mod kernel;
 mod protocol;
@@ -48,6 +49,9 @@ enum Command {
     /// Start QEMU paused with its gdb stub and attach gdb with the kernel's
     /// symbols and the page-table-aware helpers (gdb/ptlk.py).
     Gdb(gdb::GdbArgs),
+    /// Measure fault-storm throughput and scaling, split vs single lock
+    /// (table, target/bench/faultstorm.json and faultstorm.svg).
+    Bench(bench::BenchArgs),
 }
 
 /// Options that change how the kernel is compiled.
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Test(args) => test::run(args),
         Command::Gdb(args) => gdb::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,142 @@
+//! `mode=bench`: the fault-storm benchmark run by `cargo xtask bench`.
+//!
+//! One QEMU boot measures one workload on every online CPU (xtask boots with
+//! `-smp` equal to the CPU count): a warm-up storm, then `windows` timed
+//! storms. Each window is one storm in a fresh address space; its time is
+//! the span from the first thread passing the start barrier to the last
+//! thread finishing (TSC), so thread creation and teardown are not counted.
+//! The result is one line for xtask to parse:
+//!
+//! `BENCH-RESULT {json}` with the windows' fault counts and cycles, the TSC
+//! rate, mean and p99 cycles per fault (from `faultstat`), and per lock class
+//! the acquisitions, contended acquisitions and cycles spent spinning.
+//!
+//! Workloads (modelled on will-it-scale's page_fault1, threads variant):
+//! * `disjoint`: each thread repeatedly maps its own region (`mib` MiB),
+//!   writes one byte per 4 KiB page, unmaps it;
+//! * `same-table`: one shared region; threads write interleaved pages, so
+//!   all of them fault into the same PTE tables; re-mapped between rounds;
+//! * `same-page`: all threads first-touch the same pages at once.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use abi::storm::{self, Params};
+use arch::qemu::ExitCode;
+use mm::lock::{lock_stats, reset_lock_stats, LockClass};
+
+use crate::cmdline::Cmdline;
+use crate::faultstat;
+use crate::storm::{online, run as run_storm, settle, Spec};
+
+const BASE: u64 = 0x1_0000_0000;
+
+struct Window {
+    faults: u64,
+    cycles: u64,
+}
+
+fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
+    let len = mib << 20;
+    let params = match workload {
+        "disjoint" => Params { mode: storm::MODE_CYCLE, len, threads: n as u64, rounds, ..Params::default() },
+        "same-table" => Params {
+            mode: storm::MODE_TOUCH,
+            pattern: storm::PATTERN_INTERLEAVED,
+            base: BASE,
+            len,
+            threads: n as u64,
+            rounds,
+            remap_between_rounds: 1,
+            ..Params::default()
+        },
+        "same-page" => Params {
+            mode: storm::MODE_TOUCH,
+            pattern: storm::PATTERN_SAME,
+            base: BASE,
+            len: len.min(256 * 4096),
+            threads: n as u64,
+            rounds,
+            remap_between_rounds: 1,
+            ..Params::default()
+        },
+        _ => return None,
+    };
+    let premap = (workload != "disjoint").then_some(mm::MapFlags::empty());
+    Some(Spec { params, premap, cpus: online() })
+}
+
+fn parse(c: &Cmdline, key: &str, default: u64) -> u64 {
+    c.value(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Runs the benchmark the command line describes.
+pub fn run(c: &Cmdline) -> ExitCode {
+    let workload = c.value("workload").unwrap_or("disjoint");
+    let windows = parse(c, "windows", 5).max(1);
+    let mib = parse(c, "mib", 128);
+    let rounds = parse(c, "rounds", 1).max(1);
+    let cpus = online();
+    let n = cpus.len();
+    let Some(spec) = spec(workload, n, mib, rounds) else {
+        log::error!("bench: unknown workload {workload:?} (disjoint, same-table, same-page)");
+        return ExitCode::Failure;
+    };
+    log::info!("bench: {workload} on {n} CPUs, {mib} MiB per {} x {rounds} rounds, 1 warm-up + {windows} windows",
+        if workload == "disjoint" { "thread" } else { "region" });
+    let mut results = Vec::new();
+    for w in 0..=windows {
+        settle();
+        if w == 1 {
+            faultstat::reset();
+            reset_lock_stats();
+        }
+        let before = faultstat::summary(cpus.iter().copied()).faults;
+        let out = match run_storm(&spec) {
+            Ok(o) => o,
+            Err(e) => {
+                log::error!("bench: storm failed to start: {e:?}");
+                return ExitCode::Failure;
+            }
+        };
+        if out.mismatches() != 0 || out.exit_codes.iter().any(|&c| c != 0) {
+            log::error!("bench: storm reported mismatches or killed threads: {:?}", out.exit_codes);
+            return ExitCode::Failure;
+        }
+        let faults = faultstat::summary(cpus.iter().copied()).faults - before;
+        let cycles = out.span_cycles();
+        let label = if w == 0 { String::from("warm-up") } else { format!("window {w}/{windows}") };
+        log::info!("bench: {label}: {faults} faults in {} us", arch::time::cycles_to_ns(cycles) / 1000);
+        if w > 0 {
+            results.push(Window { faults, cycles });
+        }
+    }
+    let s = faultstat::summary(cpus.iter().copied());
+    let mut json = format!(
+        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"windows\":[",
+        arch::time::tsc_per_us().unwrap_or(0),
+        mm::config::USE_SPLIT_PTE_PTLOCKS
+    );
+    for (i, w) in results.iter().enumerate() {
+        json += &format!("{}{{\"faults\":{},\"cycles\":{}}}", if i == 0 { "" } else { "," }, w.faults, w.cycles);
+    }
+    json += &format!("],\"cycles_per_fault_mean\":{},\"cycles_per_fault_p99\":{},\"locks\":{{", s.mean_cycles, s.p99_cycles);
+    for (i, class) in [LockClass::PageTableLock, LockClass::PmdLock, LockClass::PteLock, LockClass::FrameAllocator, LockClass::MmapLock]
+        .into_iter()
+        .enumerate()
+    {
+        let l = lock_stats(class);
+        json += &format!(
+            "{}\"{}\":{{\"acquisitions\":{},\"contended\":{},\"spin_cycles\":{}}}",
+            if i == 0 { "" } else { "," },
+            class.name(),
+            l.acquisitions,
+            l.contended,
+            l.spin_cycles
+        );
+    }
+    json += "}}";
+    arch::println!("BENCH-RESULT {json}");
+    ExitCode::Success
+}

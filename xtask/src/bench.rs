@@ -1,0 +1,397 @@
+//! `cargo xtask bench`: fault-storm throughput and scaling, split page-table
+//! locks against the single `mm.page_table_lock`, as a table, JSON and an
+//! SVG plot.
+//!
+//! Every run is a fresh QEMU boot of a release kernel with `-smp` equal to
+//! the CPU count, guest memory preallocated on the host (`-mem-prealloc`), and
+//! the kernel in `mode=bench` (kernel/src/bench.rs): one warm-up storm, then
+//! timed windows, each one storm with one ring-3 thread pinned per CPU. The
+//! kernel times the windows with the TSC and reports one `BENCH-RESULT` line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use boot::Firmware;
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::kernel::BuildConfig;
+use crate::qemu::{self, Accel, Machine};
+use crate::{build_kernel, setup, workspace_root};
+
+/// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
+const SINGLE_LOCK_CPUS: u32 = 1_000_000;
+const WORKLOADS: [&str; 3] = ["disjoint", "same-table", "same-page"];
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// CPU counts to measure (one QEMU boot each).
+    #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
+    cpus: Vec<u32>,
+    /// Workloads: disjoint, same-table, same-page.
+    #[arg(long, default_value = "disjoint,same-table,same-page", value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Lock builds: split, single.
+    #[arg(long, default_value = "split,single", value_delimiter = ',')]
+    locks: Vec<String>,
+    /// Timed windows per run (the median is reported with min and max).
+    #[arg(long)]
+    windows: Option<u32>,
+    /// MiB per thread (disjoint) or per shared region (same-table).
+    #[arg(long)]
+    mib: Option<u64>,
+    /// Under five minutes on a 2-core machine: fewer, shorter windows;
+    /// disjoint on 1, 2 and 8 CPUs with split locks, and 8 with the single lock.
+    #[arg(long)]
+    quick: bool,
+    /// Accelerator (default: KVM only with hardware virtualization, else TCG).
+    #[arg(long, value_enum)]
+    accel: Option<Accel>,
+    /// Per-boot timeout in seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+}
+
+/// One (workload, lock, cpus) measurement.
+struct Run {
+    workload: String,
+    lock: &'static str,
+    cpus: u32,
+}
+
+fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
+    for w in &args.workloads {
+        if !WORKLOADS.contains(&w.as_str()) {
+            bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
+        }
+    }
+    for l in &args.locks {
+        if l != "split" && l != "single" {
+            bail!("unknown lock mode {l:?}; known: split, single");
+        }
+    }
+    if args.cpus.iter().any(|&c| c == 0 || c > 64) {
+        bail!("--cpus takes counts in 1..=64");
+    }
+    if args.quick {
+        let mut runs: Vec<Run> = [1, 2, 8].iter().map(|&c| Run { workload: "disjoint".into(), lock: "split", cpus: c }).collect();
+        runs.push(Run { workload: "disjoint".into(), lock: "single", cpus: 8 });
+        return Ok(runs);
+    }
+    let mut runs = Vec::new();
+    for lock in ["split", "single"] {
+        if !args.locks.iter().any(|l| l == lock) {
+            continue;
+        }
+        for w in &args.workloads {
+            for &c in &args.cpus {
+                runs.push(Run { workload: w.clone(), lock, cpus: c });
+            }
+        }
+    }
+    Ok(runs)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn find_result(log: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("BENCH-RESULT ").map(|(_, j)| j.to_string()))
+        .with_context(|| format!("no BENCH-RESULT line in {}", log.display()))?;
+    serde_json::from_str(&line).with_context(|| format!("bad BENCH-RESULT JSON in {}", log.display()))
+}
+
+/// Turns the kernel's raw result into the run record of faultstorm.json.
+fn summarize(run: &Run, raw: &Value) -> Result<Value> {
+    let tsc_per_us = raw["tsc_per_us"].as_f64().filter(|&t| t > 0.0).context("no TSC rate")?;
+    let windows = raw["windows"].as_array().context("no windows")?;
+    let mut rates: Vec<f64> = Vec::new();
+    let (mut faults, mut cycles) = (0u64, 0u64);
+    for w in windows {
+        let f = w["faults"].as_u64().unwrap_or(0);
+        let c = w["cycles"].as_u64().unwrap_or(0).max(1);
+        faults += f;
+        cycles += c;
+        rates.push(f as f64 / (c as f64 / tsc_per_us / 1e6));
+    }
+    let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = rates.iter().cloned().fold(0.0, f64::max);
+    let med = median(&mut rates.clone());
+    Ok(json!({
+        "workload": run.workload,
+        "lock": run.lock,
+        "cpus": run.cpus,
+        "faults": faults,
+        "seconds": cycles as f64 / tsc_per_us / 1e6,
+        "faults_per_sec": med,
+        "faults_per_sec_min": min,
+        "faults_per_sec_max": max,
+        "faults_per_sec_per_cpu": med / run.cpus as f64,
+        "cycles_per_fault_mean": raw["cycles_per_fault_mean"],
+        "cycles_per_fault_p99": raw["cycles_per_fault_p99"],
+        "windows": windows,
+        "locks": raw["locks"],
+    }))
+}
+
+fn mem_for(run: &Run, mib: u64) -> String {
+    // Every disjoint thread holds its region at once; leave room for tables,
+    // the heap and the kernel.
+    let need = 1024 + if run.workload == "disjoint" { run.cpus as u64 * mib * 5 / 4 } else { mib * 2 };
+    format!("{}M", need.max(2048))
+}
+
+pub fn run(args: BenchArgs) -> Result<bool> {
+    let runs = plan(&args)?;
+    let windows = args.windows.unwrap_or(if args.quick { 3 } else { 5 });
+    let mib = args.mib.unwrap_or(if args.quick { 32 } else { 128 });
+    let qemu_bin = setup::ensure_all(false)?;
+    let (accel, why) = qemu::choose_accel(args.accel);
+    let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("xtask: bench on {accel} ({why}); host has {host_cpus} CPUs; {} runs, {windows} windows each", runs.len());
+    if host_cpus < 8 {
+        println!("xtask: note: with more vCPUs than host CPUs, throughput beyond {host_cpus} CPUs measures overcommit (and lock-holder preemption), not the guest alone");
+    }
+    let mut records = Vec::new();
+    let mut built: Option<(&str, PathBuf)> = None;
+    for (i, run) in runs.iter().enumerate() {
+        let image = match &built {
+            Some((lock, image)) if *lock == run.lock => image.clone(),
+            _ => {
+                let config = BuildConfig {
+                    release: true,
+                    split_ptlock_cpus: (run.lock == "single").then_some(SINGLE_LOCK_CPUS),
+                    features: Vec::new(),
+                };
+                let (_, image) = build_kernel(&config, Firmware::Bios)?;
+                built = Some((run.lock, image.clone()));
+                image
+            }
+        };
+        let machine = Machine {
+            image,
+            firmware: Firmware::Bios,
+            smp: run.cpus,
+            mem: mem_for(run, mib),
+            accel,
+            cmdline: format!("mode=bench workload={} windows={windows} mib={mib}", run.workload),
+            extra: vec!["-mem-prealloc".into()],
+        };
+        let name = format!("bench-{}-{}-{}cpu", run.workload, run.lock, run.cpus);
+        print!("xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ", i + 1, runs.len(), run.workload, run.lock, run.cpus);
+        use std::io::Write as _;
+        std::io::stdout().flush().ok();
+        let out = qemu::run(&qemu_bin, &machine, &name, Duration::from_secs(args.timeout), None, false)?;
+        if !out.kernel_succeeded() {
+            println!("FAILED");
+            bail!("{} (serial log: {})", out.describe(&name), out.log.display());
+        }
+        let rec = summarize(run, &find_result(&out.log)?)?;
+        println!(
+            "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean, {:.1} s",
+            rec["faults_per_sec"].as_f64().unwrap(),
+            rec["faults_per_sec_min"].as_f64().unwrap(),
+            rec["faults_per_sec_max"].as_f64().unwrap(),
+            rec["cycles_per_fault_mean"].as_f64().unwrap_or(0.0),
+            out.elapsed.as_secs_f64()
+        );
+        records.push(rec);
+    }
+    let report = json!({
+        "accel": accel.to_string(),
+        "accel_reason": why,
+        "host_cpus": host_cpus,
+        "quick": args.quick,
+        "windows": windows,
+        "mib": mib,
+        "runs": records,
+    });
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let json_path = dir.join("faultstorm.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    print_table(&report);
+    let svg = dir.join("faultstorm.svg");
+    plot(&report, &svg)?;
+    println!("xtask: wrote {} and {}", json_path.display(), svg.display());
+    print_targets(&report);
+    Ok(true)
+}
+
+fn find<'a>(report: &'a Value, workload: &str, lock: &str, cpus: u64) -> Option<&'a Value> {
+    report["runs"].as_array()?.iter().find(|r| r["workload"] == workload && r["lock"] == lock && r["cpus"].as_u64() == Some(cpus))
+}
+
+fn print_table(report: &Value) {
+    println!("\nfault storm, {} on {} host CPUs (median of {} windows; faults/s)", report["accel"].as_str().unwrap_or("?"), report["host_cpus"], report["windows"]);
+    println!("{:<11} {:<7} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9}  top contended lock (spin share)", "workload", "lock", "cpus", "faults/s", "min", "max", "per cpu", "cyc/fault", "p99");
+    for r in report["runs"].as_array().into_iter().flatten() {
+        let locks = r["locks"].as_object();
+        let total_spin: f64 = locks.map(|m| m.values().map(|l| l["spin_cycles"].as_f64().unwrap_or(0.0)).sum()).unwrap_or(0.0);
+        let top = locks
+            .and_then(|m| m.iter().max_by(|a, b| a.1["spin_cycles"].as_f64().partial_cmp(&b.1["spin_cycles"].as_f64()).unwrap()))
+            .map(|(k, l)| {
+                let spin = l["spin_cycles"].as_f64().unwrap_or(0.0);
+                let cycles = r["seconds"].as_f64().unwrap_or(0.0);
+                let _ = cycles;
+                if total_spin > 0.0 {
+                    format!("{k} ({}/{} contended)", l["contended"], l["acquisitions"])
+                } else {
+                    let _ = spin;
+                    "none contended".to_string()
+                }
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<11} {:<7} {:>4} {:>12.0} {:>12.0} {:>12.0} {:>11.0} {:>10} {:>9}  {}",
+            r["workload"].as_str().unwrap_or(""),
+            r["lock"].as_str().unwrap_or(""),
+            r["cpus"],
+            r["faults_per_sec"].as_f64().unwrap_or(0.0),
+            r["faults_per_sec_min"].as_f64().unwrap_or(0.0),
+            r["faults_per_sec_max"].as_f64().unwrap_or(0.0),
+            r["faults_per_sec_per_cpu"].as_f64().unwrap_or(0.0),
+            r["cycles_per_fault_mean"],
+            r["cycles_per_fault_p99"],
+            top
+        );
+    }
+}
+
+fn print_targets(report: &Value) {
+    let rate = |w: &str, l: &str, c: u64| find(report, w, l, c).and_then(|r| r["faults_per_sec"].as_f64());
+    let mut lines = Vec::new();
+    if let Some(r) = rate("disjoint", "split", 1) {
+        lines.push(format!("disjoint, 1 CPU: {:.0} faults/s per thread (target >= 300000): {}", r, verdict(r >= 300_000.0)));
+    }
+    for (w, target) in [("disjoint", 1.85), ("same-table", 1.7)] {
+        if let (Some(a), Some(b)) = (rate(w, "split", 1), rate(w, "split", 2)) {
+            lines.push(format!("{w}, split, 1 -> 2 CPUs: {:.2}x (target >= {target}x): {}", b / a, verdict(b / a >= target)));
+        }
+    }
+    if let (Some(s), Some(g)) = (rate("disjoint", "split", 8), rate("disjoint", "single", 8)) {
+        lines.push(format!("disjoint, 8 CPUs, split vs single: {:.2}x (target >= 2x): {}", s / g, verdict(s / g >= 2.0)));
+    }
+    if !lines.is_empty() {
+        println!("\ntargets ({}):", report["accel"].as_str().unwrap_or("?"));
+        for l in lines {
+            println!("  {l}");
+        }
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn plot(report: &Value, path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let runs = report["runs"].as_array().cloned().unwrap_or_default();
+    let max_cpus = runs.iter().filter_map(|r| r["cpus"].as_u64()).max().unwrap_or(1) as u32;
+    let max_rate = runs.iter().filter_map(|r| r["faults_per_sec"].as_f64()).fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let title = format!("page-fault throughput, {} ({} host CPUs)", report["accel"].as_str().unwrap_or("?"), report["host_cpus"]);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0u32..max_cpus + 1, 0f64..max_rate * 1.15)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("CPUs (one ring-3 thread each)")
+        .y_desc("faults per second (median)")
+        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut series: Vec<(String, String)> = Vec::new();
+    for r in &runs {
+        let key = (r["workload"].as_str().unwrap_or("").to_string(), r["lock"].as_str().unwrap_or("").to_string());
+        if !series.contains(&key) {
+            series.push(key);
+        }
+    }
+    let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (w, l)) in series.iter().enumerate() {
+        let mut pts: Vec<(u32, f64)> = runs
+            .iter()
+            .filter(|r| r["workload"] == w.as_str() && r["lock"] == l.as_str())
+            .filter_map(|r| Some((r["cpus"].as_u64()? as u32, r["faults_per_sec"].as_f64()?)))
+            .collect();
+        pts.sort_by_key(|p| p.0);
+        let color = palette[i % palette.len()];
+        let style = if l == "single" { color.stroke_width(2) } else { color.stroke_width(3) };
+        chart
+            .draw_series(LineSeries::new(pts.clone(), style))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(format!("{w} / {l} lock"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_takes_the_median_window() {
+        let run = Run { workload: "disjoint".into(), lock: "split", cpus: 2 };
+        let raw = json!({
+            "tsc_per_us": 1000,
+            "windows": [{"faults": 1000, "cycles": 1_000_000}, {"faults": 1000, "cycles": 2_000_000}, {"faults": 1000, "cycles": 500_000}],
+            "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {}
+        });
+        let r = summarize(&run, &raw).unwrap();
+        // 1 ms, 2 ms, 0.5 ms windows of 1000 faults: 1e6, 5e5, 2e6 faults/s.
+        assert_eq!(r["faults_per_sec"].as_f64().unwrap(), 1e6);
+        assert_eq!(r["faults_per_sec_min"].as_f64().unwrap(), 5e5);
+        assert_eq!(r["faults_per_sec_max"].as_f64().unwrap(), 2e6);
+        assert_eq!(r["faults_per_sec_per_cpu"].as_f64().unwrap(), 5e5);
+        assert_eq!(r["faults"].as_u64().unwrap(), 3000);
+    }
+
+    #[test]
+    fn bad_workload_is_a_clear_error() {
+        let args = BenchArgs {
+            cpus: vec![1],
+            workloads: vec!["nope".into()],
+            locks: vec!["split".into()],
+            windows: None,
+            mib: None,
+            quick: false,
+            accel: None,
+            timeout: 1,
+        };
+        let err = plan(&args).err().unwrap().to_string();
+        assert!(err.contains("unknown workload \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn quick_plan_has_the_required_runs() {
+        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, quick: true, accel: None, timeout: 1 };
+        let runs = plan(&args).unwrap();
+        let keys: Vec<_> = runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus)).collect();
+        assert_eq!(keys, [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]);
+    }
+}
