@@ -165,6 +165,16 @@ pub(crate) fn __split_huge_pmd(mm: &Mm<'_>, pmd: PmdRef<'_>, haddr: VirtAddr) {
     mm.counters.inc(Counter::ThpSplits);
 }
 
+/// Linux `split_huge_pmd_address`: splits the THP mapping `addr`, if any
+/// (hugetlb pages are never split: callers refuse to cut them first).
+pub(crate) fn split_huge_pmd_address(mm: &Mm<'_>, addr: u64) {
+    let Some(pmd) = crate::pgtable::walk::walk_pmd(mm, VirtAddr::new(addr)) else { return };
+    let v = pmd.get();
+    if v.is_leaf() && mm.phys().page(v.pfn()).is_some_and(|p| p.kind() != crate::PageKind::Gigantic) {
+        __split_huge_pmd(mm, pmd, VirtAddr::new(addr & !(PMD_SIZE - 1)));
+    }
+}
+
 /// Linux `zap_huge_pmd`: clears a huge PMD (THP or 2 MiB hugetlb) under
 /// `pmd_lock` (= `huge_pte_lock` for 2 MiB) and gathers the 2 MiB frame; a
 /// THP's deposited table is withdrawn and freed at once.

@@ -22,6 +22,7 @@ use core::fmt;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, PTRS_PER_TABLE, PhysAddr, TASK_SIZE, VirtAddr};
 use crate::helpers::RcuReadGuard;
+use crate::huge_memory::split_huge_pmd_address;
 use crate::memmap::PageKind;
 use crate::memory::{Access, FaultError, change_protection, fault_locked, free_pgtables, unmap_page_range};
 use crate::mm_struct::Mm;
@@ -182,11 +183,30 @@ impl<'p> Mm<'p> {
         let (start, end) = user_range(addr, len)?;
         let mut tlb = MmuGather::new(self);
         let mut vmas = self.mmap_lock.write();
-        let r = do_munmap(&mut vmas, &mut tlb, start, end);
+        check_hugetlb_cuts(&vmas, start, end)?;
+        let removed = vmas.remove_range(start, end);
+        let (Some(first), Some(last)) = (removed.first(), removed.last()) else { return Ok(()) };
+        let (floor, ceiling) = vmas.gap_around(first.start.as_u64(), last.end.as_u64());
+        // A THP cut by either end of the range is split now, under the
+        // exclusive lock: faults holding the lock shared never see a split.
+        for cut in [start, end] {
+            if cut % PMD_SIZE != 0 {
+                split_huge_pmd_address(self, cut);
+            }
+        }
+        // Linux mmap_write_downgrade: the VMAs are out of the tree, so no
+        // fault can reach the range any more; faults in the rest of the
+        // address space go on while we zap and free tables (which spans no
+        // VMA covers, so no fault walks into them).
+        let vmas = vmas.downgrade();
+        for v in &removed {
+            unmap_page_range(&mut tlb, v, v.start.as_u64(), v.end.as_u64());
+        }
+        free_pgtables(&mut tlb, floor, ceiling, first.start.as_u64(), last.end.as_u64());
         tlb.flush_mmu();
         drop(vmas);
         tlb.finish();
-        r
+        Ok(())
     }
 
     /// Linux `mprotect`: sets the protection of `[addr, addr + len)`, which

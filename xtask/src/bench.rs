@@ -151,7 +151,7 @@ fn mem_for(run: &Run, mib: u64) -> String {
 pub fn run(args: BenchArgs) -> Result<bool> {
     let runs = plan(&args)?;
     let windows = args.windows.unwrap_or(if args.quick { 3 } else { 5 });
-    let mib = args.mib.unwrap_or(if args.quick { 32 } else { 128 });
+    let mib = args.mib.unwrap_or(if args.quick { 16 } else { 128 });
     let qemu_bin = setup::ensure_all(false)?;
     let (accel, why) = qemu::choose_accel(args.accel);
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -5,9 +5,12 @@
 //! * What it protects: whatever it owns. `Mm` uses one for its VMA set
 //!   (Linux `mm->mmap_lock`): page faults hold it *shared* (never a lock that
 //!   serialises all faults of an address space), `mmap`/`munmap`/`mprotect`
-//!   hold it exclusive. Holding it shared also pins the page-table *tree*
-//!   above the PTE level for the fault (tables are only detached under the
-//!   exclusive lock).
+//!   hold it exclusive (`munmap` downgrades to shared once the VMAs are out
+//!   of the tree, Linux `mmap_write_downgrade`, so faults elsewhere proceed
+//!   while it zaps). Holding it shared also pins the page-table *tree* above
+//!   the PTE level for a fault: tables are detached only under the exclusive
+//!   lock, or under a downgraded hold for spans no VMA covers any more, which
+//!   no fault can walk into.
 //! * Level: [`LockLevel::AddressSpace`] (1), the first lock of the order:
 //!   `mmap_lock -> mm.page_table_lock -> PMD lock -> PTE lock -> frame caches`.
 //!   Read and write acquisitions are both recorded by the debug lock-order
@@ -238,6 +241,26 @@ impl<T> DerefMut for RwWriteGuard<'_, T> {
     }
 }
 
+impl<'a, T> RwWriteGuard<'a, T> {
+    /// Turns the exclusive hold into a shared one without letting another
+    /// writer in between (Linux `mmap_write_downgrade`). Readers waiting
+    /// behind us enter at once; the next writer queues behind our read hold.
+    pub fn downgrade(self) -> RwReadGuard<'a, T> {
+        let this = core::mem::ManuallyDrop::new(self);
+        // No reader is inside (WRITER was set and they drained): the state
+        // becomes "one reader, no writer" in one store.
+        this.lock.state.store(READER, Release);
+        if this.ticket == u16::MAX {
+            this.lock.writers.fetch_sub(0xffff, Release);
+        } else {
+            this.lock.writers.fetch_add(1, Release);
+        }
+        // The lock-order checker keeps the lock as held: same address, same
+        // level, only the mode changed.
+        RwReadGuard { lock: this.lock, _not_send: PhantomData }
+    }
+}
+
 impl<T> Drop for RwWriteGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
@@ -363,6 +386,30 @@ mod tests {
 
     fn lock_stats_seen() -> bool {
         crate::lock::lock_stats(LockClass::Other).acquisitions > 0
+    }
+
+    #[test]
+    fn downgrade_lets_readers_in_and_keeps_writers_out() {
+        let l = Arc::new(RwSpinLock::new(LockClass::Other, 0u64));
+        let mut w = l.write();
+        *w = 7;
+        let r = w.downgrade();
+        assert_eq!(*r, 7);
+        // Another reader gets in while we still hold ours.
+        let l2 = l.clone();
+        assert_eq!(std::thread::spawn(move || *l2.read()).join().unwrap(), 7);
+        // A writer waits for our read hold to end.
+        let entered = Arc::new(AtomicBool::new(false));
+        let (l3, e3) = (l.clone(), entered.clone());
+        let writer = std::thread::spawn(move || {
+            *l3.write() = 8;
+            e3.store(true, SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(!entered.load(SeqCst), "a writer entered during a downgraded hold");
+        drop(r);
+        writer.join().unwrap();
+        assert_eq!(*l.read(), 8);
     }
 
     #[cfg(debug_assertions)]
