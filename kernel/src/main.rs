@@ -19,6 +19,7 @@ mod faultstat;
 mod heap;
 mod logger;
 mod memory;
+mod mmtests;
 mod mmhal;
 mod panic;
 mod rcu;

@@ -46,7 +46,8 @@ pub fn run(cmdline: &Cmdline) -> ExitCode {
     let tests = SELECTED.call_once(|| {
         ktest::all()
             .iter()
-            .filter(|t| t.name.contains(filter))
+            // Several substrings may be given, comma-separated: any match selects.
+            .filter(|t| filter.split(',').any(|f| t.name.contains(f)))
             .filter(|t| selftests || !t.name.contains(SELFTEST_MODULE))
             .collect()
     });

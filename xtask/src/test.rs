@@ -58,6 +58,8 @@ enum Expect {
 
 struct KernelRun {
     name: String,
+    /// Extra kernel cargo features (a separate build).
+    features: Vec<String>,
     firmware: Firmware,
     smp: u32,
     cmdline: String,
@@ -176,6 +178,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     let main_timeout = Duration::from_secs(args.timeout.unwrap_or(600));
     let mut runs = vec![KernelRun {
         name: format!("kernel tests, -smp {}, BIOS", args.smp),
+        features: Vec::new(),
         firmware: Firmware::Bios,
         smp: args.smp,
         cmdline: format!("mode=test expect_cpus={}{filter_word}", args.smp),
@@ -187,6 +190,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     }
     runs.push(KernelRun {
         name: "UEFI boot smoke test, -smp 2".into(),
+        features: Vec::new(),
         firmware: Firmware::Uefi,
         smp: 2,
         cmdline: "mode=test filter=boot_smoke".into(),
@@ -199,6 +203,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     for (smp, extra) in [(1, ""), (3, " smp_phantom=77")] {
         runs.push(KernelRun {
             name: format!("SMP tests, -smp {smp}, BIOS"),
+            features: Vec::new(),
             firmware: Firmware::Bios,
             smp,
             cmdline: format!("mode=test expect_cpus={smp} filter=smp::tests{extra}"),
@@ -208,6 +213,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     }
     let selftest = |name: &str, test: &'static str, expect: Expect, secs: u64| KernelRun {
         name: format!("runner self-test: {name}"),
+        features: Vec::new(),
         firmware: Firmware::Bios,
         smp: 1,
         cmdline: format!("mode=test selftests filter=selftest::{test}"),
@@ -224,11 +230,25 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 15));
     runs.push(KernelRun {
         name: "runner self-test: panic on another CPU".into(),
+        features: Vec::new(),
         firmware: Firmware::Bios,
         smp: 3,
         cmdline: "mode=test selftests filter=smp::tests::selftest::".into(),
         timeout: Duration::from_secs(300),
         expect: Expect::Fail { test: "panic_on_another_cpu", detail: "deliberate panic on CPU" },
+    });
+    // The other ptl variant: the debug lock (owner CPU + site) no longer
+    // fits in a word, so every PTE/PMD table's lock is allocated by its
+    // constructor. The page-table and storm tests run against it (last:
+    // it is a separate kernel build).
+    runs.push(KernelRun {
+        name: "mm and storm tests, debug-ptlock (allocated ptl), -smp 4".into(),
+        features: vec!["debug-ptlock".into()],
+        firmware: Firmware::Bios,
+        smp: 4,
+        cmdline: "mode=test expect_cpus=4 filter=mmtests,storm,uspace".into(),
+        timeout: Duration::from_secs(args.timeout.unwrap_or(600)),
+        expect: Expect::Pass,
     });
     runs
 }
@@ -245,13 +265,19 @@ pub fn run(args: TestArgs) -> Result<bool> {
         let runs = kernel_runs(&args);
         let need_uefi = runs.iter().any(|r| r.firmware == Firmware::Uefi);
         let qemu_bin = setup::ensure_all(need_uefi)?;
-        let config = BuildConfig { features: Vec::new(), ..args.kernel.config() };
-        let (elf, bios) = build_kernel(&config, Firmware::Bios)?;
+        let mut config = BuildConfig { features: Vec::new(), ..args.kernel.config() };
+        let (mut elf, mut bios) = build_kernel(&config, Firmware::Bios)?;
         let uefi = if need_uefi { Some(crate::kernel::image(&elf, Firmware::Uefi)?) } else { None };
-        let symbols = Symbolizer::new(&elf);
+        let mut symbols = Symbolizer::new(&elf);
         let (accel, why) = qemu::choose_accel(args.accel);
         println!("xtask: accelerator {accel}: {why}");
         for run in runs {
+            if run.features != config.features {
+                // Runs are ordered so that each feature set is built once.
+                config.features = run.features.clone();
+                (elf, bios) = build_kernel(&config, Firmware::Bios)?;
+                symbols = Symbolizer::new(&elf);
+            }
             let image = match run.firmware {
                 Firmware::Bios => bios.clone(),
                 Firmware::Uefi => uefi.clone().expect("UEFI image built above"),
