@@ -5,7 +5,8 @@ Commands:
     ptl ADDR               which lock guards ADDR's PTE and PMD entries, where it
                            lives and whether it is held
     page PFN|PHYSADDR      decode a struct-page descriptor (`page pfn N`,
-                           `page phys ADDR` to force a reading)
+                           `page phys ADDR` to force a reading, `page va ADDR`
+                           for the frame a virtual address maps to)
     percpu [CPU]           per-CPU state (default: the selected gdb thread's CPU)
     vmas                   the VMA list of the Mm running on the selected CPU
     ptlk-break-on-panic [hw]  stop on kernel panics and oopses
@@ -336,13 +337,23 @@ class PageCmd(gdb.Command):
     """page PFN|PHYSADDR: decode the struct-page descriptor of a frame.
 
 A number below the highest PFN the memmap covers is read as a PFN, anything
-else as a physical address; `page pfn N` and `page phys ADDR` force one."""
+else as a physical address; `page pfn N` and `page phys ADDR` force one, and
+`page va ADDR` decodes the frame a virtual address maps to on this CPU."""
 
     def __init__(self):
         super().__init__("page", gdb.COMMAND_DATA)
 
     def invoke(self, arg, from_tty):
         args = gdb.string_to_argv(arg)
+        if len(args) == 2 and args[0] == "va":
+            va = parse_int(args[1])
+            t = translate(va, int(gdb.parse_and_eval("$cr3")))
+            if t is None:
+                raise gdb.GdbError("page va: %#x is not mapped on this CPU" % va)
+            print("(%#x maps to phys %#x)" % (va, t[0]))
+            for line in describe_page(t[0] >> 12):
+                print(line)
+            return
         if len(args) == 2 and args[0] in ("pfn", "phys"):
             n = parse_int(args[1])
             pfn = n if args[0] == "pfn" else n >> 12
@@ -354,7 +365,7 @@ else as a physical address; `page pfn N` and `page phys ADDR` force one."""
             else:
                 pfn, how = n >> 12, "phys"
         else:
-            raise gdb.GdbError("usage: page PFN|PHYSADDR  (or: page pfn N | page phys ADDR)")
+            raise gdb.GdbError("usage: page PFN|PHYSADDR  (or: page pfn N | page phys ADDR | page va ADDR)")
         print("(read as %s)" % ("a PFN" if how == "pfn" else "a physical address"))
         for line in describe_page(pfn):
             print(line)

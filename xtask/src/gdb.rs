@@ -155,3 +155,185 @@ pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
 }
+
+/// What the batch test checks in gdb's output.
+#[derive(Debug, Default)]
+struct GdbFindings {
+    stopped_in_fault_handler: bool,
+    unmapped_before: bool,
+    frame_after: Option<u64>,
+    page_is_anon: bool,
+    ptl_table: Option<u64>,
+    walk_table: Option<u64>,
+    ptl_line: String,
+}
+
+fn hex_after(line: &str, key: &str) -> Option<u64> {
+    let rest = line.split(key).nth(1)?.trim_start();
+    let hex = rest.strip_prefix("0x")?;
+    let end = hex.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(hex.len());
+    u64::from_str_radix(&hex[..end], 16).ok()
+}
+
+/// Parses the batch session's output (sections are separated by `=== name`).
+fn parse_findings(out: &str) -> GdbFindings {
+    let mut f = GdbFindings::default();
+    let mut section = "";
+    for line in out.lines() {
+        if let Some(s) = line.strip_prefix("=== ") {
+            section = match s.trim() {
+                "bt" => "bt",
+                "walk-before" => "walk-before",
+                "ptl" => "ptl",
+                "walk-after" => "walk-after",
+                "page" => "page",
+                _ => "",
+            };
+            continue;
+        }
+        match section {
+            "bt" if line.contains("uspace::fault::page_fault") => f.stopped_in_fault_handler = true,
+            "walk-before" if line.contains("is not mapped") => f.unmapped_before = true,
+            "ptl" if line.contains("PTE entry") || line.contains("PTE:") => {
+                f.ptl_line = line.trim().to_string();
+                f.ptl_table = hex_after(line, "of table pfn").map(|p| p << 12);
+            }
+            "walk-after" => {
+                if line.trim_start().starts_with("PMD[") {
+                    f.walk_table = hex_after(line, "table");
+                }
+                if line.contains("maps to phys") {
+                    f.frame_after = hex_after(line, "maps to phys");
+                }
+            }
+            "page" if line.contains("kind") && line.contains("Anon") => f.page_is_anon = true,
+            _ => {}
+        }
+    }
+    f
+}
+
+/// `cargo xtask test`'s gdb check: boots a storm test paused under gdb,
+/// stops inside the page-fault handler on a first touch in the storm region,
+/// and checks `bt`, `pt-walk` and `ptl` against what the kernel then does
+/// (the frame it installs, its descriptor, the PTE table's lock).
+/// Returns (passed, detail).
+pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, String)> {
+    let Some(gdb_bin) = which("gdb") else {
+        return Ok((false, "gdb is not installed (Debian: apt-get install gdb); pass --skip-gdb to skip this check".into()));
+    };
+    install_autoload(elf)?;
+    let port = free_port()?;
+    let machine = Machine {
+        image: image.to_path_buf(),
+        firmware: Firmware::Bios,
+        smp: 2,
+        mem: "1024M".into(),
+        accel,
+        cmdline: "mode=test filter=storm_same_pte_table".into(),
+        extra: Vec::new(),
+    };
+    std::fs::create_dir_all(qemu::log_dir())?;
+    let serial = qemu::log_dir().join("gdb-test-serial.log");
+    let mut qemu_child = start_paused_qemu(&machine, port, &serial)?;
+    // The storm region of the storm tests (kernel/src/storm/tests.rs BASE).
+    let script = [
+        "set pagination off".to_string(),
+        "set confirm off".to_string(),
+        "break kernel::uspace::fault::page_fault if $cr2 >= 0x100000000 && $cr2 < 0x100200000".to_string(),
+        // Skip the first faults: the PTE table exists from then on.
+        "ignore $bpnum 20".to_string(),
+        "continue".to_string(),
+        "set $addr = $cr2".to_string(),
+        "echo === bt\\n".to_string(),
+        "bt 6".to_string(),
+        "echo === walk-before\\n".to_string(),
+        "pt-walk $addr".to_string(),
+        "echo === ptl\\n".to_string(),
+        "ptl $addr".to_string(),
+        "finish".to_string(),
+        "echo === walk-after\\n".to_string(),
+        "pt-walk $addr".to_string(),
+        "echo === page\\n".to_string(),
+        "page va $addr".to_string(),
+        "kill".to_string(),
+    ];
+    let mut args = gdb_args(elf, port, accel == Accel::Kvm);
+    args.insert(0, "-batch".into());
+    args.insert(1, "-nx".into());
+    for cmd in &script {
+        args.push("-ex".into());
+        args.push(cmd.clone());
+    }
+    let log_path = qemu::log_dir().join("gdb-test.log");
+    println!("xtask: [gdb batch test] gdb {}", shell_join(&args));
+    let child = Command::new(gdb_bin).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let start = std::time::Instant::now();
+    let timeout = std::time::Duration::from_secs(300);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(timeout) {
+        Ok(o) => o?,
+        Err(_) => {
+            let _ = qemu_child.kill();
+            let _ = qemu_child.wait();
+            return Ok((false, format!("gdb session timed out after {} s (log: {})", timeout.as_secs(), serial.display())));
+        }
+    };
+    let _ = qemu_child.kill();
+    let _ = qemu_child.wait();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    std::fs::write(&log_path, &text)?;
+    let f = parse_findings(&text);
+    let mut problems = Vec::new();
+    if !f.stopped_in_fault_handler {
+        problems.push("bt does not show kernel::uspace::fault::page_fault");
+    }
+    if !f.unmapped_before {
+        problems.push("pt-walk at the stop did not report the address unmapped");
+    }
+    if f.frame_after.is_none() {
+        problems.push("after the handler returned, pt-walk found no frame");
+    }
+    if !f.page_is_anon {
+        problems.push("the installed frame's struct page is not Anon");
+    }
+    let split = !text.contains("PTE locks mm.page_table_lock");
+    if split && (f.ptl_table.is_none() || f.ptl_table != f.walk_table) {
+        problems.push("ptl named a PTE table other than the one pt-walk reached");
+    }
+    let ok = problems.is_empty();
+    let detail = if ok {
+        format!(
+            "stopped in page_fault, frame {:#x} installed and Anon, {} ({:.1} s; log {})",
+            f.frame_after.unwrap_or(0),
+            f.ptl_line,
+            start.elapsed().as_secs_f64(),
+            log_path.display()
+        )
+    } else {
+        format!("{} (gdb log: {})", problems.join("; "), log_path.display())
+    };
+    Ok((ok, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_are_parsed_from_a_session() {
+        let out = "=== bt\n#0  kernel::uspace::fault::page_fault (frame=..) at kernel/src/uspace/fault.rs:20\n\
+                   === walk-before\n  PTE[  5] @phys 0x123 = 0x0  not present -\n  => 0x100005000 is not mapped\n\
+                   === ptl\n  PTE entry @phys 0x3d000028: split PTE lock of table pfn 0x3d000, inline in the descriptor at 0xffff: free (ticket word 0x00020002)\n\
+                   === walk-after\n  PMD[  0] @phys 0x1 = 0x3d000067  table 0x3d000000        P W U A D\n  => 0x100005000 maps to phys 0x3e123000 (4K page)\n\
+                   === page\n  kind      Anon\n";
+        let f = parse_findings(out);
+        assert!(f.stopped_in_fault_handler && f.unmapped_before && f.page_is_anon);
+        assert_eq!(f.frame_after, Some(0x3e12_3000));
+        assert_eq!(f.ptl_table, Some(0x3d00_0000));
+        assert_eq!(f.walk_table, Some(0x3d00_0000));
+    }
+}

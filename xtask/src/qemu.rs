@@ -114,7 +114,8 @@ impl Machine {
         c.arg("-drive").arg(format!("format=raw,file={}", self.image.display()));
         c.args(["-serial", "stdio", "-display", "none", "-monitor", "none", "-no-reboot"]);
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
-        c.arg("-fw_cfg").arg(format!("name={CMDLINE_FW_CFG},string={}", self.cmdline));
+        // QEMU option syntax: a literal comma is written twice.
+        c.arg("-fw_cfg").arg(format!("name={CMDLINE_FW_CFG},string={}", self.cmdline.replace(',', ",,")));
         c.args(&self.extra);
         Ok(c)
     }

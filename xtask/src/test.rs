@@ -38,9 +38,13 @@ pub struct TestArgs {
     /// Skip the in-kernel (QEMU) part.
     #[arg(long)]
     skip_kernel: bool,
-    /// Skip the runner self-tests and the extra boots (UEFI, other -smp).
+    /// Skip the runner self-tests and the extra boots (UEFI, other -smp,
+    /// debug lock, gdb).
     #[arg(long)]
     quick: bool,
+    /// Skip the gdb batch test (otherwise a missing gdb is a failure).
+    #[arg(long)]
+    skip_gdb: bool,
 }
 
 /// What a kernel run must show to count as passed.
@@ -271,7 +275,15 @@ pub fn run(args: TestArgs) -> Result<bool> {
         let mut symbols = Symbolizer::new(&elf);
         let (accel, why) = qemu::choose_accel(args.accel);
         println!("xtask: accelerator {accel}: {why}");
+        let mut gdb_done = args.quick || args.skip_gdb || args.filter.is_some();
         for run in runs {
+            if !run.features.is_empty() && !gdb_done {
+                // Before the feature builds replace the default kernel.
+                gdb_done = true;
+                let (ok, detail) = crate::gdb::batch_test(&elf, &bios, accel)?;
+                println!("xtask: [gdb batch test] {}: {detail}", if ok { "ok" } else { "FAILED" });
+                results.push(StepResult { name: "gdb batch test (bt, pt-walk, ptl, page in a storm fault)".into(), ok, detail, elapsed: Duration::ZERO });
+            }
             if run.features != config.features {
                 // Runs are ordered so that each feature set is built once.
                 config.features = run.features.clone();
