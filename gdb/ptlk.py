@@ -301,6 +301,12 @@ def lock_state(lock):
     return "%s (ticket word %#010x)" % (text, word)
 
 
+def rwlock_state(lock):
+    """Describes a mm::lock::RwSpinLock (state: WRITER bit + readers * 2)."""
+    st = as_int(field(lock, "state"))
+    return "%d readers%s" % (st >> 1, ", writer in or waiting" if st & 1 else "")
+
+
 def page_ptl(page):
     """(lock value, where) for a page-table page's descriptor, or None."""
     flags = as_int(field(page, "flags"))
@@ -546,14 +552,24 @@ class VmasCmd(gdb.Command):
         if mm is None:
             print("CPU %d runs no user address space (kernel task or idle)" % cpu)
             return
-        print("Mm at %#x on CPU %d" % (int(mm.address), cpu))
-        try:
-            vmas = mm["vmas"]
-        except gdb.error:
-            raise LayoutError("ptlk.py: mm::Mm has no `vmas` field (needs the VMA code)")
-        # Printed through gdb's own Rust value printer: the tree's layout is
-        # alloc's BTreeMap, which gdb's Rust support renders.
-        print(vmas.format_string(pretty_structs=True))
+        print("Mm at %#x on CPU %d (mmap_lock: %s)" % (int(mm.address), cpu, rwlock_state(field(mm, "mmap_lock"))))
+        vmaset = unwrap(field(field(mm, "mmap_lock"), "data"))
+        tree = field(vmaset, "map")
+        # The set is an alloc BTreeMap; the Rust toolchain's pretty-printers
+        # (loaded below) know how to walk it.
+        vis = gdb.default_visualizer(tree)
+        if vis is None:
+            print(tree.format_string())
+            return
+        items = [v for _, v in vis.children()]
+        # children() alternates keys and values.
+        vmas = items[1::2]
+        print("  %d VMAs" % len(vmas))
+        for v in vmas:
+            start, end = as_int(v["start"]), as_int(v["end"])
+            flags = as_int(v["flags"])
+            names = [n for bit, n in ((1, "r"), (2, "w"), (4, "x"), (8, "thp"), (16, "hugetlb2M"), (32, "hugetlb1G")) if flags & bit]
+            print("  %#014x-%#014x %8d KiB  %s" % (start, end, (end - start) >> 10, " ".join(names) or "none"))
 
 
 class BreakOnPanic(gdb.Command):
@@ -573,6 +589,19 @@ unreliable)."""
                 print("ptlk: could not break on %s: %s" % (sym, e))
 
 
+def load_rust_printers():
+    """The Rust toolchain's gdb pretty-printers (BTreeMap, Vec, String...)."""
+    import os
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    try:
+        root = subprocess.check_output(["rustc", "--print", "sysroot"], cwd=repo, text=True).strip()
+        gdb.execute("source %s/lib/rustlib/etc/gdb_load_rust_pretty_printers.py" % root)
+    except Exception as e:  # noqa: BLE001 - any failure just means plainer output
+        print("ptlk: Rust pretty-printers not loaded (%s); `vmas` prints raw values" % e)
+
+
+load_rust_printers()
 PtWalk()
 PageCmd()
 PtlCmd()

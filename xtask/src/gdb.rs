@@ -166,6 +166,7 @@ struct GdbFindings {
     ptl_table: Option<u64>,
     walk_table: Option<u64>,
     ptl_line: String,
+    vma_listed: bool,
 }
 
 fn hex_after(line: &str, key: &str) -> Option<u64> {
@@ -187,6 +188,7 @@ fn parse_findings(out: &str) -> GdbFindings {
                 "ptl" => "ptl",
                 "walk-after" => "walk-after",
                 "page" => "page",
+                "vmas" => "vmas",
                 _ => "",
             };
             continue;
@@ -207,6 +209,8 @@ fn parse_findings(out: &str) -> GdbFindings {
                 }
             }
             "page" if line.contains("kind") && line.contains("Anon") => f.page_is_anon = true,
+            // The storm region of kernel/src/storm/tests.rs (BASE, 2 MiB).
+            "vmas" if line.contains("0x000100000000-0x000100200000") => f.vma_listed = true,
             _ => {}
         }
     }
@@ -256,6 +260,8 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
         "pt-walk $addr".to_string(),
         "echo === page\\n".to_string(),
         "page va $addr".to_string(),
+        "echo === vmas\\n".to_string(),
+        "vmas".to_string(),
         "kill".to_string(),
     ];
     let mut args = gdb_args(elf, port, accel == Accel::Kvm);
@@ -300,6 +306,9 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
     if !f.page_is_anon {
         problems.push("the installed frame's struct page is not Anon");
     }
+    if !f.vma_listed {
+        problems.push("vmas did not list the storm region");
+    }
     let split = !text.contains("PTE locks mm.page_table_lock");
     if split && (f.ptl_table.is_none() || f.ptl_table != f.walk_table) {
         problems.push("ptl named a PTE table other than the one pt-walk reached");
@@ -329,9 +338,9 @@ mod tests {
                    === walk-before\n  PTE[  5] @phys 0x123 = 0x0  not present -\n  => 0x100005000 is not mapped\n\
                    === ptl\n  PTE entry @phys 0x3d000028: split PTE lock of table pfn 0x3d000, inline in the descriptor at 0xffff: free (ticket word 0x00020002)\n\
                    === walk-after\n  PMD[  0] @phys 0x1 = 0x3d000067  table 0x3d000000        P W U A D\n  => 0x100005000 maps to phys 0x3e123000 (4K page)\n\
-                   === page\n  kind      Anon\n";
+                   === page\n  kind      Anon\n=== vmas\n  0x000100000000-0x000100200000     2048 KiB  r w\n";
         let f = parse_findings(out);
-        assert!(f.stopped_in_fault_handler && f.unmapped_before && f.page_is_anon);
+        assert!(f.stopped_in_fault_handler && f.unmapped_before && f.page_is_anon && f.vma_listed);
         assert_eq!(f.frame_after, Some(0x3e12_3000));
         assert_eq!(f.ptl_table, Some(0x3d00_0000));
         assert_eq!(f.walk_table, Some(0x3d00_0000));

@@ -127,7 +127,13 @@ pub fn settle() {
     }
     for cpu in online() {
         if let Some(t) = crate::sched::Task::new_kernel("settle".into(), cpu, nop, 0) {
-            crate::sched::spawn(t).join();
+            let t = crate::sched::spawn(t);
+            t.join();
+            // `join` returns once the task is marked exited; its CPU drops
+            // its own reference only after switching away from its stack.
+            while Arc::strong_count(&t) > 1 {
+                core::hint::spin_loop();
+            }
         }
     }
     crate::sched::yield_now();
