@@ -595,8 +595,13 @@ def load_rust_printers():
     import subprocess
     repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     try:
+        import sys
         root = subprocess.check_output(["rustc", "--print", "sysroot"], cwd=repo, text=True).strip()
-        gdb.execute("source %s/lib/rustlib/etc/gdb_load_rust_pretty_printers.py" % root)
+        etc = os.path.join(root, "lib", "rustlib", "etc")
+        if etc not in sys.path:
+            sys.path.append(etc)
+        import gdb_lookup
+        gdb_lookup.register_printers(gdb.current_progspace())
     except Exception as e:  # noqa: BLE001 - any failure just means plainer output
         print("ptlk: Rust pretty-printers not loaded (%s); `vmas` prints raw values" % e)
 
