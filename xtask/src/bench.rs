@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use boot::Firmware;
+use crate::kernel::Firmware;
 use clap::Args;
 use serde_json::{json, Value};
 

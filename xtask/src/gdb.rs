@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use boot::Firmware;
+use crate::kernel::Firmware;
 use clap::Args;
 
 use crate::qemu::{self, Accel, Machine};

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use boot::Firmware;
 
 use crate::workspace_root;
 
@@ -85,7 +84,44 @@ pub fn build(config: &BuildConfig) -> Result<PathBuf> {
     Ok(workspace_root().join("target/x86_64-unknown-none").join(profile).join("kernel"))
 }
 
-/// Builds the disk image for `firmware` from the kernel ELF.
+/// Which firmware an image is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// Legacy BIOS.
+    Bios,
+    /// UEFI (OVMF).
+    Uefi,
+}
+
+impl Firmware {
+    /// Lowercase name, as the `boot` tool takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
+/// Builds the disk image for `firmware` from the kernel ELF with the `boot`
+/// tool. It runs as a separate program, not a library of xtask: building the
+/// `bootloader` crate needs the rustup components that xtask installs, so
+/// xtask itself must build without them.
 pub fn image(kernel: &std::path::Path, firmware: Firmware) -> Result<PathBuf> {
-    boot::build_image(kernel, firmware)
+    let out = cargo()
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "--package", "boot", "--"])
+        .arg(firmware.name())
+        .arg(kernel)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the boot image builder")?;
+    if !out.status.success() {
+        bail!("building the {} disk image failed", firmware.name());
+    }
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if path.is_empty() {
+        bail!("the boot tool printed no image path");
+    }
+    Ok(PathBuf::from(path))
 }

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use boot::Firmware;
+use crate::kernel::Firmware;
 use clap::{Args, Parser, Subcommand};
 
 use crate::kernel::BuildConfig;

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use boot::Firmware;
+use crate::kernel::Firmware;
 
 use crate::protocol::TestReport;
 use crate::symbols::{parse_frame_addr, Symbolizer};

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use boot::Firmware;
+use crate::kernel::Firmware;
 use clap::Args;
 
 use crate::kernel::BuildConfig;

@@ -1,0 +1,29 @@
+//! `boot bios|uefi KERNEL_ELF`: writes the disk image next to the kernel and
+//! prints its path (called by `cargo xtask`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use boot::{build_image, Firmware};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (firmware, kernel) = match args.as_slice() {
+        [f, k] if f == "bios" => (Firmware::Bios, PathBuf::from(k)),
+        [f, k] if f == "uefi" => (Firmware::Uefi, PathBuf::from(k)),
+        _ => {
+            eprintln!("usage: boot bios|uefi KERNEL_ELF");
+            return ExitCode::from(2);
+        }
+    };
+    match build_image(&kernel, firmware) {
+        Ok(image) => {
+            println!("{}", image.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("boot: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
