@@ -62,6 +62,9 @@ mod tests {
     /// starting usage.
     #[ktest]
     fn alloc_free_stress() {
+        // Nothing else may free heap memory meanwhile (exited tasks of
+        // earlier tests are released by their CPUs asynchronously).
+        crate::storm::settle();
         let before = super::used();
         let mut seed = 0x1234_5678_9abc_def0u64;
         let mut next = move || {

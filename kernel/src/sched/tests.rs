@@ -86,6 +86,7 @@ fn thousands_of_tasks_leave_nothing_behind() {
     };
     // Warm-up: lets the run queue's buffer grow to its working size first.
     churn(0);
+    crate::storm::settle();
     let tasks_before = task::LIVE_TASKS.load(Ordering::SeqCst);
     let stacks_before = task::LIVE_STACKS.load(Ordering::SeqCst);
     let heap_before = crate::heap::used();
