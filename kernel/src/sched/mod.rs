@@ -21,6 +21,7 @@ mod wait;
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -191,9 +192,18 @@ pub fn schedule() {
     // SAFETY: owner CPU, interrupts off, for all the UnsafeCell accesses below.
     let prev = unsafe { (*cs.current.get()).clone() }.expect("schedule() before init_cpu");
     let idle = unsafe { (*cs.idle.get()).clone() }.expect("no idle task");
+    // Exited tasks found in the queue: dropped after the lock is released.
+    let mut stale: Vec<Arc<Task>> = Vec::new();
     let next = {
         let mut rq = cs.rq.lock();
-        let candidate = rq.pop_front();
+        // A task can be queued while it still runs: a waker made it
+        // Runnable between its `prepare_block` and its `cancel_block` (see
+        // WaitQueue::wait_until). If it then exits, that entry is stale.
+        let mut candidate = rq.pop_front();
+        while candidate.as_ref().is_some_and(|t| t.state() == State::Exited) {
+            stale.extend(candidate.take());
+            candidate = rq.pop_front();
+        }
         match candidate {
             Some(next) => {
                 // A running task goes to the back of the queue; a blocked or
@@ -214,6 +224,7 @@ pub fn schedule() {
             None => idle.clone(),
         }
     };
+    drop(stale);
     if Arc::ptr_eq(&prev, &next) {
         prev.set_state(State::Running);
         if was_enabled {
