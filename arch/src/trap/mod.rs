@@ -105,35 +105,40 @@ fn build_idt() -> InterruptDescriptorTable {
     let stubs = unsafe { &*(&raw const entry::trap_stub_table) };
     for (v, &addr) in stubs.iter().enumerate() {
         let addr = VirtAddr::new(addr);
-        // SAFETY (for each set_handler_addr below): every stub saves a full
-        // TrapFrame and returns with iretq, the contract the IDT requires.
+        macro_rules! set {
+            ($entry:expr) => {
+                // SAFETY: every stub saves a full TrapFrame and returns with
+                // iretq, the contract the IDT requires of a handler address.
+                unsafe { $entry.set_handler_addr(addr) }
+            };
+        }
         let opts = match v {
-            0 => unsafe { idt.divide_error.set_handler_addr(addr) },
-            1 => unsafe { idt.debug.set_handler_addr(addr) },
-            2 => unsafe { idt.non_maskable_interrupt.set_handler_addr(addr) },
-            3 => unsafe { idt.breakpoint.set_handler_addr(addr) },
-            4 => unsafe { idt.overflow.set_handler_addr(addr) },
-            5 => unsafe { idt.bound_range_exceeded.set_handler_addr(addr) },
-            6 => unsafe { idt.invalid_opcode.set_handler_addr(addr) },
-            7 => unsafe { idt.device_not_available.set_handler_addr(addr) },
-            8 => unsafe { idt.double_fault.set_handler_addr(addr) },
-            10 => unsafe { idt.invalid_tss.set_handler_addr(addr) },
-            11 => unsafe { idt.segment_not_present.set_handler_addr(addr) },
-            12 => unsafe { idt.stack_segment_fault.set_handler_addr(addr) },
-            13 => unsafe { idt.general_protection_fault.set_handler_addr(addr) },
-            14 => unsafe { idt.page_fault.set_handler_addr(addr) },
-            16 => unsafe { idt.x87_floating_point.set_handler_addr(addr) },
-            17 => unsafe { idt.alignment_check.set_handler_addr(addr) },
-            18 => unsafe { idt.machine_check.set_handler_addr(addr) },
-            19 => unsafe { idt.simd_floating_point.set_handler_addr(addr) },
-            20 => unsafe { idt.virtualization.set_handler_addr(addr) },
-            21 => unsafe { idt.cp_protection_exception.set_handler_addr(addr) },
-            28 => unsafe { idt.hv_injection_exception.set_handler_addr(addr) },
-            29 => unsafe { idt.vmm_communication_exception.set_handler_addr(addr) },
-            30 => unsafe { idt.security_exception.set_handler_addr(addr) },
+            0 => set!(idt.divide_error),
+            1 => set!(idt.debug),
+            2 => set!(idt.non_maskable_interrupt),
+            3 => set!(idt.breakpoint),
+            4 => set!(idt.overflow),
+            5 => set!(idt.bound_range_exceeded),
+            6 => set!(idt.invalid_opcode),
+            7 => set!(idt.device_not_available),
+            8 => set!(idt.double_fault),
+            10 => set!(idt.invalid_tss),
+            11 => set!(idt.segment_not_present),
+            12 => set!(idt.stack_segment_fault),
+            13 => set!(idt.general_protection_fault),
+            14 => set!(idt.page_fault),
+            16 => set!(idt.x87_floating_point),
+            17 => set!(idt.alignment_check),
+            18 => set!(idt.machine_check),
+            19 => set!(idt.simd_floating_point),
+            20 => set!(idt.virtualization),
+            21 => set!(idt.cp_protection_exception),
+            28 => set!(idt.hv_injection_exception),
+            29 => set!(idt.vmm_communication_exception),
+            30 => set!(idt.security_exception),
             // 9, 15, 22..=27, 31 are reserved: the CPU never raises them.
             9 | 15 | 22..=27 | 31 => continue,
-            _ => unsafe { idt[v as u8].set_handler_addr(addr) },
+            _ => set!(idt[v as u8]),
         };
         match v as u8 {
             vector::DOUBLE_FAULT => {
