@@ -17,6 +17,7 @@ mod cmdline;
 mod debuginfo;
 mod faultstat;
 mod heap;
+mod kstack;
 mod logger;
 mod memory;
 mod mmtests;
@@ -70,6 +71,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 
     mmhal::install();
     let mem = memory::init(&boot_info.memory_regions, phys_offset);
+    kstack::init(phys_offset);
 
     let features = arch::cpu::features();
     let enabled = arch::cpu::enable_protection(features);

@@ -29,4 +29,26 @@ mod selftest {
         let v = unsafe { core::ptr::read_volatile(0xffff_e000_0bad_0000 as *const u64) };
         core::hint::black_box(v);
     }
+
+    /// A kernel task that recurses without end runs into the guard page
+    /// below its stack: a double fault whose oops says "kernel stack
+    /// overflow" (instead of the stack silently overwriting memory).
+    #[ktest]
+    fn deliberate_stack_overflow() {
+        #[inline(never)]
+        fn recurse(depth: u64) -> u64 {
+            // 512 bytes of live locals per frame: the 32 KiB stack is gone
+            // after ~60 frames.
+            let frame = core::hint::black_box([depth; 64]);
+            recurse(depth + 1).wrapping_add(frame[(depth % 64) as usize])
+        }
+        extern "C" fn overflow(_: usize) -> ! {
+            let v = recurse(0);
+            crate::sched::exit_current(v as i64)
+        }
+        let cpu = arch::percpu::cpu_id();
+        let t = crate::sched::Task::new_kernel("overflow".into(), cpu, overflow, 0).expect("task");
+        let code = crate::sched::spawn(t).join();
+        panic!("the overflowing task exited with {code} instead of hitting its guard page");
+    }
 }

@@ -51,7 +51,14 @@ fn fatal() -> ! {
 
 /// Registers the policy with the trap layer.
 pub fn install() {
-    arch::trap::set_hooks(TrapHooks { page_fault, user_exception, breakpoint, irq, fatal });
+    arch::trap::set_hooks(TrapHooks {
+        page_fault,
+        user_exception,
+        breakpoint,
+        irq,
+        fatal,
+        describe_addr: crate::kstack::describe_addr,
+    });
 }
 
 #[cfg(target_os = "none")]

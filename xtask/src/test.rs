@@ -58,6 +58,9 @@ enum Expect {
     Oops { test: &'static str },
     /// The run hangs in the named test and the timeout names it.
     Timeout { test: &'static str },
+    /// A kernel stack overflows into its guard page inside the named test:
+    /// a double fault whose oops names the overflow.
+    StackOverflow { test: &'static str },
 }
 
 struct KernelRun {
@@ -168,6 +171,20 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
                 ),
             )
         }
+        Expect::StackOverflow { test } => {
+            let log = std::fs::read_to_string(&o.log).unwrap_or_default();
+            let double_fault = log.contains("#DF double fault");
+            let named = log.contains("kernel stack overflow");
+            let failed = r.failed.iter().any(|(t, _)| t.ends_with(test));
+            let ok = r.crashed && failed && double_fault && named && o.ending == Ending::Exit(qemu::STATUS_FAILURE);
+            (
+                ok,
+                format!(
+                    "expected a double fault naming a kernel stack overflow in `{test}`: oops {}, double fault {double_fault}, overflow named {named}, FAILED {failed}",
+                    r.crashed
+                ),
+            )
+        }
         Expect::Timeout { test } => {
             let named = o.describe(&run.name).contains(test);
             let ok = o.ending == Ending::Timeout && named;
@@ -232,6 +249,12 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     ));
     runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, 300));
     runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 15));
+    runs.push(selftest(
+        "kernel stack overflow",
+        "deliberate_stack_overflow",
+        Expect::StackOverflow { test: "deliberate_stack_overflow" },
+        300,
+    ));
     runs.push(KernelRun {
         name: "runner self-test: panic on another CPU".into(),
         features: Vec::new(),

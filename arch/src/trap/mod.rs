@@ -87,6 +87,10 @@ pub struct TrapHooks {
     pub irq: fn(u8, &mut TrapFrame),
     /// Called after an oops has been printed; never returns.
     pub fatal: fn() -> !,
+    /// What an address in an oops is, when the kernel knows (for example
+    /// "the guard page below a kernel stack"). Must not take locks: it runs
+    /// in the double-fault handler.
+    pub describe_addr: fn(u64) -> Option<&'static str>,
 }
 
 static HOOKS: Once<TrapHooks> = Once::new();
@@ -231,12 +235,22 @@ pub fn oops(frame: &TrapFrame, fault: Option<PageFault>, why: &str) -> ! {
         vector_name(vector),
         frame.error_code,
     ));
+    let describe = |addr: u64| HOOKS.get().and_then(|h| (h.describe_addr)(addr));
     if let Some(pf) = fault {
         crate::serial::write_fmt_forced(format_args!(
             "  CR2 {:#018x}  ({:?})\n",
             pf.addr.as_u64(),
             pf.code
         ));
+    } else if vector == vector::DOUBLE_FAULT {
+        // A double fault is usually a fault that could not be delivered; CR2
+        // still holds the address of the page fault that started it, if any.
+        let cr2 = Cr2::read_raw();
+        crate::serial::write_fmt_forced(format_args!("  CR2 {cr2:#018x}  (last page-fault address)\n"));
+    }
+    let suspects = [fault.map(|pf| pf.addr.as_u64()), (vector == vector::DOUBLE_FAULT).then(Cr2::read_raw), Some(frame.rsp)];
+    if let Some(what) = suspects.into_iter().flatten().find_map(describe) {
+        crate::serial::write_fmt_forced(format_args!("  {what}\n"));
     }
     crate::serial::write_fmt_forced(format_args!("{frame}\n"));
     backtrace::print(frame.rip, frame.rbp);

@@ -1,6 +1,5 @@
 //! Tasks: kernel threads and (with an address space) user threads.
 
-use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::string::String;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
@@ -43,53 +42,9 @@ impl State {
     }
 }
 
-/// Size of a kernel stack.
-pub const KERNEL_STACK_SIZE: usize = 32 * 1024;
-
-/// A task's own kernel stack.
-pub struct KernelStack {
-    base: *mut u8,
-}
-
-// SAFETY: the stack memory is owned by the KernelStack; the pointer is only
-// used to compute its bounds and to free it.
-unsafe impl Send for KernelStack {}
-// SAFETY: as above; no shared mutation happens through &KernelStack.
-unsafe impl Sync for KernelStack {}
-
 /// Live kernel stacks (for leak tests).
-pub static LIVE_STACKS: AtomicU64 = AtomicU64::new(0);
-
-impl KernelStack {
-    const LAYOUT: Layout = match Layout::from_size_align(KERNEL_STACK_SIZE, 4096) {
-        Ok(l) => l,
-        Err(_) => panic!("bad stack layout"),
-    };
-
-    /// Allocates a stack, or `None` when memory is exhausted.
-    pub fn new() -> Option<Self> {
-        // SAFETY: the layout has non-zero size.
-        let base = unsafe { alloc(Self::LAYOUT) };
-        if base.is_null() {
-            return None;
-        }
-        LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
-        Some(Self { base })
-    }
-
-    /// The (exclusive, 16-byte aligned) top.
-    pub fn top(&self) -> u64 {
-        self.base as u64 + KERNEL_STACK_SIZE as u64
-    }
-}
-
-impl Drop for KernelStack {
-    fn drop(&mut self) {
-        // SAFETY: `base` came from `alloc` with this layout and is freed once.
-        unsafe { dealloc(self.base, Self::LAYOUT) };
-        LIVE_STACKS.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub use crate::kstack::LIVE as LIVE_STACKS;
+use crate::kstack::KernelStack;
 
 /// A thread of execution.
 pub struct Task {

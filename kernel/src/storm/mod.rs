@@ -120,7 +120,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
 }
 
 /// Lets every CPU switch once, so exited tasks (and the address space they
-/// held) are freed before frames are counted.
+/// held) are freed before frames are counted, and recycles freed kernel
+/// stacks.
 pub fn settle() {
     extern "C" fn nop(_: usize) -> ! {
         crate::sched::exit_current(0)
@@ -137,6 +138,8 @@ pub fn settle() {
         }
     }
     crate::sched::yield_now();
+    // Freed kernel stacks keep their frames until a shoot-down recycles them.
+    crate::kstack::purge();
 }
 
 /// The CPUs online now.

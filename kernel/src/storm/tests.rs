@@ -147,13 +147,14 @@ fn storm_oom_in_a_fault_kills_and_leaks_nothing() {
     let before = mm::nr_free_pages();
     let space = crate::uspace::AddressSpace::with_programs().unwrap();
     space.mm.mmap(Some(mm::VirtAddr::new(BASE)), HUGE, mm::Prot::READ | mm::Prot::WRITE, MapFlags::FIXED).unwrap();
-    // Take (almost) every free frame, so the thread's first fault on the
-    // region finds none.
+    // The thread (and its kernel stack) first; then take every free frame,
+    // so the thread's first fault on the region finds none.
+    let t = crate::uspace::new_user_thread(&space, online()[0], abi::program::TOUCH_RANGE, [BASE, HUGE]).unwrap();
     let mut hog = Vec::new();
     while let Some(f) = mm::alloc_pages(0) {
         hog.push(f);
     }
-    let t = crate::uspace::spawn_user(&space, online()[0], abi::program::TOUCH_RANGE, [BASE, HUGE]).unwrap();
+    let t = crate::sched::spawn(t);
     let code = t.join();
     drop(hog);
     assert_eq!(code, crate::uspace::KILLED, "a fault with no frames must kill the task");

@@ -16,7 +16,7 @@ mod tests;
 
 pub use fault::{page_fault, user_exception, KILLED};
 pub use space::AddressSpace;
-pub use thread::spawn_user;
+pub use thread::{new_user_thread, spawn_user};
 
 /// Sets up the system-call entry on this CPU. Call on every CPU.
 pub fn init_cpu() {
