@@ -132,13 +132,7 @@ fn loom_pmd_alloc_race_installs_exactly_one_table() {
     });
 }
 
-// Known issue (see mm/README.md): since PhysMem grew the gigantic pool and
-// the zero page, loom's first execution of this model spins past its branch
-// limit; the protocol code under test is unchanged and passed before. Until
-// the harness is understood the model is not run by default; run it with
-// `cargo test ... -- --ignored loom_pte_offset_map_lock`.
 #[test]
-#[ignore = "loom harness livelock under investigation (mm/README.md, known issues)"]
 fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
     builder().check(|| {
         let f = Fixture::new();
@@ -155,9 +149,21 @@ fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
         let writer = loom::thread::spawn(move || {
             let pl = pmd_lock(mm, pmd_a);
             let (l1, l2) = (pte_lockptr(mm, t1), pte_lockptr(mm, t2));
-            // Two PTE locks: taken in address order. With split locks off
-            // they are the already-held page_table_lock.
-            let (first, second) = if (l1.raw() as *const _) < (l2.raw() as *const _) { (l1, l2) } else { (l2, l1) };
+            // Two PTE locks: taken in the order of their tables' frames. With
+            // split locks off they are the already-held page_table_lock.
+            //
+            // Not in lock-address order: under loom the lock does not fit in
+            // a usize (ALLOC_SPLIT_PTLOCKS), so each `ptl` is a heap
+            // allocation whose address changes from one execution to the
+            // next. loom replays its recorded path of choices on every
+            // execution and needs the same schedule to yield the same
+            // sequence of atomic operations; a branch on heap addresses
+            // flipped the lock order between executions, the replayed
+            // choices then applied to the wrong operations (an RMW "read" a
+            // value the word never held, two `fetch_add`s got one ticket) and
+            // a waiter spun until the branch limit. Frame order is a total
+            // order every CPU can compute and is deterministic.
+            let (first, second) = if t1.pfn() < t2.pfn() { (l1, l2) } else { (l2, l1) };
             let g1 = (!first.is_held_by(&pl)).then(|| first.lock());
             let g2 = (!second.is_held_by(&pl) && first != second).then(|| second.lock_nested());
             set_pmd(mm, pmd_a, t2, &pl);
