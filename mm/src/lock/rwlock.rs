@@ -23,41 +23,80 @@
 //! the time. With a reader-preferring lock a `munmap` would wait for a moment
 //! with no reader at all, which may never come. Here a writer first queues
 //! behind other writers (a ticket, so writers are FIFO among themselves),
-//! then sets `WRITER` in the state word: from that moment no new reader gets
+//! then sets `WRITER` in the writer word: from that moment no new reader gets
 //! in, the readers inside drain, and the writer owns the lock. Readers that
 //! arrived meanwhile spin until the writer leaves. Readers may in turn wait
 //! behind a stream of writers, which is the right trade for an address space:
 //! writers (mmap/munmap) are rare and short, faults are many.
 //!
-//! # Word layout
+//! # Why the reader count is per CPU
 //!
-//! `state`: bit 0 `WRITER` (a writer is waiting for readers to drain, or
-//! holds the lock); bits 1.. the number of readers inside. `writers`: a
-//! ticket word like [`super::RawSpinLock`]'s (next ticket in bits 16..32,
-//! now serving in bits 0..16), ordering writers among themselves.
+//! Every fault takes the lock shared and drops it: with one reader count,
+//! that is two atomic read-modify-writes per fault on a cache line every
+//! faulting CPU writes, and the line bounces between them on every fault
+//! (Linux moved faults off `mmap_lock` altogether, to per-VMA locks, for
+//! this reason). Here the count is split into cache-line-sized shards, one
+//! per CPU (modulo [`SHARDS`]), as in a "big reader" lock or Linux's
+//! `percpu_rw_semaphore`: a reader touches only its own shard and *reads*
+//! the writer word, which stays shared in every cache until a writer comes.
+//! Writers pay instead: they scan every shard. They are rare.
+//!
+//! # Words and the handshake
+//!
+//! `writer`: `WRITER` while a writer waits for readers to drain or holds the
+//! lock. `readers[i]`: readers inside that entered through shard `i`.
+//! `writers`: a ticket word like [`super::RawSpinLock`]'s (next ticket in
+//! bits 16..32, now serving in bits 0..16), ordering writers among
+//! themselves.
+//!
+//! A reader increments its shard, *then* reads `writer`; a writer sets
+//! `writer`, *then* reads every shard. One of them must see the other (the
+//! store-load pattern of Dekker's algorithm): either the reader sees
+//! `WRITER`, backs out (decrements) and waits, or the writer sees the
+//! reader's count and waits for it to leave. Store-then-load needs more than
+//! acquire/release, so the writer reads each shard with a read-modify-write
+//! (`fetch_add(0)`), which always reads the latest value: if the writer's
+//! RMW comes first in the shard's modification order, the reader's
+//! increment reads from it and synchronises with it, so the reader's later
+//! load of `writer` sees `WRITER`; otherwise the writer sees the increment.
+//! (Sequentially consistent loads would also do, but loom models `SeqCst` as
+//! acquire/release and so could not verify it; this form it can.)
 
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
 use crate::sync::AtomicU32;
 
 const WRITER: u32 = 1;
-const READER: u32 = 2;
 const TICKET_ONE: u32 = 1 << 16;
+
+/// Reader-count shards per lock (one cache line each).
+pub const SHARDS: usize = if crate::config::NR_CPUS < 16 { crate::config::NR_CPUS } else { 16 };
+
+/// One CPU's (or a few CPUs') count of readers inside, alone on its line.
+#[repr(align(64))]
+struct ReaderShard(AtomicU32);
 
 /// A fair, writer-preferring reader-writer spinlock owning a `T`.
 pub struct RwSpinLock<T> {
-    /// `WRITER` bit + reader count (module comment).
-    state: AtomicU32,
+    /// Per-CPU counts of readers inside (module comment).
+    readers: [ReaderShard; SHARDS],
+    /// `WRITER` while a writer waits or holds.
+    writer: AtomicU32,
     /// Writer queue: ticket word.
     writers: AtomicU32,
     class: u8,
     data: UnsafeCell<T>,
+}
+
+/// The shard this CPU counts itself in.
+fn my_shard() -> u8 {
+    (hal::cpu_id() % SHARDS) as u8
 }
 
 // SAFETY: the lock hands out `&T` to any number of readers (so `T: Sync`) or
@@ -70,13 +109,43 @@ impl<T> RwSpinLock<T> {
     /// A free lock of statistics class `class`.
     #[cfg(not(loom))]
     pub const fn new(class: LockClass, data: T) -> Self {
-        Self { state: AtomicU32::new(0), writers: AtomicU32::new(0), class: class as u8, data: UnsafeCell::new(data) }
+        Self {
+            readers: [const { ReaderShard(AtomicU32::new(0)) }; SHARDS],
+            writer: AtomicU32::new(0),
+            writers: AtomicU32::new(0),
+            class: class as u8,
+            data: UnsafeCell::new(data),
+        }
     }
 
     /// A free lock (loom atomics cannot be built in const).
     #[cfg(loom)]
     pub fn new(class: LockClass, data: T) -> Self {
-        Self { state: AtomicU32::new(0), writers: AtomicU32::new(0), class: class as u8, data: UnsafeCell::new(data) }
+        Self {
+            readers: core::array::from_fn(|_| ReaderShard(AtomicU32::new(0))),
+            writer: AtomicU32::new(0),
+            writers: AtomicU32::new(0),
+            class: class as u8,
+            data: UnsafeCell::new(data),
+        }
+    }
+
+    /// Enters as a reader through `shard` unless a writer is there.
+    fn try_enter(&self, shard: u8) -> bool {
+        let count = &self.readers[shard as usize].0;
+        count.fetch_add(1, AcqRel);
+        if self.writer.load(Acquire) & WRITER == 0 {
+            return true;
+        }
+        // A writer came first: back out so it can drain.
+        count.fetch_sub(1, Release);
+        false
+    }
+
+    /// Whether no reader is inside; once true with `WRITER` set, it stays
+    /// true. Read-modify-writes, not loads: see the module comment.
+    fn drained(&self) -> bool {
+        self.readers.iter().all(|r| r.0.load(Relaxed) == 0 && r.0.fetch_add(0, AcqRel) == 0)
     }
 
     fn addr(&self) -> usize {
@@ -90,26 +159,18 @@ impl<T> RwSpinLock<T> {
         let hal = hal::get();
         let mut start = None;
         let mut spins = 0u32;
-        let mut s = self.state.load(Relaxed);
-        loop {
-            if s & WRITER == 0 {
-                match self.state.compare_exchange_weak(s, s + READER, Acquire, Relaxed) {
-                    Ok(_) => break,
-                    Err(now) => {
-                        s = now;
-                        continue;
-                    }
-                }
-            }
+        let shard = my_shard();
+        while !self.try_enter(shard) {
             // A writer waits or holds: stay out until it leaves.
             start.get_or_insert_with(|| hal.cycles());
-            spins = spins.wrapping_add(1);
-            hal.spin_wait(spins);
-            s = self.state.load(Relaxed);
+            while self.writer.load(Relaxed) & WRITER != 0 {
+                spins = spins.wrapping_add(1);
+                hal.spin_wait(spins);
+            }
         }
         self.record(start);
         lockdep::acquired(self.addr(), LockLevel::AddressSpace);
-        RwReadGuard { lock: self, _not_send: PhantomData }
+        RwReadGuard { lock: self, shard, _not_send: PhantomData }
     }
 
     /// Takes the lock exclusive (Linux `mmap_write_lock`).
@@ -128,10 +189,10 @@ impl<T> RwSpinLock<T> {
             hal.spin_wait(spins);
         }
         // 2. Close the door on new readers (only the ticket holder sets it).
-        let s = self.state.fetch_or(WRITER, Acquire);
+        let s = self.writer.swap(WRITER, AcqRel);
         debug_assert_eq!(s & WRITER, 0, "two writers inside the rwlock");
         // 3. Let the readers inside drain.
-        while self.state.load(Acquire) != WRITER {
+        while !self.drained() {
             start.get_or_insert_with(|| hal.cycles());
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
@@ -144,15 +205,17 @@ impl<T> RwSpinLock<T> {
     /// Takes the lock shared if no writer waits or holds it right now.
     #[track_caller]
     pub fn try_read(&self) -> Option<RwReadGuard<'_, T>> {
-        let s = self.state.load(Relaxed);
-        if s & WRITER != 0 {
+        if self.writer.load(Relaxed) & WRITER != 0 {
             return None;
         }
         lockdep::before_acquire(self.addr(), LockLevel::AddressSpace, false);
-        self.state.compare_exchange(s, s + READER, Acquire, Relaxed).ok()?;
+        let shard = my_shard();
+        if !self.try_enter(shard) {
+            return None;
+        }
         self.record(None);
         lockdep::acquired(self.addr(), LockLevel::AddressSpace);
-        Some(RwReadGuard { lock: self, _not_send: PhantomData })
+        Some(RwReadGuard { lock: self, shard, _not_send: PhantomData })
     }
 
     fn record(&self, start: Option<u64>) {
@@ -164,12 +227,12 @@ impl<T> RwSpinLock<T> {
 
     /// Readers inside now (a snapshot, for assertions and reports).
     pub fn readers(&self) -> u32 {
-        self.state.load(Relaxed) / READER
+        self.readers.iter().map(|r| r.0.load(Relaxed)).sum()
     }
 
     /// Whether a writer holds or waits for the lock (snapshot).
     pub fn writer_pending(&self) -> bool {
-        self.state.load(Relaxed) & WRITER != 0
+        self.writer.load(Relaxed) & WRITER != 0
     }
 
     /// The data through exclusive access (no locking needed).
@@ -183,7 +246,7 @@ impl<T> RwSpinLock<T> {
         if cfg!(debug_assertions) {
             match lockdep::holds(self.addr()) {
                 Some(held) => assert!(held, "mmap_lock not held by this CPU"),
-                None => assert!(self.state.load(Relaxed) != 0, "mmap_lock not held"),
+                None => assert!(self.readers() != 0 || self.writer_pending(), "mmap_lock not held"),
             }
         }
     }
@@ -199,6 +262,9 @@ impl<T> fmt::Debug for RwSpinLock<T> {
 #[must_use = "dropping the guard unlocks at once"]
 pub struct RwReadGuard<'a, T> {
     lock: &'a RwSpinLock<T>,
+    /// The shard we are counted in (tasks may not migrate, but the count
+    /// must go back where it came from regardless).
+    shard: u8,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -214,7 +280,7 @@ impl<T> Deref for RwReadGuard<'_, T> {
 impl<T> Drop for RwReadGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
-        self.lock.state.fetch_sub(READER, Release);
+        self.lock.readers[self.shard as usize].0.fetch_sub(1, Release);
     }
 }
 
@@ -229,7 +295,7 @@ pub struct RwWriteGuard<'a, T> {
 impl<T> Deref for RwWriteGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        // SAFETY: the writer is alone inside (state == WRITER, no readers).
+        // SAFETY: the writer is alone inside (WRITER set, every shard drained).
         unsafe { &*self.lock.data.get() }
     }
 }
@@ -247,9 +313,12 @@ impl<'a, T> RwWriteGuard<'a, T> {
     /// behind us enter at once; the next writer queues behind our read hold.
     pub fn downgrade(self) -> RwReadGuard<'a, T> {
         let this = core::mem::ManuallyDrop::new(self);
-        // No reader is inside (WRITER was set and they drained): the state
-        // becomes "one reader, no writer" in one store.
-        this.lock.state.store(READER, Release);
+        // Count ourselves as a reader before opening the door, so the next
+        // writer (which may take its ticket as soon as we advance ours)
+        // waits for our read hold.
+        let shard = my_shard();
+        this.lock.readers[shard as usize].0.fetch_add(1, AcqRel);
+        this.lock.writer.store(0, Release);
         if this.ticket == u16::MAX {
             this.lock.writers.fetch_sub(0xffff, Release);
         } else {
@@ -257,15 +326,15 @@ impl<'a, T> RwWriteGuard<'a, T> {
         }
         // The lock-order checker keeps the lock as held: same address, same
         // level, only the mode changed.
-        RwReadGuard { lock: this.lock, _not_send: PhantomData }
+        RwReadGuard { lock: this.lock, shard, _not_send: PhantomData }
     }
 }
 
 impl<T> Drop for RwWriteGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
-        // Readers cannot have entered (WRITER set): the state is exactly WRITER.
-        self.lock.state.store(0, Release);
+        // Readers that tried to enter meanwhile backed out; let them in.
+        self.lock.writer.store(0, Release);
         // Next writer's turn; wrap 0xffff -> 0 without carrying into "next".
         if self.ticket == u16::MAX {
             self.lock.writers.fetch_sub(0xffff, Release);
@@ -429,5 +498,39 @@ mod tests {
         let l = RwSpinLock::new(LockClass::MmapLock, ());
         let _g = pt.lock(LockLevel::PageTableLock);
         let _r = l.read();
+    }
+}
+
+/// Loom model of the reader/writer handshake: a reader and a writer (which
+/// then downgrades) never overlap a write with a read, in any interleaving.
+/// Run with the other models (`mm/src/loom_tests.rs` header).
+#[cfg(all(test, loom))]
+mod loom_model {
+    extern crate std;
+
+    use super::*;
+    use loom::cell::UnsafeCell as LoomCell;
+    use loom::sync::Arc;
+
+    #[test]
+    fn loom_rwlock_reader_and_downgrading_writer_exclude() {
+        loom::model(|| {
+            let l = Arc::new(RwSpinLock::new(LockClass::Other, LoomCell::new(0u64)));
+            let l2 = l.clone();
+            let reader = loom::thread::spawn(move || {
+                let g = l2.read();
+                // SAFETY: loom's cell; a read hold excludes writers.
+                g.with(|v| unsafe { *v })
+            });
+            let w = l.write();
+            // SAFETY: loom's cell; the write hold is exclusive.
+            w.with_mut(|v| unsafe { *v = 1 });
+            let r = w.downgrade();
+            // SAFETY: as for the reader.
+            assert_eq!(r.with(|v| unsafe { *v }), 1);
+            drop(r);
+            let seen = reader.join().unwrap();
+            assert!(seen == 0 || seen == 1);
+        });
     }
 }
