@@ -5,11 +5,13 @@
 //! # Locks
 //!
 //! * `mmap`, `munmap`, `mprotect` take `mmap_lock` exclusive, change the VMA
-//!   set and the entries (each under its own page-table lock), shoot down
-//!   stale translations and free frames ([`MmuGather::flush_mmu`]) *before*
+//!   set and the entries (each under its own page-table lock), and shoot
+//!   down stale translations ([`MmuGather::flush_tlb_only`]) *before*
 //!   dropping it, so no CPU uses an old translation once another thread can
-//!   map something new there. The grace period for detached tables
-//!   ([`MmuGather::finish`]) is waited for after dropping it.
+//!   map something new there. Freeing the unmapped frames and, after a grace
+//!   period, the detached tables ([`MmuGather::finish`]) happens after
+//!   dropping it: nothing can reach them any more, and a writer waiting for
+//!   the lock should not wait for thousands of frees.
 //! * `access_remote` and populate take `mmap_lock` shared and fault pages in
 //!   like any fault; they copy data under the entry's lock, which keeps the
 //!   frame mapped (and so allocated) for the copy.
@@ -165,7 +167,7 @@ impl<'p> Mm<'p> {
             }
         };
         vmas.insert(Vma { start: VirtAddr::new(start), end: VirtAddr::new(start + len), flags: vmflags });
-        tlb.flush_mmu();
+        tlb.flush_tlb_only();
         drop(vmas);
         tlb.finish();
         if flags.contains(MapFlags::POPULATE) {
@@ -203,7 +205,9 @@ impl<'p> Mm<'p> {
             unmap_page_range(&mut tlb, v, v.start.as_u64(), v.end.as_u64());
         }
         free_pgtables(&mut tlb, floor, ceiling, first.start.as_u64(), last.end.as_u64());
-        tlb.flush_mmu();
+        // The shoot-down must happen before anyone may map the range again
+        // (under the lock); freeing the frames need not (module comment).
+        tlb.flush_tlb_only();
         drop(vmas);
         tlb.finish();
         Ok(())

@@ -229,13 +229,15 @@ pub struct MmuGather<'m, 'p> {
     freed_tables: bool,
     pages: FreeList,
     tables: FreeList,
+    /// The gathered frames are already shot down ([`MmuGather::flush_tlb_only`]).
+    pages_shot_down: bool,
     finished: bool,
 }
 
 impl<'m, 'p> MmuGather<'m, 'p> {
     /// Linux `tlb_gather_mmu`: an empty gather for `mm`.
     pub fn new(mm: &'m Mm<'p>) -> Self {
-        Self { mm, start: u64::MAX, end: 0, freed_tables: false, pages: FreeList::new(), tables: FreeList::new(), finished: false }
+        Self { mm, start: u64::MAX, end: 0, freed_tables: false, pages: FreeList::new(), tables: FreeList::new(), pages_shot_down: false, finished: false }
     }
 
     /// The address space.
@@ -300,12 +302,12 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     /// of the address space, then frees the gathered frames. Tables stay for
     /// [`MmuGather::finish`]. Legal with page-table locks held.
     pub fn flush_mmu(&mut self) {
-        debug_assert!(self.pages.len == 0 || self.pending_range().is_some(), "gathered frames without a range to flush");
-        if let Some(range) = self.pending_range() {
-            flush_tlb_range(self.mm, range);
-            self.start = u64::MAX;
-            self.end = 0;
-        }
+        debug_assert!(
+            self.pages.len == 0 || self.pending_range().is_some() || self.pages_shot_down,
+            "gathered frames without a range to flush"
+        );
+        self.flush_tlb_only();
+        self.pages_shot_down = false;
         let phys = self.mm.phys();
         while let Some((pfn, order)) = self.pages.pop(self.mm) {
             if order == GIGANTIC_ORDER {
@@ -317,6 +319,21 @@ impl<'m, 'p> MmuGather<'m, 'p> {
                 // translation of it.
                 drop(unsafe { Frames::from_raw(phys, pfn, order) });
             }
+        }
+    }
+
+    /// Linux `tlb_flush_mmu_tlbonly`: the shoot-down alone. The gathered
+    /// frames are then unreachable through any page table or TLB and stay
+    /// gathered until [`MmuGather::flush_mmu`] or [`MmuGather::finish`], so a
+    /// caller can free them after dropping `mmap_lock` (freeing thousands of
+    /// frames takes longer than zapping them, and a writer waiting for the
+    /// lock need not wait for it).
+    pub fn flush_tlb_only(&mut self) {
+        if let Some(range) = self.pending_range() {
+            flush_tlb_range(self.mm, range);
+            self.start = u64::MAX;
+            self.end = 0;
+            self.pages_shot_down = true;
         }
     }
 
