@@ -14,10 +14,20 @@ use crate::addr::Pfn;
 use crate::memmap::{Links, MemMap, PG_PCP, Page};
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Frames moved between a list and the zone at a time.
-pub const BATCH: usize = 16;
-/// Above this many frames a list gives a batch back to the zone.
-pub const HIGH: usize = 4 * BATCH;
+/// Frames moved between a list and the zone at a time (Linux's default
+/// `pcp->batch`).
+pub const BATCH: usize = 63;
+/// Above this many frames (16 MiB) a list gives a batch back to the zone.
+///
+/// Large on purpose: a thread that unmaps a big region and maps the next one
+/// (will-it-scale's `page_fault1`, `cargo xtask bench`) recycles its frames
+/// through its own list instead of through the zone lock, where every frame
+/// would cost a buddy merge and a split and CPUs would queue for it. With
+/// `HIGH = 4 * 16` the zone lock was the top contended lock at 2 CPUs and
+/// freeing dominated `munmap`. Cached frames still count as free, and an
+/// allocation that finds no block drains every CPU's list and retries, so a
+/// big cache never causes a failure.
+pub const HIGH: usize = 64 * BATCH;
 
 /// One CPU's free list.
 pub(crate) struct PcpList {

@@ -107,7 +107,8 @@ fn higher_orders_drain_the_per_cpu_caches_before_failing() {
 
 #[test]
 fn per_cpu_cache_counts_as_free_and_drains() {
-    let m = TestMachine::new();
+    // Room for more than HIGH frames (16 MiB of them).
+    let m = TestMachine::with_regions(&[(0x200_0000, 0x400_0000)]);
     let p = &m.phys;
     p.drain_all_pcp();
     let before = p.nr_free_pages();
