@@ -148,7 +148,8 @@ impl Drop for PendingFlush {
     }
 }
 
-/// Per-CPU counters, for tests and statistics.
+/// Per-CPU counters, for tests and statistics (one cache line per CPU).
+#[repr(align(64))]
 struct Stats {
     /// Single-page invalidations performed.
     pages: AtomicU64,

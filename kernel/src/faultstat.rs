@@ -13,6 +13,8 @@ use arch::percpu::NR_CPUS;
 const SUB: usize = 16;
 const BUCKETS: usize = 40 * SUB; // up to 2^40 cycles
 
+/// One CPU's histogram; cache-line aligned so neighbours never share a line.
+#[repr(align(64))]
 struct CpuFaults {
     count: AtomicU64,
     cycles: AtomicU64,

@@ -31,7 +31,9 @@ use spin::Mutex;
 pub use task::{State, Task};
 pub use wait::WaitQueue;
 
-/// One CPU's scheduler state.
+/// One CPU's scheduler state (cache-line aligned: no false sharing between
+/// neighbouring CPUs' queues).
+#[repr(align(64))]
 struct CpuSched {
     /// Runnable tasks of this CPU, in FIFO order. Protected by the lock:
     /// the owner pops and re-queues, any CPU pushes a woken task.
