@@ -77,6 +77,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let enabled = arch::cpu::enable_protection(features);
     let cmdline = cmdline::read();
     smp::init(boot_info.rsdp_addr.into_option(), &boot_info.memory_regions, phys_offset);
+    let pcp_high = memory::size_pcp_caches(arch::percpu::online_count());
 
     let mut brand = [0u8; 48];
     let memmap = mm::memmap_stats();
@@ -93,6 +94,14 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         memmap.overhead_ppm % 10_000,
     );
     log::info!("boot: page-table locks: {}", mm::describe_config());
+    log::info!(
+        "boot: kernel stacks {} KiB + {} KiB guard (up to {}); per-CPU frame caches up to {} frames ({} MiB) each",
+        kstack::STACK_SIZE >> 10,
+        kstack::GUARD_SIZE >> 10,
+        kstack::MAX_STACKS,
+        pcp_high,
+        pcp_high >> 8,
+    );
     log::info!(
         "boot: CPU \"{}\", TSC {} MHz, features {:?}, enabled {:?}",
         arch::cpu::brand(&mut brand),

@@ -130,7 +130,7 @@ pub use memory::{Access, FaultError, FaultResult, MAX_FAULT_RETRIES, handle_mm_f
 pub use mmap::{Mapping, MmapError};
 pub use tlb::{CpuBitmap, MmuGather, TlbRange};
 pub use vma::{MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, Vma, VmFlags, VmaSet};
-pub use frame::{Frames, MAX_ORDER};
+pub use frame::{Frames, MAX_ORDER, PCP_BATCH, PCP_HIGH};
 pub use helpers::*;
 pub use memmap::{MemmapStats, Page, PageKind};
 pub use mm_struct::{KernelPgd, Mm};

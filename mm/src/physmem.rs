@@ -168,6 +168,21 @@ impl PhysMem {
         self.allocator.drain_local(&self.memmap);
     }
 
+    /// Lets each per-CPU list cache up to `frames` frames (never fewer than
+    /// the default [`crate::PCP_HIGH`]). The kernel sizes it from
+    /// memory and CPU count at boot: a CPU that unmaps a large region and
+    /// maps the next one then recycles its frames without visiting the
+    /// zone. Cached frames still count as free, and an allocation that finds
+    /// no block drains every list and retries.
+    pub fn set_pcp_high(&self, frames: usize) {
+        self.allocator.set_pcp_high(frames);
+    }
+
+    /// The per-CPU list limit in force.
+    pub fn pcp_high(&self) -> usize {
+        self.allocator.pcp_high()
+    }
+
     /// Returns every CPU's cached frames to the buddy.
     pub fn drain_all_pcp(&self) {
         self.allocator.drain_all(&self.memmap);

@@ -59,6 +59,9 @@ pub(crate) struct FrameAllocator {
     /// Mirror of the buddy's free frames, written under `zone`.
     zone_free: AtomicU64,
     pcp: [PcpSlot; NR_PCP],
+    /// A list longer than this gives a batch back to the zone (see
+    /// [`FrameAllocator::set_pcp_high`]). Tuning, not protocol: read relaxed.
+    pcp_high: core::sync::atomic::AtomicUsize,
 }
 
 impl FrameAllocator {
@@ -70,7 +73,19 @@ impl FrameAllocator {
                 list: SpinLock::new(LockClass::FrameAllocator, LockLevel::PcpList, PcpList::new()),
                 count: AtomicU64::new(0),
             }),
+            pcp_high: core::sync::atomic::AtomicUsize::new(pcp::HIGH),
         }
+    }
+
+    /// Sets how many frames each per-CPU list may hold before it gives a
+    /// batch back (at least [`pcp::HIGH`]). Lists already longer shrink on
+    /// their next free.
+    pub(crate) fn set_pcp_high(&self, high: usize) {
+        self.pcp_high.store(high.max(pcp::HIGH), Relaxed);
+    }
+
+    pub(crate) fn pcp_high(&self) -> usize {
+        self.pcp_high.load(Relaxed)
     }
 
     /// Hands a block to the zone at boot.
@@ -156,7 +171,7 @@ impl FrameAllocator {
             let mut list = slot.list.lock();
             // SAFETY: the caller gives the frame up.
             unsafe { list.push(map, pfn, &slot.count) };
-            if list.count() > pcp::HIGH {
+            if list.count() > self.pcp_high.load(Relaxed) {
                 let mut zone = self.zone.lock();
                 for _ in 0..pcp::BATCH {
                     let Some(p) = list.pop(map, &slot.count) else { break };

@@ -17,7 +17,8 @@ use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// Frames moved between a list and the zone at a time (Linux's default
 /// `pcp->batch`).
 pub const BATCH: usize = 63;
-/// Above this many frames (16 MiB) a list gives a batch back to the zone.
+/// Above this many frames (16 MiB) a list gives a batch back to the zone,
+/// unless the kernel raised the limit ([`crate::PhysMem::set_pcp_high`]).
 ///
 /// Large on purpose: a thread that unmaps a big region and maps the next one
 /// (will-it-scale's `page_fault1`, `cargo xtask bench`) recycles its frames
