@@ -18,6 +18,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use arch::percpu::NR_CPUS;
 
+/// One CPU's state, alone on its cache line: every fault enters and leaves
+/// read-side sections, and a line shared by neighbouring CPUs would bounce
+/// between them on each one.
+#[repr(align(64))]
 struct RcuCpu {
     /// Nesting depth of read-side sections on this CPU.
     depth: AtomicU64,
