@@ -220,8 +220,16 @@ impl KernelStack {
             }
         };
         let mut frames = [None; STACK_PAGES];
+        // Zeroed, as Linux zeroes thread stacks (`THREADINFO_GFP` has
+        // `__GFP_ZERO`): no stale data shows through an uninitialised stack
+        // read. Under QEMU's TCG it matters for speed too: a recycled frame
+        // that held user code still carries translated blocks, and until a
+        // write has covered each of them every store to the page takes
+        // QEMU's self-modifying-code slow path (measured: every fault of a
+        // short storm 20x slower when a new thread's stack reused the last
+        // storm's program text).
         for f in frames.iter_mut() {
-            match mm::alloc_pages(0) {
+            match mm::alloc_pages_zeroed(0) {
                 Some(frame) => *f = Some(frame.into_raw().0),
                 None => {
                     for pfn in frames.iter().flatten() {
