@@ -301,7 +301,9 @@ mod tests {
     /// after a purge the frames are back in the allocator.
     #[ktest]
     fn stack_has_a_guard_and_is_unmapped_when_freed() {
-        purge();
+        // Other CPUs may still be dropping the last tests' exited tasks:
+        // let them finish (and purge) before counting.
+        crate::storm::settle();
         let before = mm::nr_free_pages();
         let s = KernelStack::new().expect("stack");
         let (bottom, top) = (s.bottom(), s.top());
@@ -325,7 +327,7 @@ mod tests {
     /// returns every frame, and the slots are reused.
     #[ktest]
     fn stacks_are_distinct_and_recycled() {
-        purge();
+        crate::storm::settle();
         let before = mm::nr_free_pages();
         let live = LIVE.load(Ordering::SeqCst);
         let stacks: alloc::vec::Vec<_> = (0..3 * PURGE_BATCH).map(|_| KernelStack::new().expect("stack")).collect();
