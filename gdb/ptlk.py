@@ -22,6 +22,8 @@ they read from them:
         word: UnsafeCell<PageWord {ptl, private}>}
     mm::lock::spinlock::RawSpinLock {word: AtomicU32 (next<<16 | owner),
         class, [owner_cpu, owner_site with debug-ptlock]}
+    mm::lock::rwlock::RwSpinLock {readers: [ReaderShard(AtomicU32)], writer,
+        data} (Mm::mmap_lock)
     arch::percpu::PERCPU: [PerCpu {cpu_id, apic_id, kernel_rsp, tss, ...}]
     kernel::sched::CPUS: [CpuSched {rq, current: UnsafeCell<Option<Arc<Task>>>,
         ...}] and kernel::sched::task::Task {tid, name, cpu, state, space}
@@ -302,9 +304,13 @@ def lock_state(lock):
 
 
 def rwlock_state(lock):
-    """Describes a mm::lock::RwSpinLock (state: WRITER bit + readers * 2)."""
-    st = as_int(field(lock, "state"))
-    return "%d readers%s" % (st >> 1, ", writer in or waiting" if st & 1 else "")
+    """Describes a mm::lock::RwSpinLock (readers: [ReaderShard(AtomicU32)]
+    one count per CPU shard; writer: WRITER bit)."""
+    shards = field(lock, "readers")
+    lo, hi = shards.type.strip_typedefs().range()
+    readers = sum(as_int(shards[i]) for i in range(lo, hi + 1))
+    writer = as_int(field(lock, "writer")) & 1
+    return "%d readers%s" % (readers, ", writer in or waiting" if writer else "")
 
 
 def page_ptl(page):

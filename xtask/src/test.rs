@@ -303,9 +303,15 @@ pub fn run(args: TestArgs) -> Result<bool> {
             if !run.features.is_empty() && !gdb_done {
                 // Before the feature builds replace the default kernel.
                 gdb_done = true;
+                let started = Instant::now();
                 let (ok, detail) = crate::gdb::batch_test(&elf, &bios, accel)?;
                 println!("xtask: [gdb batch test] {}: {detail}", if ok { "ok" } else { "FAILED" });
-                results.push(StepResult { name: "gdb batch test (bt, pt-walk, ptl, page in a storm fault)".into(), ok, detail, elapsed: Duration::ZERO });
+                results.push(StepResult {
+                    name: "gdb batch test (bt, pt-walk, ptl, page, vmas in a storm fault)".into(),
+                    ok,
+                    detail,
+                    elapsed: started.elapsed(),
+                });
             }
             if run.features != config.features {
                 // Runs are ordered so that each feature set is built once.
