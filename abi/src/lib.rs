@@ -133,6 +133,8 @@ pub mod storm {
     /// Most threads one storm can have (reports must fit in the page).
     pub const MAX_THREADS: usize = 48;
 
+    const _: () = assert!(core::mem::size_of::<Params>() <= REPORTS_OFFSET as usize, "Params overlaps the reports");
+
     /// Write a tag into this thread's slot of each assigned page, then read
     /// every tag back.
     pub const MODE_TOUCH: u64 = 0;
@@ -188,6 +190,11 @@ pub mod storm {
         pub special_threads: u64,
         /// See `special_threads`.
         pub special_mode: u64,
+        /// `MODE_CYCLE`: stop touching once the TSC passes this value (the
+        /// region is still unmapped); 0 means no deadline. Bounds a
+        /// benchmark window when faults are slow (the single-lock build on
+        /// many vCPUs), like will-it-scale's fixed-duration samples.
+        pub deadline_cycles: u64,
     }
 
     /// What one thread reports.

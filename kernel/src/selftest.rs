@@ -36,6 +36,7 @@ mod selftest {
     #[ktest]
     fn deliberate_stack_overflow() {
         #[inline(never)]
+        #[allow(unconditional_recursion)] // the point: it only ends in the guard page
         fn recurse(depth: u64) -> u64 {
             // 512 bytes of live locals per frame: the 32 KiB stack is gone
             // after ~60 frames.

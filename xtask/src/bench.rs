@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// MiB per thread (disjoint) or per shared region (same-table).
     #[arg(long)]
     mib: Option<u64>,
+    /// A disjoint window ends after this many milliseconds even if the
+    /// threads have not touched their whole regions (0: no limit). Keeps
+    /// slow runs (the single lock on 8 vCPUs under TCG) bounded.
+    #[arg(long, default_value_t = 2000)]
+    window_ms: u64,
     /// Under five minutes on a 2-core machine: fewer, shorter windows;
     /// disjoint on 1, 2 and 8 CPUs with split locks, and 8 with the single lock.
     #[arg(long)]
@@ -181,7 +186,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             smp: run.cpus,
             mem: mem_for(run, mib),
             accel,
-            cmdline: format!("mode=bench workload={} windows={windows} mib={mib}", run.workload),
+            cmdline: format!("mode=bench workload={} windows={windows} mib={mib} window_ms={}", run.workload, args.window_ms),
             extra: vec!["-mem-prealloc".into()],
         };
         let name = format!("bench-{}-{}-{}cpu", run.workload, run.lock, run.cpus);
@@ -211,6 +216,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         "quick": args.quick,
         "windows": windows,
         "mib": mib,
+        "window_ms": args.window_ms,
         "runs": records,
     });
     let dir = workspace_root().join("target/bench");
@@ -379,6 +385,7 @@ mod tests {
             locks: vec!["split".into()],
             windows: None,
             mib: None,
+            window_ms: 2000,
             quick: false,
             accel: None,
             timeout: 1,
@@ -389,7 +396,7 @@ mod tests {
 
     #[test]
     fn quick_plan_has_the_required_runs() {
-        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, quick: true, accel: None, timeout: 1 };
+        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, window_ms: 2000, quick: true, accel: None, timeout: 1 };
         let runs = plan(&args).unwrap();
         let keys: Vec<_> = runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus)).collect();
         assert_eq!(keys, [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]);
