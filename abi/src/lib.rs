@@ -190,11 +190,13 @@ pub mod storm {
         pub special_threads: u64,
         /// See `special_threads`.
         pub special_mode: u64,
-        /// `MODE_CYCLE`: stop touching once the TSC passes this value (the
-        /// region is still unmapped); 0 means no deadline. Bounds a
-        /// benchmark window when faults are slow (the single-lock build on
-        /// many vCPUs), like will-it-scale's fixed-duration samples.
-        pub deadline_cycles: u64,
+        /// `MODE_CYCLE` and `MODE_TOUCH`: a thread stops touching this many
+        /// TSC cycles after its start barrier (a cycle still unmaps its
+        /// region; a touch pass checks only the pages it touched); 0 means
+        /// no limit. Bounds a benchmark window when faults are slow (the
+        /// single-lock build on many vCPUs), like will-it-scale's
+        /// fixed-duration samples.
+        pub duration_cycles: u64,
     }
 
     /// What one thread reports.

@@ -77,9 +77,9 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let windows = parse(c, "windows", 5).max(1);
     let mib = parse(c, "mib", 128);
     let rounds = parse(c, "rounds", 1).max(1);
-    // A disjoint window ends after this long even if the threads have not
-    // touched their whole regions (will-it-scale samples fixed durations);
-    // fast runs finish their regions well before it.
+    // A window ends after this long even if the threads have not touched
+    // their whole regions (will-it-scale samples fixed durations); fast runs
+    // finish their regions well before it.
     let window_ms = parse(c, "window_ms", 2000);
     let tsc_per_ms = arch::time::tsc_per_us().unwrap_or(1000) * 1000;
     let cpus = online();
@@ -91,7 +91,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
     log::info!(
         "bench: {workload} on {n} CPUs, {mib} MiB per {} x {rounds} rounds, 1 warm-up + {windows} windows{}",
         if workload == "disjoint" { "thread" } else { "region" },
-        if workload == "disjoint" && window_ms > 0 { alloc::format!(" of at most {window_ms} ms") } else { String::new() },
+        if window_ms > 0 { alloc::format!(" of at most {window_ms} ms") } else { String::new() },
     );
     let mut results = Vec::new();
     for w in 0..=windows {
@@ -102,8 +102,8 @@ pub fn run(c: &Cmdline) -> ExitCode {
         }
         let before = faultstat::summary(cpus.iter().copied()).faults;
         let mut spec = spec.clone();
-        if workload == "disjoint" && window_ms > 0 {
-            spec.params.deadline_cycles = arch::time::rdtsc() + window_ms * tsc_per_ms;
+        if window_ms > 0 {
+            spec.params.duration_cycles = window_ms * tsc_per_ms;
         }
         let out = match run_storm(&spec) {
             Ok(o) => o,

@@ -78,6 +78,7 @@ pub fn run(index: u64) -> isize {
     let mode = if index < p.special_threads { p.special_mode } else { p.mode };
     sys::barrier(0, p.threads);
     out.start_cycles = sys::cycles();
+    let deadline = if p.duration_cycles != 0 { out.start_cycles + p.duration_cycles } else { 0 };
     for round in 0..p.rounds.max(1) {
         match mode {
             storm::MODE_CYCLE => {
@@ -93,7 +94,7 @@ pub fn run(index: u64) -> isize {
                     unsafe { (a as *mut u8).write_volatile(1) };
                     out.touched += 1;
                     a += PAGE;
-                    if p.deadline_cycles != 0 && out.touched % 64 == 0 && tsc() > p.deadline_cycles {
+                    if deadline != 0 && out.touched % 64 == 0 && tsc() > deadline {
                         break;
                     }
                 }
@@ -133,13 +134,28 @@ pub fn run(index: u64) -> isize {
                     });
                     sys::barrier(1, p.threads);
                 }
+                // Past the deadline the remaining pages are skipped, and only
+                // the pages touched are checked (both walks go in the same
+                // order).
+                let mut this_round = 0u64;
+                let mut stopped = false;
                 for_each_page(&p, index, |page| {
+                    if stopped {
+                        return;
+                    }
                     // SAFETY: the kernel mapped the region read-write; this
                     // slot is ours alone.
                     unsafe { slot(page, index).write_volatile(storm::tag(page, index, round)) };
-                    out.touched += 1;
+                    this_round += 1;
+                    stopped = deadline != 0 && this_round % 64 == 0 && tsc() > deadline;
                 });
+                out.touched += this_round;
+                let mut checked = 0u64;
                 for_each_page(&p, index, |page| {
+                    if checked == this_round {
+                        return;
+                    }
+                    checked += 1;
                     // SAFETY: as above.
                     let v = unsafe { slot(page, index).read_volatile() };
                     if v == 0 && p.tolerate_loss != 0 {

@@ -41,9 +41,9 @@ pub struct BenchArgs {
     /// MiB per thread (disjoint) or per shared region (same-table).
     #[arg(long)]
     mib: Option<u64>,
-    /// A disjoint window ends after this many milliseconds even if the
-    /// threads have not touched their whole regions (0: no limit). Keeps
-    /// slow runs (the single lock on 8 vCPUs under TCG) bounded.
+    /// A window ends after this many milliseconds even if the threads have
+    /// not touched their whole regions (0: no limit). Keeps slow runs (the
+    /// single lock on 8 vCPUs under TCG) bounded.
     #[arg(long, default_value_t = 2000)]
     window_ms: u64,
     /// Under five minutes on a 2-core machine: fewer, shorter windows;
