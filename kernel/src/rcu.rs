@@ -9,10 +9,11 @@
 //! Per CPU there is a nesting depth and a generation number; leaving the
 //! outermost section bumps the generation. `synchronize` snapshots both for
 //! every CPU and waits, for each CPU that was inside a section, until its
-//! generation moves. All accesses are SeqCst: the writer's detach (a store to
-//! the page table) is ordered before its snapshot, and a reader's depth
-//! increment before its first table read, so a reader that the snapshot saw
-//! outside a section cannot reach the detached table.
+//! generation moves. A full barrier on each side (the writer's fence after
+//! its detach, the reader's `swap` on entering its outermost section) orders
+//! the writer's detach before its snapshot and the reader's "inside" before
+//! its first table read, so a reader that the snapshot saw outside a section
+//! cannot reach the detached table; one that it saw inside is waited for.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -37,17 +38,34 @@ static GRACE_PERIODS: AtomicU64 = AtomicU64::new(0);
 /// Enters a read-side critical section on this CPU (nests). The caller must
 /// not switch tasks until the matching [`read_unlock`]; interrupts stay as
 /// they are (the page-fault path runs with them off).
+///
+/// Only this CPU writes its own counters (an interrupt handler that nests a
+/// section restores them before we resume), so only the outermost entry
+/// needs a locked instruction: the full barrier of its `swap` orders "inside"
+/// before the section's first table read, against the fence `synchronize`
+/// puts between its detach and its snapshot. Everything else is plain loads
+/// and stores: this runs several times per fault.
 pub fn read_lock() {
-    CPUS[arch::percpu::cpu_id()].depth.fetch_add(1, Ordering::SeqCst);
+    let cpu = &CPUS[arch::percpu::cpu_id()];
+    let depth = cpu.depth.load(Ordering::Relaxed);
+    if depth == 0 {
+        cpu.depth.swap(1, Ordering::SeqCst);
+    } else {
+        cpu.depth.store(depth + 1, Ordering::Relaxed);
+    }
 }
 
 /// Leaves a read-side critical section.
 pub fn read_unlock() {
     let cpu = &CPUS[arch::percpu::cpu_id()];
-    let prev = cpu.depth.fetch_sub(1, Ordering::SeqCst);
-    assert!(prev > 0, "rcu read_unlock without read_lock");
-    if prev == 1 {
-        cpu.generation.fetch_add(1, Ordering::SeqCst);
+    let depth = cpu.depth.load(Ordering::Relaxed);
+    assert!(depth > 0, "rcu read_unlock without read_lock");
+    // Release: the section's table reads happen before anything a
+    // `synchronize` that sees the new depth or generation does next.
+    cpu.depth.store(depth - 1, Ordering::Release);
+    if depth == 1 {
+        let generation = cpu.generation.load(Ordering::Relaxed);
+        cpu.generation.store(generation + 1, Ordering::Release);
     }
 }
 
@@ -61,6 +79,9 @@ pub fn in_read_section() -> bool {
 pub fn synchronize() {
     let me = arch::percpu::cpu_id();
     assert!(!in_read_section(), "synchronize() inside an RCU read-side section would deadlock");
+    // The caller's detach (a store) before the snapshot's loads: the other
+    // half of the handshake with `read_lock`'s swap.
+    core::sync::atomic::fence(Ordering::SeqCst);
     let mut snapshot = [(0u64, 0u64); NR_CPUS];
     for (cpu, snap) in snapshot.iter_mut().enumerate() {
         *snap = (CPUS[cpu].depth.load(Ordering::SeqCst), CPUS[cpu].generation.load(Ordering::SeqCst));

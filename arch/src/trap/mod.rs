@@ -176,9 +176,13 @@ pub fn load_idt() {
 #[unsafe(no_mangle)]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     let cpu = crate::percpu::this_cpu();
-    cpu.irq_depth.fetch_add(1, Ordering::Relaxed);
+    // Only this CPU writes its depth, and a nested trap restores it before
+    // we resume: plain loads and stores suffice (no locked instruction on
+    // every trap).
+    let depth = cpu.irq_depth.load(Ordering::Relaxed);
+    cpu.irq_depth.store(depth + 1, Ordering::Relaxed);
     dispatch(frame);
-    cpu.irq_depth.fetch_sub(1, Ordering::Relaxed);
+    cpu.irq_depth.store(depth, Ordering::Relaxed);
 }
 
 fn dispatch(frame: &mut TrapFrame) {
