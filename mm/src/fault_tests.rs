@@ -16,30 +16,30 @@ use crate::{
     Access, FaultError, FaultResult, MapFlags, Mapping, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags, handle_mm_fault,
 };
 
-const RW: Prot = Prot::READ.union(Prot::WRITE);
+pub(crate) const RW: Prot = Prot::READ.union(Prot::WRITE);
 
 /// 63 MiB of RAM: room for storms and a few 2 MiB pages.
-fn big() -> TestMachine {
+pub(crate) fn big() -> TestMachine {
     TestMachine::with_regions(&[(0x10_0000, 0x400_0000)])
 }
 
 /// This thread plays a CPU that has loaded `mm` (the kernel sets the bit on
 /// CR3 load).
-fn on_cpu(mm: &Mm<'_>) {
+pub(crate) fn on_cpu(mm: &Mm<'_>) {
     mm.cpu_bitmap().set(crate::hal::cpu_id() % crate::config::NR_CPUS);
 }
 
-fn write_u64(mm: &Mm<'_>, va: u64, v: u64) {
+pub(crate) fn write_u64(mm: &Mm<'_>, va: u64, v: u64) {
     mm.access_remote(VirtAddr::new(va), &mut v.to_le_bytes(), true).unwrap();
 }
 
-fn read_u64(mm: &Mm<'_>, va: u64) -> u64 {
+pub(crate) fn read_u64(mm: &Mm<'_>, va: u64) -> u64 {
     let mut b = [0u8; 8];
     mm.access_remote(VirtAddr::new(va), &mut b, false).unwrap();
     u64::from_le_bytes(b)
 }
 
-fn fault(mm: &Mm<'_>, va: u64, a: Access) -> Result<FaultResult, FaultError> {
+pub(crate) fn fault(mm: &Mm<'_>, va: u64, a: Access) -> Result<FaultResult, FaultError> {
     handle_mm_fault(mm, VirtAddr::new(va), a)
 }
 

@@ -11,33 +11,11 @@ use crate::memory::fault_locked;
 use crate::testing::{TestMachine, rcu_depth};
 use crate::vma::Vma;
 use crate::{
-    Access, FaultError, FaultResult, MapFlags, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags, handle_mm_fault,
+    Access, FaultError, FaultResult, MapFlags, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags,
     pmd_lock, pte_offset_map_ro_nolock,
 };
 
-const RW: Prot = Prot::READ.union(Prot::WRITE);
-
-fn big() -> TestMachine {
-    TestMachine::with_regions(&[(0x10_0000, 0x400_0000)])
-}
-
-fn on_cpu(mm: &Mm<'_>) {
-    mm.cpu_bitmap().set(crate::hal::cpu_id() % crate::config::NR_CPUS);
-}
-
-fn write_u64(mm: &Mm<'_>, va: u64, v: u64) {
-    mm.access_remote(VirtAddr::new(va), &mut v.to_le_bytes(), true).unwrap();
-}
-
-fn read_u64(mm: &Mm<'_>, va: u64) -> u64 {
-    let mut b = [0u8; 8];
-    mm.access_remote(VirtAddr::new(va), &mut b, false).unwrap();
-    u64::from_le_bytes(b)
-}
-
-fn fault(mm: &Mm<'_>, va: u64, a: Access) -> Result<FaultResult, FaultError> {
-    handle_mm_fault(mm, VirtAddr::new(va), a)
-}
+use crate::fault_tests::{RW, big, fault, on_cpu, read_u64, write_u64};
 
 /// Mapped bytes by entry size: (4 KiB count, 2 MiB count, 1 GiB count).
 fn sizes(mm: &Mm<'_>) -> (usize, usize, usize) {

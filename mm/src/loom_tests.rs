@@ -43,8 +43,13 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// 256 KiB of RAM: enough for a few tables and pages.
     fn new() -> Self {
-        let m = Box::into_raw(Box::new(TestMachine::with_regions(&[(0x10_0000, 0x14_0000)])));
+        Self::with_regions(&[(0x10_0000, 0x14_0000)])
+    }
+    /// A machine over `regions` (THP models need an order-9-capable block).
+    fn with_regions(regions: &[(u64, u64)]) -> Self {
+        let m = Box::into_raw(Box::new(TestMachine::with_regions(regions)));
         // SAFETY: just leaked; freed only in `teardown`, after every user.
         let mr: &'static TestMachine = unsafe { &*m };
         let mm = Box::into_raw(Box::new(Mm::new_in(&mr.phys, mr.kernel).unwrap()));
@@ -213,37 +218,6 @@ fn loom_ticket_lock_is_mutually_exclusive() {
     });
 }
 
-/// A machine with an order-9-capable block for THP models: 4 MiB at 2 MiB.
-struct BigFixture {
-    m: *mut TestMachine,
-    mm: *mut Mm<'static>,
-}
-
-impl BigFixture {
-    fn new(regions: &[(u64, u64)]) -> Self {
-        let m = Box::into_raw(Box::new(TestMachine::with_regions(regions)));
-        // SAFETY: just leaked; freed only in `teardown`, after every user.
-        let mr: &'static TestMachine = unsafe { &*m };
-        let mm = Box::into_raw(Box::new(Mm::new_in(&mr.phys, mr.kernel).unwrap()));
-        Self { m, mm }
-    }
-    fn machine(&self) -> &'static TestMachine {
-        // SAFETY: valid until `teardown`, which consumes the fixture.
-        unsafe { &*self.m }
-    }
-    fn mm(&self) -> &'static Mm<'static> {
-        // SAFETY: as above.
-        unsafe { &*self.mm }
-    }
-    fn teardown(self) {
-        // SAFETY: every thread using them was joined; the Mm goes first.
-        unsafe {
-            drop(Box::from_raw(self.mm));
-            drop(Box::from_raw(self.m));
-        }
-    }
-}
-
 fn bounded() -> loom::model::Builder {
     let mut b = builder();
     // The fault path takes mmap_lock, the PTE lock and the frame
@@ -295,7 +269,8 @@ fn loom_thp_fault_races_pte_alloc_on_one_pmd() {
     use crate::{Access, FaultResult, MapFlags, PMD_SIZE, Prot, VmFlags};
     const H: VirtAddr = VirtAddr::new(0x4000_0000);
     bounded().check(|| {
-        let f = BigFixture::new(&[(0x20_0000, 0x60_0000)]);
+        // 4 MiB at 2 MiB: an order-9 block for the THP.
+        let f = Fixture::with_regions(&[(0x20_0000, 0x60_0000)]);
         let (m, mm) = (f.machine(), f.mm());
         mm.mmap(Some(H), PMD_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED | MapFlags::HUGEPAGE).unwrap();
         // The PMD table exists; the race is on its entry.
