@@ -48,7 +48,7 @@ pub(crate) fn fault(mm: &Mm<'_>, va: u64, a: Access) -> Result<FaultResult, Faul
 /// the zero page) is mapped twice, entries follow the VMA's protection, the
 /// zero page is never writable, and RSS equals what is mapped. Returns the
 /// mappings.
-fn check_consistent(mm: &Mm<'_>) -> Vec<Mapping> {
+pub(crate) fn check_consistent(mm: &Mm<'_>) -> Vec<Mapping> {
     let maps = mm.mappings();
     let vmas = mm.vmas();
     let zero = mm.phys().zero_pfn().phys();
@@ -71,7 +71,10 @@ fn check_consistent(mm: &Mm<'_>) -> Vec<Mapping> {
             assert_eq!(m.size, PAGE_SIZE);
             continue;
         }
-        assert!(frames.insert(m.pa), "frame {:?} mapped twice", m.pa);
+        // Every 4 KiB frame, so a huge mapping overlapping another is caught.
+        for i in 0..m.size / PAGE_SIZE {
+            assert!(frames.insert(m.pa.as_u64() + i * PAGE_SIZE), "frame of {m:?} mapped twice");
+        }
         if v.flags.is_hugetlb() {
             huge += m.size / PAGE_SIZE;
         } else {

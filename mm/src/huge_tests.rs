@@ -15,7 +15,7 @@ use crate::{
     pmd_lock, pte_offset_map_ro_nolock,
 };
 
-use crate::fault_tests::{RW, big, fault, on_cpu, read_u64, write_u64};
+use crate::fault_tests::{RW, big, check_consistent as check, fault, on_cpu, read_u64, write_u64};
 
 /// Mapped bytes by entry size: (4 KiB count, 2 MiB count, 1 GiB count).
 fn sizes(mm: &Mm<'_>) -> (usize, usize, usize) {
@@ -24,30 +24,6 @@ fn sizes(mm: &Mm<'_>) -> (usize, usize, usize) {
     (n(PAGE_SIZE), n(PMD_SIZE), n(PUD_SIZE))
 }
 
-/// RSS and mappings agree, no frame mapped twice, nothing outside a VMA.
-fn check(mm: &Mm<'_>) {
-    let maps = mm.mappings();
-    let vmas = mm.vmas();
-    let zero = mm.phys().zero_pfn().phys();
-    let mut frames = std::collections::BTreeSet::new();
-    let (mut rss, mut huge) = (0, 0);
-    for m in &maps {
-        let v = vmas.iter().find(|v| v.contains(m.va)).unwrap_or_else(|| panic!("{m:?} outside every VMA"));
-        assert!(m.va.as_u64() + m.size <= v.end.as_u64());
-        if m.pa == zero {
-            continue;
-        }
-        for i in 0..m.size / PAGE_SIZE {
-            assert!(frames.insert(m.pa.as_u64() + i * PAGE_SIZE), "frame of {m:?} mapped twice");
-        }
-        if v.flags.is_hugetlb() {
-            huge += m.size / PAGE_SIZE;
-        } else {
-            rss += m.size / PAGE_SIZE;
-        }
-    }
-    assert_eq!((mm.stats().rss_pages, mm.stats().hugetlb_pages), (rss, huge));
-}
 
 #[test]
 fn thp_fault_maps_2m_with_a_deposited_table() {
