@@ -66,7 +66,6 @@ struct Region {
     taken: [u64; WORDS],
     /// Freed slots whose frames are not yet recycled (subset of `taken`).
     dead: [u64; WORDS],
-    nr_dead: usize,
 }
 
 // SAFETY: `ptes` points into page-table frames owned by the region for the
@@ -140,9 +139,9 @@ pub fn init(phys_offset: u64) {
     // SAFETY: the three allocations are fresh, zeroed, owned by the region
     // forever, and reached through the direct map; nothing else refers to them.
     unsafe {
-        (&mut *virt(pdpt))[0].set_addr(pd.phys_x86(), flags);
+        (&mut *virt(pdpt))[0].set_addr(frame_addr(pd), flags);
         for i in 0..NR_PTS {
-            (&mut *virt(pd))[i].set_addr(PhysAddr::new(pts.phys().as_u64() + i as u64 * PAGE), flags);
+            (&mut *virt(pd))[i].set_addr(frame_addr(pts.add(i as u64)), flags);
         }
     }
     let pml4_pa = x86_64::registers::control::Cr3::read().0.start_address().as_u64();
@@ -151,18 +150,13 @@ pub fn init(phys_offset: u64) {
     let pml4 = unsafe { &mut *((phys_offset + pml4_pa) as *mut PageTable) };
     assert!(pml4[REGION_SLOT].is_unused(), "PML4 slot {REGION_SLOT} is already in use");
     // Written last, so the hardware never sees a half-built path.
-    pml4[REGION_SLOT].set_addr(pdpt.phys_x86(), flags);
-    *region = Some(Region { ptes: virt(pts), taken: [0; WORDS], dead: [0; WORDS], nr_dead: 0 });
+    pml4[REGION_SLOT].set_addr(frame_addr(pdpt), flags);
+    *region = Some(Region { ptes: virt(pts), taken: [0; WORDS], dead: [0; WORDS] });
 }
 
-trait PfnExt {
-    fn phys_x86(self) -> PhysAddr;
-}
-
-impl PfnExt for mm::Pfn {
-    fn phys_x86(self) -> PhysAddr {
-        PhysAddr::new(self.phys().as_u64())
-    }
+/// The frame's address as the `x86_64` crate's page-table entries take it.
+fn frame_addr(pfn: mm::Pfn) -> PhysAddr {
+    PhysAddr::new(pfn.phys().as_u64())
 }
 
 /// Shoots down the translations of every freed stack, then recycles their
@@ -172,7 +166,6 @@ pub fn purge() {
     let dead = with_region(|r| {
         let dead = r.dead;
         r.dead = [0; WORDS];
-        r.nr_dead = 0;
         dead
     });
     if dead.iter().all(|&w| w == 0) {
@@ -208,7 +201,7 @@ pub struct KernelStack {
 impl KernelStack {
     /// Allocates and maps a stack, or `None` when frames or slots run out.
     pub fn new() -> Option<Self> {
-        let nr_dead = with_region(|r| r.nr_dead);
+        let nr_dead = with_region(|r| r.dead.iter().map(|w| w.count_ones() as usize).sum::<usize>());
         if nr_dead >= PURGE_BATCH {
             purge();
         }
@@ -247,7 +240,7 @@ impl KernelStack {
                 let pfn = pfn.expect("all frames allocated");
                 // The slot's entries are unused (a fresh slot, or recycled
                 // after a shoot-down), so no TLB holds them: no flush needed.
-                r.pte(slot, PTES_PER_SLOT - STACK_PAGES + i).set_addr(pfn.phys_x86(), flags);
+                r.pte(slot, PTES_PER_SLOT - STACK_PAGES + i).set_addr(frame_addr(pfn), flags);
             }
         });
         LIVE.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +273,6 @@ impl Drop for KernelStack {
                 e.set_flags(e.flags() - PageTableFlags::PRESENT);
             }
             set_bit(&mut r.dead, self.slot, true);
-            r.nr_dead += 1;
         });
         // This CPU stops reaching the stack at once (eight `invlpg`s); the
         // others may until the next purge.
