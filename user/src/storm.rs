@@ -65,6 +65,11 @@ fn tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Whether `deadline` (0: none) has passed, looked at every 64 pages done.
+fn expired(deadline: u64, done: u64) -> bool {
+    deadline != 0 && done % 64 == 0 && tsc() > deadline
+}
+
 /// The word of `page` that belongs to thread `i`.
 fn slot(page: u64, i: u64) -> *mut u64 {
     (page + (i % 512) * 8) as *mut u64
@@ -94,7 +99,7 @@ pub fn run(index: u64) -> isize {
                     unsafe { (a as *mut u8).write_volatile(1) };
                     out.touched += 1;
                     a += PAGE;
-                    if deadline != 0 && out.touched % 64 == 0 && tsc() > deadline {
+                    if expired(deadline, out.touched) {
                         break;
                     }
                 }
@@ -147,7 +152,7 @@ pub fn run(index: u64) -> isize {
                     // slot is ours alone.
                     unsafe { slot(page, index).write_volatile(storm::tag(page, index, round)) };
                     this_round += 1;
-                    stopped = deadline != 0 && this_round % 64 == 0 && tsc() > deadline;
+                    stopped = expired(deadline, this_round);
                 });
                 out.touched += this_round;
                 let mut checked = 0u64;
