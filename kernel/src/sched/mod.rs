@@ -117,10 +117,23 @@ pub fn current() -> Arc<Task> {
     with_local(|cs| unsafe { (*cs.current.get()).clone() }).expect("scheduler not initialised on this CPU")
 }
 
-/// The address space of the running task, if it is a user thread.
-pub fn current_space() -> Option<Arc<crate::uspace::AddressSpace>> {
+/// Runs `f` on the running task's address space, if it is a user thread,
+/// without taking a reference (Linux `current->mm`).
+///
+/// The threads of one process share the `Arc`: a clone and a drop per fault
+/// would be two locked operations on one cache line that every CPU of a
+/// fault storm writes.
+pub fn with_current_space<R>(f: impl FnOnce(&crate::uspace::AddressSpace) -> R) -> Option<R> {
     // SAFETY: owner CPU, interrupts off (with_local).
-    with_local(|cs| unsafe { (*cs.current.get()).as_ref().and_then(|t| t.space()) })
+    let task: *const Task = with_local(|cs| unsafe { (*cs.current.get()).as_ref().map(Arc::as_ptr) })?;
+    // SAFETY: `task` is the running task, which is executing this call. A
+    // task is kept alive while it runs (by this CPU's `current`) and while it
+    // is switched out (by whoever will resume it), and it cannot exit in the
+    // middle of this call, so the pointer stays valid until `f` returns. Its
+    // `space` is set at creation and never changed, and the `Arc` in it keeps
+    // the address space alive as long as the task.
+    let space = unsafe { &*task }.space_ref()?;
+    Some(f(space))
 }
 
 extern "C" fn idle_loop(_: usize) -> ! {

@@ -131,9 +131,9 @@ impl Task {
         Some(Self::alloc(name, cpu, Some(stack), ctx, space))
     }
 
-    /// The address space of a user thread.
-    pub fn space(&self) -> Option<Arc<AddressSpace>> {
-        self.space.clone()
+    /// The address space of a user thread, borrowed.
+    pub fn space_ref(&self) -> Option<&AddressSpace> {
+        self.space.as_deref()
     }
 
     /// Identifier.

@@ -27,7 +27,6 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
         crate::traps::count_page_fault(addr);
         return FaultOutcome::Unhandled;
     }
-    let Some(space) = sched::current_space() else { return FaultOutcome::Unhandled };
     let access = Access {
         write: pf.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE),
         exec: pf.code.contains(PageFaultErrorCode::INSTRUCTION_FETCH),
@@ -41,14 +40,16 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
         arch::irq::enable();
     }
     let start = arch::time::rdtsc();
-    let r = mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access);
+    let r = sched::with_current_space(|space| mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access));
     arch::irq::disable();
-    if r.is_ok() {
+    if let Some(Ok(_)) = r {
         crate::faultstat::record(arch::time::rdtsc().wrapping_sub(start));
     }
     match r {
-        Ok(_) => FaultOutcome::Handled,
-        Err(e) => {
+        // A kernel task touching a user address: not the memory manager's.
+        None => FaultOutcome::Unhandled,
+        Some(Ok(_)) => FaultOutcome::Handled,
+        Some(Err(e)) => {
             *LAST_ERROR[arch::percpu::cpu_id()].lock() = Some(e);
             FaultOutcome::Unhandled
         }

@@ -33,16 +33,16 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
         nr::GETTID => sched::current().tid() as isize,
         nr::GETCPU => arch::percpu::cpu_id() as isize,
         nr::MMAP => sys_mmap(a[0], a[1], a[2] as usize, a[3] as usize),
-        nr::MUNMAP => result(current_space().mm.munmap(VirtAddr::new(a[0]), a[1]).map(|_| 0)),
+        nr::MUNMAP => result(with_space(|s| s.mm.munmap(VirtAddr::new(a[0]), a[1])).map(|_| 0)),
         nr::MPROTECT => match prot_from(a[2] as usize) {
-            Some(prot) => result(current_space().mm.mprotect(VirtAddr::new(a[0]), a[1], prot).map(|_| 0)),
+            Some(prot) => result(with_space(|s| s.mm.mprotect(VirtAddr::new(a[0]), a[1], prot)).map(|_| 0)),
             None => -errno::EINVAL,
         },
         nr::BARRIER => {
             if a[1] == 0 || a[1] > 4096 {
                 return -errno::EINVAL;
             }
-            current_space().barrier(a[0], a[1] as usize);
+            with_space(|s| s.barrier(a[0], a[1] as usize));
             0
         }
         nr::CYCLES => arch::time::rdtsc() as isize,
@@ -50,8 +50,10 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
     }
 }
 
-fn current_space() -> alloc::sync::Arc<super::AddressSpace> {
-    sched::current().space().expect("system call from a task without an address space")
+/// Runs `f` on the calling thread's address space (borrowed, see
+/// [`sched::with_current_space`]). Only user threads make system calls.
+fn with_space<R>(f: impl FnOnce(&super::AddressSpace) -> R) -> R {
+    sched::with_current_space(f).expect("system call from a task without an address space")
 }
 
 fn sys_log(ptr: u64, len: usize) -> isize {
@@ -96,7 +98,7 @@ fn sys_mmap(addr: u64, len: u64, prot: usize, flags: usize) -> isize {
     f.set(MapFlags::HUGETLB_1G, flags & abi::map::HUGETLB_1G != 0);
     f.set(MapFlags::POPULATE, flags & abi::map::POPULATE != 0);
     let hint = if flags & abi::map::FIXED != 0 { Some(VirtAddr::new(addr)) } else { None };
-    result(current_space().mm.mmap(hint, len, prot, f).map(|a| a.as_u64() as isize))
+    result(with_space(|s| s.mm.mmap(hint, len, prot, f)).map(|a| a.as_u64() as isize))
 }
 
 fn result(r: Result<isize, MmapError>) -> isize {
