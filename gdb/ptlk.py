@@ -20,7 +20,7 @@ they read from them:
         {sections: [Section {base: Pfn, nr, pages: *const Page}], nr_sections}
     mm::memmap::Page {kind, flags, order, pt_level, refcount, lru,
         word: UnsafeCell<PageWord {ptl, private}>}
-    mm::lock::spinlock::RawSpinLock {word: AtomicU32 (next<<16 | owner),
+    mm::lock::spinlock::RawSpinLock {next: AtomicU16, owner: AtomicU16,
         class, [owner_cpu, owner_site with debug-ptlock]}
     mm::lock::rwlock::RwSpinLock {readers: [ReaderShard(AtomicU32)], writer,
         data} (Mm::mmap_lock)
@@ -283,8 +283,7 @@ def max_pfn():
 
 def lock_state(lock):
     """Describes a mm::lock::spinlock::RawSpinLock value."""
-    word = as_int(field(lock, "word"))
-    nxt, owner = word >> 16, word & 0xFFFF
+    nxt, owner = as_int(field(lock, "next")), as_int(field(lock, "owner"))
     held = nxt != owner
     text = "held" if held else "free"
     if held:
@@ -300,7 +299,7 @@ def lock_state(lock):
                 text += " at %s:%d" % (loc["file"].format_string().strip('"'), int(loc["line"]))
         except (gdb.error, LayoutError):
             pass
-    return "%s (ticket word %#010x)" % (text, word)
+    return "%s (next ticket %d, owner %d)" % (text, nxt, owner)
 
 
 def rwlock_state(lock):

@@ -2,17 +2,22 @@
 //! plus the vmstat fault events), read by tests and benchmarks.
 //!
 //! Counters are sharded by CPU, each shard on its own cache line, and updated
-//! with relaxed atomics: a fault storm on eight CPUs must not bounce one
+//! with `this_cpu_add`: a fault storm on eight CPUs must not bounce one
 //! counter line between them, which would bring back the very contention
 //! split page-table locks remove (Linux caches RSS per task for the same
-//! reason). A read sums the shards; it is exact once the counted work is done.
-//! No lock protects them.
+//! reason), and a fault should not pay a locked instruction per counter. A
+//! read sums the shards; it is exact once the counted work is done. No lock
+//! protects them. The shards (one per possible CPU) live on the heap, beside
+//! the `Mm`.
 
+use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::config::NR_CPUS;
+use crate::percpu::this_cpu_add;
 
-const SHARDS: usize = if NR_CPUS < 16 { NR_CPUS } else { 16 };
+/// One shard per CPU: `this_cpu_add` needs each shard to have one writer.
+const SHARDS: usize = NR_CPUS;
 
 /// What is counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,18 +50,18 @@ struct Shard {
 
 /// The sharded counters of one `Mm`.
 pub(crate) struct MmCounters {
-    shards: [Shard; SHARDS],
+    shards: Box<[Shard]>,
 }
 
 impl MmCounters {
     pub(crate) fn new() -> Self {
-        Self { shards: core::array::from_fn(|_| Shard { c: [const { AtomicU64::new(0) }; N] }) }
+        Self { shards: (0..SHARDS).map(|_| Shard { c: [const { AtomicU64::new(0) }; N] }).collect() }
     }
 
     #[inline]
     pub(crate) fn add(&self, c: Counter, n: i64) {
         let s = &self.shards[crate::hal::cpu_id() % SHARDS];
-        s.c[c as usize].fetch_add(n as u64, Relaxed);
+        this_cpu_add(&s.c[c as usize], n as u64);
     }
 
     #[inline]

@@ -28,6 +28,13 @@ use crate::tlb::{CpuBitmap, TlbRange};
 pub trait Hal: Sync {
     /// The number of the executing CPU (0-based). Any value is accepted; per-CPU
     /// tables index it modulo their size.
+    ///
+    /// On bare metal (`target_os = "none"`, the kernel) two more promises
+    /// hold, and per-CPU counters rely on them to skip locked instructions
+    /// (`percpu::this_cpu_add`): the number is below
+    /// [`NR_CPUS`](crate::config::NR_CPUS), and it stays the executing CPU's
+    /// until the calling `mm` function returns (kernel code is not moved
+    /// between CPUs). Host HALs may break both.
     fn cpu_id(&self) -> usize;
 
     /// A monotonically increasing cycle count (TSC in the kernel).

@@ -30,6 +30,7 @@
 //! | [`gigantic`] | the pool of 1 GiB frames reserved at boot |
 //! | [`tlb`] | `CpuBitmap`, `TlbRange`, `MmuGather` (flush, then free; grace period for tables) |
 //! | [`counters`] | per-`Mm` RSS and fault counters (`MmStats`) |
+//! | `percpu` | `this_cpu_add`: the unlocked update of a CPU's own counter shard |
 //! | [`config`] | split-lock configuration from the build, `describe_config` |
 //!
 //! # Boot sequence (kernel)
@@ -99,6 +100,7 @@ pub mod memmap;
 pub mod memory;
 pub mod mm_struct;
 pub mod mmap;
+mod percpu;
 pub mod pgtable;
 pub mod physmem;
 pub mod ptdesc;

@@ -14,6 +14,7 @@
 //! | `kind`, `pt_level`, `refcount` | owner of the frame (atomics, so debug checks may read them anywhere) |
 //! | `flags` `BUDDY`, `order` | the zone lock |
 //! | `flags` `PCP` | the per-CPU list lock |
+//! | `flags` `PTL` | owner of the page table (its constructor and destructor) |
 //! | `lru` | whichever free list the frame is on (zone lock or per-CPU list lock) |
 //! | `word` | the frame's owner; for a page table, only through `ptdesc` (`ptl`) |
 //! | `link` | PMD table: head of its deposited PTE tables (`pmd_huge_pte`), under its PMD lock; deposited PTE table: next in that list, same lock; frame or table waiting in an `MmuGather`: next in the gather's list, owned by the gather |
@@ -158,11 +159,19 @@ impl Page {
     pub(crate) fn has_flag(&self, f: u8) -> bool {
         self.flags.load(Relaxed) & f != 0
     }
+    // A page's flags have one writer at a time: the page's owner (PG_PTL in a
+    // table's constructor and destructor), or, while the frame is free, the
+    // holder of the lock of the free list it sits on (zone lock for
+    // PG_BUDDY, per-CPU list lock for PG_PCP; a move between lists holds
+    // both). Others only read them. So an update is a load and a store, not
+    // a locked read-modify-write: QEMU's parallel TCG runs a locked
+    // instruction through a helper call, and the fault path sets and clears
+    // PG_PCP once per frame.
     pub(crate) fn set_flag(&self, f: u8) {
-        self.flags.fetch_or(f, Relaxed);
+        self.flags.store(self.flags.load(Relaxed) | f, Relaxed);
     }
     pub(crate) fn clear_flag(&self, f: u8) {
-        self.flags.fetch_and(!f, Relaxed);
+        self.flags.store(self.flags.load(Relaxed) & !f, Relaxed);
     }
 }
 

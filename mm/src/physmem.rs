@@ -163,6 +163,19 @@ impl PhysMem {
         self.allocator.free_blocks(order)
     }
 
+    /// Frees order-0 frames in one go (one per-CPU list lock for all).
+    ///
+    /// # Safety
+    ///
+    /// The caller owns each frame (allocated at order 0, not yet freed) and
+    /// nothing uses them afterwards.
+    pub(crate) unsafe fn free_frames_bulk(&self, pfns: &[Pfn]) {
+        if !pfns.is_empty() {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.allocator.free_bulk(&self.memmap, pfns) };
+        }
+    }
+
     /// Returns the executing CPU's cached frames to the buddy.
     pub fn drain_local_pcp(&self) {
         self.allocator.drain_local(&self.memmap);

@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(ALLOC_SPLIT_PTLOCKS, size_of::<PtLock>() > size_of::<usize>());
         assert_eq!(<Ptl as PtlRepr>::ALLOCATES, ALLOC_SPLIT_PTLOCKS);
         // The descriptor word never grows beyond a usize.
-        assert_eq!(size_of::<PtlStorage>(), size_of::<usize>());
+        assert!(size_of::<PtlStorage>() <= size_of::<usize>());
         assert_eq!(cfg!(feature = "debug-ptlock"), ALLOC_SPLIT_PTLOCKS);
     }
 

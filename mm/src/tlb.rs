@@ -42,7 +42,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{PAGE_SIZE, Pfn, VirtAddr};
 use crate::config::NR_CPUS;
-use crate::frame::{Frames, MAX_ORDER};
+use crate::frame::{Frames, MAX_ORDER, PCP_BATCH};
 use crate::gigantic::GIGANTIC_ORDER;
 use crate::mm_struct::Mm;
 use crate::ptdesc::{PtPage, page_ptdesc};
@@ -213,7 +213,9 @@ impl FreeList {
         let pfn = Pfn::new((self.head >> 8) - 1);
         let order = (self.head & 0xff) as usize;
         let page = mm.phys().page(pfn).expect("gathered frame outside the memmap");
-        self.head = page.link.swap(0, Ordering::Relaxed);
+        // The gather owns the link (memmap lock table): no other writer.
+        self.head = page.link.load(Ordering::Relaxed);
+        page.link.store(0, Ordering::Relaxed);
         self.len -= 1;
         Some((pfn, order))
     }
@@ -309,17 +311,30 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         self.flush_tlb_only();
         self.pages_shot_down = false;
         let phys = self.mm.phys();
+        // The gather owns every block it holds: each was mapped by exactly
+        // one entry, which was cleared under its lock before being gathered,
+        // and the shoot-down above removed every cached translation of it.
+        // Order-0 frames go back in batches, one per-CPU list lock each.
+        let mut batch = [Pfn::new(0); PCP_BATCH];
+        let mut n = 0;
         while let Some((pfn, order)) = self.pages.pop(self.mm) {
-            if order == GIGANTIC_ORDER {
+            if order == 0 {
+                batch[n] = pfn;
+                n += 1;
+                if n == batch.len() {
+                    // SAFETY: owned by the gather (above), each freed once.
+                    unsafe { phys.free_frames_bulk(&batch) };
+                    n = 0;
+                }
+            } else if order == GIGANTIC_ORDER {
                 phys.gigantic_pool().free(pfn);
             } else {
-                // SAFETY: the gather owns the block: it was mapped by exactly
-                // one entry, which was cleared under its lock before being
-                // gathered, and the shoot-down above removed every cached
-                // translation of it.
+                // SAFETY: owned by the gather (above).
                 drop(unsafe { Frames::from_raw(phys, pfn, order) });
             }
         }
+        // SAFETY: owned by the gather (above), each freed once.
+        unsafe { phys.free_frames_bulk(&batch[..n]) };
     }
 
     /// Linux `tlb_flush_mmu_tlbonly`: the shoot-down alone. The gathered

@@ -338,7 +338,7 @@ mod tests {
     fn findings_are_parsed_from_a_session() {
         let out = "=== bt\n#0  kernel::uspace::fault::page_fault (frame=..) at kernel/src/uspace/fault.rs:20\n\
                    === walk-before\n  PTE[  5] @phys 0x123 = 0x0  not present -\n  => 0x100005000 is not mapped\n\
-                   === ptl\n  PTE entry @phys 0x3d000028: split PTE lock of table pfn 0x3d000, inline in the descriptor at 0xffff: free (ticket word 0x00020002)\n\
+                   === ptl\n  PTE entry @phys 0x3d000028: split PTE lock of table pfn 0x3d000, inline in the descriptor at 0xffff: free (next ticket 2, owner 2)\n\
                    === walk-after\n  PMD[  0] @phys 0x1 = 0x3d000067  table 0x3d000000        P W U A D\n  => 0x100005000 maps to phys 0x3e123000 (4K page)\n\
                    === page\n  kind      Anon\n=== vmas\n  0x000100000000-0x000100200000     2048 KiB  r w\n";
         let f = parse_findings(out);

@@ -38,6 +38,17 @@ use crate::physmem::PhysMem;
 use buddy::Buddy;
 use pcp::PcpList;
 
+/// Marks a frame that is about to be freed as free in its descriptor,
+/// checking that it was allocated and is not a live page table.
+fn release(map: &MemMap, pfn: Pfn) {
+    let p: &Page = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
+    let kind = p.kind();
+    assert!(kind != PageKind::Free, "double free of frame {pfn:?}");
+    debug_assert!(kind != PageKind::PageTable && !p.has_flag(PG_PTL), "page table {pfn:?} freed without pagetable_dtor");
+    p.set_kind(PageKind::Free);
+    p.refcount.store(0, Relaxed);
+}
+
 /// Number of per-CPU lists (loom models run two "CPUs").
 pub const NR_PCP: usize = if cfg!(loom) {
     2
@@ -155,37 +166,56 @@ impl FrameAllocator {
     /// nothing uses it afterwards.
     pub(crate) unsafe fn free(&self, map: &MemMap, pfn: Pfn, order: usize) {
         for i in 0..1u64 << order {
-            let p: &Page = map.pfn_to_page(pfn.add(i)).expect("freeing a frame outside memmap");
-            let kind = p.kind();
-            assert!(kind != PageKind::Free, "double free of frame {:?}", pfn.add(i));
-            debug_assert!(
-                kind != PageKind::PageTable && !p.has_flag(PG_PTL),
-                "page table {:?} freed without pagetable_dtor",
-                pfn.add(i)
-            );
-            p.set_kind(PageKind::Free);
-            p.refcount.store(0, Relaxed);
+            release(map, pfn.add(i));
         }
         if order == 0 {
             let slot = self.local();
             let mut list = slot.list.lock();
             // SAFETY: the caller gives the frame up.
             unsafe { list.push(map, pfn, &slot.count) };
-            if list.count() > self.pcp_high.load(Relaxed) {
-                let mut zone = self.zone.lock();
-                for _ in 0..pcp::BATCH {
-                    let Some(p) = list.pop(map, &slot.count) else { break };
-                    // SAFETY: the frame was free on our list; now the zone's.
-                    unsafe { zone.free(map, p, 0) };
-                }
-                self.zone_free.store(zone.free_frames(), Relaxed);
-            }
+            self.trim(map, slot, &mut list);
         } else {
             let mut zone = self.zone.lock();
             // SAFETY: forwarded from the caller.
             unsafe { zone.free(map, pfn, order) };
             self.zone_free.store(zone.free_frames(), Relaxed);
         }
+    }
+
+    /// Frees order-0 frames with one per-CPU list lock for all of them
+    /// (Linux `free_unref_folios`): `munmap` of a large region frees tens of
+    /// thousands, and one lock round trip each would dominate.
+    ///
+    /// # Safety
+    ///
+    /// As [`FrameAllocator::free`] for each frame (order 0).
+    pub(crate) unsafe fn free_bulk(&self, map: &MemMap, pfns: &[Pfn]) {
+        for &pfn in pfns {
+            release(map, pfn);
+        }
+        let slot = self.local();
+        let mut list = slot.list.lock();
+        for &pfn in pfns {
+            // SAFETY: the caller gives the frames up.
+            unsafe { list.push(map, pfn, &slot.count) };
+        }
+        self.trim(map, slot, &mut list);
+    }
+
+    /// Gives batches back to the zone while `list` is above its limit.
+    fn trim(&self, map: &MemMap, slot: &PcpSlot, list: &mut PcpList) {
+        if list.count() <= self.pcp_high.load(Relaxed) {
+            return;
+        }
+        let mut zone = self.zone.lock();
+        while list.count() > self.pcp_high.load(Relaxed) {
+            for _ in 0..pcp::BATCH {
+                let Some(p) = list.pop(map, &slot.count) else { break };
+                // SAFETY: the frame was free on our list; now the zone's.
+                unsafe { zone.free(map, p, 0) };
+            }
+        }
+        self.zone_free.store(zone.free_frames(), Relaxed);
     }
 
     fn drain_slot(&self, map: &MemMap, slot: &PcpSlot) {

@@ -45,7 +45,7 @@
 //!
 //! `writer`: `WRITER` while a writer waits for readers to drain or holds the
 //! lock. `readers[i]`: readers inside that entered through shard `i`.
-//! `writers`: a ticket word like [`super::RawSpinLock`]'s (next ticket in
+//! `writers`: a ticket word (next ticket in
 //! bits 16..32, now serving in bits 0..16), ordering writers among
 //! themselves.
 //!

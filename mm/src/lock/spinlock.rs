@@ -1,18 +1,20 @@
-//! The hand-written spinlock: a ticket lock in one 32-bit word.
+//! The hand-written spinlock: a ticket lock.
 //!
 //! A ticket lock is FIFO-fair: under a fault storm every CPU waiting on a PTE
 //! lock gets it in arrival order, so no CPU starves and the spin-time
 //! statistics measure queueing rather than luck.
 //!
-//! Word layout: bits 16..32 hold the next ticket to hand out, bits 0..16 the
-//! ticket now served. `lock` takes a ticket with one `fetch_add(1 << 16)` and
-//! spins until the low half equals it; `unlock` advances the low half. Only the
-//! holder writes the low half and it knows its value (its own ticket), so it
-//! can advance it with `fetch_add(1)`, or with `fetch_sub(0xffff)` when it wraps
-//! from 0xffff to 0, without ever carrying into the high half. Overflow of the
-//! high half falls off the top of the word, which is exactly 16-bit wrapping.
+//! Two 16-bit halves: `next`, the next ticket to hand out, and `owner`, the
+//! ticket now served. `lock` takes a ticket with one `fetch_add(1)` on `next`
+//! and spins until `owner` equals it. Only the holder writes `owner`, and it
+//! knows the value (its own ticket), so `unlock` is a plain release store of
+//! ticket + 1, not a locked instruction: one locked instruction per
+//! lock/unlock pair instead of two. (Under QEMU's parallel TCG a locked
+//! instruction is a helper call, several times the cost of a store, and a
+//! fault takes two locks.) Both halves wrap at 16 bits, which is fine while
+//! fewer than 65536 CPUs wait.
 //!
-//! Lock plus class tag is 8 bytes, so by default `ptl` fits in a `usize` and
+//! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
 //! lives inline in the page descriptor. With the `debug-ptlock` feature the
 //! lock also records its owner CPU and the `#[track_caller]` site that took it;
 //! it then no longer fits and `ptl` becomes a pointer (see `ptlock.rs`).
@@ -28,15 +30,15 @@ use core::{panic::Location, sync::atomic::AtomicPtr};
 
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
-use crate::sync::AtomicU32;
-
-const TICKET_ONE: u32 = 1 << 16;
+use crate::sync::AtomicU16;
 
 /// A ticket spinlock that protects no Rust data: it guards memory the hardware
 /// also reads (page-table entries), so it is a bare lock, like `spinlock_t`.
 pub struct RawSpinLock {
-    /// The ticket word (see the module comment).
-    word: AtomicU32,
+    /// The next ticket to hand out (see the module comment).
+    next: AtomicU16,
+    /// The ticket now served; written only by the holder.
+    owner: AtomicU16,
     /// `LockClass as u8`, for statistics.
     class: u8,
     /// Debug lock only: the CPU holding the lock, `u32::MAX` when free.
@@ -52,7 +54,8 @@ impl RawSpinLock {
     #[cfg(not(loom))]
     pub const fn new(class: LockClass) -> Self {
         Self {
-            word: AtomicU32::new(0),
+            next: AtomicU16::new(0),
+            owner: AtomicU16::new(0),
             class: class as u8,
             #[cfg(feature = "debug-ptlock")]
             owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
@@ -65,7 +68,8 @@ impl RawSpinLock {
     #[cfg(loom)]
     pub fn new(class: LockClass) -> Self {
         Self {
-            word: AtomicU32::new(0),
+            next: AtomicU16::new(0),
+            owner: AtomicU16::new(0),
             class: class as u8,
             #[cfg(feature = "debug-ptlock")]
             owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
@@ -98,14 +102,13 @@ impl RawSpinLock {
     fn lock_inner(&self, level: LockLevel, nested: bool) -> RawSpinGuard<'_> {
         let hal = hal::get();
         lockdep::before_acquire(self.addr(), level, nested);
-        let t = self.word.fetch_add(TICKET_ONE, Acquire);
-        let ticket = (t >> 16) as u16;
-        if t as u16 == ticket {
+        let ticket = self.next.fetch_add(1, Acquire);
+        if self.owner.load(Acquire) == ticket {
             stats::record(self.class, false, 0);
         } else {
             let start = hal.cycles();
             let mut spins = 0u32;
-            while self.word.load(Acquire) as u16 != ticket {
+            while self.owner.load(Acquire) != ticket {
                 spins = spins.wrapping_add(1);
                 hal.spin_wait(spins);
             }
@@ -117,14 +120,18 @@ impl RawSpinLock {
     /// Takes the lock if it is free right now.
     #[track_caller]
     pub fn try_lock(&self, level: LockLevel) -> Option<RawSpinGuard<'_>> {
-        let v = self.word.load(Relaxed);
-        if (v >> 16) as u16 != v as u16 {
+        // Free means `next == owner`. If the compare-exchange still finds
+        // `next` equal to the `owner` we loaded, every ticket handed out has
+        // been served, so `owner` has not moved and the ticket is ours at
+        // once. The acquire load of `owner` pairs with the last unlock.
+        let owner = self.owner.load(Acquire);
+        if self.next.load(Relaxed) != owner {
             return None;
         }
         lockdep::before_acquire(self.addr(), level, false);
-        self.word.compare_exchange(v, v.wrapping_add(TICKET_ONE), Acquire, Relaxed).ok()?;
+        self.next.compare_exchange(owner, owner.wrapping_add(1), Acquire, Relaxed).ok()?;
         stats::record(self.class, false, 0);
-        Some(self.acquired(level, v as u16))
+        Some(self.acquired(level, owner))
     }
 
     #[track_caller]
@@ -135,7 +142,7 @@ impl RawSpinLock {
             self.owner_cpu.store(hal::cpu_id() as u32, Relaxed);
             self.owner_site.store(Location::caller() as *const _ as *mut _, Relaxed);
         }
-        // The low half is our ticket now; keep it so unlock needs no extra load.
+        // `owner` is our ticket now; keep it so unlock needs no load.
         RawSpinGuard { lock: self, ticket, level, _not_send: PhantomData }
     }
 
@@ -146,19 +153,13 @@ impl RawSpinLock {
             self.owner_site.store(core::ptr::null_mut(), Relaxed);
         }
         lockdep::released(self.addr());
-        if ticket == u16::MAX {
-            // 0xffff -> 0 without a carry into the high half.
-            self.word.fetch_sub(0xffff, Release);
-        } else {
-            self.word.fetch_add(1, Release);
-        }
+        self.owner.store(ticket.wrapping_add(1), Release);
     }
 
     /// Whether some CPU holds the lock (a snapshot: only meaningful to assert
     /// that *we* hold it).
     pub fn is_locked(&self) -> bool {
-        let v = self.word.load(Relaxed);
-        (v >> 16) as u16 != v as u16
+        self.owner.load(Relaxed) != self.next.load(Relaxed)
     }
 
     /// Debug lock: the CPU that holds the lock.
@@ -318,7 +319,7 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn ticket_wraps_without_corrupting_the_next_field() {
+    fn tickets_wrap_at_16_bits() {
         let l = RawSpinLock::new(LockClass::Other);
         for _ in 0..70_000 {
             let g = l.lock(LockLevel::Untracked);
