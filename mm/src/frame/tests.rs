@@ -129,6 +129,38 @@ fn per_cpu_cache_counts_as_free_and_drains() {
 }
 
 #[test]
+fn bulk_free_fills_the_list_trims_to_high_and_loses_nothing() {
+    // Room for more than HIGH frames (16 MiB of them).
+    let m = TestMachine::with_regions(&[(0x200_0000, 0x400_0000)]);
+    let p = &m.phys;
+    p.drain_all_pcp();
+    let before = p.nr_free_pages();
+    let pfns: Vec<Pfn> = (0..PCP_HIGH + 2 * PCP_BATCH).map(|_| p.alloc_pages(0).unwrap().into_raw().0).collect();
+    p.drain_all_pcp();
+    // SAFETY: the frames were allocated above at order 0 and given up here.
+    unsafe { p.free_frames_bulk(&pfns[..5]) };
+    assert_eq!(p.nr_cached_pages(), 5, "a small batch stays cached");
+    // SAFETY: as above; each frame is freed once.
+    unsafe { p.free_frames_bulk(&pfns[5..]) };
+    assert!(p.nr_cached_pages() <= PCP_HIGH as u64, "the list gives batches back past HIGH");
+    assert!(p.nr_cached_pages() > (PCP_HIGH - PCP_BATCH) as u64, "only as many batches as needed");
+    assert_eq!(p.nr_free_pages(), before);
+    for &pfn in &pfns {
+        assert_eq!(p.page(pfn).unwrap().kind(), PageKind::Free);
+    }
+}
+
+#[test]
+#[should_panic(expected = "double free")]
+fn bulk_double_free_is_caught() {
+    let m = TestMachine::new();
+    let (pfn, _) = m.phys.alloc_pages(0).unwrap().into_raw();
+    // SAFETY: deliberately frees the frame twice in one batch to check that
+    // the allocator refuses it before touching any list.
+    unsafe { m.phys.free_frames_bulk(&[pfn, pfn]) };
+}
+
+#[test]
 #[should_panic(expected = "double free")]
 fn double_free_is_caught() {
     let m = TestMachine::new();
