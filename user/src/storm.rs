@@ -104,6 +104,10 @@ pub fn run(index: u64) -> isize {
                     }
                 }
                 sys::munmap(addr as usize, len);
+                // No barriers in this mode: past the deadline, stop cycling.
+                if deadline != 0 && tsc() > deadline {
+                    break;
+                }
             }
             storm::MODE_REMAPPER => {
                 let flags = abi::map::FIXED | p.map_flags as usize;

@@ -41,6 +41,14 @@ pub struct BenchArgs {
     /// MiB per thread (disjoint) or per shared region (same-table).
     #[arg(long)]
     mib: Option<u64>,
+    /// Passes per window. Default: 4 for `disjoint` (each pass maps, touches
+    /// and unmaps the thread's region, will-it-scale's loop; longer windows
+    /// average out host noise and the threads' finishing spread), 1 for the
+    /// others (a window is one pass over a fresh shared mapping; more passes
+    /// add a re-map by one thread between them, a serial phase), 1 for all
+    /// with `--quick`.
+    #[arg(long)]
+    rounds: Option<u64>,
     /// A window ends after this many milliseconds even if the threads have
     /// not touched their whole regions (0: no limit). Keeps slow runs (the
     /// single lock on 8 vCPUs under TCG) bounded.
@@ -135,6 +143,7 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "cpus": run.cpus,
         "faults": faults,
         "seconds": cycles as f64 / tsc_per_us / 1e6,
+        "window_cycles": cycles,
         "faults_per_sec": med,
         "faults_per_sec_min": min,
         "faults_per_sec_max": max,
@@ -144,6 +153,12 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "windows": windows,
         "locks": raw["locks"],
     }))
+}
+
+/// Passes per window for `workload` (see `BenchArgs::rounds`).
+fn rounds_for(args: &BenchArgs, workload: &str) -> u64 {
+    let default = if args.quick || workload != "disjoint" { 1 } else { 4 };
+    args.rounds.unwrap_or(default).max(1)
 }
 
 fn mem_for(run: &Run, mib: u64) -> String {
@@ -186,7 +201,12 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             smp: run.cpus,
             mem: mem_for(run, mib),
             accel,
-            cmdline: format!("mode=bench workload={} windows={windows} mib={mib} window_ms={}", run.workload, args.window_ms),
+            cmdline: format!(
+                "mode=bench workload={} windows={windows} mib={mib} rounds={} window_ms={}",
+                run.workload,
+                rounds_for(&args, &run.workload),
+                args.window_ms
+            ),
             extra: vec!["-mem-prealloc".into()],
         };
         let name = format!("bench-{}-{}-{}cpu", run.workload, run.lock, run.cpus);
@@ -198,7 +218,8 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             println!("FAILED");
             bail!("{} (serial log: {})", out.describe(&name), out.log.display());
         }
-        let rec = summarize(run, &find_result(&out.log)?)?;
+        let mut rec = summarize(run, &find_result(&out.log)?)?;
+        rec["rounds"] = json!(rounds_for(&args, &run.workload));
         println!(
             "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean, {:.1} s",
             rec["faults_per_sec"].as_f64().unwrap(),
@@ -236,21 +257,26 @@ fn find<'a>(report: &'a Value, workload: &str, lock: &str, cpus: u64) -> Option<
 }
 
 fn print_table(report: &Value) {
-    println!("\nfault storm, {} on {} host CPUs (median of {} windows; faults/s)", report["accel"].as_str().unwrap_or("?"), report["host_cpus"], report["windows"]);
+    println!(
+        "\nfault storm, {} on {} host CPUs (median of {} windows; faults/s)",
+        report["accel"].as_str().unwrap_or("?"),
+        report["host_cpus"],
+        report["windows"]
+    );
     println!("{:<11} {:<7} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9}  top contended lock (spin share)", "workload", "lock", "cpus", "faults/s", "min", "max", "per cpu", "cyc/fault", "p99");
     for r in report["runs"].as_array().into_iter().flatten() {
         let locks = r["locks"].as_object();
         let total_spin: f64 = locks.map(|m| m.values().map(|l| l["spin_cycles"].as_f64().unwrap_or(0.0)).sum()).unwrap_or(0.0);
+        // Spinning as a share of the CPU time in the windows (TSC cycles,
+        // summed over the run's CPUs).
+        let cpu_cycles = r["window_cycles"].as_f64().unwrap_or(0.0) * r["cpus"].as_f64().unwrap_or(1.0);
         let top = locks
             .and_then(|m| m.iter().max_by(|a, b| a.1["spin_cycles"].as_f64().partial_cmp(&b.1["spin_cycles"].as_f64()).unwrap()))
             .map(|(k, l)| {
-                let spin = l["spin_cycles"].as_f64().unwrap_or(0.0);
-                let cycles = r["seconds"].as_f64().unwrap_or(0.0);
-                let _ = cycles;
                 if total_spin > 0.0 {
-                    format!("{k} ({}/{} contended)", l["contended"], l["acquisitions"])
+                    let share = 100.0 * l["spin_cycles"].as_f64().unwrap_or(0.0) / cpu_cycles.max(1.0);
+                    format!("{k} {share:.2}% ({}/{} contended)", l["contended"], l["acquisitions"])
                 } else {
-                    let _ = spin;
                     "none contended".to_string()
                 }
             })
@@ -385,6 +411,7 @@ mod tests {
             locks: vec!["split".into()],
             windows: None,
             mib: None,
+            rounds: None,
             window_ms: 2000,
             quick: false,
             accel: None,
@@ -396,9 +423,22 @@ mod tests {
 
     #[test]
     fn quick_plan_has_the_required_runs() {
-        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, window_ms: 2000, quick: true, accel: None, timeout: 1 };
+        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: true, accel: None, timeout: 1 };
         let runs = plan(&args).unwrap();
         let keys: Vec<_> = runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus)).collect();
         assert_eq!(keys, [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]);
+        assert_eq!(rounds_for(&args, "disjoint"), 1, "quick windows are one pass");
+    }
+
+    #[test]
+    fn only_disjoint_windows_repeat_by_default_and_rounds_overrides() {
+        let mut args = BenchArgs { cpus: vec![1], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: false, accel: None, timeout: 1 };
+        assert_eq!(rounds_for(&args, "disjoint"), 4);
+        assert_eq!(rounds_for(&args, "same-table"), 1);
+        assert_eq!(rounds_for(&args, "same-page"), 1);
+        args.rounds = Some(3);
+        assert_eq!(rounds_for(&args, "same-table"), 3);
+        args.rounds = Some(0);
+        assert_eq!(rounds_for(&args, "disjoint"), 1, "at least one pass");
     }
 }
