@@ -9,7 +9,8 @@
 //!
 //! `BENCH-RESULT {json}` with the windows' fault counts and cycles, the TSC
 //! rate, mean and p99 cycles per fault (from `faultstat`), and per lock class
-//! the acquisitions, contended acquisitions and cycles spent spinning.
+//! the acquisitions, contended acquisitions and cycles spent spinning, with
+//! the TSC span those counters cover (`stats_cycles`).
 //!
 //! Workloads (modelled on will-it-scale's page_fault1, threads variant):
 //! * `disjoint`: each thread repeatedly maps its own region (`mib` MiB),
@@ -94,11 +95,16 @@ pub fn run(c: &Cmdline) -> ExitCode {
         if window_ms > 0 { alloc::format!(" of at most {window_ms} ms") } else { String::new() },
     );
     let mut results = Vec::new();
+    // When the counters were last reset: lock spinning is reported as a share
+    // of the CPU time since then (windows, and the set-up and teardown
+    // between them, when the counters also run).
+    let mut stats_start = 0;
     for w in 0..=windows {
         settle();
         if w == 1 {
             faultstat::reset();
             reset_lock_stats();
+            stats_start = arch::time::rdtsc();
         }
         let before = faultstat::summary(cpus.iter().copied()).faults;
         let mut spec = spec.clone();
@@ -125,8 +131,9 @@ pub fn run(c: &Cmdline) -> ExitCode {
         }
     }
     let s = faultstat::summary(cpus.iter().copied());
+    let stats_cycles = arch::time::rdtsc().wrapping_sub(stats_start);
     let mut json = format!(
-        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"windows\":[",
+        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"stats_cycles\":{stats_cycles},\"windows\":[",
         arch::time::tsc_per_us().unwrap_or(0),
         mm::config::USE_SPLIT_PTE_PTLOCKS
     );

@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// Per-boot timeout in seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// An extra QEMU argument for every boot (repeatable), for experiments:
+    /// e.g. `--qemu-arg=-smp --qemu-arg=1,maxcpus=2` runs one vCPU in QEMU's
+    /// parallel mode (a later `-smp` overrides the bench's).
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    qemu_args: Vec<String>,
 }
 
 /// One (workload, lock, cpus) measurement.
@@ -143,7 +148,7 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "cpus": run.cpus,
         "faults": faults,
         "seconds": cycles as f64 / tsc_per_us / 1e6,
-        "window_cycles": cycles,
+        "stats_cycles": raw["stats_cycles"],
         "faults_per_sec": med,
         "faults_per_sec_min": min,
         "faults_per_sec_max": max,
@@ -207,7 +212,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 rounds_for(&args, &run.workload),
                 args.window_ms
             ),
-            extra: vec!["-mem-prealloc".into()],
+            extra: ["-mem-prealloc".to_string()].into_iter().chain(args.qemu_args.iter().cloned()).collect(),
         };
         let name = format!("bench-{}-{}-{}cpu", run.workload, run.lock, run.cpus);
         print!("xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ", i + 1, runs.len(), run.workload, run.lock, run.cpus);
@@ -233,6 +238,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let report = json!({
         "accel": accel.to_string(),
         "accel_reason": why,
+        "qemu_args": args.qemu_args,
         "host_cpus": host_cpus,
         "quick": args.quick,
         "windows": windows,
@@ -267,9 +273,9 @@ fn print_table(report: &Value) {
     for r in report["runs"].as_array().into_iter().flatten() {
         let locks = r["locks"].as_object();
         let total_spin: f64 = locks.map(|m| m.values().map(|l| l["spin_cycles"].as_f64().unwrap_or(0.0)).sum()).unwrap_or(0.0);
-        // Spinning as a share of the CPU time in the windows (TSC cycles,
-        // summed over the run's CPUs).
-        let cpu_cycles = r["window_cycles"].as_f64().unwrap_or(0.0) * r["cpus"].as_f64().unwrap_or(1.0);
+        // Spinning as a share of the CPU time the counters cover (TSC
+        // cycles, summed over the run's CPUs).
+        let cpu_cycles = r["stats_cycles"].as_f64().unwrap_or(0.0) * r["cpus"].as_f64().unwrap_or(1.0);
         let top = locks
             .and_then(|m| m.iter().max_by(|a, b| a.1["spin_cycles"].as_f64().partial_cmp(&b.1["spin_cycles"].as_f64()).unwrap()))
             .map(|(k, l)| {
@@ -416,6 +422,7 @@ mod tests {
             quick: false,
             accel: None,
             timeout: 1,
+            qemu_args: Vec::new(),
         };
         let err = plan(&args).err().unwrap().to_string();
         assert!(err.contains("unknown workload \"nope\""), "{err}");
@@ -423,7 +430,7 @@ mod tests {
 
     #[test]
     fn quick_plan_has_the_required_runs() {
-        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: true, accel: None, timeout: 1 };
+        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: true, accel: None, timeout: 1, qemu_args: Vec::new() };
         let runs = plan(&args).unwrap();
         let keys: Vec<_> = runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus)).collect();
         assert_eq!(keys, [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]);
@@ -432,7 +439,7 @@ mod tests {
 
     #[test]
     fn only_disjoint_windows_repeat_by_default_and_rounds_overrides() {
-        let mut args = BenchArgs { cpus: vec![1], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: false, accel: None, timeout: 1 };
+        let mut args = BenchArgs { cpus: vec![1], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: false, accel: None, timeout: 1, qemu_args: Vec::new() };
         assert_eq!(rounds_for(&args, "disjoint"), 4);
         assert_eq!(rounds_for(&args, "same-table"), 1);
         assert_eq!(rounds_for(&args, "same-page"), 1);
