@@ -36,7 +36,7 @@
 //! faulting CPU writes, and the line bounces between them on every fault
 //! (Linux moved faults off `mmap_lock` altogether, to per-VMA locks, for
 //! this reason). Here the count is split into cache-line-sized shards, one
-//! per CPU (modulo [`SHARDS`]), as in a "big reader" lock or Linux's
+//! per CPU ([`SHARDS`]), as in a "big reader" lock or Linux's
 //! `percpu_rw_semaphore`: a reader touches only its own shard and *reads*
 //! the writer word, which stays shared in every cache until a writer comes.
 //! Writers pay instead: they scan every shard. They are rare.
@@ -75,8 +75,10 @@ use crate::sync::AtomicU32;
 const WRITER: u32 = 1;
 const TICKET_ONE: u32 = 1 << 16;
 
-/// Reader-count shards per lock (one cache line each).
-pub const SHARDS: usize = if crate::config::NR_CPUS < 16 { crate::config::NR_CPUS } else { 16 };
+/// Reader-count shards per lock (one cache line each): one per CPU, so a
+/// shard has one writer besides the writers' `fetch_add(0)` (see
+/// [`RwReadGuard`]'s drop). Loom models run a few "CPUs" and need few.
+pub const SHARDS: usize = if cfg!(loom) { 2 } else { crate::config::NR_CPUS };
 
 /// One CPU's (or a few CPUs') count of readers inside, alone on its line.
 #[repr(align(64))]
@@ -280,7 +282,25 @@ impl<T> Deref for RwReadGuard<'_, T> {
 impl<T> Drop for RwReadGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
-        self.lock.readers[self.shard as usize].0.fetch_sub(1, Release);
+        let count = &self.lock.readers[self.shard as usize].0;
+        // In the kernel the shard is this CPU's alone: the guard is not
+        // `Send`, kernel code is not moved between CPUs (`Hal::cpu_id`), and
+        // no interrupt handler takes the lock. So leaving is an unlocked
+        // decrement (Linux `percpu_up_read`: `this_cpu_dec`). It cannot lose
+        // a writer's `fetch_add(0)`, which writes back the value it read, and
+        // x86 stores are release stores: the section's accesses are ordered
+        // before it, and the asm block (no `nomem`) keeps the compiler from
+        // moving them after it. Elsewhere (host threads share CPU numbers,
+        // loom must see the operation) it is an atomic `fetch_sub`.
+        #[cfg(all(target_arch = "x86_64", target_os = "none"))]
+        // SAFETY: `count` is a valid, aligned `AtomicU32` for the duration of
+        // the call; its only other writers are atomic read-modify-writes of
+        // zero (above), and its readers use atomic loads.
+        unsafe {
+            core::arch::asm!("sub dword ptr [{c}], 1", c = in(reg) count.as_ptr(), options(nostack));
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+        count.fetch_sub(1, Release);
     }
 }
 
