@@ -250,6 +250,12 @@ fn __handle_mm_fault(mm: &Mm<'_>, vma: &Vma, addr: VirtAddr, access: Access, for
 
 /// Linux `handle_pte_fault`.
 fn handle_pte_fault(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr, access: Access, force: bool) -> Result<Option<FaultResult>, FaultError> {
+    // One read-side section around the lockless look and the locked update
+    // that follows: the `pte_offset_map` and `pte_offset_map_lock` inside
+    // then nest, and only this outermost entry pays the barrier (a locked
+    // instruction in the kernel's RCU). Nothing here waits for a grace
+    // period or switches tasks.
+    let _rcu = crate::helpers::RcuReadGuard::new();
     // A lockless look first (Linux `ptep_get_lockless`): decides which path
     // to take; each path re-checks under the PTE lock.
     let Some(map) = crate::pte_offset_map(mm, pmd, addr) else { return Ok(None) };
