@@ -5,6 +5,7 @@
 
 mod bench;
 mod gdb;
+mod hostprobe;
 mod kernel;
 mod protocol;
 mod qemu;
