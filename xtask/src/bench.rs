@@ -217,27 +217,44 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             extra: ["-mem-prealloc".to_string()].into_iter().chain(args.qemu_args.iter().cloned()).collect(),
         };
         let name = format!("bench-{}-{}-{}cpu", run.workload, run.lock, run.cpus);
-        print!("xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ", i + 1, runs.len(), run.workload, run.lock, run.cpus);
-        use std::io::Write as _;
-        std::io::stdout().flush().ok();
-        let before = probe.capacity(run.cpus as usize);
-        let out = qemu::run(&qemu_bin, &machine, &name, Duration::from_secs(args.timeout), None, false)?;
-        let host = before.min(probe.capacity(run.cpus as usize));
-        if !out.kernel_succeeded() {
-            println!("FAILED");
-            bail!("{} (serial log: {})", out.describe(&name), out.log.display());
+        // A boot during which the host was busy is repeated (up to
+        // BUSY_RETRIES times); the boot with the freest host is kept.
+        let mut kept: Option<(f64, Value)> = None;
+        for attempt in 0..=BUSY_RETRIES {
+            print!("xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ", i + 1, runs.len(), run.workload, run.lock, run.cpus);
+            use std::io::Write as _;
+            std::io::stdout().flush().ok();
+            let before = probe.capacity(run.cpus as usize);
+            let out = qemu::run(&qemu_bin, &machine, &name, Duration::from_secs(args.timeout), None, false)?;
+            let host = before.min(probe.capacity(run.cpus as usize));
+            if !out.kernel_succeeded() {
+                println!("FAILED");
+                bail!("{} (serial log: {})", out.describe(&name), out.log.display());
+            }
+            let mut rec = summarize(run, &find_result(&out.log)?)?;
+            rec["rounds"] = json!(rounds_for(&args, &run.workload));
+            rec["host_capacity"] = json!((host * 1000.0).round() / 1000.0);
+            rec["attempts"] = json!(attempt + 1);
+            println!(
+                "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean, {:.1} s, host {host:.2}",
+                rec["faults_per_sec"].as_f64().unwrap(),
+                rec["faults_per_sec_min"].as_f64().unwrap(),
+                rec["faults_per_sec_max"].as_f64().unwrap(),
+                rec["cycles_per_fault_mean"].as_f64().unwrap_or(0.0),
+                out.elapsed.as_secs_f64()
+            );
+            if kept.as_ref().is_none_or(|(h, _)| host > *h) {
+                kept = Some((host, rec));
+            }
+            if host >= BUSY_HOST {
+                break;
+            }
+            if attempt < BUSY_RETRIES {
+                println!("xtask: the host was busy during that boot (its threads ran at {:.0}% speed): repeating it", host * 100.0);
+                std::thread::sleep(Duration::from_secs(5));
+            }
         }
-        let mut rec = summarize(run, &find_result(&out.log)?)?;
-        rec["rounds"] = json!(rounds_for(&args, &run.workload));
-        rec["host_capacity"] = json!((host * 1000.0).round() / 1000.0);
-        println!(
-            "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean, {:.1} s, host {host:.2}",
-            rec["faults_per_sec"].as_f64().unwrap(),
-            rec["faults_per_sec_min"].as_f64().unwrap(),
-            rec["faults_per_sec_max"].as_f64().unwrap(),
-            rec["cycles_per_fault_mean"].as_f64().unwrap_or(0.0),
-            out.elapsed.as_secs_f64()
-        );
+        let (_, rec) = kept.expect("at least one attempt");
         records.push(rec);
     }
     let report = json!({
@@ -336,8 +353,11 @@ fn print_targets(report: &Value) {
     }
 }
 
-/// Below this host capacity (see `hostprobe`) a multi-CPU run is flagged.
+/// Below this host capacity (see `hostprobe`) a boot is repeated, and a
+/// target ratio that still rests on one is flagged.
 const BUSY_HOST: f64 = 0.95;
+/// Repeats of a boot during which the host was busy.
+const BUSY_RETRIES: u32 = 2;
 
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
