@@ -346,7 +346,12 @@ fn print_targets(report: &Value) {
         lines.push(format!("disjoint, 8 CPUs, split vs single: {:.2}x (target >= 2x): {}", s / g, verdict(s / g >= 2.0)));
     }
     if !lines.is_empty() {
-        println!("\ntargets ({}):", report["accel"].as_str().unwrap_or("?"));
+        let quick = if report["quick"].as_bool() == Some(true) {
+            "; --quick: 16 MiB regions and short windows, indicative only, the targets are set for the full bench"
+        } else {
+            ""
+        };
+        println!("\ntargets ({}{quick}):", report["accel"].as_str().unwrap_or("?"));
         for l in lines {
             println!("  {l}");
         }
