@@ -347,7 +347,7 @@ fn print_targets(report: &Value) {
     }
     if !lines.is_empty() {
         let quick = if report["quick"].as_bool() == Some(true) {
-            "; --quick: 16 MiB regions and short windows, indicative only, the targets are set for the full bench"
+            "; --quick: small regions and short windows, indicative only; the targets are set for the full bench"
         } else {
             ""
         };
