@@ -1,5 +1,5 @@
-//! Per-CPU counter shards and the one operation on them: Linux
-//! `this_cpu_add`.
+//! Per-CPU counter shards and the unlocked operations on them: Linux
+//! `this_cpu_add` / `this_cpu_dec`.
 //!
 //! Statistics (lock acquisitions, RSS, fault counts) are sharded by CPU so
 //! that counting never bounces a cache line between CPUs. A shard is then
@@ -36,4 +36,24 @@ pub(crate) fn this_cpu_add(counter: &AtomicU64, n: u64) {
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
     counter.fetch_add(n, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Subtracts one from `count`, the executing CPU's reader count in a
+/// [`crate::lock::RwSpinLock`] shard, with release ordering (Linux
+/// `percpu_up_read`'s `this_cpu_dec`). Besides this CPU, the shard's only
+/// writers are writers' `fetch_add(0)`s, which write back the value they read,
+/// so an unlocked decrement cannot lose an update. x86 stores are release
+/// stores, and the asm block (no `nomem`) keeps the compiler from moving the
+/// critical section's accesses after it.
+#[inline]
+pub(crate) fn this_cpu_dec_release(count: &crate::sync::AtomicU32) {
+    #[cfg(all(target_arch = "x86_64", target_os = "none"))]
+    // SAFETY: `count` is a valid, aligned `AtomicU32` for the duration of the
+    // call; its other writers are atomic read-modify-writes of zero (above),
+    // and its readers use atomic loads.
+    unsafe {
+        core::arch::asm!("sub dword ptr [{c}], 1", c = in(reg) count.as_ptr(), options(nostack));
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+    count.fetch_sub(1, core::sync::atomic::Ordering::Release);
 }

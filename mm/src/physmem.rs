@@ -170,10 +170,8 @@ impl PhysMem {
     /// The caller owns each frame (allocated at order 0, not yet freed) and
     /// nothing uses them afterwards.
     pub(crate) unsafe fn free_frames_bulk(&self, pfns: &[Pfn]) {
-        if !pfns.is_empty() {
-            // SAFETY: forwarded from the caller.
-            unsafe { self.allocator.free_bulk(&self.memmap, pfns) };
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.allocator.free_bulk(&self.memmap, pfns) };
     }
 
     /// Returns the executing CPU's cached frames to the buddy.

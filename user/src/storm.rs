@@ -65,9 +65,14 @@ fn tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Whether `deadline` (0: none) has passed, looked at every 64 pages done.
+/// Whether `deadline` (0: none) has passed.
+fn past(deadline: u64) -> bool {
+    deadline != 0 && tsc() > deadline
+}
+
+/// [`past`], looked at every 64 pages done.
 fn expired(deadline: u64, done: u64) -> bool {
-    deadline != 0 && done % 64 == 0 && tsc() > deadline
+    done % 64 == 0 && past(deadline)
 }
 
 /// The word of `page` that belongs to thread `i`.
@@ -105,7 +110,7 @@ pub fn run(index: u64) -> isize {
                 }
                 sys::munmap(addr as usize, len);
                 // No barriers in this mode: past the deadline, stop cycling.
-                if deadline != 0 && tsc() > deadline {
+                if past(deadline) {
                     break;
                 }
             }

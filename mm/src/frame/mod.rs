@@ -165,21 +165,17 @@ impl FrameAllocator {
     /// The caller owns the block (it came from `alloc` with this order) and
     /// nothing uses it afterwards.
     pub(crate) unsafe fn free(&self, map: &MemMap, pfn: Pfn, order: usize) {
+        if order == 0 {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.free_bulk(map, &[pfn]) };
+        }
         for i in 0..1u64 << order {
             release(map, pfn.add(i));
         }
-        if order == 0 {
-            let slot = self.local();
-            let mut list = slot.list.lock();
-            // SAFETY: the caller gives the frame up.
-            unsafe { list.push(map, pfn, &slot.count) };
-            self.trim(map, slot, &mut list);
-        } else {
-            let mut zone = self.zone.lock();
-            // SAFETY: forwarded from the caller.
-            unsafe { zone.free(map, pfn, order) };
-            self.zone_free.store(zone.free_frames(), Relaxed);
-        }
+        let mut zone = self.zone.lock();
+        // SAFETY: forwarded from the caller.
+        unsafe { zone.free(map, pfn, order) };
+        self.zone_free.store(zone.free_frames(), Relaxed);
     }
 
     /// Frees order-0 frames with one per-CPU list lock for all of them
@@ -190,6 +186,9 @@ impl FrameAllocator {
     ///
     /// As [`FrameAllocator::free`] for each frame (order 0).
     pub(crate) unsafe fn free_bulk(&self, map: &MemMap, pfns: &[Pfn]) {
+        if pfns.is_empty() {
+            return;
+        }
         for &pfn in pfns {
             release(map, pfn);
         }

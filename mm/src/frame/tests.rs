@@ -105,12 +105,17 @@ fn higher_orders_drain_the_per_cpu_caches_before_failing() {
     drop(f);
 }
 
+/// Room for more than HIGH frames (16 MiB of them), caches drained.
+fn machine_with_room_past_high() -> TestMachine {
+    let m = TestMachine::with_regions(&[(0x200_0000, 0x400_0000)]);
+    m.phys.drain_all_pcp();
+    m
+}
+
 #[test]
 fn per_cpu_cache_counts_as_free_and_drains() {
-    // Room for more than HIGH frames (16 MiB of them).
-    let m = TestMachine::with_regions(&[(0x200_0000, 0x400_0000)]);
+    let m = machine_with_room_past_high();
     let p = &m.phys;
-    p.drain_all_pcp();
     let before = p.nr_free_pages();
     let f = p.alloc_pages(0).unwrap();
     assert_eq!(p.nr_cached_pages(), (PCP_BATCH - 1) as u64, "refilled a batch, handed one out");
@@ -130,10 +135,8 @@ fn per_cpu_cache_counts_as_free_and_drains() {
 
 #[test]
 fn bulk_free_fills_the_list_trims_to_high_and_loses_nothing() {
-    // Room for more than HIGH frames (16 MiB of them).
-    let m = TestMachine::with_regions(&[(0x200_0000, 0x400_0000)]);
+    let m = machine_with_room_past_high();
     let p = &m.phys;
-    p.drain_all_pcp();
     let before = p.nr_free_pages();
     let pfns: Vec<Pfn> = (0..PCP_HIGH + 2 * PCP_BATCH).map(|_| p.alloc_pages(0).unwrap().into_raw().0).collect();
     p.drain_all_pcp();

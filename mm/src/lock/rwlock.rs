@@ -70,14 +70,15 @@ use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
+use crate::percpu::this_cpu_dec_release;
 use crate::sync::AtomicU32;
 
 const WRITER: u32 = 1;
 const TICKET_ONE: u32 = 1 << 16;
 
 /// Reader-count shards per lock (one cache line each): one per CPU, so a
-/// shard has one writer besides the writers' `fetch_add(0)` (see
-/// [`RwReadGuard`]'s drop). Loom models run a few "CPUs" and need few.
+/// shard has one writer besides the writers' `fetch_add(0)`
+/// (`percpu::this_cpu_dec_release`). Loom models run a few "CPUs" and need few.
 pub const SHARDS: usize = if cfg!(loom) { 2 } else { crate::config::NR_CPUS };
 
 /// One CPU's (or a few CPUs') count of readers inside, alone on its line.
@@ -282,25 +283,10 @@ impl<T> Deref for RwReadGuard<'_, T> {
 impl<T> Drop for RwReadGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
-        let count = &self.lock.readers[self.shard as usize].0;
-        // In the kernel the shard is this CPU's alone: the guard is not
-        // `Send`, kernel code is not moved between CPUs (`Hal::cpu_id`), and
-        // no interrupt handler takes the lock. So leaving is an unlocked
-        // decrement (Linux `percpu_up_read`: `this_cpu_dec`). It cannot lose
-        // a writer's `fetch_add(0)`, which writes back the value it read, and
-        // x86 stores are release stores: the section's accesses are ordered
-        // before it, and the asm block (no `nomem`) keeps the compiler from
-        // moving them after it. Elsewhere (host threads share CPU numbers,
-        // loom must see the operation) it is an atomic `fetch_sub`.
-        #[cfg(all(target_arch = "x86_64", target_os = "none"))]
-        // SAFETY: `count` is a valid, aligned `AtomicU32` for the duration of
-        // the call; its only other writers are atomic read-modify-writes of
-        // zero (above), and its readers use atomic loads.
-        unsafe {
-            core::arch::asm!("sub dword ptr [{c}], 1", c = in(reg) count.as_ptr(), options(nostack));
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
-        count.fetch_sub(1, Release);
+        // The shard is this CPU's (the guard is not `Send`, kernel code is
+        // not moved between CPUs, no interrupt handler takes the lock), so
+        // leaving needs no locked instruction in the kernel.
+        this_cpu_dec_release(&self.lock.readers[self.shard as usize].0);
     }
 }
 
