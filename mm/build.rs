@@ -6,15 +6,13 @@
 //! `SPLIT_PTLOCK_CPUS`) and write them as constants into `$OUT_DIR/config.rs`,
 //! which `src/config.rs` includes.
 
-use std::{env, fs, path::PathBuf};
+use std::path::PathBuf;
+use std::{env, fs};
 
 fn read(name: &str, default: usize) -> usize {
     println!("cargo:rerun-if-env-changed={name}");
     match env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")),
+        Ok(v) => v.trim().parse().unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")),
         Err(_) => default,
     }
 }

@@ -11,7 +11,7 @@
 //! `0x800 + offset / 16`, and the interrupt command register is one 64-bit
 //! MSR instead of two words.
 
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use bitflags::bitflags;
 use x86_64::registers::model_specific::{ApicBase, ApicBaseFlags, Msr};
@@ -211,7 +211,10 @@ pub fn init_boot_cpu(features: Features, madt_phys: Option<u64>) -> ApicMode {
         let (frame, _) = ApicBase::read();
         let phys = frame.start_address();
         if let Some(m) = madt_phys.filter(|&m| m != phys.as_u64()) {
-            log::warn!("apic: MADT says the local APIC is at {m:#x}, IA32_APIC_BASE says {:#x}; using the MSR", phys.as_u64());
+            log::warn!(
+                "apic: MADT says the local APIC is at {m:#x}, IA32_APIC_BASE says {:#x}; using the MSR",
+                phys.as_u64()
+            );
         }
         let virt: VirtAddr = crate::kvmap::map_mmio(PhysAddr::new(phys.as_u64()), 1);
         XAPIC_BASE.store(virt.as_u64(), Ordering::Relaxed);

@@ -65,7 +65,17 @@ impl Context {
         // Initial frame, lowest address first: r15 r14 r13 r12 rbx rbp, the
         // return address, then padding so that `call r12` in
         // arch_thread_start sees a 16-byte-aligned stack.
-        let frame: [u64; 9] = [0, args[1] as u64, args[0] as u64, entry as *const () as u64, 0, 0, arch_thread_start as *const () as u64, 0, 0];
+        let frame: [u64; 9] = [
+            0,
+            args[1] as u64,
+            args[0] as u64,
+            entry as *const () as u64,
+            0,
+            0,
+            arch_thread_start as *const () as u64,
+            0,
+            0,
+        ];
         let rsp = stack_top - (frame.len() as u64) * 8;
         // SAFETY: the caller guarantees the stack is writable and unused; the
         // frame fits in the 128 bytes below its top.

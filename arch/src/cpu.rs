@@ -1,6 +1,6 @@
 //! CPU feature detection (CPUID) and enabling of protection features.
 
-use core::arch::x86_64::{CpuidResult, __cpuid_count};
+use core::arch::x86_64::{__cpuid_count, CpuidResult};
 
 use bitflags::bitflags;
 use x86_64::registers::control::{Cr4, Cr4Flags};

@@ -8,7 +8,7 @@
 //! stack, so a kernel stack overflow (which faults with no stack left) still
 //! reaches a handler that can print what happened.
 
-use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::segmentation::{CS, DS, ES, SS, Segment};
 use x86_64::instructions::tables::load_tss;
 use x86_64::registers::segmentation::SegmentSelector;
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};

@@ -25,7 +25,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use crate::apic::{self, vectors, Destination, DeliveryMode, Ipi};
+use crate::apic::{self, DeliveryMode, Destination, Ipi, vectors};
 use crate::cpumask::{AtomicCpuMask, CpuMask};
 use crate::percpu::{self, NR_CPUS};
 
@@ -54,7 +54,8 @@ impl Channel {
     const fn new(vector: u8) -> Self {
         Self {
             vector,
-            slots: [const { Slot { a: AtomicU64::new(0), b: AtomicU64::new(0), pending: AtomicUsize::new(0) } }; NR_CPUS],
+            slots: [const { Slot { a: AtomicU64::new(0), b: AtomicU64::new(0), pending: AtomicUsize::new(0) } };
+                NR_CPUS],
             inbox: [const { AtomicCpuMask::new() }; NR_CPUS],
         }
     }

@@ -8,8 +8,8 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use x86_64::registers::model_specific::{GsBase, KernelGsBase};
 use x86_64::VirtAddr;
+use x86_64::registers::model_specific::{GsBase, KernelGsBase};
 
 /// Compile-time maximum number of CPUs (`NR_CPUS`, 64 unless the build sets
 /// the `NR_CPUS` environment variable). CPUs beyond it stay offline.

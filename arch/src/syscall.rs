@@ -12,9 +12,9 @@
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
+use x86_64::VirtAddr;
 use x86_64::registers::model_specific::{Efer, EferFlags, LStar, SFMask, Star};
 use x86_64::registers::rflags::RFlags;
-use x86_64::VirtAddr;
 
 use crate::gdt::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
 use crate::percpu::{PERCPU_KERNEL_RSP, PERCPU_USER_RSP};

@@ -38,8 +38,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use x86_64::registers::control::{Cr3, Cr4, Cr4Flags};
 use x86_64::VirtAddr;
+use x86_64::registers::control::{Cr3, Cr4, Cr4Flags};
 
 use crate::cpumask::CpuMask;
 use crate::percpu::NR_CPUS;
@@ -162,14 +162,24 @@ struct Stats {
 }
 
 static STATS: [Stats; NR_CPUS] = [const {
-    Stats { pages: AtomicU64::new(0), full: AtomicU64::new(0), serviced: AtomicU64::new(0), initiated: AtomicU64::new(0) }
+    Stats {
+        pages: AtomicU64::new(0),
+        full: AtomicU64::new(0),
+        serviced: AtomicU64::new(0),
+        initiated: AtomicU64::new(0),
+    }
 }; NR_CPUS];
 
 /// Counters of one CPU: (single-page invalidations, full flushes, remote
 /// requests serviced, remote shoot-downs initiated).
 pub fn stats(cpu: usize) -> (u64, u64, u64, u64) {
     let s = &STATS[cpu];
-    (s.pages.load(Ordering::Relaxed), s.full.load(Ordering::Relaxed), s.serviced.load(Ordering::Relaxed), s.initiated.load(Ordering::Relaxed))
+    (
+        s.pages.load(Ordering::Relaxed),
+        s.full.load(Ordering::Relaxed),
+        s.serviced.load(Ordering::Relaxed),
+        s.initiated.load(Ordering::Relaxed),
+    )
 }
 
 /// Invalidates this CPU's translation of the page containing `addr`.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use boot::{build_image, Firmware};
+use boot::{Firmware, build_image};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

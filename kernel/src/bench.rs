@@ -25,11 +25,11 @@ use alloc::vec::Vec;
 
 use abi::storm::{self, Params};
 use arch::qemu::ExitCode;
-use mm::lock::{lock_stats, reset_lock_stats, LockClass};
+use mm::lock::{LockClass, lock_stats, reset_lock_stats};
 
 use crate::cmdline::Cmdline;
 use crate::faultstat;
-use crate::storm::{online, run as run_storm, settle, Spec};
+use crate::storm::{Spec, online, run as run_storm, settle};
 
 const BASE: u64 = 0x1_0000_0000;
 
@@ -140,10 +140,19 @@ pub fn run(c: &Cmdline) -> ExitCode {
     for (i, w) in results.iter().enumerate() {
         json += &format!("{}{{\"faults\":{},\"cycles\":{}}}", if i == 0 { "" } else { "," }, w.faults, w.cycles);
     }
-    json += &format!("],\"cycles_per_fault_mean\":{},\"cycles_per_fault_p99\":{},\"locks\":{{", s.mean_cycles, s.p99_cycles);
-    for (i, class) in [LockClass::PageTableLock, LockClass::PmdLock, LockClass::PteLock, LockClass::FrameAllocator, LockClass::MmapLock]
-        .into_iter()
-        .enumerate()
+    json += &format!(
+        "],\"cycles_per_fault_mean\":{},\"cycles_per_fault_p99\":{},\"locks\":{{",
+        s.mean_cycles, s.p99_cycles
+    );
+    for (i, class) in [
+        LockClass::PageTableLock,
+        LockClass::PmdLock,
+        LockClass::PteLock,
+        LockClass::FrameAllocator,
+        LockClass::MmapLock,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let l = lock_stats(class);
         json += &format!(

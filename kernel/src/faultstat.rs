@@ -6,7 +6,8 @@
 //! touches no shared cache line (a global counter would itself serialise the
 //! storms this kernel exists to scale).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 
 use arch::percpu::NR_CPUS;
 

@@ -55,6 +55,7 @@ pub fn used() -> usize {
 mod tests {
     use alloc::boxed::Box;
     use alloc::vec::Vec;
+
     use ktest::ktest;
 
     /// Thousands of allocations of mixed sizes and alignments, freed in a

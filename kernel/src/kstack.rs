@@ -29,8 +29,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use arch::tlb::{PendingFlush, TlbRange};
 use spin::Mutex;
-use x86_64::structures::paging::{PageTable, PageTableFlags};
 use x86_64::PhysAddr;
+use x86_64::structures::paging::{PageTable, PageTableFlags};
 
 /// PML4 slot of the stack region (`kvmap` uses 508, the kernel image 511).
 pub const REGION_SLOT: usize = 507;
@@ -172,8 +172,11 @@ pub fn purge() {
         return;
     }
     // The slots stay `taken` (and so unused) while the shoot-down runs.
-    PendingFlush::new(TlbRange::range(x86_64::VirtAddr::new(REGION_BASE), x86_64::VirtAddr::new(REGION_BASE + REGION_SIZE)))
-        .shootdown(&arch::cpumask::CpuMask::online());
+    PendingFlush::new(TlbRange::range(
+        x86_64::VirtAddr::new(REGION_BASE),
+        x86_64::VirtAddr::new(REGION_BASE + REGION_SIZE),
+    ))
+    .shootdown(&arch::cpumask::CpuMask::online());
     PURGES.fetch_add(1, Ordering::Relaxed);
     with_region(|r| r.recycle(&dead));
 }
@@ -283,10 +286,10 @@ impl Drop for KernelStack {
 
 #[cfg(target_os = "none")]
 mod tests {
+    use arch::trap::extable::{probe_read_u64, probe_write_u64};
     use ktest::ktest;
 
     use super::*;
-    use arch::trap::extable::{probe_read_u64, probe_write_u64};
 
     /// A stack is mapped and writable from bottom to top, the guard below it
     /// is not mapped, and after the stack is dropped its pages fault too;

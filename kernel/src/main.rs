@@ -20,8 +20,8 @@ mod heap;
 mod kstack;
 mod logger;
 mod memory;
-mod mmtests;
 mod mmhal;
+mod mmtests;
 mod panic;
 mod rcu;
 mod sched;
@@ -35,10 +35,9 @@ mod user;
 mod uspace;
 mod workload;
 
-use bootloader_api::config::{BootloaderConfig, Mapping};
-use bootloader_api::{entry_point, BootInfo};
-
 use arch::qemu::{self, ExitCode};
+use bootloader_api::config::{BootloaderConfig, Mapping};
+use bootloader_api::{BootInfo, entry_point};
 
 /// Where the bootloader maps all of physical memory (the direct map): PML4
 /// slot 256, the first upper-half slot. Fixed so addresses read the same in
@@ -63,10 +62,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::init_boot_cpu();
     logger::init();
     traps::install();
-    let phys_offset = boot_info
-        .physical_memory_offset
-        .into_option()
-        .expect("bootloader did not map physical memory");
+    let phys_offset = boot_info.physical_memory_offset.into_option().expect("bootloader did not map physical memory");
     assert_eq!(phys_offset, PHYS_OFFSET, "direct map is not where the config asked");
 
     mmhal::install();
@@ -142,7 +138,7 @@ mod tests {
     /// protection features on that the CPU offers.
     #[ktest]
     fn boot_smoke() {
-        use x86_64::instructions::segmentation::{Segment, CS};
+        use x86_64::instructions::segmentation::{CS, Segment};
         assert_eq!(CS::get_reg(), arch::gdt::KERNEL_CS);
         assert!(arch::time::tsc_per_us().is_some_and(|t| t > 10), "TSC not calibrated");
         let v = alloc::vec![1u32; 1000];

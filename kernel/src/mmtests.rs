@@ -8,7 +8,9 @@ mod tests {
     use core::sync::atomic::{AtomicU64, Ordering};
 
     use ktest::ktest;
-    use mm::{pte_alloc_map_lock, pte_lockptr, pte_offset_map, pte_offset_map_lock, walk_alloc_pmd, Pte, PteFlags, VirtAddr};
+    use mm::{
+        Pte, PteFlags, VirtAddr, pte_alloc_map_lock, pte_lockptr, pte_offset_map, pte_offset_map_lock, walk_alloc_pmd,
+    };
 
     use crate::sched;
     use crate::uspace::AddressSpace;
@@ -80,7 +82,11 @@ mod tests {
         let mut bad = 0;
         for _ in 0..3000 {
             if live.len() < 64 && next() % 3 != 0 {
-                let order = match next() % 16 { 0 => 3, 1 | 2 => 1, _ => 0 };
+                let order = match next() % 16 {
+                    0 => 3,
+                    1 | 2 => 1,
+                    _ => 0,
+                };
                 if let Some(f) = mm::alloc_pages(order) {
                     let tag = next();
                     // SAFETY: the frames are ours.
@@ -162,7 +168,8 @@ mod tests {
         for t in tasks {
             assert_eq!(t.join(), 0, "a reader saw a writer's half-done update");
         }
-        let writes: u64 = cpus.iter().map(|&cpu| (0..RW_ROUNDS).filter(|i| (i + cpu as u64) % 16 == 0).count() as u64).sum();
+        let writes: u64 =
+            cpus.iter().map(|&cpu| (0..RW_ROUNDS).filter(|i| (i + cpu as u64) % 16 == 0).count() as u64).sum();
         let g = RW.write(); // would spin forever if a reader count were left over
         assert_eq!(*g, (start + writes, start + writes), "a writer's update was lost");
     }

@@ -17,7 +17,11 @@ fn panic(info: &PanicInfo) -> ! {
         arch::ipi::park();
     }
     if PANICKING.swap(true, Ordering::SeqCst) {
-        arch::serial::write_fmt_forced(format_args!("\nnested panic on CPU {}: {}\n", arch::percpu::cpu_id(), info.message()));
+        arch::serial::write_fmt_forced(format_args!(
+            "\nnested panic on CPU {}: {}\n",
+            arch::percpu::cpu_id(),
+            info.message()
+        ));
         arch::qemu::exit(arch::qemu::ExitCode::Failure);
     }
     let cpu = arch::percpu::cpu_id();
@@ -28,7 +32,10 @@ fn panic(info: &PanicInfo) -> ! {
     ));
     let others = arch::percpu::online_count().saturating_sub(1);
     if others > 0 {
-        arch::serial::write_fmt_forced(format_args!("  stopped {} of {others} other CPUs (NMI)\n", arch::ipi::stopped_count()));
+        arch::serial::write_fmt_forced(format_args!(
+            "  stopped {} of {others} other CPUs (NMI)\n",
+            arch::ipi::stopped_count()
+        ));
     }
     let rip = panic as *const () as u64;
     arch::trap::backtrace::print(rip, arch::trap::backtrace::current_rbp());

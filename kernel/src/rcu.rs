@@ -30,7 +30,8 @@ struct RcuCpu {
     generation: AtomicU64,
 }
 
-static CPUS: [RcuCpu; NR_CPUS] = [const { RcuCpu { depth: AtomicU64::new(0), generation: AtomicU64::new(0) } }; NR_CPUS];
+static CPUS: [RcuCpu; NR_CPUS] =
+    [const { RcuCpu { depth: AtomicU64::new(0), generation: AtomicU64::new(0) } }; NR_CPUS];
 
 /// Grace periods completed (statistics).
 static GRACE_PERIODS: AtomicU64 = AtomicU64::new(0);
@@ -104,7 +105,8 @@ pub fn grace_periods() -> u64 {
 
 #[cfg(target_os = "none")]
 mod tests {
-    use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use core::sync::atomic::AtomicU64;
+    use core::sync::atomic::Ordering::SeqCst;
 
     use ktest::ktest;
 

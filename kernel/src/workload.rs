@@ -4,7 +4,7 @@
 use abi::storm::{self, Params};
 use arch::qemu::ExitCode;
 
-use crate::storm::{online, run as run_storm, Spec};
+use crate::storm::{Spec, online, run as run_storm};
 use crate::{faultstat, selfcheck};
 
 const BASE: u64 = 0x1_0000_0000;

@@ -30,9 +30,9 @@ pub fn ktest(attr: TokenStream, item: TokenStream) -> TokenStream {
         return compile_error("#[ktest] goes on a function");
     };
     // A test function takes no arguments: check the parameter group is empty.
-    let params_empty = item.clone().into_iter().any(|tt| {
-        matches!(&tt, TokenTree::Group(g) if g.delimiter() == Delimiter::Parenthesis && g.stream().is_empty())
-    });
+    let params_empty = item.clone().into_iter().any(
+        |tt| matches!(&tt, TokenTree::Group(g) if g.delimiter() == Delimiter::Parenthesis && g.stream().is_empty()),
+    );
     if !params_empty {
         return compile_error("a #[ktest] function takes no arguments");
     }
@@ -52,11 +52,7 @@ pub fn ktest(attr: TokenStream, item: TokenStream) -> TokenStream {
         "#
     );
     let mut out = TokenStream::new();
-    out.extend(
-        "#[cfg_attr(not(target_os = \"none\"), allow(dead_code))]"
-            .parse::<TokenStream>()
-            .unwrap(),
-    );
+    out.extend("#[cfg_attr(not(target_os = \"none\"), allow(dead_code))]".parse::<TokenStream>().unwrap());
     out.extend(item);
     out.extend(registration.parse::<TokenStream>().unwrap());
     out

@@ -125,7 +125,9 @@ impl BootMem {
     /// Call before anything else takes boot memory, so the big aligned
     /// ranges are still whole.
     pub fn reserve_gigantic(&mut self, n: usize) -> usize {
-        (0..n).take_while(|_| self.alloc(crate::addr::PUD_SIZE, crate::addr::PUD_SIZE, PageKind::Gigantic).is_some()).count()
+        (0..n)
+            .take_while(|_| self.alloc(crate::addr::PUD_SIZE, crate::addr::PUD_SIZE, PageKind::Gigantic).is_some())
+            .count()
     }
 
     /// The usable ranges, sorted and merged.

@@ -11,7 +11,8 @@
 //! the `Mm`.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
 
 use crate::config::NR_CPUS;
 use crate::percpu::this_cpu_add;

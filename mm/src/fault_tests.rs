@@ -6,14 +6,16 @@
 extern crate std;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::vec::Vec;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, VirtAddr};
 use crate::testing::{TestMachine, set_flush_observer, thread_flushes};
 use crate::{
-    Access, FaultError, FaultResult, MapFlags, Mapping, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags, handle_mm_fault,
+    Access, FaultError, FaultResult, MapFlags, Mapping, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags,
+    handle_mm_fault,
 };
 
 pub(crate) const RW: Prot = Prot::READ.union(Prot::WRITE);
@@ -64,7 +66,11 @@ pub(crate) fn check_consistent(mm: &Mm<'_>) -> Vec<Mapping> {
         let present = m.flags.contains(PteFlags::PRESENT);
         assert_eq!(present, v.flags.is_accessible(), "presence of {m:?} vs {v:?}");
         if present {
-            assert_eq!(m.flags.contains(PteFlags::WRITABLE), v.flags.contains(VmFlags::WRITE) && m.pa != zero, "{m:?} in {v:?}");
+            assert_eq!(
+                m.flags.contains(PteFlags::WRITABLE),
+                v.flags.contains(VmFlags::WRITE) && m.pa != zero,
+                "{m:?} in {v:?}"
+            );
             assert_eq!(m.flags.contains(PteFlags::NO_EXECUTE), !v.flags.contains(VmFlags::EXEC), "{m:?} in {v:?}");
         }
         if m.pa == zero {
@@ -196,7 +202,15 @@ fn constructor_failure_in_a_fault_is_oom_and_leaks_nothing() {
         assert_eq!(fault(&mm, a, Access::WRITE), Err(FaultError::Oom), "ctor {nth}");
         let installed = mm.nr_pmds() + mm.nr_ptes() + mm.nr_puds() - tables_before;
         assert_eq!(before - m.phys.nr_free_pages(), installed, "only installed tables were kept");
-        assert_eq!(m.phys.nr_allocated_ptlocks(), if crate::ALLOC_SPLIT_PTLOCKS { mm.nr_pmds() * u64::from(crate::config::USE_SPLIT_PMD_PTLOCKS) + mm.nr_ptes() * u64::from(crate::config::USE_SPLIT_PTE_PTLOCKS) } else { 0 });
+        assert_eq!(
+            m.phys.nr_allocated_ptlocks(),
+            if crate::ALLOC_SPLIT_PTLOCKS {
+                mm.nr_pmds() * u64::from(crate::config::USE_SPLIT_PMD_PTLOCKS)
+                    + mm.nr_ptes() * u64::from(crate::config::USE_SPLIT_PTE_PTLOCKS)
+            } else {
+                0
+            }
+        );
         assert!(mm.mappings().is_empty());
     }
     assert_eq!(m.phys.fault_inject().injected(), 2);
@@ -213,9 +227,16 @@ fn mmap_argument_checks_and_placement() {
     let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
     assert_eq!(mm.mmap(None, 0, RW, MapFlags::empty()), Err(MmapError::Invalid));
     assert_eq!(mm.mmap(Some(VirtAddr::new(0x1001)), 1, RW, MapFlags::FIXED), Err(MmapError::Invalid));
-    assert_eq!(mm.mmap(Some(VirtAddr::new(0x1000)), 1, RW, MapFlags::FIXED), Err(MmapError::Invalid), "below mmap_min_addr");
+    assert_eq!(
+        mm.mmap(Some(VirtAddr::new(0x1000)), 1, RW, MapFlags::FIXED),
+        Err(MmapError::Invalid),
+        "below mmap_min_addr"
+    );
     assert_eq!(mm.mmap(None, PAGE_SIZE, RW, MapFlags::HUGETLB_2M | MapFlags::HUGETLB_1G), Err(MmapError::Invalid));
-    assert_eq!(mm.mmap(Some(VirtAddr::new(0x4000_1000)), 1, RW, MapFlags::HUGETLB_2M | MapFlags::FIXED), Err(MmapError::Invalid));
+    assert_eq!(
+        mm.mmap(Some(VirtAddr::new(0x4000_1000)), 1, RW, MapFlags::HUGETLB_2M | MapFlags::FIXED),
+        Err(MmapError::Invalid)
+    );
     assert_eq!(mm.mmap(None, PUD_SIZE, RW, MapFlags::HUGETLB_1G), Err(MmapError::NoMemory), "empty gigantic pool");
     assert_eq!(mm.munmap(VirtAddr::new(0x1234), 10), Err(MmapError::Invalid));
     assert_eq!(mm.munmap(VirtAddr::new(0x1000), 0), Err(MmapError::Invalid));
@@ -254,7 +275,8 @@ fn munmap_frees_frames_only_after_a_flush_covering_them() {
     }
     let maps = check_consistent(&mm);
     let zero = m.phys.zero_pfn().phys();
-    let frames: Vec<(u64, u64)> = maps.iter().filter(|x| x.pa != zero).map(|x| (x.va.as_u64(), x.pa.pfn().as_u64())).collect();
+    let frames: Vec<(u64, u64)> =
+        maps.iter().filter(|x| x.pa != zero).map(|x| (x.va.as_u64(), x.pa.pfn().as_u64())).collect();
     assert!(!frames.is_empty());
     // At each shoot-down: every frame whose address it covers must still be
     // allocated (not yet freed). Record which frames were covered.
@@ -694,8 +716,9 @@ fn many_vmas_and_counters_survive_a_long_sequence() {
 mod model {
     //! A property test: random mmap/munmap/mprotect/fault sequences against
     //! a page-by-page model of the address space.
-    use super::*;
     use proptest::prelude::*;
+
+    use super::*;
 
     const BASE: u64 = 0x4000_0000 - PMD_SIZE; // two PMDs, across a PUD boundary
     const NPAGES: u64 = 1024;
@@ -716,7 +739,12 @@ mod model {
         // Ranges are often 2 MiB aligned so whole THPs come and go too.
         let range = prop_oneof![(0..NPAGES, 1..64u64), (0..2u64, Just(512u64)).prop_map(|(i, l)| (i * 512, l))];
         prop_oneof![
-            (range.clone(), 0..4u8, any::<bool>()).prop_map(|((page, len), prot, huge)| Op::Mmap { page, len, prot, huge }),
+            (range.clone(), 0..4u8, any::<bool>()).prop_map(|((page, len), prot, huge)| Op::Mmap {
+                page,
+                len,
+                prot,
+                huge
+            }),
             range.clone().prop_map(|(page, len)| Op::Munmap { page, len }),
             (range, 0..4u8).prop_map(|((page, len), prot)| Op::Mprotect { page, len, prot }),
             (0..NPAGES, 0..3u8).prop_map(|(page, kind)| Op::Touch { page, kind }),
@@ -750,7 +778,8 @@ mod model {
                 Op::Mmap { page, len, prot, huge } => {
                     let len = len.min(NPAGES - page);
                     let flags = if huge { MapFlags::FIXED | MapFlags::HUGEPAGE } else { MapFlags::FIXED };
-                    let r = mm.mmap(Some(VirtAddr::new(BASE + page * PAGE_SIZE)), len * PAGE_SIZE, prot_of(prot), flags);
+                    let r =
+                        mm.mmap(Some(VirtAddr::new(BASE + page * PAGE_SIZE)), len * PAGE_SIZE, prot_of(prot), flags);
                     assert_eq!(r, Ok(VirtAddr::new(BASE + page * PAGE_SIZE)));
                     let vf = VmFlags::from_prot_and_map(prot_of(prot), flags);
                     for p in page..page + len {

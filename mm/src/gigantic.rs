@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | `pool` (class `FrameAllocator`) | which pool pages are free | `Zone` (nests with nothing) |
 
-use crate::addr::{PUD_SHIFT, PAGE_SHIFT, Pfn};
+use crate::addr::{PAGE_SHIFT, PUD_SHIFT, Pfn};
 use crate::lock::{LockClass, LockLevel, SpinLock};
 
 /// At most this many 1 GiB pages in the pool.

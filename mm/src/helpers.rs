@@ -47,8 +47,8 @@ use crate::mm_struct::Mm;
 use crate::pgtable::entry::{Pmd, Pte, pmd_same, pte_same};
 use crate::pgtable::slot::EntrySlot;
 use crate::pgtable::walk::{PmdRef, PudRef, pmd_clear_bad, pte_alloc};
-use crate::ptdesc::{PtLevel, page_ptdesc};
 use crate::physmem::PhysMem;
+use crate::ptdesc::{PtLevel, page_ptdesc};
 use crate::ptlock::PtLock;
 
 /// A held page-table lock (`spinlock_t *` after `spin_lock`).
@@ -209,7 +209,11 @@ pub struct PteMap<'a> {
 
 impl<'a> PteMap<'a> {
     fn slot_at(&self, addr: VirtAddr) -> EntrySlot<'a> {
-        assert_eq!(addr.as_u64() >> PMD_SHIFT, self.addr.as_u64() >> PMD_SHIFT, "address outside this PTE table's span");
+        assert_eq!(
+            addr.as_u64() >> PMD_SHIFT,
+            self.addr.as_u64() >> PMD_SHIFT,
+            "address outside this PTE table's span"
+        );
         self.phys.slot(self.table.add(8 * addr.pte_index() as u64)).expect("validated table")
     }
     /// Linux `ptep_get`: the mapped entry (lockless).
@@ -255,7 +259,10 @@ fn map_pte<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMap
         return None;
     }
     match mm.phys().page(pmdval.pfn()) {
-        Some(p) if !pmdval.is_bad() && p.kind() == PageKind::PageTable && p.pt_level.load(Acquire) == PtLevel::Pte as u8 => {}
+        Some(p)
+            if !pmdval.is_bad()
+                && p.kind() == PageKind::PageTable
+                && p.pt_level.load(Acquire) == PtLevel::Pte as u8 => {}
         // A table we do not manage: in a user address space that can only be
         // corruption; the kernel's may hold the bootloader's tables, which
         // we cannot map but must not destroy.
@@ -359,7 +366,11 @@ pub fn pte_offset_map_ro_nolock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtA
 /// Linux `pte_offset_map_rw_nolock`: as the read-only variant, plus the PMD
 /// value seen, which the caller must check with `pmd_same` after taking the
 /// lock and before writing (or use [`PteMapNolock::lock_if_pmd_same`]).
-pub fn pte_offset_map_rw_nolock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<(PteMapNolock<'a, Rw>, Pmd)> {
+pub fn pte_offset_map_rw_nolock<'a>(
+    mm: &'a Mm<'_>,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+) -> Option<(PteMapNolock<'a, Rw>, Pmd)> {
     let map = map_pte(mm, pmd, addr)?;
     let pmdval = map.pmdval;
     let ptl = pte_lockptr(mm, pmdval);

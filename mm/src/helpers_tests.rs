@@ -8,14 +8,13 @@ extern crate std;
 use std::vec::Vec;
 
 use super::*;
-use crate::PAGE_SIZE;
 use crate::lock::lockdep::held_locks;
 use crate::pgtable::walk::{
     p4d_alloc, p4d_offset, pgd_offset, pmd_alloc, pmd_offset, pud_alloc, pud_offset, set_pmd, set_pud, walk_alloc_pmd,
 };
 use crate::ptlock::AllocError;
 use crate::testing::{TestMachine, bad_pmd_value, capture_logs, rcu_depth, take_logs};
-use crate::{PteFlags, Pud};
+use crate::{PAGE_SIZE, PteFlags, Pud};
 
 const A: VirtAddr = VirtAddr::new(0x4000_0000); // PGD 0, PUD 1, PMD 0, PTE 0
 const A_NEXT: VirtAddr = VirtAddr::new(0x4000_1000); // same PTE table

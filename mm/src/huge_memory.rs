@@ -22,9 +22,11 @@
 //! Zapping the whole huge page withdraws and frees the deposited table (it
 //! was never reachable by a walker, so it needs no grace period).
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, VirtAddr};
+use crate::config::USE_SPLIT_PMD_PTLOCKS;
 use crate::counters::Counter;
 use crate::memmap::PageKind;
 use crate::memory::{FaultError, vm_huge_flags};
@@ -34,7 +36,6 @@ use crate::pgtable::walk::{PmdRef, pmd_populate, set_pmd};
 use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_pte_ctor};
 use crate::tlb::{MmuGather, TlbRange, flush_tlb_range};
 use crate::vma::Vma;
-use crate::config::USE_SPLIT_PMD_PTLOCKS;
 use crate::{PtlGuard, pmd_lock, pmd_lockptr};
 
 /// Order of a PMD-sized page (2 MiB = 2^9 frames).
@@ -101,7 +102,12 @@ pub(crate) enum ThpOutcome {
 /// zeroed and constructed before `pmd_lock`; under it the PMD must still be
 /// none, else another CPU won (a table or a huge page) and both are freed
 /// after the unlock.
-pub(crate) fn do_huge_pmd_anonymous_page(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr) -> Result<ThpOutcome, FaultError> {
+pub(crate) fn do_huge_pmd_anonymous_page(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+) -> Result<ThpOutcome, FaultError> {
     let _ = addr;
     let Some(folio) = mm.phys().alloc_pages_zeroed(HPAGE_PMD_ORDER) else {
         mm.counters.inc(Counter::ThpFallbacks);

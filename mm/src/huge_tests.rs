@@ -3,19 +3,19 @@
 
 extern crate std;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::vec::Vec;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, VirtAddr};
+use crate::fault_tests::{RW, big, check_consistent as check, fault, on_cpu, read_u64, write_u64};
 use crate::memory::fault_locked;
 use crate::testing::{TestMachine, rcu_depth};
 use crate::vma::Vma;
 use crate::{
-    Access, FaultError, FaultResult, MapFlags, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags,
-    pmd_lock, pte_offset_map_ro_nolock,
+    Access, FaultError, FaultResult, MapFlags, Mm, MmapError, PageKind, Prot, PteFlags, VmFlags, pmd_lock,
+    pte_offset_map_ro_nolock,
 };
-
-use crate::fault_tests::{RW, big, check_consistent as check, fault, on_cpu, read_u64, write_u64};
 
 /// Mapped bytes by entry size: (4 KiB count, 2 MiB count, 1 GiB count).
 fn sizes(mm: &Mm<'_>) -> (usize, usize, usize) {
@@ -23,7 +23,6 @@ fn sizes(mm: &Mm<'_>) -> (usize, usize, usize) {
     let n = |s| maps.iter().filter(|m| m.size == s).count();
     (n(PAGE_SIZE), n(PMD_SIZE), n(PUD_SIZE))
 }
-
 
 #[test]
 fn thp_fault_maps_2m_with_a_deposited_table() {
@@ -290,7 +289,8 @@ impl Drop for StopOnDrop<'_> {
 }
 
 fn sizes_in(mm: &Mm<'_>, a: u64) -> (usize, usize) {
-    let maps: Vec<_> = mm.mappings().into_iter().filter(|m| m.va.as_u64() >= a && m.va.as_u64() < a + PMD_SIZE).collect();
+    let maps: Vec<_> =
+        mm.mappings().into_iter().filter(|m| m.va.as_u64() >= a && m.va.as_u64() < a + PMD_SIZE).collect();
     (maps.iter().filter(|m| m.size == PAGE_SIZE).count(), maps.iter().filter(|m| m.size == PMD_SIZE).count())
 }
 
@@ -389,7 +389,8 @@ fn deposit_requires_the_pmd_lock() {
     crate::pgtable_trans_huge_deposit(&mm, pmd, t, &pmd_lock(&mm, pmd));
     let other = crate::walk_alloc_pmd(&mm, VirtAddr::new(0x8000_0000)).unwrap();
     let wrong = pmd_lock(&mm, other);
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::pgtable_trans_huge_withdraw(&mm, pmd, &wrong)));
+    let r =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::pgtable_trans_huge_withdraw(&mm, pmd, &wrong)));
     drop(wrong);
     assert_eq!(r.is_err(), crate::config::USE_SPLIT_PMD_PTLOCKS);
     match r {
@@ -460,7 +461,11 @@ fn a_detached_table_and_its_lock_outlive_a_walker_in_its_read_section() {
             assert!(!unmapped.load(SeqCst), "munmap finished while a walker was inside");
             let page = phys.page(table.pfn()).unwrap();
             assert_eq!(page.kind(), PageKind::PageTable, "detached table freed under a walker");
-            assert_eq!(crate::page_ptdesc(phys, table.pfn()).unwrap().has_ptl(), crate::config::USE_SPLIT_PTE_PTLOCKS, "dtor ran early");
+            assert_eq!(
+                crate::page_ptdesc(phys, table.pfn()).unwrap().has_ptl(),
+                crate::config::USE_SPLIT_PTE_PTLOCKS,
+                "dtor ran early"
+            );
             // The lock is still a lock: take it, read (the entry was cleared).
             let g = nl.lock();
             assert!(g.ptep_get().is_none());

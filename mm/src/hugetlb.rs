@@ -72,7 +72,12 @@ impl Drop for HugeFrame<'_, '_> {
 
 /// Linux `hugetlb_fault`: maps the huge page containing `addr` at `hpte`
 /// (the PMD entry for 2 MiB VMAs, the PUD entry for 1 GiB ones).
-pub(crate) fn hugetlb_fault(mm: &Mm<'_>, vma: &Vma, hpte: HugePte<'_>, addr: VirtAddr) -> Result<FaultResult, FaultError> {
+pub(crate) fn hugetlb_fault(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    hpte: HugePte<'_>,
+    addr: VirtAddr,
+) -> Result<FaultResult, FaultError> {
     let size = vma.flags.page_size();
     let read = |h: HugePte<'_>| match h {
         HugePte::Pmd(p) => (p.get().is_none(), p.get().is_leaf()),

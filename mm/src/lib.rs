@@ -122,23 +122,21 @@ mod fault_tests;
 #[cfg(all(test, not(loom)))]
 mod huge_tests;
 
-pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, PhysAddr, Pfn, VirtAddr};
+pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};
 pub use counters::MmStats;
-pub use gigantic::{GIGANTIC_ORDER, GiganticPool};
-pub use huge_memory::{HPAGE_PMD_ORDER, pgtable_trans_huge_deposit, pgtable_trans_huge_withdraw};
-pub use memory::{Access, FaultError, FaultResult, MAX_FAULT_RETRIES, handle_mm_fault};
-pub use mmap::{Mapping, MmapError};
-pub use tlb::{CpuBitmap, MmuGather, TlbRange};
-pub use vma::{MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, Vma, VmFlags, VmaSet};
 pub use frame::{Frames, MAX_ORDER, PCP_BATCH, PCP_HIGH};
+pub use gigantic::{GIGANTIC_ORDER, GiganticPool};
 pub use helpers::*;
+pub use huge_memory::{HPAGE_PMD_ORDER, pgtable_trans_huge_deposit, pgtable_trans_huge_withdraw};
 pub use memmap::{MemmapStats, Page, PageKind};
+pub use memory::{Access, FaultError, FaultResult, MAX_FAULT_RETRIES, handle_mm_fault};
 pub use mm_struct::{KernelPgd, Mm};
+pub use mmap::{Mapping, MmapError};
 pub use pgtable::entry::{P4d, PROTNONE, Pgd, Pmd, Pte, PteFlags, Pud, pmd_same, pte_same};
 pub use pgtable::walk::{
-    P4dRef, PgdRef, PmdRef, PudRef, __pte_alloc, p4d_alloc, p4d_clear, p4d_offset, p4d_populate, pgd_offset, pmd_alloc,
+    __pte_alloc, P4dRef, PgdRef, PmdRef, PudRef, p4d_alloc, p4d_clear, p4d_offset, p4d_populate, pgd_offset, pmd_alloc,
     pmd_clear_bad, pmd_offset, pmd_populate, pte_alloc, pud_alloc, pud_offset, pud_populate, set_pmd, set_pud,
     walk_alloc_pmd, walk_pmd,
 };
@@ -148,6 +146,8 @@ pub use ptdesc::{
     pagetable_pte_ctor, virt_to_ptdesc,
 };
 pub use ptlock::{ALLOC_SPLIT_PTLOCKS, AllocError, FaultInject, PtLock};
+pub use tlb::{CpuBitmap, MmuGather, TlbRange};
+pub use vma::{MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, VmFlags, Vma, VmaSet};
 
 #[cfg(not(loom))]
 static PHYS: spin::Once<PhysMem> = spin::Once::new();

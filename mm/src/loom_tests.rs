@@ -16,10 +16,9 @@ use crate::config::{USE_SPLIT_PMD_PTLOCKS, USE_SPLIT_PTE_PTLOCKS};
 use crate::pgtable::walk::{pud_alloc, walk_alloc_pmd, walk_pmd};
 use crate::testing::TestMachine;
 use crate::{
-    Mm, PhysAddr, Pte, PteFlags, pgd_offset, pmd_alloc, pmd_lock, pte_alloc, pte_lockptr, pte_offset_map,
-    pte_offset_map_lock, set_pmd,
+    Mm, PhysAddr, Pte, PteFlags, pgd_offset, pmd_alloc, pmd_lock, pte_alloc, pte_alloc_map_lock, pte_lockptr,
+    pte_offset_map, pte_offset_map_lock, pud_offset, set_pmd,
 };
-use crate::{pte_alloc_map_lock, pud_offset};
 
 const A: VirtAddr = VirtAddr::new(0x4000_0000);
 const A_NEXT: VirtAddr = VirtAddr::new(0x4000_1000);
@@ -192,9 +191,10 @@ fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
 
 #[test]
 fn loom_ticket_lock_is_mutually_exclusive() {
-    use crate::lock::{LockClass, LockLevel, SpinLock};
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
+
+    use crate::lock::{LockClass, LockLevel, SpinLock};
     loom::model(|| {
         // loom's UnsafeCell reports any unsynchronised access: the lock must
         // order the two increments.

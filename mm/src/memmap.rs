@@ -22,9 +22,10 @@
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::mem::{ManuallyDrop, size_of};
-use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 
-use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr, Pfn};
+use crate::addr::{DirectMap, PAGE_SIZE, Pfn, PhysAddr};
 use crate::ptlock::PtlStorage;
 
 /// What a frame is currently used for.
@@ -391,9 +392,8 @@ mod tests {
     fn the_memmap_is_carved_from_ram_and_marked() {
         let m = TestMachine::with_regions(&[(0x10_0000, 0x50_0000)]);
         let map = m.phys.memmap();
-        let memmap_frames = (0x100..0x500)
-            .filter(|&p| map.pfn_to_page(Pfn::new(p)).unwrap().kind() == PageKind::Memmap)
-            .count() as u64;
+        let memmap_frames =
+            (0x100..0x500).filter(|&p| map.pfn_to_page(Pfn::new(p)).unwrap().kind() == PageKind::Memmap).count() as u64;
         assert_eq!(memmap_frames, map.overhead_bytes().div_ceil(PAGE_SIZE));
     }
 }

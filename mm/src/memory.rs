@@ -42,18 +42,21 @@
 use core::fmt;
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::{PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, PhysAddr, Pfn, TASK_SIZE, VirtAddr};
+use crate::addr::{PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE, VirtAddr};
 use crate::counters::Counter;
 use crate::gigantic::GIGANTIC_ORDER;
-use crate::huge_memory::{ThpOutcome, __split_huge_pmd, change_huge_pmd, do_huge_pmd_anonymous_page, zap_huge_pmd};
+use crate::huge_memory::{__split_huge_pmd, ThpOutcome, change_huge_pmd, do_huge_pmd_anonymous_page, zap_huge_pmd};
 use crate::hugetlb::hugetlb_fault;
 use crate::memmap::PageKind;
 use crate::mm_struct::Mm;
 use crate::pgtable::entry::{PROTNONE, Pmd, Pte, PteFlags, Pud, pte_same};
-use crate::pgtable::walk::{PmdRef, PudRef, p4d_alloc, p4d_clear, p4d_offset, pgd_offset, pmd_alloc, pmd_offset, pte_alloc, pud_alloc, pud_offset, set_pmd, set_pud};
+use crate::pgtable::walk::{
+    PmdRef, PudRef, p4d_alloc, p4d_clear, p4d_offset, pgd_offset, pmd_alloc, pmd_offset, pte_alloc, pud_alloc,
+    pud_offset, set_pmd, set_pud,
+};
 use crate::ptdesc::{PtLevel, page_ptdesc};
 use crate::tlb::{MmuGather, TlbRange, flush_tlb_range};
-use crate::vma::{USER_END, Vma, VmFlags};
+use crate::vma::{USER_END, VmFlags, Vma};
 use crate::{HugePte, pmd_lock, pte_lockptr, pte_offset_map_lock};
 
 /// A fault restarts its walk at most this many times before handing the
@@ -194,7 +197,13 @@ pub fn handle_mm_fault(mm: &Mm<'_>, addr: VirtAddr, access: Access) -> Result<Fa
 /// The fault with `mmap_lock` held (shared or exclusive) and `vma` found.
 /// `force` (Linux `FOLL_FORCE`, for `access_remote`): the VMA's protection
 /// was not checked; entries are still made with the VMA's protection.
-pub(crate) fn fault_locked(mm: &Mm<'_>, vma: &Vma, addr: VirtAddr, access: Access, force: bool) -> Result<FaultResult, FaultError> {
+pub(crate) fn fault_locked(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    addr: VirtAddr,
+    access: Access,
+    force: bool,
+) -> Result<FaultResult, FaultError> {
     mm.mmap_lock.assert_held();
     for attempt in 0..MAX_FAULT_RETRIES {
         if attempt > 0 {
@@ -216,7 +225,13 @@ pub(crate) fn fault_locked(mm: &Mm<'_>, vma: &Vma, addr: VirtAddr, access: Acces
 }
 
 /// One walk of the fault. `Ok(None)`: a table changed under us, walk again.
-fn __handle_mm_fault(mm: &Mm<'_>, vma: &Vma, addr: VirtAddr, access: Access, force: bool) -> Result<Option<FaultResult>, FaultError> {
+fn __handle_mm_fault(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    addr: VirtAddr,
+    access: Access,
+    force: bool,
+) -> Result<Option<FaultResult>, FaultError> {
     let pgd = pgd_offset(mm, addr);
     let p4d = p4d_alloc(mm, pgd, addr).ok_or(FaultError::Oom)?;
     // PUD and PMD tables: allocated outside the lock, installed under
@@ -249,7 +264,14 @@ fn __handle_mm_fault(mm: &Mm<'_>, vma: &Vma, addr: VirtAddr, access: Access, for
 }
 
 /// Linux `handle_pte_fault`.
-fn handle_pte_fault(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr, access: Access, force: bool) -> Result<Option<FaultResult>, FaultError> {
+fn handle_pte_fault(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+    access: Access,
+    force: bool,
+) -> Result<Option<FaultResult>, FaultError> {
     // One read-side section around the lockless look and the locked update
     // that follows: the `pte_offset_map` and `pte_offset_map_lock` inside
     // then nest, and only this outermost entry pays the barrier (a locked
@@ -281,7 +303,13 @@ fn handle_pte_fault(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr, acc
 /// a frame *before* taking the PTE lock; under the lock, if the entry is no
 /// longer none, another CPU won the race: the frame is freed after the
 /// unlock and the fault returns quietly.
-fn do_anonymous_page(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr, access: Access) -> Result<Option<FaultResult>, FaultError> {
+fn do_anonymous_page(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+    access: Access,
+) -> Result<Option<FaultResult>, FaultError> {
     if !access.write {
         let zero = Pte::new(mm.phys().zero_pfn().phys(), zero_pte_flags(vma.flags));
         let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else { return Ok(None) };
@@ -327,7 +355,14 @@ fn do_anonymous_page(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr, ac
 /// `ptep_clear_flush`), so no CPU keeps reading the zero page after another
 /// wrote the private copy. A private page mapped read-only in a writable VMA
 /// is simply made writable (`wp_page_reuse`).
-fn do_wp_page(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, addr: VirtAddr, orig: Pte, force: bool) -> Result<Option<FaultResult>, FaultError> {
+fn do_wp_page(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+    orig: Pte,
+    force: bool,
+) -> Result<Option<FaultResult>, FaultError> {
     let zero_pfn = mm.phys().zero_pfn();
     if orig.pfn() != zero_pfn {
         let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else { return Ok(None) };
@@ -508,7 +543,13 @@ pub(crate) fn free_pgtables(tlb: &mut MmuGather<'_, '_>, floor: u64, ceiling: u6
     }
 }
 
-fn free_pud_range(tlb: &mut MmuGather<'_, '_>, p4d: crate::P4dRef<'_>, start: u64, end: u64, inside: &dyn Fn(u64, u64) -> bool) {
+fn free_pud_range(
+    tlb: &mut MmuGather<'_, '_>,
+    p4d: crate::P4dRef<'_>,
+    start: u64,
+    end: u64,
+    inside: &dyn Fn(u64, u64) -> bool,
+) {
     let mm = tlb.mm();
     let mut a = start;
     while a < end {
@@ -530,7 +571,13 @@ fn free_pud_range(tlb: &mut MmuGather<'_, '_>, p4d: crate::P4dRef<'_>, start: u6
     }
 }
 
-fn free_pmd_range(tlb: &mut MmuGather<'_, '_>, pud: PudRef<'_>, start: u64, end: u64, inside: &dyn Fn(u64, u64) -> bool) {
+fn free_pmd_range(
+    tlb: &mut MmuGather<'_, '_>,
+    pud: PudRef<'_>,
+    start: u64,
+    end: u64,
+    inside: &dyn Fn(u64, u64) -> bool,
+) {
     let mm = tlb.mm();
     let mut a = start;
     while a < end {
@@ -647,7 +694,10 @@ pub(crate) fn change_protection(tlb: &mut MmuGather<'_, '_>, vma: &Vma, start: u
                         if old.is_leaf() {
                             let new = Pud::new(old.phys(), vm_pte_flags(vma.flags) | PteFlags::HUGE);
                             set_pud(mm, pud, new, &ptl);
-                            tlb.flush_range(VirtAddr::new(b & !(PUD_SIZE - 1)), VirtAddr::new((b & !(PUD_SIZE - 1)) + PUD_SIZE));
+                            tlb.flush_range(
+                                VirtAddr::new(b & !(PUD_SIZE - 1)),
+                                VirtAddr::new((b & !(PUD_SIZE - 1)) + PUD_SIZE),
+                            );
                         }
                     } else if v.is_table() {
                         change_pmd_range(tlb, vma, pud, b, bnext);

@@ -27,20 +27,20 @@
 //! anonymous frames, huge frames and deposited tables go back, and the
 //! free-frame count returns to where it was before the `Mm` was created.
 
-use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
 use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
 
 use crate::addr::{KERNEL_PGD_BOUNDARY, PTRS_PER_TABLE, PhysAddr};
 use crate::counters::{MmCounters, MmStats};
 use crate::lock::{LockClass, LockLevel, RwSpinLock};
-use crate::tlb::{CpuBitmap, MmuGather};
-use crate::vma::{Vma, VmaSet};
 use crate::pgtable::entry::{Pgd, Pmd, Pud};
 use crate::physmem::PhysMem;
 use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_ctor};
 use crate::ptlock::PtLock;
+use crate::tlb::{CpuBitmap, MmuGather};
+use crate::vma::{Vma, VmaSet};
 use crate::{PtlGuard, PtlRef};
 
 /// The kernel's own top-level table (Linux `init_mm.pgd` / `swapper_pg_dir`).
@@ -340,7 +340,11 @@ mod tests {
         assert_eq!(pgd.level(), Some(PtLevel::Pgd));
         assert!(!pgd.has_ptl(), "the PGD is protected by page_table_lock");
         for slot in 0..PTRS_PER_TABLE {
-            let va = VirtAddr::new(if slot < 256 { slot as u64 * PGDIR_SIZE } else { 0xffff_0000_0000_0000 | (slot as u64 * PGDIR_SIZE) });
+            let va = VirtAddr::new(if slot < 256 {
+                slot as u64 * PGDIR_SIZE
+            } else {
+                0xffff_0000_0000_0000 | (slot as u64 * PGDIR_SIZE)
+            });
             let got = pgd_offset(&mm, va).get();
             match KERNEL_PGD_ENTRIES.iter().find(|(s, _)| *s == slot) {
                 Some(&(_, v)) => assert_eq!(got.raw(), v, "kernel slot {slot}"),
@@ -356,7 +360,8 @@ mod tests {
         let start = m.phys.nr_free_pages();
         let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
         // Spread over two PGD slots, several PUD and PMD entries.
-        let addrs = [0x1000u64, 0x20_1000, 0x4000_0000, PUD_SIZE * 3 + 0x60_0000, PGDIR_SIZE + 0x1000, PGDIR_SIZE * 2 - 0x1000];
+        let addrs =
+            [0x1000u64, 0x20_1000, 0x4000_0000, PUD_SIZE * 3 + 0x60_0000, PGDIR_SIZE + 0x1000, PGDIR_SIZE * 2 - 0x1000];
         for &a in &addrs {
             let va = VirtAddr::new(a);
             let pmd = walk_alloc_pmd(&mm, va).unwrap();

@@ -22,7 +22,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, PTRS_PER_TABLE, PhysAddr, TASK_SIZE, VirtAddr};
+use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, PhysAddr, TASK_SIZE, VirtAddr};
 use crate::helpers::RcuReadGuard;
 use crate::huge_memory::split_huge_pmd_address;
 use crate::memmap::PageKind;
@@ -31,7 +31,7 @@ use crate::mm_struct::Mm;
 use crate::pgtable::entry::{Pmd, Pte, PteFlags, Pud};
 use crate::pgtable::walk::{p4d_offset, pgd_offset, pmd_offset, pud_offset};
 use crate::tlb::MmuGather;
-use crate::vma::{MAX_MAP_COUNT, MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, Vma, VmFlags, VmaSet};
+use crate::vma::{MAX_MAP_COUNT, MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, VmFlags, Vma, VmaSet};
 use crate::{HugePte, huge_pte_lock, pmd_lock, pte_offset_map, pte_offset_map_lock};
 
 /// Why `mmap`, `munmap` or `mprotect` failed.
@@ -89,7 +89,8 @@ fn check_hugetlb_cuts(vmas: &VmaSet, start: u64, end: u64) -> Result<(), MmapErr
     for v in vmas.overlapping(start, end) {
         let sz = v.flags.page_size();
         if v.flags.is_hugetlb()
-            && ((start > v.start.as_u64() && !start.is_multiple_of(sz)) || (end < v.end.as_u64() && !end.is_multiple_of(sz)))
+            && ((start > v.start.as_u64() && !start.is_multiple_of(sz))
+                || (end < v.end.as_u64() && !end.is_multiple_of(sz)))
         {
             return Err(MmapError::Invalid);
         }
@@ -159,7 +160,9 @@ impl<'p> Mm<'p> {
                 PAGE_SIZE
             };
             let hint = addr.map(|a| a.as_u64()).filter(|&a| {
-                a % align == 0 && a >= MMAP_MIN_ADDR && a.checked_add(len).is_some_and(|e| e <= USER_END && !vmas.intersects(a, e))
+                a % align == 0
+                    && a >= MMAP_MIN_ADDR
+                    && a.checked_add(len).is_some_and(|e| e <= USER_END && !vmas.intersects(a, e))
             });
             match hint {
                 Some(a) => a,
@@ -256,7 +259,8 @@ impl<'p> Mm<'p> {
             let stop = end.min(vma.end.as_u64()).min(a.saturating_add(512 * step));
             while a < stop {
                 if vma.flags.is_accessible() {
-                    let access = Access { write: write && vma.flags.contains(VmFlags::WRITE), exec: false, user: false };
+                    let access =
+                        Access { write: write && vma.flags.contains(VmFlags::WRITE), exec: false, user: false };
                     fault_locked(self, &vma, VirtAddr::new(a), access, false)?;
                 }
                 a = (a & !(step - 1)) + step;
@@ -356,12 +360,22 @@ impl<'p> Mm<'p> {
         let pud = pud_offset(self, p4d_offset(self, pgd, addr), addr)?;
         let v = pud.get();
         if v.is_leaf() {
-            return Some(Mapping { va: VirtAddr::new(addr.as_u64() & !(PUD_SIZE - 1)), pa: v.phys(), size: PUD_SIZE, flags: v.flags() });
+            return Some(Mapping {
+                va: VirtAddr::new(addr.as_u64() & !(PUD_SIZE - 1)),
+                pa: v.phys(),
+                size: PUD_SIZE,
+                flags: v.flags(),
+            });
         }
         let pmd = pmd_offset(self, pud, addr)?;
         let v = pmd.get();
         if v.is_leaf() {
-            return Some(Mapping { va: VirtAddr::new(addr.as_u64() & !(PMD_SIZE - 1)), pa: v.phys(), size: PMD_SIZE, flags: v.flags() });
+            return Some(Mapping {
+                va: VirtAddr::new(addr.as_u64() & !(PMD_SIZE - 1)),
+                pa: v.phys(),
+                size: PMD_SIZE,
+                flags: v.flags(),
+            });
         }
         let map = pte_offset_map(self, pmd, addr)?;
         let pte = map.ptep_get();
@@ -371,7 +385,12 @@ impl<'p> Mm<'p> {
             self.phys().page(map.table_pa().pfn()).is_some_and(|p| p.kind() == PageKind::PageTable),
             "lockless walker read a freed page table"
         );
-        pte.maps_frame().then(|| Mapping { va: VirtAddr::new(addr.as_u64() & !(PAGE_SIZE - 1)), pa: pte.phys(), size: PAGE_SIZE, flags: pte.flags() })
+        pte.maps_frame().then(|| Mapping {
+            va: VirtAddr::new(addr.as_u64() & !(PAGE_SIZE - 1)),
+            pa: pte.phys(),
+            size: PAGE_SIZE,
+            flags: pte.flags(),
+        })
     }
 
     /// Every leaf mapping of the user half, in address order (takes
@@ -407,7 +426,12 @@ impl<'p> Mm<'p> {
                     let mva = uva + m * PMD_SIZE;
                     let pmd = Pmd::from_raw(raw);
                     if pmd.is_leaf() {
-                        out.push(Mapping { va: VirtAddr::new(mva), pa: pmd.phys(), size: PMD_SIZE, flags: pmd.flags() });
+                        out.push(Mapping {
+                            va: VirtAddr::new(mva),
+                            pa: pmd.phys(),
+                            size: PMD_SIZE,
+                            flags: pmd.flags(),
+                        });
                         continue;
                     }
                     if !pmd.is_table() {
@@ -416,7 +440,12 @@ impl<'p> Mm<'p> {
                     for (t, raw) in entries(pmd.phys()) {
                         let pte = Pte::from_raw(raw);
                         if pte.maps_frame() {
-                            out.push(Mapping { va: VirtAddr::new(mva + t * PAGE_SIZE), pa: pte.phys(), size: PAGE_SIZE, flags: pte.flags() });
+                            out.push(Mapping {
+                                va: VirtAddr::new(mva + t * PAGE_SIZE),
+                                pa: pte.phys(),
+                                size: PAGE_SIZE,
+                                flags: pte.flags(),
+                            });
                         }
                     }
                 }

@@ -9,9 +9,10 @@
 //! builds exactly one with [`crate::init`] and reaches it through
 //! [`crate::phys`].
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::{DirectMap, PAGE_SIZE, PhysAddr, Pfn};
+use crate::addr::{DirectMap, PAGE_SIZE, Pfn, PhysAddr};
 use crate::bootmem::BootMem;
 use crate::frame::{FrameAllocator, Frames, MAX_ORDER};
 use crate::gigantic::GiganticPool;
@@ -47,9 +48,7 @@ impl PhysMem {
         ranges[..n].copy_from_slice(usable);
         let ranges = &ranges[..n];
         let bytes = MemMap::descriptor_bytes(ranges);
-        let at = boot
-            .alloc(bytes, PAGE_SIZE, PageKind::Memmap)
-            .expect("not enough contiguous RAM for the memmap");
+        let at = boot.alloc(bytes, PAGE_SIZE, PageKind::Memmap).expect("not enough contiguous RAM for the memmap");
         // SAFETY: `at` is a fresh bootmem range of `bytes` bytes inside usable
         // RAM; BootMem::new's contract makes that RAM and every usable range
         // ours and mapped by the window for the life of this PhysMem.
@@ -236,7 +235,8 @@ mod tests {
             assert!(heap.is_aligned(PAGE_SIZE));
         });
         let map = m.phys.memmap();
-        let heap_frames = (0x100..0x900).filter(|&p| map.pfn_to_page(Pfn::new(p)).unwrap().kind() == PageKind::Heap).count();
+        let heap_frames =
+            (0x100..0x900).filter(|&p| map.pfn_to_page(Pfn::new(p)).unwrap().kind() == PageKind::Heap).count();
         assert_eq!(heap_frames, 0x40);
         let total = 0x800;
         let memmap_frames = map.overhead_bytes().div_ceil(PAGE_SIZE);

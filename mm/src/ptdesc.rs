@@ -16,7 +16,7 @@
 use core::fmt;
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::{PhysAddr, Pfn};
+use crate::addr::{Pfn, PhysAddr};
 use crate::config::{USE_SPLIT_PMD_PTLOCKS, USE_SPLIT_PTE_PTLOCKS};
 use crate::frame::Frames;
 use crate::lock::LockClass;
@@ -188,7 +188,13 @@ pub(crate) fn pagetable_ctor(table: &mut PtPage<'_>, level: PtLevel) {
     table.pt.page.pt_level.store(level as u8, Relaxed);
 }
 
-fn ctor_with_lock(mm: &Mm<'_>, table: &mut PtPage<'_>, level: PtLevel, split: bool, class: LockClass) -> Result<(), AllocError> {
+fn ctor_with_lock(
+    mm: &Mm<'_>,
+    table: &mut PtPage<'_>,
+    level: PtLevel,
+    split: bool,
+    class: LockClass,
+) -> Result<(), AllocError> {
     debug_assert!(core::ptr::eq(mm.phys(), table.phys), "table from another PhysMem");
     if table.phys.fault_inject().ctor_should_fail() {
         return Err(AllocError);

@@ -20,7 +20,8 @@
 
 use core::alloc::Layout;
 use core::mem::size_of;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::lock::{LockClass, RawSpinLock};
 
@@ -200,9 +201,10 @@ impl FaultInject {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    use core::mem::MaybeUninit;
+
     use super::*;
     use crate::lock::LockLevel;
-    use core::mem::MaybeUninit;
 
     fn exercise<R: PtlRepr>() {
         let mut slot = MaybeUninit::<R::Storage>::uninit();
@@ -238,7 +240,10 @@ mod tests {
         let f = FaultInject::new();
         assert!(!f.ctor_should_fail());
         f.fail_nth_ctor(3);
-        assert_eq!([f.ctor_should_fail(), f.ctor_should_fail(), f.ctor_should_fail(), f.ctor_should_fail()], [false, false, true, false]);
+        assert_eq!(
+            [f.ctor_should_fail(), f.ctor_should_fail(), f.ctor_should_fail(), f.ctor_should_fail()],
+            [false, false, true, false]
+        );
         assert_eq!(f.injected(), 1);
         f.fail_nth_ctor(1);
         f.disarm();

@@ -8,6 +8,7 @@
 
 #[cfg(not(loom))]
 pub(crate) use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
 

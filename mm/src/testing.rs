@@ -14,7 +14,8 @@ extern crate std;
 use std::boxed::Box;
 use std::cell::{Cell, RefCell};
 use std::string::String;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, Once};
 use std::vec::Vec;
 

@@ -239,7 +239,16 @@ pub struct MmuGather<'m, 'p> {
 impl<'m, 'p> MmuGather<'m, 'p> {
     /// Linux `tlb_gather_mmu`: an empty gather for `mm`.
     pub fn new(mm: &'m Mm<'p>) -> Self {
-        Self { mm, start: u64::MAX, end: 0, freed_tables: false, pages: FreeList::new(), tables: FreeList::new(), pages_shot_down: false, finished: false }
+        Self {
+            mm,
+            start: u64::MAX,
+            end: 0,
+            freed_tables: false,
+            pages: FreeList::new(),
+            tables: FreeList::new(),
+            pages_shot_down: false,
+            finished: false,
+        }
     }
 
     /// The address space.

@@ -94,10 +94,10 @@ fn write_text() -> isize {
 
 fn bad_pointers() -> isize {
     let checks: [(u64, usize, isize); 5] = [
-        (0xffff_ffff_8000_0000, 8, -errno::EFAULT),  // kernel address
-        (0x7000_0000_0000, 8, -errno::EFAULT),       // unmapped user address
-        (0x0000_7fff_ffff_fffc, 16, -errno::EFAULT), // runs past the user half
-        (u64::MAX - 4, 16, -errno::EFAULT),          // wraps around
+        (0xffff_ffff_8000_0000, 8, -errno::EFAULT),      // kernel address
+        (0x7000_0000_0000, 8, -errno::EFAULT),           // unmapped user address
+        (0x0000_7fff_ffff_fffc, 16, -errno::EFAULT),     // runs past the user half
+        (u64::MAX - 4, 16, -errno::EFAULT),              // wraps around
         (abi::USER_IMAGE_BASE, 1 << 20, -errno::EINVAL), // longer than LOG_MAX
     ];
     for (i, (ptr, len, want)) in checks.into_iter().enumerate() {

@@ -116,7 +116,9 @@ pub fn run(index: u64) -> isize {
             }
             storm::MODE_REMAPPER => {
                 let flags = abi::map::FIXED | p.map_flags as usize;
-                if sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags) != p.base as isize {
+                if sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags)
+                    != p.base as isize
+                {
                     out.mismatches += 1;
                 }
                 sys::yield_now();
@@ -130,7 +132,8 @@ pub fn run(index: u64) -> isize {
                     let mut region = p.base;
                     while region < p.base + p.len {
                         let page = region + PAGE * (1 + (round * 20 + step) % 500);
-                        if sys::mprotect(page as usize, PAGE as usize, abi::prot::READ | abi::prot::WRITE | extra) != 0 {
+                        if sys::mprotect(page as usize, PAGE as usize, abi::prot::READ | abi::prot::WRITE | extra) != 0
+                        {
                             out.mismatches += 1;
                         }
                         region += HUGE;

@@ -11,13 +11,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use crate::kernel::Firmware;
+use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use crate::kernel::BuildConfig;
 use crate::hostprobe::HostProbe;
+use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Accel, Machine};
 use crate::{build_kernel, setup, workspace_root};
 
@@ -94,7 +93,8 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
         bail!("--cpus takes counts in 1..=64");
     }
     if args.quick {
-        let mut runs: Vec<Run> = [1, 2, 8].iter().map(|&c| Run { workload: "disjoint".into(), lock: "split", cpus: c }).collect();
+        let mut runs: Vec<Run> =
+            [1, 2, 8].iter().map(|&c| Run { workload: "disjoint".into(), lock: "split", cpus: c }).collect();
         runs.push(Run { workload: "disjoint".into(), lock: "single", cpus: 8 });
         return Ok(runs);
     }
@@ -183,7 +183,9 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("xtask: bench on {accel} ({why}); host has {host_cpus} CPUs; {} runs, {windows} windows each", runs.len());
     if host_cpus < 8 {
-        println!("xtask: note: with more vCPUs than host CPUs, throughput beyond {host_cpus} CPUs measures overcommit (and lock-holder preemption), not the guest alone");
+        println!(
+            "xtask: note: with more vCPUs than host CPUs, throughput beyond {host_cpus} CPUs measures overcommit (and lock-holder preemption), not the guest alone"
+        );
     }
     let probe = HostProbe::calibrate(host_cpus);
     let mut records = Vec::new();
@@ -221,7 +223,14 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         // BUSY_RETRIES times); the boot with the freest host is kept.
         let mut kept: Option<(f64, Value)> = None;
         for attempt in 0..=BUSY_RETRIES {
-            print!("xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ", i + 1, runs.len(), run.workload, run.lock, run.cpus);
+            print!(
+                "xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ",
+                i + 1,
+                runs.len(),
+                run.workload,
+                run.lock,
+                run.cpus
+            );
             use std::io::Write as _;
             std::io::stdout().flush().ok();
             let before = probe.capacity(run.cpus as usize);
@@ -250,7 +259,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 break;
             }
             if attempt < BUSY_RETRIES {
-                println!("xtask: the host was busy during that boot (its threads ran at {:.0}% speed): repeating it", host * 100.0);
+                println!(
+                    "xtask: the host was busy during that boot (its threads ran at {:.0}% speed): repeating it",
+                    host * 100.0
+                );
                 std::thread::sleep(Duration::from_secs(5));
             }
         }
@@ -281,7 +293,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
 }
 
 fn find<'a>(report: &'a Value, workload: &str, lock: &str, cpus: u64) -> Option<&'a Value> {
-    report["runs"].as_array()?.iter().find(|r| r["workload"] == workload && r["lock"] == lock && r["cpus"].as_u64() == Some(cpus))
+    report["runs"]
+        .as_array()?
+        .iter()
+        .find(|r| r["workload"] == workload && r["lock"] == lock && r["cpus"].as_u64() == Some(cpus))
 }
 
 fn print_table(report: &Value) {
@@ -291,15 +306,21 @@ fn print_table(report: &Value) {
         report["host_cpus"],
         report["windows"]
     );
-    println!("{:<11} {:<7} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9}  top contended lock (spin share)", "workload", "lock", "cpus", "faults/s", "min", "max", "per cpu", "cyc/fault", "p99");
+    println!(
+        "{:<11} {:<7} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9}  top contended lock (spin share)",
+        "workload", "lock", "cpus", "faults/s", "min", "max", "per cpu", "cyc/fault", "p99"
+    );
     for r in report["runs"].as_array().into_iter().flatten() {
         let locks = r["locks"].as_object();
-        let total_spin: f64 = locks.map(|m| m.values().map(|l| l["spin_cycles"].as_f64().unwrap_or(0.0)).sum()).unwrap_or(0.0);
+        let total_spin: f64 =
+            locks.map(|m| m.values().map(|l| l["spin_cycles"].as_f64().unwrap_or(0.0)).sum()).unwrap_or(0.0);
         // Spinning as a share of the CPU time the counters cover (TSC
         // cycles, summed over the run's CPUs).
         let cpu_cycles = r["stats_cycles"].as_f64().unwrap_or(0.0) * r["cpus"].as_f64().unwrap_or(1.0);
         let top = locks
-            .and_then(|m| m.iter().max_by(|a, b| a.1["spin_cycles"].as_f64().partial_cmp(&b.1["spin_cycles"].as_f64()).unwrap()))
+            .and_then(|m| {
+                m.iter().max_by(|a, b| a.1["spin_cycles"].as_f64().partial_cmp(&b.1["spin_cycles"].as_f64()).unwrap())
+            })
             .map(|(k, l)| {
                 if total_spin > 0.0 {
                     let share = 100.0 * l["spin_cycles"].as_f64().unwrap_or(0.0) / cpu_cycles.max(1.0);
@@ -329,21 +350,36 @@ fn print_targets(report: &Value) {
     let rate = |w: &str, l: &str, c: u64| find(report, w, l, c).and_then(|r| r["faults_per_sec"].as_f64());
     let mut lines = Vec::new();
     if let Some(r) = rate("disjoint", "split", 1) {
-        lines.push(format!("disjoint, 1 CPU: {:.0} faults/s per thread (target >= 300000): {}", r, verdict(r >= 300_000.0)));
+        lines.push(format!(
+            "disjoint, 1 CPU: {:.0} faults/s per thread (target >= 300000): {}",
+            r,
+            verdict(r >= 300_000.0)
+        ));
     }
     for (w, target) in [("disjoint", 1.85), ("same-table", 1.7)] {
         if let (Some(a), Some(b)) = (rate(w, "split", 1), rate(w, "split", 2)) {
             let host = find(report, w, "split", 2).and_then(|r| r["host_capacity"].as_f64()).unwrap_or(1.0);
             let note = if host < BUSY_HOST {
-                format!(" (the host was busy around the 2-CPU run: its threads ran at {:.0}% speed; rerun with `--cpus 1,2`)", host * 100.0)
+                format!(
+                    " (the host was busy around the 2-CPU run: its threads ran at {:.0}% speed; rerun with `--cpus 1,2`)",
+                    host * 100.0
+                )
             } else {
                 String::new()
             };
-            lines.push(format!("{w}, split, 1 -> 2 CPUs: {:.2}x (target >= {target}x): {}{note}", b / a, verdict(b / a >= target)));
+            lines.push(format!(
+                "{w}, split, 1 -> 2 CPUs: {:.2}x (target >= {target}x): {}{note}",
+                b / a,
+                verdict(b / a >= target)
+            ));
         }
     }
     if let (Some(s), Some(g)) = (rate("disjoint", "split", 8), rate("disjoint", "single", 8)) {
-        lines.push(format!("disjoint, 8 CPUs, split vs single: {:.2}x (target >= 2x): {}", s / g, verdict(s / g >= 2.0)));
+        lines.push(format!(
+            "disjoint, 8 CPUs, split vs single: {:.2}x (target >= 2x): {}",
+            s / g,
+            verdict(s / g >= 2.0)
+        ));
     }
     if !lines.is_empty() {
         let quick = if report["quick"].as_bool() == Some(true) {
@@ -375,7 +411,11 @@ fn plot(report: &Value, path: &std::path::Path) -> Result<()> {
     let max_rate = runs.iter().filter_map(|r| r["faults_per_sec"].as_f64()).fold(1.0, f64::max);
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let title = format!("page-fault throughput, {} ({} host CPUs)", report["accel"].as_str().unwrap_or("?"), report["host_cpus"]);
+    let title = format!(
+        "page-fault throughput, {} ({} host CPUs)",
+        report["accel"].as_str().unwrap_or("?"),
+        report["host_cpus"]
+    );
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
@@ -469,16 +509,43 @@ mod tests {
 
     #[test]
     fn quick_plan_has_the_required_runs() {
-        let args = BenchArgs { cpus: vec![1, 2, 4, 8], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: true, accel: None, timeout: 1, qemu_args: Vec::new() };
+        let args = BenchArgs {
+            cpus: vec![1, 2, 4, 8],
+            workloads: vec![],
+            locks: vec![],
+            windows: None,
+            mib: None,
+            rounds: None,
+            window_ms: 2000,
+            quick: true,
+            accel: None,
+            timeout: 1,
+            qemu_args: Vec::new(),
+        };
         let runs = plan(&args).unwrap();
         let keys: Vec<_> = runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus)).collect();
-        assert_eq!(keys, [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]);
+        assert_eq!(
+            keys,
+            [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]
+        );
         assert_eq!(rounds_for(&args, "disjoint"), 1, "quick windows are one pass");
     }
 
     #[test]
     fn only_disjoint_windows_repeat_by_default_and_rounds_overrides() {
-        let mut args = BenchArgs { cpus: vec![1], workloads: vec![], locks: vec![], windows: None, mib: None, rounds: None, window_ms: 2000, quick: false, accel: None, timeout: 1, qemu_args: Vec::new() };
+        let mut args = BenchArgs {
+            cpus: vec![1],
+            workloads: vec![],
+            locks: vec![],
+            windows: None,
+            mib: None,
+            rounds: None,
+            window_ms: 2000,
+            quick: false,
+            accel: None,
+            timeout: 1,
+            qemu_args: Vec::new(),
+        };
         assert_eq!(rounds_for(&args, "disjoint"), 4);
         assert_eq!(rounds_for(&args, "same-table"), 1);
         assert_eq!(rounds_for(&args, "same-page"), 1);

@@ -10,12 +10,12 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{bail, Context, Result};
-use crate::kernel::Firmware;
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
+use crate::kernel::Firmware;
 use crate::qemu::{self, Accel, Machine};
-use crate::{build_kernel, setup, workspace_root, KernelArgs};
+use crate::{KernelArgs, build_kernel, setup, workspace_root};
 
 #[derive(Args)]
 pub struct GdbArgs {
@@ -52,7 +52,10 @@ pub fn install_autoload(elf: &Path) -> Result<PathBuf> {
     let helpers = workspace_root().join("gdb/ptlk.py");
     std::fs::write(
         &script,
-        format!("# Written by `cargo xtask gdb`: loads the ptlk helpers.\nimport gdb\ngdb.execute('source {}')\n", helpers.display()),
+        format!(
+            "# Written by `cargo xtask gdb`: loads the ptlk helpers.\nimport gdb\ngdb.execute('source {}')\n",
+            helpers.display()
+        ),
     )
     .with_context(|| format!("writing {}", script.display()))?;
     Ok(script)
@@ -120,7 +123,15 @@ pub fn run(args: GdbArgs) -> Result<bool> {
         Some(f) => format!("mode=test filter={f}"),
         None => "mode=run".to_string(),
     };
-    let machine = Machine { image, firmware, smp: args.smp, mem: args.mem.clone(), accel: args.accel, cmdline, extra: Vec::new() };
+    let machine = Machine {
+        image,
+        firmware,
+        smp: args.smp,
+        mem: args.mem.clone(),
+        accel: args.accel,
+        cmdline,
+        extra: Vec::new(),
+    };
     std::fs::create_dir_all(qemu::log_dir())?;
     let serial = qemu::log_dir().join("gdb-serial.log");
     let mut qemu_child = start_paused_qemu(&machine, port, &serial)?;
@@ -129,7 +140,9 @@ pub fn run(args: GdbArgs) -> Result<bool> {
     println!("xtask: QEMU is paused with its gdb stub on 127.0.0.1:{port} ({} vCPUs = gdb threads)", args.smp);
     println!("xtask: serial output goes to {} (tail -f it in another terminal)", serial.display());
     if args.accel == Accel::Kvm {
-        println!("xtask: KVM: software breakpoints are unreliable, use `hbreak` (the panic breakpoints are hardware ones)");
+        println!(
+            "xtask: KVM: software breakpoints are unreliable, use `hbreak` (the panic breakpoints are hardware ones)"
+        );
     }
     if args.no_gdb {
         println!("xtask: attach with:\n    gdb {}", shell_join(&gdb_cmd));
@@ -144,10 +157,7 @@ pub fn run(args: GdbArgs) -> Result<bool> {
 }
 
 fn shell_join(args: &[String]) -> String {
-    args.iter()
-        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() })
-        .collect::<Vec<_>>()
-        .join(" ")
+    args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" ")
 }
 
 /// Path of `program` on PATH.
@@ -224,7 +234,10 @@ fn parse_findings(out: &str) -> GdbFindings {
 /// Returns (passed, detail).
 pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, String)> {
     let Some(gdb_bin) = which("gdb") else {
-        return Ok((false, "gdb is not installed (Debian: apt-get install gdb); pass --skip-gdb to skip this check".into()));
+        return Ok((
+            false,
+            "gdb is not installed (Debian: apt-get install gdb); pass --skip-gdb to skip this check".into(),
+        ));
     };
     install_autoload(elf)?;
     let port = free_port()?;
@@ -275,7 +288,8 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
     }
     let log_path = qemu::log_dir().join("gdb-test.log");
     println!("xtask: [gdb batch test] gdb {}", shell_join(&args));
-    let child = Command::new(gdb_bin).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let child =
+        Command::new(gdb_bin).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let start = std::time::Instant::now();
     let timeout = std::time::Duration::from_secs(300);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -287,7 +301,10 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
         Err(_) => {
             let _ = qemu_child.kill();
             let _ = qemu_child.wait();
-            return Ok((false, format!("gdb session timed out after {} s (log: {})", timeout.as_secs(), serial.display())));
+            return Ok((
+                false,
+                format!("gdb session timed out after {} s (log: {})", timeout.as_secs(), serial.display()),
+            ));
         }
     };
     let _ = qemu_child.kill();

@@ -18,10 +18,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use crate::kernel::Firmware;
 use clap::{Args, Parser, Subcommand};
 
-use crate::kernel::BuildConfig;
+use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{Accel, Machine};
 
 /// Developer tool for the split-page-table-lock kernel.

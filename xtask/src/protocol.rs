@@ -40,7 +40,9 @@ impl TestReport {
     /// Consumes one line of serial output (with or without `\r`).
     pub fn feed(&mut self, line: &str) {
         let line = line.trim_end_matches(['\r', '\n']);
-        if let Some(n) = line.strip_prefix("running ").and_then(|r| r.strip_suffix(" tests").or_else(|| r.strip_suffix(" test"))) {
+        if let Some(n) =
+            line.strip_prefix("running ").and_then(|r| r.strip_suffix(" tests").or_else(|| r.strip_suffix(" test")))
+        {
             self.planned = n.trim().parse().ok();
         } else if let Some(rest) = line.strip_prefix("test ") {
             if let Some((name, result)) = rest.split_once(" ...") {

@@ -13,11 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use crate::kernel::Firmware;
+use anyhow::{Context, Result, bail};
 
+use crate::kernel::Firmware;
 use crate::protocol::TestReport;
-use crate::symbols::{parse_frame_addr, Symbolizer};
+use crate::symbols::{Symbolizer, parse_frame_addr};
 use crate::workspace_root;
 
 /// Exit status QEMU reports when the kernel wrote `ExitCode::Success`.
@@ -157,7 +157,9 @@ impl Outcome {
         match &self.ending {
             Ending::Exit(STATUS_SUCCESS) => format!("`{name}`: kernel reported success"),
             Ending::Exit(STATUS_FAILURE) => format!("`{name}`: kernel reported FAILURE"),
-            Ending::Exit(0) => format!("`{name}`: QEMU exited 0 without the kernel's exit code (triple fault or reset under -no-reboot)"),
+            Ending::Exit(0) => format!(
+                "`{name}`: QEMU exited 0 without the kernel's exit code (triple fault or reset under -no-reboot)"
+            ),
             Ending::Exit(code) => format!("`{name}`: QEMU exited with status {code} (not a kernel exit code)"),
             Ending::Signal => format!("`{name}`: QEMU was killed by a signal"),
             Ending::Timeout => match &self.report.running {
@@ -200,7 +202,14 @@ pub fn log_dir() -> PathBuf {
 /// Runs `machine` until it exits or `timeout` passes, echoing serial output
 /// to the terminal (when `echo`), saving it to `target/xtask/logs/<name>.log`,
 /// feeding it to the test-protocol parser and annotating backtrace frames.
-pub fn run(qemu: &Path, machine: &Machine, name: &str, timeout: Duration, symbols: Option<&Symbolizer>, echo: bool) -> Result<Outcome> {
+pub fn run(
+    qemu: &Path,
+    machine: &Machine,
+    name: &str,
+    timeout: Duration,
+    symbols: Option<&Symbolizer>,
+    echo: bool,
+) -> Result<Outcome> {
     std::fs::create_dir_all(log_dir())?;
     let log_path = log_dir().join(format!("{}.log", name.replace([' ', '/'], "_")));
     let mut log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;

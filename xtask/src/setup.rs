@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
@@ -104,7 +104,10 @@ pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
             );
         }
         if on_path("apt-get").is_none() {
-            bail!("missing {}; this is not a Debian-based system: install QEMU (x86_64 system emulator) and OVMF with your package manager", missing.join(", "));
+            bail!(
+                "missing {}; this is not a Debian-based system: install QEMU (x86_64 system emulator) and OVMF with your package manager",
+                missing.join(", ")
+            );
         }
         println!("xtask: {} not installed; running as root: {command}", missing.join(", "));
         for args in [vec!["update"], ["install", "-y"].iter().chain(packages.iter()).copied().collect()] {

@@ -6,13 +6,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crate::kernel::Firmware;
 use clap::Args;
 
-use crate::kernel::BuildConfig;
+use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Ending, Machine, Outcome};
 use crate::symbols::Symbolizer;
-use crate::{build_kernel, setup, workspace_root, KernelArgs};
+use crate::{KernelArgs, build_kernel, setup, workspace_root};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -107,9 +106,15 @@ fn host_tests(args: &TestArgs) -> Result<Vec<StepResult>> {
     if let Some(n) = args.kernel.split_ptlock_cpus {
         env.push(("SPLIT_PTLOCK_CPUS", n.to_string()));
     }
-    let mut results = vec![host_step("host: xtask + boot", &["test", "-p", "xtask", "-p", "boot", "-p", "ktest"], &env, filter)?];
+    let mut results =
+        vec![host_step("host: xtask + boot", &["test", "-p", "xtask", "-p", "boot", "-p", "ktest"], &env, filter)?];
     results.push(host_step("host: mm", &["test", "-p", "mm"], &env, filter)?);
-    results.push(host_step("host: mm, debug-ptlock (allocated ptl)", &["test", "-p", "mm", "--features", "debug-ptlock"], &env, filter)?);
+    results.push(host_step(
+        "host: mm, debug-ptlock (allocated ptl)",
+        &["test", "-p", "mm", "--features", "debug-ptlock"],
+        &env,
+        filter,
+    )?);
     if args.kernel.split_ptlock_cpus.is_none() {
         // The single-lock build in its own target dir: the setting is a
         // build-script input, and sharing a dir would rebuild mm each time.
@@ -350,7 +355,13 @@ pub fn run(args: TestArgs) -> Result<bool> {
     }
     println!("\nxtask: test summary ({:.0} s in all)", total.elapsed().as_secs_f64());
     for r in &results {
-        println!("  {:7} {:6.1} s  {}  {}", if r.ok { "ok" } else { "FAILED" }, r.elapsed.as_secs_f64(), r.name, r.detail.lines().next().unwrap_or(""));
+        println!(
+            "  {:7} {:6.1} s  {}  {}",
+            if r.ok { "ok" } else { "FAILED" },
+            r.elapsed.as_secs_f64(),
+            r.name,
+            r.detail.lines().next().unwrap_or("")
+        );
     }
     let all_ok = results.iter().all(|r| r.ok);
     println!("xtask: {}", if all_ok { "all tests passed" } else { "SOME TESTS FAILED" });

@@ -11,18 +11,17 @@
 
 mod trampoline;
 
-use core::sync::atomic::{fence, AtomicU32, Ordering};
-
-use x86_64::registers::control::{Cr0, Cr3, Cr4};
-use x86_64::registers::model_specific::{Efer, EferFlags};
-use x86_64::structures::paging::{PageTable, PageTableFlags};
-use x86_64::PhysAddr;
-
-use crate::apic::{self, DeliveryMode, Destination, Ipi};
-use crate::gdt::CpuTables;
+use core::sync::atomic::{AtomicU32, Ordering, fence};
 
 pub use trampoline::TRAMPOLINE_PAGES;
 use trampoline::TrampolineData;
+use x86_64::PhysAddr;
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+use x86_64::registers::model_specific::{Efer, EferFlags};
+use x86_64::structures::paging::{PageTable, PageTableFlags};
+
+use crate::apic::{self, DeliveryMode, Destination, Ipi};
+use crate::gdt::CpuTables;
 
 const PAGE: u64 = 4096;
 
@@ -117,7 +116,10 @@ impl Trampoline {
     /// lists them as reserved), and the direct map is set up (`kvmap::init`).
     pub unsafe fn install(phys: u64) -> Trampoline {
         let pages = TRAMPOLINE_PAGES as u64;
-        assert!(phys.is_multiple_of(PAGE) && phys >= PAGE && phys + pages * PAGE <= 0x10_0000, "trampoline at {phys:#x} is not usable");
+        assert!(
+            phys.is_multiple_of(PAGE) && phys >= PAGE && phys + pages * PAGE <= 0x10_0000,
+            "trampoline at {phys:#x} is not usable"
+        );
         let off = crate::kvmap::direct_map_offset();
         assert!(off != 0, "kvmap::init has not run");
         let virt = (off + phys) as *mut u8;
@@ -146,7 +148,8 @@ impl Trampoline {
             (&mut *table(2))[0].set_addr(PhysAddr::new(phys + 3 * PAGE), rw);
             (&mut *table(3))[0].set_addr(PhysAddr::new(0), rw | PageTableFlags::HUGE_PAGE);
         }
-        let efer = Efer::read() & (EferFlags::NO_EXECUTE_ENABLE | EferFlags::SYSTEM_CALL_EXTENSIONS) | EferFlags::LONG_MODE_ENABLE;
+        let efer = Efer::read() & (EferFlags::NO_EXECUTE_ENABLE | EferFlags::SYSTEM_CALL_EXTENSIONS)
+            | EferFlags::LONG_MODE_ENABLE;
         let data = TrampolineData {
             claim: 1, // Nobody may start until start_ap opens it.
             temp_cr3: (phys + PAGE) as u32,
@@ -214,7 +217,9 @@ impl Trampoline {
         loop {
             match ap.state.load(Ordering::Acquire) {
                 s if s == State::Arrived as u32 => return Ok(()),
-                s if s == State::WrongCpu as u32 => return Err(StartError::WrongCpu(ap.seen_apic_id.load(Ordering::Relaxed))),
+                s if s == State::WrongCpu as u32 => {
+                    return Err(StartError::WrongCpu(ap.seen_apic_id.load(Ordering::Relaxed)));
+                }
                 _ => {}
             }
             if crate::time::rdtsc() > deadline {
@@ -223,7 +228,11 @@ impl Trampoline {
             core::hint::spin_loop();
         }
         // Give up, unless it arrives this very moment.
-        if ap.state.compare_exchange(State::Sent as u32, State::Abandoned as u32, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if ap
+            .state
+            .compare_exchange(State::Sent as u32, State::Abandoned as u32, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return match ap.state.load(Ordering::Acquire) {
                 s if s == State::Arrived as u32 => Ok(()),
                 _ => Err(StartError::WrongCpu(ap.seen_apic_id.load(Ordering::Relaxed))),
@@ -257,7 +266,11 @@ extern "C" fn ap_rust_entry(start: &'static ApStart) -> ! {
         park_quietly();
     }
     crate::percpu::init_this_cpu(start.cpu, start.apic_id);
-    if start.state.compare_exchange(State::Sent as u32, State::Arrived as u32, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if start
+        .state
+        .compare_exchange(State::Sent as u32, State::Arrived as u32, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         park_quietly(); // The boot CPU gave up on us and moved on.
     }
     // SAFETY: the boot CPU handed this block to this AP alone (ApStart) and

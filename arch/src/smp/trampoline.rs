@@ -204,11 +204,7 @@ pub(super) fn blob() -> Blob {
     let bytes = unsafe { core::slice::from_raw_parts(start as *const u8, end - start) };
     let data_offset = &raw const ap_trampoline_data as usize - start;
     assert_eq!(data_offset, DATA_OFFSET, "trampoline data block moved");
-    Blob {
-        bytes,
-        long_offset: &raw const ap_trampoline_long as usize - start,
-        data_offset,
-    }
+    Blob { bytes, long_offset: &raw const ap_trampoline_long as usize - start, data_offset }
 }
 
 /// Address of the 64-bit kernel-side entry.

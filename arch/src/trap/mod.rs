@@ -12,12 +12,11 @@ mod frame;
 
 use core::sync::atomic::Ordering;
 
+pub use frame::TrapFrame;
 use spin::Once;
+use x86_64::VirtAddr;
 use x86_64::registers::control::Cr2;
 use x86_64::structures::idt::{InterruptDescriptorTable, PageFaultErrorCode};
-use x86_64::VirtAddr;
-
-pub use frame::TrapFrame;
 
 use crate::gdt::IstSlot;
 
@@ -39,16 +38,38 @@ pub mod vector {
 
 /// Human-readable exception names, indexed by vector.
 const EXCEPTION_NAMES: [&str; 32] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
-    "#BR bound range", "#UD invalid opcode", "#NM device not available",
-    "#DF double fault", "coprocessor segment overrun", "#TS invalid TSS",
-    "#NP segment not present", "#SS stack fault", "#GP general protection",
-    "#PF page fault", "reserved (15)", "#MF x87 floating point",
-    "#AC alignment check", "#MC machine check", "#XM SIMD floating point",
-    "#VE virtualization", "#CP control protection", "reserved (22)",
-    "reserved (23)", "reserved (24)", "reserved (25)", "reserved (26)",
-    "reserved (27)", "#HV hypervisor injection", "#VC VMM communication",
-    "#SX security", "reserved (31)",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved (15)",
+    "#MF x87 floating point",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD floating point",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved (22)",
+    "reserved (23)",
+    "reserved (24)",
+    "reserved (25)",
+    "reserved (26)",
+    "reserved (27)",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved (31)",
 ];
 
 /// Name of an exception vector (or "IRQ" for the rest).
@@ -241,18 +262,15 @@ pub fn oops(frame: &TrapFrame, fault: Option<PageFault>, why: &str) -> ! {
     ));
     let describe = |addr: u64| HOOKS.get().and_then(|h| (h.describe_addr)(addr));
     if let Some(pf) = fault {
-        crate::serial::write_fmt_forced(format_args!(
-            "  CR2 {:#018x}  ({:?})\n",
-            pf.addr.as_u64(),
-            pf.code
-        ));
+        crate::serial::write_fmt_forced(format_args!("  CR2 {:#018x}  ({:?})\n", pf.addr.as_u64(), pf.code));
     } else if vector == vector::DOUBLE_FAULT {
         // A double fault is usually a fault that could not be delivered; CR2
         // still holds the address of the page fault that started it, if any.
         let cr2 = Cr2::read_raw();
         crate::serial::write_fmt_forced(format_args!("  CR2 {cr2:#018x}  (last page-fault address)\n"));
     }
-    let suspects = [fault.map(|pf| pf.addr.as_u64()), (vector == vector::DOUBLE_FAULT).then(Cr2::read_raw), Some(frame.rsp)];
+    let suspects =
+        [fault.map(|pf| pf.addr.as_u64()), (vector == vector::DOUBLE_FAULT).then(Cr2::read_raw), Some(frame.rsp)];
     if let Some(what) = suspects.into_iter().flatten().find_map(describe) {
         crate::serial::write_fmt_forced(format_args!("  {what}\n"));
     }

@@ -27,7 +27,6 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arch::percpu::NR_CPUS;
 use spin::Mutex;
-
 pub use task::{State, Task};
 pub use wait::WaitQueue;
 
@@ -94,8 +93,8 @@ pub fn init_cpu(name: &str) {
     with_local(|cs| {
         let cpu = arch::percpu::cpu_id();
         let boot = Task::adopt_current(name, cpu);
-        let idle = Task::new_kernel(alloc::format!("idle/{cpu}"), cpu, idle_loop, 0)
-            .expect("no memory for the idle task");
+        let idle =
+            Task::new_kernel(alloc::format!("idle/{cpu}"), cpu, idle_loop, 0).expect("no memory for the idle task");
         boot.set_state(State::Running);
         // SAFETY: owner CPU, interrupts off.
         unsafe {

@@ -3,7 +3,7 @@
 use alloc::string::String;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 
 use arch::context::Context;
 
@@ -42,9 +42,9 @@ impl State {
     }
 }
 
+use crate::kstack::KernelStack;
 /// Live kernel stacks (for leak tests).
 pub use crate::kstack::LIVE as LIVE_STACKS;
-use crate::kstack::KernelStack;
 
 /// A thread of execution.
 pub struct Task {
@@ -74,7 +74,13 @@ unsafe impl Sync for Task {}
 unsafe impl Send for Task {}
 
 impl Task {
-    fn alloc(name: String, cpu: usize, stack: Option<KernelStack>, context: Context, space: Option<Arc<AddressSpace>>) -> Arc<Self> {
+    fn alloc(
+        name: String,
+        cpu: usize,
+        stack: Option<KernelStack>,
+        context: Context,
+        space: Option<Arc<AddressSpace>>,
+    ) -> Arc<Self> {
         LIVE_TASKS.fetch_add(1, Ordering::Relaxed);
         Arc::new(Self {
             tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),

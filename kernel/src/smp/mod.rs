@@ -29,20 +29,19 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arch::acpi::MadtCpu;
-use arch::apic::{self, vectors, ApicMode};
-use arch::gdt::CpuTables;
-use arch::percpu::{self, NR_CPUS};
-use arch::smp::{ApStart, StartError, Trampoline, TRAMPOLINE_PAGES};
-use arch::trap::TrapFrame;
-use bootloader_api::info::MemoryRegions;
-use spin::Once;
-
+use arch::apic::{self, ApicMode, vectors};
 // AtomicCpuMask is for address spaces (the CPUs that may cache their TLB
 // entries); re-exported here with the rest of the SMP API.
 #[allow(unused_imports)]
 pub use arch::cpumask::{AtomicCpuMask, CpuMask};
+use arch::gdt::CpuTables;
 pub use arch::ipi::{on_cpus, on_each_cpu};
-pub use arch::tlb::{shootdown, PendingFlush, TlbRange};
+use arch::percpu::{self, NR_CPUS};
+use arch::smp::{ApStart, StartError, TRAMPOLINE_PAGES, Trampoline};
+pub use arch::tlb::{PendingFlush, TlbRange, shootdown};
+use arch::trap::TrapFrame;
+use bootloader_api::info::MemoryRegions;
+use spin::Once;
 
 /// Timer interrupts per second on every CPU.
 pub const TICK_HZ: u32 = 100;
@@ -151,7 +150,12 @@ pub fn init(rsdp: Option<u64>, regions: &MemoryRegions, phys_offset: u64) {
     if let Some(id) = crate::cmdline::read().value("smp_phantom").and_then(|v| v.parse::<u32>().ok()) {
         if aps.len() < NR_CPUS - 1 && id != bsp_apic && !enabled.iter().any(|c| c.apic_id == id) {
             log::info!("smp: adding phantom CPU with APIC ID {id} (smp_phantom): it must time out");
-            aps.push(MadtCpu { apic_id: id, acpi_uid: u32::MAX, flags: arch::acpi::LocalApicFlags::ENABLED, x2apic_entry: false });
+            aps.push(MadtCpu {
+                apic_id: id,
+                acpi_uid: u32::MAX,
+                flags: arch::acpi::LocalApicFlags::ENABLED,
+                x2apic_entry: false,
+            });
             phantoms = 1;
         }
     }
@@ -176,7 +180,10 @@ pub fn init(rsdp: Option<u64>, regions: &MemoryRegions, phys_offset: u64) {
                         Ok(()) => started.push((cpu, c.apic_id)),
                         Err(e) => {
                             failed += 1;
-                            log::error!("smp: CPU {cpu} (APIC ID {}) did not start: {e:?}; continuing without it", c.apic_id);
+                            log::error!(
+                                "smp: CPU {cpu} (APIC ID {}) did not start: {e:?}; continuing without it",
+                                c.apic_id
+                            );
                         }
                     }
                 }

@@ -9,8 +9,8 @@ use arch::kvmap::{Caching, KvPage};
 use arch::percpu::{self, NR_CPUS};
 use ktest::ktest;
 use spin::Mutex;
-use x86_64::structures::paging::PhysFrame;
 use x86_64::VirtAddr;
+use x86_64::structures::paging::PhysFrame;
 
 use super::*;
 
@@ -174,7 +174,7 @@ fn timer_ticks_on_every_cpu() {
 /// page by page.
 #[ktest]
 fn large_ranges_degrade_to_a_full_flush() {
-    use arch::tlb::{flush_local, stats, FULL_FLUSH_THRESHOLD};
+    use arch::tlb::{FULL_FLUSH_THRESHOLD, flush_local, stats};
     arch::irq::without_interrupts(|| {
         let me = percpu::cpu_id();
         let base = VirtAddr::new(arch::kvmap::WINDOW_BASE);
@@ -404,8 +404,10 @@ fn shootdown_stress_from_tasks_through_interrupts() {
     let mut shooters = Vec::new();
     let mut bystanders = Vec::new();
     for &cpu in &cpus {
-        let (name, entry): (&str, extern "C" fn(usize) -> !) = if cpu % 2 == 0 { ("tlb-shooter", shooter) } else { ("tlb-bystander", bystander) };
-        let task = crate::sched::Task::new_kernel(alloc::format!("{name}/{cpu}"), cpu, entry, per_shooter).expect("out of memory");
+        let (name, entry): (&str, extern "C" fn(usize) -> !) =
+            if cpu % 2 == 0 { ("tlb-shooter", shooter) } else { ("tlb-bystander", bystander) };
+        let task = crate::sched::Task::new_kernel(alloc::format!("{name}/{cpu}"), cpu, entry, per_shooter)
+            .expect("out of memory");
         let task: Arc<crate::sched::Task> = crate::sched::spawn(task);
         if cpu % 2 == 0 { shooters.push(task) } else { bystanders.push(task) }
     }

@@ -12,10 +12,10 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use abi::storm::{Params, Report, PARAMS_ADDR, REPORTS_OFFSET};
+use abi::storm::{PARAMS_ADDR, Params, REPORTS_OFFSET, Report};
 use mm::{MapFlags, Mapping, MmStats, Prot, VirtAddr};
 
-use crate::uspace::{spawn_user, AddressSpace};
+use crate::uspace::{AddressSpace, spawn_user};
 
 /// One storm to run.
 #[derive(Clone, Debug)]
@@ -84,7 +84,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
         .mmap(Some(VirtAddr::new(PARAMS_ADDR)), 4096, Prot::READ | Prot::WRITE, MapFlags::FIXED)
         .map_err(|_| StormError::NoMemory)?;
     // SAFETY: Params is repr(C) plain data; viewing it as bytes is sound.
-    let bytes = unsafe { core::slice::from_raw_parts(&p as *const Params as *const u8, core::mem::size_of::<Params>()) };
+    let bytes =
+        unsafe { core::slice::from_raw_parts(&p as *const Params as *const u8, core::mem::size_of::<Params>()) };
     if !space.write(PARAMS_ADDR, bytes) {
         return Err(StormError::NoMemory);
     }
@@ -104,7 +105,9 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
     for i in 0..n {
         let mut r = Report::default();
         // SAFETY: Report is repr(C) plain data.
-        let buf = unsafe { core::slice::from_raw_parts_mut(&mut r as *mut Report as *mut u8, core::mem::size_of::<Report>()) };
+        let buf = unsafe {
+            core::slice::from_raw_parts_mut(&mut r as *mut Report as *mut u8, core::mem::size_of::<Report>())
+        };
         let at = PARAMS_ADDR + REPORTS_OFFSET + (i * core::mem::size_of::<Report>()) as u64;
         if !space.read(at, buf) {
             return Err(StormError::NoMemory);

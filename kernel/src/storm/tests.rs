@@ -52,7 +52,11 @@ fn assert_distinct_frames(out: &Outcome, expected_pages: u64) {
 fn storm_disjoint_regions() {
     let cpus = online();
     let n = cpus.len();
-    let out = storm(Spec { params: params(storm::MODE_TOUCH, storm::PATTERN_BLOCKS, n as u64 * HUGE, n), premap: Some(MapFlags::empty()), cpus });
+    let out = storm(Spec {
+        params: params(storm::MODE_TOUCH, storm::PATTERN_BLOCKS, n as u64 * HUGE, n),
+        premap: Some(MapFlags::empty()),
+        cpus,
+    });
     let pages = n as u64 * HUGE / PAGE;
     assert_eq!(out.touched(), pages);
     assert!(out.stats.anon_faults >= pages, "one first-touch fault per page at least");
@@ -65,7 +69,11 @@ fn storm_disjoint_regions() {
 fn storm_same_pte_table() {
     let cpus = online();
     let n = cpus.len();
-    let out = storm(Spec { params: params(storm::MODE_TOUCH, storm::PATTERN_INTERLEAVED, HUGE, n), premap: Some(MapFlags::empty()), cpus });
+    let out = storm(Spec {
+        params: params(storm::MODE_TOUCH, storm::PATTERN_INTERLEAVED, HUGE, n),
+        premap: Some(MapFlags::empty()),
+        cpus,
+    });
     assert_eq!(out.touched(), HUGE / PAGE);
     assert_distinct_frames(&out, HUGE / PAGE);
 }
@@ -78,7 +86,11 @@ fn storm_same_page() {
     let n = cpus.len();
     let mut races = 0;
     for _ in 0..10 {
-        let out = storm(Spec { params: params(storm::MODE_TOUCH, storm::PATTERN_SAME, PAGE, n), premap: Some(MapFlags::empty()), cpus: cpus.clone() });
+        let out = storm(Spec {
+            params: params(storm::MODE_TOUCH, storm::PATTERN_SAME, PAGE, n),
+            premap: Some(MapFlags::empty()),
+            cpus: cpus.clone(),
+        });
         // One entry maps the page (a second frame would be a second entry
         // or a leak, which `storm` checks through the free-frame count).
         assert_distinct_frames(&out, 1);
@@ -122,8 +134,17 @@ fn storm_thp_races_4k_and_splits() {
     assert!(s.thp_faults + s.anon_faults > 0);
     // Every page some thread touched is mapped (by a 4 KiB or a 2 MiB entry).
     let mapped: u64 = out.mappings.iter().map(|m| m.size / PAGE).sum();
-    assert!(mapped >= out.reports[1..].iter().map(|r| r.touched).sum::<u64>() / p.rounds, "touched pages are not mapped");
-    log::info!("storm_thp_races_4k_and_splits: {} THP faults, {} 4K faults, {} splits, {} fallbacks", s.thp_faults, s.anon_faults, s.thp_splits, s.thp_fallbacks);
+    assert!(
+        mapped >= out.reports[1..].iter().map(|r| r.touched).sum::<u64>() / p.rounds,
+        "touched pages are not mapped"
+    );
+    log::info!(
+        "storm_thp_races_4k_and_splits: {} THP faults, {} 4K faults, {} splits, {} fallbacks",
+        s.thp_faults,
+        s.anon_faults,
+        s.thp_splits,
+        s.thp_fallbacks
+    );
 }
 
 /// (f) A COW storm: every CPU reads a region (shared zero page), then every
@@ -132,7 +153,11 @@ fn storm_thp_races_4k_and_splits() {
 fn storm_cow_on_zero_page() {
     let cpus = online();
     let n = cpus.len();
-    let out = storm(Spec { params: params(storm::MODE_COW, storm::PATTERN_SAME, 64 * PAGE, n), premap: Some(MapFlags::empty()), cpus });
+    let out = storm(Spec {
+        params: params(storm::MODE_COW, storm::PATTERN_SAME, 64 * PAGE, n),
+        premap: Some(MapFlags::empty()),
+        cpus,
+    });
     assert!(out.stats.zero_page_faults >= 1, "reads must map the zero page");
     assert_eq!(out.stats.cow_faults, 64, "each page copied exactly once");
     assert_distinct_frames(&out, 64);

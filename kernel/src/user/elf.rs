@@ -60,7 +60,9 @@ impl<'a> Elf<'a> {
     /// Checks the header of `data`.
     pub fn parse(data: &'a [u8]) -> Result<Self, ElfError> {
         let ident_ok = data.get(0..7) == Some(&[0x7f, b'E', b'L', b'F', 2, 1, 1][..]);
-        if !ident_ok || u16_at(data, 16)? != 2 /* ET_EXEC */ || u16_at(data, 18)? != 62 /* x86_64 */ {
+        if !ident_ok || u16_at(data, 16)? != 2 /* ET_EXEC */ || u16_at(data, 18)? != 62
+        /* x86_64 */
+        {
             return Err(ElfError::NotX86_64Executable);
         }
         let elf = Self {
@@ -136,7 +138,8 @@ mod tests {
         let elf = Elf::parse(super::super::IMAGE).expect("user image rejected");
         let segs: alloc::vec::Vec<_> = elf.segments().expect("bad segments").collect();
         assert!(!segs.is_empty());
-        let text = segs.iter().find(|s| (s.vaddr..s.vaddr + s.mem_size).contains(&elf.entry)).expect("entry outside segments");
+        let text =
+            segs.iter().find(|s| (s.vaddr..s.vaddr + s.mem_size).contains(&elf.entry)).expect("entry outside segments");
         assert!(text.exec && text.read && !text.write);
         assert!(segs.iter().all(|s| !(s.write && s.exec)), "W^X violated");
         assert_eq!(segs[0].vaddr, abi::USER_IMAGE_BASE);

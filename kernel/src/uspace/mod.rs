@@ -14,7 +14,7 @@ mod thread;
 #[cfg(target_os = "none")]
 mod tests;
 
-pub use fault::{page_fault, user_exception, KILLED};
+pub use fault::{KILLED, page_fault, user_exception};
 pub use space::AddressSpace;
 pub use thread::{new_user_thread, spawn_user};
 

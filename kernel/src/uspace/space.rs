@@ -81,9 +81,7 @@ impl AddressSpace {
                 .map_err(|_| SpaceError::NoMemory)?;
             let mut bytes = alloc::vec::Vec::from(elf.bytes(&seg));
             if !bytes.is_empty() {
-                self.mm
-                    .access_remote(VirtAddr::new(seg.vaddr), &mut bytes, true)
-                    .map_err(|_| SpaceError::NoMemory)?;
+                self.mm.access_remote(VirtAddr::new(seg.vaddr), &mut bytes, true).map_err(|_| SpaceError::NoMemory)?;
             }
         }
         self.entry.store(elf.entry, Ordering::Relaxed);
@@ -152,8 +150,7 @@ impl AddressSpace {
                 return;
             }
         }
-        self.barrier_wq
-            .wait_until(|| self.barriers.lock().get(&id).is_some_and(|b| b.generation != my_generation));
+        self.barrier_wq.wait_until(|| self.barriers.lock().get(&id).is_some_and(|b| b.generation != my_generation));
     }
 }
 

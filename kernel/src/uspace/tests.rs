@@ -104,12 +104,22 @@ fn thread_and_space_churn_leaks_nothing() {
     };
     round(0);
     settle();
-    let before = (mm::nr_free_pages(), LIVE_TASKS.load(Ordering::SeqCst), LIVE_STACKS.load(Ordering::SeqCst), LIVE_SPACES.load(Ordering::SeqCst));
+    let before = (
+        mm::nr_free_pages(),
+        LIVE_TASKS.load(Ordering::SeqCst),
+        LIVE_STACKS.load(Ordering::SeqCst),
+        LIVE_SPACES.load(Ordering::SeqCst),
+    );
     for i in 1..500 {
         round(i);
     }
     settle();
-    let after = (mm::nr_free_pages(), LIVE_TASKS.load(Ordering::SeqCst), LIVE_STACKS.load(Ordering::SeqCst), LIVE_SPACES.load(Ordering::SeqCst));
+    let after = (
+        mm::nr_free_pages(),
+        LIVE_TASKS.load(Ordering::SeqCst),
+        LIVE_STACKS.load(Ordering::SeqCst),
+        LIVE_SPACES.load(Ordering::SeqCst),
+    );
     assert_eq!(after, before, "(free frames, tasks, kernel stacks, address spaces) changed");
 }
 

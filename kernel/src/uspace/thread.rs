@@ -15,14 +15,24 @@ struct UserStart {
 
 /// Starts a ring-3 thread of `space` on `cpu`, running user program `program`
 /// with two arguments (see `abi::program`).
-pub fn spawn_user(space: &Arc<AddressSpace>, cpu: usize, program: usize, args: [u64; 2]) -> Result<Arc<Task>, SpaceError> {
+pub fn spawn_user(
+    space: &Arc<AddressSpace>,
+    cpu: usize,
+    program: usize,
+    args: [u64; 2],
+) -> Result<Arc<Task>, SpaceError> {
     Ok(sched::spawn(new_user_thread(space, cpu, program, args)?))
 }
 
 /// Creates the thread [`spawn_user`] would start, without starting it (a
 /// test can then take memory away before it runs). Start it with
 /// `sched::spawn`.
-pub fn new_user_thread(space: &Arc<AddressSpace>, cpu: usize, program: usize, args: [u64; 2]) -> Result<Arc<Task>, SpaceError> {
+pub fn new_user_thread(
+    space: &Arc<AddressSpace>,
+    cpu: usize,
+    program: usize,
+    args: [u64; 2],
+) -> Result<Arc<Task>, SpaceError> {
     let stack_top = space.map_stack()?;
     let start = Box::new(UserStart { entry: space.entry(), stack_top, args: [program as u64, args[0], args[1]] });
     let name = alloc::format!("{}/{cpu}", abi::program::name(program));

@@ -10,9 +10,10 @@
 //! A [`Buddy`] lives inside the zone lock; `&mut Buddy` is the proof that the
 //! lock is held, which is what makes touching free frames' descriptors sound.
 
+use core::sync::atomic::Ordering::Relaxed;
+
 use crate::addr::Pfn;
 use crate::memmap::{Links, MemMap, PG_BUDDY, Page};
-use core::sync::atomic::Ordering::Relaxed;
 
 /// Largest order: 2^10 frames = 4 MiB blocks (order 9 is a 2 MiB huge page).
 pub const MAX_ORDER: usize = 10;

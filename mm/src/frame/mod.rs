@@ -24,19 +24,20 @@
 mod buddy;
 mod pcp;
 
+use core::fmt;
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
+
+use buddy::Buddy;
 pub use buddy::{MAX_ORDER, NR_ORDERS};
+use pcp::PcpList;
 pub use pcp::{BATCH as PCP_BATCH, HIGH as PCP_HIGH};
 
-use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
-use crate::addr::{PAGE_SIZE, PhysAddr, Pfn};
+use crate::addr::{PAGE_SIZE, Pfn, PhysAddr};
 use crate::config::NR_CPUS;
 use crate::lock::{LockClass, LockLevel, SpinLock};
 use crate::memmap::{MemMap, PG_PTL, Page, PageKind};
 use crate::physmem::PhysMem;
-use buddy::Buddy;
-use pcp::PcpList;
 
 /// Marks a frame that is about to be freed as free in its descriptor,
 /// checking that it was allocated and is not a live page table.
@@ -44,7 +45,10 @@ fn release(map: &MemMap, pfn: Pfn) {
     let p: &Page = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
     let kind = p.kind();
     assert!(kind != PageKind::Free, "double free of frame {pfn:?}");
-    debug_assert!(kind != PageKind::PageTable && !p.has_flag(PG_PTL), "page table {pfn:?} freed without pagetable_dtor");
+    debug_assert!(
+        kind != PageKind::PageTable && !p.has_flag(PG_PTL),
+        "page table {pfn:?} freed without pagetable_dtor"
+    );
     p.set_kind(PageKind::Free);
     p.refcount.store(0, Relaxed);
 }

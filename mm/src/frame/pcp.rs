@@ -10,9 +10,11 @@
 //! uncontended; on the host, threads may share a CPU number and the lock keeps
 //! that correct). Order: per-CPU list lock, then zone lock.
 
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
+
 use crate::addr::Pfn;
 use crate::memmap::{Links, MemMap, PG_PCP, Page};
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Frames moved between a list and the zone at a time (Linux's default
 /// `pcp->batch`).

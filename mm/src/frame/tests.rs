@@ -6,9 +6,10 @@ extern crate std;
 use std::collections::BTreeSet;
 use std::vec::Vec;
 
+use proptest::prelude::*;
+
 use super::*;
 use crate::testing::TestMachine;
-use proptest::prelude::*;
 
 /// RAM with an untouched, 4 MiB-aligned order-10 block at 4 MiB (boot
 /// allocations are top-down, so they land in the upper range).

@@ -11,7 +11,8 @@
 //! Only the owning CPU touches its [`LockdepCpu`], so relaxed atomics suffice:
 //! they are used for interior mutability without `unsafe`, not for ordering.
 
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicU8, AtomicUsize};
 
 use super::LockLevel;
 

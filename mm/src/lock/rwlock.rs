@@ -352,10 +352,12 @@ impl<T> Drop for RwWriteGuard<'_, T> {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::vec::Vec;
+
+    use super::*;
 
     #[test]
     fn readers_share_writers_exclude() {
@@ -514,9 +516,10 @@ mod tests {
 mod loom_model {
     extern crate std;
 
-    use super::*;
     use loom::cell::UnsafeCell as LoomCell;
     use loom::sync::Arc;
+
+    use super::*;
 
     #[test]
     fn loom_rwlock_reader_and_downgrading_writer_exclude() {

@@ -24,7 +24,6 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-
 #[cfg(feature = "debug-ptlock")]
 use core::{panic::Location, sync::atomic::AtomicPtr};
 
@@ -202,10 +201,7 @@ impl RawSpinLock {
 
 impl fmt::Debug for RawSpinLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawSpinLock")
-            .field("class", &self.class().name())
-            .field("locked", &self.is_locked())
-            .finish()
+        f.debug_struct("RawSpinLock").field("class", &self.class().name()).field("locked", &self.is_locked()).finish()
     }
 }
 
@@ -315,8 +311,9 @@ impl<T> DerefMut for SpinLockGuard<'_, T> {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use super::*;
     use std::sync::Arc;
+
+    use super::*;
 
     #[test]
     fn tickets_wrap_at_16_bits() {

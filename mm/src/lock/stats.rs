@@ -7,7 +7,8 @@
 //! per acquisition. A read sums the shards; it is exact once the counted work
 //! has finished.
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::Relaxed;
 
 use super::LockClass;
 use crate::config::NR_CPUS;

@@ -5,7 +5,7 @@
 
 use core::fmt;
 
-use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, PhysAddr, Pfn};
+use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr};
 
 bitflags::bitflags! {
     /// The flag bits of an x86_64 page-table entry.

@@ -13,7 +13,7 @@
 
 use core::sync::atomic::Ordering;
 
-use crate::addr::{PAGE_SIZE, PhysAddr, Pfn};
+use crate::addr::{PAGE_SIZE, Pfn, PhysAddr};
 use crate::physmem::PhysMem;
 use crate::sync::AtomicU64;
 
@@ -114,10 +114,11 @@ pub(crate) use loom_words::LoomWords;
 #[cfg(loom)]
 mod loom_words {
     extern crate std;
-    use super::*;
     use std::boxed::Box;
     use std::collections::BTreeMap;
     use std::sync::Mutex;
+
+    use super::*;
 
     /// Frame words as loom atomics, created on first touch (value 0). Boxes
     /// are never removed before the map drops, so references stay valid.
