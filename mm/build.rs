@@ -3,8 +3,9 @@
 //! Linux decides `USE_SPLIT_PTE_PTLOCKS` from `CONFIG_SPLIT_PTLOCK_CPUS` and
 //! `CONFIG_NR_CPUS` at build time; we read the same two numbers from the
 //! environment (`cargo xtask ... --split-ptlock-cpus N` sets
-//! `SPLIT_PTLOCK_CPUS`) and write them as constants into `$OUT_DIR/config.rs`,
-//! which `src/config.rs` includes.
+//! `SPLIT_PTLOCK_CPUS`) and write it as a constant into `$OUT_DIR/config.rs`,
+//! which `src/config.rs` includes. `NR_CPUS` is not read here: every crate
+//! takes it from `abi::NR_CPUS`, its one source.
 
 use std::path::PathBuf;
 use std::{env, fs};
@@ -20,16 +21,12 @@ fn read(name: &str, default: usize) -> usize {
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let split = read("SPLIT_PTLOCK_CPUS", 4);
-    let nr_cpus = read("NR_CPUS", 64);
-    assert!(nr_cpus >= 1, "NR_CPUS must be at least 1");
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     fs::write(
         out.join("config.rs"),
         format!(
             "/// `CONFIG_SPLIT_PTLOCK_CPUS` (env `SPLIT_PTLOCK_CPUS`, default 4).\n\
-             pub const SPLIT_PTLOCK_CPUS: usize = {split};\n\
-             /// `CONFIG_NR_CPUS` (env `NR_CPUS`, default 64).\n\
-             pub const NR_CPUS: usize = {nr_cpus};\n"
+             pub const SPLIT_PTLOCK_CPUS: usize = {split};\n"
         ),
     )
     .expect("write config.rs");

@@ -62,6 +62,35 @@ pub mod map {
     pub const POPULATE: usize = 1 << 4;
 }
 
+/// Compile-time maximum number of CPUs (Linux `CONFIG_NR_CPUS`): 64 unless
+/// the build sets the `NR_CPUS` environment variable (1..=256). The one
+/// source for every crate that sizes per-CPU arrays by it (`arch::percpu`,
+/// `mm::config`): they re-export it, and the kernel asserts they agree.
+pub const NR_CPUS: usize = parse_nr_cpus(option_env!("NR_CPUS"), 64);
+
+const fn parse_nr_cpus(value: Option<&str>, default: usize) -> usize {
+    let Some(s) = value else { return default };
+    let bytes = s.as_bytes();
+    assert!(!bytes.is_empty(), "NR_CPUS is empty");
+    let mut i = 0;
+    let mut n = 0usize;
+    while i < bytes.len() {
+        assert!(bytes[i].is_ascii_digit(), "NR_CPUS must be a decimal number");
+        assert!(n <= 1000, "NR_CPUS must be in 1..=256");
+        n = n * 10 + (bytes[i] - b'0') as usize;
+        i += 1;
+    }
+    assert!(n >= 1 && n <= 256, "NR_CPUS must be in 1..=256");
+    n
+}
+
+/// Exclusive end of user mappings (Linux `TASK_SIZE_MAX` on x86_64 with
+/// 4-level paging): the user half is PML4 slots 0..256, minus its last page,
+/// which stays unmapped so that no user object ends at the canonical hole
+/// (a speculative access past it would be non-canonical). Every check of a
+/// user address (system-call pointers, page faults, mmap placement) uses it.
+pub const TASK_SIZE_MAX: u64 = (1 << 47) - 4096;
+
 /// Longest string `log` accepts.
 pub const LOG_MAX: usize = 4096;
 

@@ -8,27 +8,11 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+/// Compile-time maximum number of CPUs (`abi::NR_CPUS`, the one source of
+/// it). CPUs beyond it stay offline.
+pub use abi::NR_CPUS;
 use x86_64::VirtAddr;
 use x86_64::registers::model_specific::{GsBase, KernelGsBase};
-
-/// Compile-time maximum number of CPUs (`NR_CPUS`, 64 unless the build sets
-/// the `NR_CPUS` environment variable). CPUs beyond it stay offline.
-pub const NR_CPUS: usize = parse_usize(option_env!("NR_CPUS"), 64);
-
-const fn parse_usize(value: Option<&str>, default: usize) -> usize {
-    let Some(s) = value else { return default };
-    let bytes = s.as_bytes();
-    assert!(!bytes.is_empty(), "NR_CPUS is empty");
-    let mut i = 0;
-    let mut n = 0usize;
-    while i < bytes.len() {
-        assert!(bytes[i].is_ascii_digit(), "NR_CPUS must be a decimal number");
-        n = n * 10 + (bytes[i] - b'0') as usize;
-        i += 1;
-    }
-    assert!(n >= 1 && n <= 256, "NR_CPUS must be in 1..=256");
-    n
-}
 
 /// The per-CPU block. Field offsets are part of the entry-code ABI: the
 /// assembly in `trap/entry.rs` and `syscall.rs` reads them through `gs:`.

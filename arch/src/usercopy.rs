@@ -7,8 +7,7 @@
 //! instead of an oops. A fault it *can* resolve (a page not touched yet) is
 //! handled by the page-fault path and the copy continues.
 
-/// End of the user half (exclusive): PML4 slots 0..256.
-pub const USER_END: u64 = 0x0000_8000_0000_0000;
+pub use abi::TASK_SIZE_MAX;
 
 /// A user access touched memory the task may not access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +44,7 @@ unsafe extern "C" {
 
 /// Whether `[addr, addr + len)` lies entirely in the user half.
 pub fn is_user_range(addr: u64, len: usize) -> bool {
-    addr.checked_add(len as u64).is_some_and(|end| end <= USER_END)
+    addr.checked_add(len as u64).is_some_and(|end| end <= TASK_SIZE_MAX)
 }
 
 /// Copies `dst.len()` bytes from user address `src`.

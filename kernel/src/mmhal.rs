@@ -38,7 +38,7 @@ impl mm::hal::Hal for KernelHal {
     /// were freed the whole TLB goes: a full flush also drops the
     /// paging-structure caches for every address, on every vendor, whereas
     /// `invlpg` only guarantees that for the address it names on AMD.
-    fn flush_tlb(&self, cpus: &mm::CpuBitmap, range: mm::TlbRange) {
+    fn flush_tlb(&self, cpus: &mm::CpuBitmap, range: mm::FlushRange) {
         if cpus.is_empty() {
             return;
         }
@@ -68,6 +68,10 @@ impl mm::hal::Hal for KernelHal {
 }
 
 static HAL: KernelHal = KernelHal;
+
+// Per-CPU shards on both sides of the HAL index by the CPU number: the two
+// crates must agree on how many there are (both take `abi::NR_CPUS`).
+const _: () = assert!(arch::percpu::NR_CPUS == mm::config::NR_CPUS, "arch and mm disagree on NR_CPUS");
 
 /// Registers the HAL. Call on the boot CPU before `mm::init`.
 pub fn install() {

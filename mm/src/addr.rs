@@ -26,8 +26,12 @@ pub const PGDIR_SIZE: u64 = 1 << PGDIR_SHIFT;
 pub const PTRS_PER_TABLE: usize = 512;
 /// The first PGD slot of the kernel half (canonical upper half).
 pub const KERNEL_PGD_BOUNDARY: usize = 256;
-/// Exclusive end of the user half of the address space.
-pub const TASK_SIZE: u64 = (KERNEL_PGD_BOUNDARY as u64) << PGDIR_SHIFT;
+/// Exclusive end of user mappings (Linux `TASK_SIZE_MAX`; defined by the ABI).
+pub use abi::TASK_SIZE_MAX;
+/// Exclusive end of the span user page tables may cover (Linux
+/// `USER_PGTABLES_CEILING`): the end of PGD slot 255. Only table freeing
+/// uses it; user addresses are checked against [`TASK_SIZE_MAX`].
+pub const USER_PGTABLES_CEILING: u64 = (KERNEL_PGD_BOUNDARY as u64) << PGDIR_SHIFT;
 
 /// Bits 12..52 of an entry hold the physical address.
 pub const PHYS_ADDR_BITS: u32 = 52;
@@ -107,9 +111,9 @@ impl VirtAddr {
     pub const fn pte_index(self) -> usize {
         ((self.0 >> PAGE_SHIFT) as usize) & (PTRS_PER_TABLE - 1)
     }
-    /// Whether the address belongs to the user half (PGD slots 0..256).
+    /// Whether the address may be mapped by a user VMA (below [`TASK_SIZE_MAX`]).
     pub const fn is_user(self) -> bool {
-        self.0 < TASK_SIZE
+        self.0 < TASK_SIZE_MAX
     }
     /// This address plus `bytes`.
     pub const fn add(self, bytes: u64) -> Self {
@@ -193,6 +197,7 @@ mod tests {
         assert_eq!((va.pgd_index(), va.pud_index(), va.pmd_index(), va.pte_index()), (3, 5, 7, 9));
         assert!(va.is_user());
         assert!(!VirtAddr::new(0xffff_8000_0000_0000).is_user());
+        assert!(VirtAddr::new(TASK_SIZE_MAX - 1).is_user() && !VirtAddr::new(TASK_SIZE_MAX).is_user());
     }
 
     #[test]

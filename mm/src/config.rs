@@ -7,13 +7,17 @@
 //!   supports them (`ARCH_ENABLE_SPLIT_PMD_PTLOCK`; x86_64 with four levels does);
 //! * when a split lock is off, every helper hands out `mm.page_table_lock`.
 //!
-//! Both numbers come from the environment at build time (see `build.rs`), so
+//! Both numbers come from the environment at build time (`SPLIT_PTLOCK_CPUS`
+//! through `build.rs`, `NR_CPUS` through `abi::NR_CPUS`), so
 //! `SPLIT_PTLOCK_CPUS=1000000 cargo build` gives the single-lock kernel for
 //! comparison without editing code.
 
 use core::fmt;
 
 include!(concat!(env!("OUT_DIR"), "/config.rs"));
+
+/// `CONFIG_NR_CPUS`: from `abi::NR_CPUS`, the one source every crate uses.
+pub use abi::NR_CPUS;
 
 /// x86_64 with 4-level paging has more than two levels, so a PMD split lock makes
 /// sense (the document: "PMD split lock only makes sense if you have more than two

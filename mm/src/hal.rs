@@ -21,7 +21,7 @@
 //! access goes through it and an indirect call per entry would be wasteful.
 
 use crate::lock::lockdep::LockdepCpu;
-use crate::tlb::{CpuBitmap, TlbRange};
+use crate::tlb::{CpuBitmap, FlushRange};
 
 /// The hardware services `mm` needs. Implementations must be cheap: `cpu_id` and
 /// `cycles` are called on lock paths.
@@ -74,7 +74,7 @@ pub trait Hal: Sync {
     /// splitting a huge PMD). With `range.freed_tables` the CPUs must also
     /// drop cached paging-structure entries for the range. An empty set is
     /// allowed and means nothing to do.
-    fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange);
+    fn flush_tlb(&self, cpus: &CpuBitmap, range: FlushRange);
 
     /// The executing CPU's lock-order state, for debug builds' checker. Return
     /// `None` to switch the checker off (it then only checks that a lock is held,
@@ -97,7 +97,7 @@ impl Hal for BootHal {
     fn synchronize_rcu(&self) {
         // Its read-side hooks are no-ops: there is never a reader to wait for.
     }
-    fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange) {
+    fn flush_tlb(&self, cpus: &CpuBitmap, range: FlushRange) {
         // Before the kernel's HAL is registered no CPU has loaded a user
         // address space, so no CPU can be in any address space's bitmap.
         assert!(cpus.is_empty(), "TLB shoot-down {range:?} on {cpus:?} before the HAL is registered");
@@ -156,7 +156,7 @@ mod tests {
         assert_eq!(BootHal.cycles(), 0);
         assert!(BootHal.lockdep().is_none());
         BootHal.synchronize_rcu();
-        BootHal.flush_tlb(&CpuBitmap::new(), TlbRange::ALL);
+        BootHal.flush_tlb(&CpuBitmap::new(), FlushRange::ALL);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::mm_struct::Mm;
 use crate::pgtable::entry::{Pmd, Pte, PteFlags};
 use crate::pgtable::walk::{PmdRef, pmd_populate, set_pmd};
 use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_pte_ctor};
-use crate::tlb::{MmuGather, TlbRange, flush_tlb_range};
+use crate::tlb::{FlushRange, MmuGather, flush_tlb_range};
 use crate::vma::Vma;
 use crate::{PtlGuard, pmd_lock, pmd_lockptr};
 
@@ -165,7 +165,7 @@ pub(crate) fn __split_huge_pmd(mm: &Mm<'_>, pmd: PmdRef<'_>, haddr: VirtAddr) {
     // for the same addresses can be loaded (x86 forbids mixing them for one
     // address), so clear and shoot down before publishing the table.
     set_pmd(mm, pmd, Pmd::NONE, &pl);
-    flush_tlb_range(mm, TlbRange::new(haddr, haddr.add(PMD_SIZE)));
+    flush_tlb_range(mm, FlushRange::new(haddr, haddr.add(PMD_SIZE)));
     pmd_populate(mm, pmd, pgtable, &pl);
     drop(pl);
     mm.counters.inc(Counter::ThpSplits);

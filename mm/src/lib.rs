@@ -28,7 +28,7 @@
 //! | [`huge_memory`] | THP: `do_huge_pmd_anonymous_page`, deposit/withdraw, `__split_huge_pmd`, `zap_huge_pmd` |
 //! | [`hugetlb`] | `hugetlb_fault` for 2 MiB (buddy) and 1 GiB (gigantic pool) pages |
 //! | [`gigantic`] | the pool of 1 GiB frames reserved at boot |
-//! | [`tlb`] | `CpuBitmap`, `TlbRange`, `MmuGather` (flush, then free; grace period for tables) |
+//! | [`tlb`] | `CpuBitmap`, `FlushRange`, `MmuGather` (flush, then free; grace period for tables) |
 //! | [`counters`] | per-`Mm` RSS and fault counters (`MmStats`) |
 //! | `percpu` | `this_cpu_add`: the unlocked update of a CPU's own counter shard |
 //! | [`config`] | split-lock configuration from the build, `describe_config` |
@@ -62,8 +62,7 @@
 //!   [`Mm::munmap`]`(addr, len)`, [`Mm::mprotect`]`(addr, len, Prot)`,
 //!   [`Mm::populate`], [`Mm::vmas`], [`Mm::mappings`], [`Mm::follow_pte_lockless`]
 //! * faults: [`handle_mm_fault`]`(mm, addr, Access) -> Result<FaultResult, FaultError>`
-//!   (takes `mmap_lock` shared itself; errors `MapErr`, `AccErr`, `Oom`),
-//!   [`Access::from_x86_error_code`]
+//!   (takes `mmap_lock` shared itself; errors `MapErr`, `AccErr`, `Oom`)
 //! * kernel access to user memory: [`Mm::access_remote`]`(addr, &mut [u8], write)`
 //! * shoot-down: [`Mm::cpu_bitmap`] (set a CPU's bit when loading the CR3),
 //!   [`hal::Hal::flush_tlb`], [`hal::Hal::synchronize_rcu`], [`MmuGather`]
@@ -122,7 +121,7 @@ mod fault_tests;
 #[cfg(all(test, not(loom)))]
 mod huge_tests;
 
-pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, VirtAddr};
+pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};
 pub use counters::MmStats;
@@ -146,8 +145,8 @@ pub use ptdesc::{
     pagetable_pte_ctor, virt_to_ptdesc,
 };
 pub use ptlock::{ALLOC_SPLIT_PTLOCKS, AllocError, FaultInject, PtLock};
-pub use tlb::{CpuBitmap, MmuGather, TlbRange};
-pub use vma::{MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, VmFlags, Vma, VmaSet};
+pub use tlb::{CpuBitmap, FlushRange, MmuGather};
+pub use vma::{MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, VmFlags, Vma, VmaSet};
 
 #[cfg(not(loom))]
 static PHYS: spin::Once<PhysMem> = spin::Once::new();

@@ -42,7 +42,9 @@
 use core::fmt;
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::{PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE, VirtAddr};
+use crate::addr::{
+    PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, Pfn, PhysAddr, USER_PGTABLES_CEILING, VirtAddr,
+};
 use crate::counters::Counter;
 use crate::gigantic::GIGANTIC_ORDER;
 use crate::huge_memory::{__split_huge_pmd, ThpOutcome, change_huge_pmd, do_huge_pmd_anonymous_page, zap_huge_pmd};
@@ -55,8 +57,8 @@ use crate::pgtable::walk::{
     pud_offset, set_pmd, set_pud,
 };
 use crate::ptdesc::{PtLevel, page_ptdesc};
-use crate::tlb::{MmuGather, TlbRange, flush_tlb_range};
-use crate::vma::{USER_END, VmFlags, Vma};
+use crate::tlb::{FlushRange, MmuGather, flush_tlb_range};
+use crate::vma::{VmFlags, Vma};
 use crate::{HugePte, pmd_lock, pte_lockptr, pte_offset_map_lock};
 
 /// A fault restarts its walk at most this many times before handing the
@@ -81,11 +83,6 @@ impl Access {
     pub const WRITE: Access = Access { write: true, exec: false, user: true };
     /// A user-mode instruction fetch.
     pub const EXEC: Access = Access { write: false, exec: true, user: true };
-
-    /// Decodes an x86 page-fault error code.
-    pub fn from_x86_error_code(code: u64) -> Access {
-        Access { write: code & 2 != 0, exec: code & 16 != 0, user: code & 4 != 0 }
-    }
 
     /// The same access from kernel mode.
     pub const fn kernel(self) -> Access {
@@ -181,7 +178,7 @@ pub(crate) fn mk_pte(mm: &Mm<'_>, pfn: Pfn, flags: VmFlags) -> Pte {
 /// in `mm` on the executing CPU. Takes `mmap_lock` shared, never exclusive,
 /// so faults on all CPUs proceed in parallel, serialised only per page table.
 pub fn handle_mm_fault(mm: &Mm<'_>, addr: VirtAddr, access: Access) -> Result<FaultResult, FaultError> {
-    if !addr.is_user() || addr.as_u64() >= USER_END {
+    if !addr.is_user() {
         return Err(FaultError::MapErr);
     }
     let vmas = mm.mmap_lock.read();
@@ -398,13 +395,12 @@ fn do_wp_page(
     }
     // ptep_clear_flush, then set_pte_at.
     pte.ptep_get_and_clear(addr);
-    flush_tlb_range(mm, TlbRange::page(addr));
+    flush_tlb_range(mm, FlushRange::page(addr));
     pte.set_pte(entry);
     let _ = frame.into_raw();
     drop(pte);
     mm.counters.inc(Counter::Rss);
     mm.counters.inc(Counter::CowFaults);
-    let _ = force;
     Ok(Some(FaultResult::Cow))
 }
 
@@ -521,7 +517,7 @@ fn zap_pte_range(tlb: &mut MmuGather<'_, '_>, pmd: PmdRef<'_>, start: u64, end: 
 /// they are freed by the gather after the shoot-down and a grace period.
 pub(crate) fn free_pgtables(tlb: &mut MmuGather<'_, '_>, floor: u64, ceiling: u64, start: u64, end: u64) {
     let mm = tlb.mm();
-    let end = end.min(TASK_SIZE);
+    let end = end.min(USER_PGTABLES_CEILING);
     let inside = |s: u64, size: u64| floor <= s && s.checked_add(size).is_some_and(|e| e <= ceiling);
     let mut a = start;
     while a < end {

@@ -22,7 +22,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, PhysAddr, TASK_SIZE, VirtAddr};
+use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 use crate::helpers::RcuReadGuard;
 use crate::huge_memory::split_huge_pmd_address;
 use crate::memmap::PageKind;
@@ -31,7 +31,7 @@ use crate::mm_struct::Mm;
 use crate::pgtable::entry::{Pmd, Pte, PteFlags, Pud};
 use crate::pgtable::walk::{p4d_offset, pgd_offset, pmd_offset, pud_offset};
 use crate::tlb::MmuGather;
-use crate::vma::{MAX_MAP_COUNT, MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, USER_END, VmFlags, Vma, VmaSet};
+use crate::vma::{MAX_MAP_COUNT, MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, VmFlags, Vma, VmaSet};
 use crate::{HugePte, huge_pte_lock, pmd_lock, pte_offset_map, pte_offset_map_lock};
 
 /// Why `mmap`, `munmap` or `mprotect` failed.
@@ -77,7 +77,7 @@ fn user_range(addr: VirtAddr, len: u64) -> Result<(u64, u64), MmapError> {
     }
     let len = len.checked_add(PAGE_SIZE - 1).ok_or(MmapError::Invalid)? & !(PAGE_SIZE - 1);
     let end = start.checked_add(len).ok_or(MmapError::Invalid)?;
-    if end > TASK_SIZE {
+    if end > TASK_SIZE_MAX {
         return Err(MmapError::Invalid);
     }
     Ok((start, end))
@@ -131,7 +131,7 @@ impl<'p> Mm<'p> {
             return Err(MmapError::Invalid);
         }
         let len = len.checked_add(size - 1).ok_or(MmapError::NoMemory)? & !(size - 1);
-        if len > USER_END - MMAP_MIN_ADDR {
+        if len > TASK_SIZE_MAX - MMAP_MIN_ADDR {
             return Err(MmapError::NoMemory);
         }
         if size == PUD_SIZE && (self.phys().gigantic_pool().nr_free() as u64) < len / PUD_SIZE {
@@ -146,7 +146,7 @@ impl<'p> Mm<'p> {
         }
         let start = if flags.contains(MapFlags::FIXED) {
             let a = addr.ok_or(MmapError::Invalid)?.as_u64();
-            if a % size != 0 || a < MMAP_MIN_ADDR || a.checked_add(len).is_none_or(|e| e > USER_END) {
+            if a % size != 0 || a < MMAP_MIN_ADDR || a.checked_add(len).is_none_or(|e| e > TASK_SIZE_MAX) {
                 return Err(MmapError::Invalid);
             }
             do_munmap(&mut vmas, &mut tlb, a, a + len)?;
@@ -162,7 +162,7 @@ impl<'p> Mm<'p> {
             let hint = addr.map(|a| a.as_u64()).filter(|&a| {
                 a % align == 0
                     && a >= MMAP_MIN_ADDR
-                    && a.checked_add(len).is_some_and(|e| e <= USER_END && !vmas.intersects(a, e))
+                    && a.checked_add(len).is_some_and(|e| e <= TASK_SIZE_MAX && !vmas.intersects(a, e))
             });
             match hint {
                 Some(a) => a,

@@ -26,7 +26,7 @@ use crate::lock::lockdep::LockdepCpu;
 use crate::mm_struct::KernelPgd;
 use crate::pgtable::entry::{Pgd, PteFlags};
 use crate::physmem::PhysMem;
-use crate::tlb::{CpuBitmap, TlbRange};
+use crate::tlb::{CpuBitmap, FlushRange};
 
 /// The host HAL: each thread is a CPU.
 pub struct HostHal;
@@ -68,7 +68,7 @@ impl Drop for RcuThread {
 }
 
 /// A TLB-flush observer: called on the flushing thread for each shoot-down.
-pub type FlushObserver = Box<dyn Fn(&CpuBitmap, TlbRange)>;
+pub type FlushObserver = Box<dyn Fn(&CpuBitmap, FlushRange)>;
 
 std::thread_local! {
     static CPU: usize = NEXT_CPU.fetch_add(1, Relaxed);
@@ -142,7 +142,7 @@ impl Hal for HostHal {
             }
         }
     }
-    fn flush_tlb(&self, cpus: &CpuBitmap, range: TlbRange) {
+    fn flush_tlb(&self, cpus: &CpuBitmap, range: FlushRange) {
         THREAD_FLUSHES.with(|c| c.set(c.get() + 1));
         FLUSH_OBSERVER.with(|o| {
             if let Some(f) = o.borrow().as_ref() {

@@ -1,5 +1,5 @@
 //! TLB shoot-down and deferred freeing: [`CpuBitmap`] (Linux `mm_cpumask`),
-//! [`TlbRange`], and [`MmuGather`] (Linux `struct mmu_gather`).
+//! [`FlushRange`], and [`MmuGather`] (Linux `struct mmu_gather`).
 //!
 //! # The freeing protocol
 //!
@@ -140,7 +140,7 @@ impl fmt::Debug for CpuBitmap {
 /// paging-structure-cache entries for the range when `freed_tables` is set
 /// (x86 `invlpg` does so for every linear address; a full flush does too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TlbRange {
+pub struct FlushRange {
     /// First byte (page aligned).
     pub start: VirtAddr,
     /// One past the last byte (page aligned); `u64::MAX` with `start` 0 means all.
@@ -149,9 +149,10 @@ pub struct TlbRange {
     pub freed_tables: bool,
 }
 
-impl TlbRange {
+impl FlushRange {
     /// Every translation of the address space.
-    pub const ALL: TlbRange = TlbRange { start: VirtAddr::new(0), end: VirtAddr::new(u64::MAX), freed_tables: true };
+    pub const ALL: FlushRange =
+        FlushRange { start: VirtAddr::new(0), end: VirtAddr::new(u64::MAX), freed_tables: true };
 
     /// `[start, end)`, rounded out to pages.
     pub fn new(start: VirtAddr, end: VirtAddr) -> Self {
@@ -165,7 +166,7 @@ impl TlbRange {
         Self::new(addr, addr.add(1))
     }
 
-    /// Whether this is [`TlbRange::ALL`].
+    /// Whether this is [`FlushRange::ALL`].
     pub fn is_all(&self) -> bool {
         self.start.as_u64() == 0 && self.end.as_u64() == u64::MAX
     }
@@ -182,7 +183,7 @@ impl TlbRange {
 }
 
 /// Calls the HAL's shoot-down for `range` on the CPUs of `mm`.
-pub(crate) fn flush_tlb_range(mm: &Mm<'_>, range: TlbRange) {
+pub(crate) fn flush_tlb_range(mm: &Mm<'_>, range: FlushRange) {
     // Entries were cleared before this point; make the clear visible before
     // reading the set of CPUs (pairs with `CpuBitmap::set`).
     core::sync::atomic::fence(Ordering::SeqCst);
@@ -263,7 +264,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         self.end = self.end.max(end.as_u64());
     }
 
-    /// Makes the next flush a full one ([`TlbRange::ALL`], paging-structure
+    /// Makes the next flush a full one ([`FlushRange::ALL`], paging-structure
     /// caches included): Linux `tlb->fullmm`, used when a whole address space
     /// goes away.
     pub fn flush_all(&mut self) {
@@ -301,8 +302,8 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     }
 
     /// The range the next flush covers (None: nothing to flush).
-    pub fn pending_range(&self) -> Option<TlbRange> {
-        (self.start < self.end).then(|| TlbRange {
+    pub fn pending_range(&self) -> Option<FlushRange> {
+        (self.start < self.end).then(|| FlushRange {
             start: VirtAddr::new(self.start),
             end: VirtAddr::new(self.end),
             freed_tables: self.freed_tables,
@@ -434,9 +435,9 @@ mod tests {
 
     #[test]
     fn tlb_range_rounds_out_to_pages() {
-        let r = TlbRange::new(VirtAddr::new(0x1234), VirtAddr::new(0x3001));
+        let r = FlushRange::new(VirtAddr::new(0x1234), VirtAddr::new(0x3001));
         assert_eq!((r.start.as_u64(), r.end.as_u64(), r.nr_pages()), (0x1000, 0x4000, 3));
         assert!(r.contains(VirtAddr::new(0x3fff)) && !r.contains(VirtAddr::new(0x4000)));
-        assert!(TlbRange::ALL.is_all() && TlbRange::ALL.contains(VirtAddr::new(0xdead_0000)));
+        assert!(FlushRange::ALL.is_all() && FlushRange::ALL.contains(VirtAddr::new(0xdead_0000)));
     }
 }

@@ -28,9 +28,6 @@ use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, VirtAddr};
 /// Lowest address a mapping may start at (Linux `mmap_min_addr`, 64 KiB):
 /// keeps NULL-pointer dereferences faulting.
 pub const MMAP_MIN_ADDR: u64 = 0x1_0000;
-/// Exclusive end of user mappings: the last page below the canonical hole
-/// stays unmapped (Linux `TASK_SIZE_MAX` on x86_64).
-pub const USER_END: u64 = 0x7fff_ffff_f000;
 /// Kernel-chosen addresses are searched top-down from here (Linux
 /// `mmap_base`; the space above is left for the stack).
 pub const MMAP_BASE: u64 = 0x7fff_0000_0000;
@@ -255,7 +252,8 @@ impl VmaSet {
     /// user half). Linux `free_pgtables`' floor and ceiling.
     pub fn gap_around(&self, start: u64, end: u64) -> (u64, u64) {
         let floor = self.map.range(..start).next_back().map_or(0, |(_, v)| v.end.as_u64());
-        let ceiling = self.map.range(end..).next().map_or(crate::addr::TASK_SIZE, |(_, v)| v.start.as_u64());
+        let ceiling =
+            self.map.range(end..).next().map_or(crate::addr::USER_PGTABLES_CEILING, |(_, v)| v.start.as_u64());
         debug_assert!(floor <= start && end <= ceiling, "gap_around of a range that is not free");
         (floor, ceiling)
     }

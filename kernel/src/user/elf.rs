@@ -89,7 +89,7 @@ impl<'a> Elf<'a> {
             if file_end > self.data.len() as u64 {
                 return Err(ElfError::Truncated);
             }
-            if s.file_size > s.mem_size || end > arch::usercopy::USER_END || s.vaddr < (prev_end + 0xfff) & !0xfff {
+            if s.file_size > s.mem_size || end > abi::TASK_SIZE_MAX || s.vaddr < (prev_end + 0xfff) & !0xfff {
                 return Err(ElfError::BadSegment);
             }
             prev_end = end;

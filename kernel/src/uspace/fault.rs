@@ -2,7 +2,6 @@
 //! the end of a task whose fault nobody can resolve.
 
 use arch::trap::{FaultOutcome, PageFault, TrapFrame};
-use arch::usercopy::USER_END;
 use mm::{Access, FaultError, VirtAddr};
 use x86_64::structures::idt::PageFaultErrorCode;
 
@@ -21,7 +20,7 @@ static LAST_ERROR: [spin::Mutex<Option<FaultError>>; arch::percpu::NR_CPUS] =
 /// exception table or an oops.
 pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
     let addr = pf.addr.as_u64();
-    if addr >= USER_END || !(frame.from_user() || arch::usercopy::in_user_copy(frame.rip)) {
+    if addr >= abi::TASK_SIZE_MAX || !(frame.from_user() || arch::usercopy::in_user_copy(frame.rip)) {
         // Not the memory manager's: counted for the trap tests (user faults
         // are not, to keep a shared counter off the fault storms' hot path).
         crate::traps::count_page_fault(addr);
@@ -75,7 +74,7 @@ pub fn user_exception(frame: &mut TrapFrame, fault: Option<PageFault>) {
     let me = sched::current();
     let reason = match fault {
         Some(pf) => {
-            let why = if pf.addr.as_u64() >= USER_END {
+            let why = if pf.addr.as_u64() >= abi::TASK_SIZE_MAX {
                 "user access to kernel memory"
             } else {
                 match LAST_ERROR[arch::percpu::cpu_id()].lock().take() {
