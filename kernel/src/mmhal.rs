@@ -33,6 +33,14 @@ impl mm::hal::Hal for KernelHal {
         crate::rcu::synchronize();
     }
 
+    fn get_state_synchronize_rcu(&self) -> u64 {
+        crate::rcu::get_state()
+    }
+
+    fn poll_state_synchronize_rcu(&self, cookie: u64) -> bool {
+        crate::rcu::poll_state(cookie)
+    }
+
     /// Shoots down on the address space's CPUs (arch/src/tlb.rs), which is
     /// legal with interrupts off and page-table locks held. When page tables
     /// were freed the whole TLB goes: a full flush also drops the

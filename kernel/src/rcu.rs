@@ -35,6 +35,23 @@ static CPUS: [RcuCpu; NR_CPUS] =
 
 /// Grace periods completed (statistics).
 static GRACE_PERIODS: AtomicU64 = AtomicU64::new(0);
+/// Grace periods started, numbered from 1: a polled cookie names the first
+/// one that starts after it was taken.
+static GP_STARTED: AtomicU64 = AtomicU64::new(0);
+/// The highest-numbered grace period completed. A later-started one covers
+/// everything an earlier one does, so the maximum is what polls compare.
+static GP_DONE: AtomicU64 = AtomicU64::new(0);
+
+/// Linux `get_state_synchronize_rcu`: a cookie that [`poll_state`] reports
+/// complete once a grace period that started after this call has ended.
+pub fn get_state() -> u64 {
+    GP_STARTED.load(Ordering::SeqCst) + 1
+}
+
+/// Linux `poll_state_synchronize_rcu`.
+pub fn poll_state(cookie: u64) -> bool {
+    GP_DONE.load(Ordering::SeqCst) >= cookie
+}
 
 /// Enters a read-side critical section on this CPU (nests). The caller must
 /// not switch tasks until the matching [`read_unlock`]; interrupts stay as
@@ -83,6 +100,7 @@ pub fn synchronize() {
     // The caller's detach (a store) before the snapshot's loads: the other
     // half of the handshake with `read_lock`'s swap.
     core::sync::atomic::fence(Ordering::SeqCst);
+    let id = GP_STARTED.fetch_add(1, Ordering::SeqCst) + 1;
     let mut snapshot = [(0u64, 0u64); NR_CPUS];
     for (cpu, snap) in snapshot.iter_mut().enumerate() {
         *snap = (CPUS[cpu].depth.load(Ordering::SeqCst), CPUS[cpu].generation.load(Ordering::SeqCst));
@@ -96,6 +114,7 @@ pub fn synchronize() {
         }
     }
     GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
+    GP_DONE.fetch_max(id, Ordering::SeqCst);
 }
 
 /// Grace periods completed since boot.

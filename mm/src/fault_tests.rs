@@ -118,7 +118,7 @@ fn anon_write_fault_maps_a_zeroed_private_page() {
     assert_eq!(mm.stats().rss_pages, 0);
     assert_eq!((mm.nr_ptes(), mm.nr_pmds(), mm.nr_puds()), (0, 0, 0), "empty tables freed");
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn out_of_frames_in_a_fault_is_oom_and_leaks_nothing() {
     assert_eq!(fault(&mm, a + PAGE_SIZE, Access::WRITE), Ok(FaultResult::Anon));
     check_consistent(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn constructor_failure_in_a_fault_is_oom_and_leaks_nothing() {
     assert_eq!(fault(&mm, a, Access::WRITE), Ok(FaultResult::Anon));
     mm.munmap(VirtAddr::new(a), PMD_SIZE).unwrap();
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
     assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
 }
 
@@ -307,7 +307,7 @@ fn munmap_frees_frames_only_after_a_flush_covering_them() {
         assert_eq!(m.phys.page(crate::Pfn::new(pfn)).unwrap().kind(), PageKind::Free);
     }
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// Extends a borrow for a flush observer, which must be `'static`; the
@@ -362,7 +362,7 @@ fn mmap_fixed_replaces_an_existing_mapping() {
     assert_eq!(v[1].flags, VmFlags::READ);
     check_consistent(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -441,7 +441,7 @@ fn dropping_an_mm_frees_everything_it_mapped() {
     assert!(m.phys.nr_free_pages() < start - 64 - 1024);
     check_consistent(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start, "frames, huge frames, deposited and page tables all freed");
+    assert_eq!(m.settled_free_pages(), start, "frames, huge frames, deposited and page tables all freed");
     assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
 }
 
@@ -478,7 +478,7 @@ fn storm_disjoint_2m_regions() {
     assert_eq!(maps.len() as u64, (T - 1) * PAGES);
     assert_eq!(mm.stats().lost_races, 0, "disjoint regions never race on an entry");
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// Threads fault interleaved pages of the same PTE table (same PTE lock,
@@ -518,7 +518,7 @@ fn storm_same_pte_table_interleaved() {
     assert_eq!(maps.len(), 512);
     assert_eq!(mm.stats().rss_pages, 256);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// Every thread write-faults the same page: exactly one frame is
@@ -556,7 +556,7 @@ fn storm_same_page_installs_exactly_one_frame() {
         let maps = check_consistent(&mm);
         assert_eq!(maps.len(), 1);
         drop(mm);
-        assert_eq!(m.phys.nr_free_pages(), start, "round {round}: the losers' frames were freed");
+        assert_eq!(m.settled_free_pages(), start, "round {round}: the losers' frames were freed");
     }
 }
 
@@ -607,7 +607,7 @@ fn cow_storm_on_zero_page_mappings() {
     assert_eq!(maps.len() as u64, PAGES);
     assert!(maps.iter().all(|x| x.pa != m.phys.zero_pfn().phys()));
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// Faults race munmap and MAP_FIXED re-mmap of the same range. Faults may
@@ -676,7 +676,7 @@ fn faults_race_munmap_and_fixed_remap() {
     mm.munmap(VirtAddr::new(a), PAGES * PAGE_SIZE).unwrap();
     assert_eq!((mm.nr_ptes(), mm.nr_pmds(), mm.nr_puds()), (0, 0, 0));
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// Sets the flag when dropped, also when the owning thread panics, so the
@@ -709,7 +709,7 @@ fn many_vmas_and_counters_survive_a_long_sequence() {
     }
     check_consistent(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 mod model {
@@ -840,7 +840,7 @@ mod model {
             }
         }
         drop(mm);
-        assert_eq!(m.phys.nr_free_pages(), start, "teardown frees everything");
+        assert_eq!(m.settled_free_pages(), start, "teardown frees everything");
         assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
     }
 

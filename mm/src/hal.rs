@@ -9,8 +9,11 @@
 //!   order checker);
 //! * a cycle counter (time spent spinning on contended locks);
 //! * the read-side critical-section hooks that `pte_offset_map` enters and
-//!   `pte_unmap` leaves (Linux: `rcu_read_lock`), which the kernel will use to
-//!   defer freeing of detached page tables;
+//!   `pte_unmap` leaves (Linux: `rcu_read_lock`), and the grace periods that
+//!   end them: detached page tables and replaced VMA arrays are freed only
+//!   once every section that could have seen them has ended;
+//! * interrupt masking for the lockless user-page walker
+//!   (`crate::gup`), whose section a TLB shoot-down must wait for;
 //! * per-CPU storage for the debug lock-order checker;
 //! * TLB shoot-down on a set of CPUs ([`Hal::flush_tlb`]) and the wait for a
 //!   grace period ([`Hal::synchronize_rcu`]): the two halves of the freeing
@@ -62,9 +65,48 @@ pub trait Hal: Sync {
     /// ([`rcu_read_lock`](Hal::rcu_read_lock) .. [`rcu_read_unlock`](Hal::rcu_read_unlock))
     /// that began before the call has ended. Sections that begin later need
     /// not be waited for. `mm` calls it with no spinlock held and outside any
-    /// read-side section of its own (after dropping `mmap_lock`), to free
-    /// detached page tables.
+    /// read-side section of its own, and only where it cannot defer (a
+    /// backlog of deferred frees beyond its bound, `rcu_barrier`, tests):
+    /// the unmap paths use the polled interface below instead. While it
+    /// waits it must keep answering TLB shoot-down requests: a reader it
+    /// waits for may itself be waiting for this CPU's acknowledgement.
     fn synchronize_rcu(&self);
+
+    /// Linux `synchronize_rcu_expedited`: as [`Hal::synchronize_rcu`], but
+    /// pushes the other CPUs to report a quiescent state now instead of at
+    /// their next tick. `mm` calls it when its deferred frees pile up past
+    /// their bound. The default is the normal grace period.
+    fn synchronize_rcu_expedited(&self) {
+        self.synchronize_rcu();
+    }
+
+    /// Linux `get_state_synchronize_rcu` (+ `start_poll_synchronize_rcu`): a
+    /// cookie for "a full grace period from now", and a request that one
+    /// starts. [`Hal::poll_state_synchronize_rcu`] of the cookie turns true
+    /// once every read-side section running at this call has ended. Deferred
+    /// freeing tags each batch with one and frees it once it polls true.
+    fn get_state_synchronize_rcu(&self) -> u64;
+
+    /// Linux `poll_state_synchronize_rcu`: whether the grace period a
+    /// [`Hal::get_state_synchronize_rcu`] cookie names has completed. Never
+    /// waits.
+    fn poll_state_synchronize_rcu(&self, cookie: u64) -> bool;
+
+    /// Linux `local_irq_save`: disables interrupts on this CPU and returns
+    /// whether they were enabled. The lockless walker runs its whole walk
+    /// with interrupts off, so a CPU that unmaps and shoots down the TLB
+    /// (an IPI this CPU only answers with interrupts on) cannot free a frame
+    /// or table the walk may still reach until the walk is over. A host HAL
+    /// models the same handshake: its [`Hal::flush_tlb`] waits for every
+    /// "interrupts off" section that began before it.
+    fn local_irq_save(&self) -> bool {
+        false
+    }
+
+    /// Linux `local_irq_restore`: re-enables interrupts if `enabled`.
+    fn local_irq_restore(&self, enabled: bool) {
+        let _ = enabled;
+    }
 
     /// Invalidates `range` of the current address space's translations on
     /// every CPU in `cpus` (the executing CPU included, if it is in the set)
@@ -96,6 +138,13 @@ impl Hal for BootHal {
     }
     fn synchronize_rcu(&self) {
         // Its read-side hooks are no-ops: there is never a reader to wait for.
+    }
+    fn get_state_synchronize_rcu(&self) -> u64 {
+        0
+    }
+    fn poll_state_synchronize_rcu(&self, _cookie: u64) -> bool {
+        // No reader exists before the kernel's HAL: every period is over.
+        true
     }
     fn flush_tlb(&self, cpus: &CpuBitmap, range: FlushRange) {
         // Before the kernel's HAL is registered no CPU has loaded a user

@@ -44,7 +44,7 @@ fn thp_fault_maps_2m_with_a_deposited_table() {
     assert_eq!(m.phys.page(maps[0].pa.pfn()).unwrap().kind(), PageKind::Anon);
     check(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start, "THP frames and deposited tables freed");
+    assert_eq!(m.settled_free_pages(), start, "THP frames and deposited tables freed");
     assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
 }
 
@@ -78,7 +78,7 @@ fn partial_munmap_splits_a_thp_using_its_deposited_table() {
     check(&mm);
     // The freed subpages are individually back in the allocator.
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -129,7 +129,7 @@ fn thp_falls_back_to_4k_without_a_2m_frame_or_a_whole_2m_range() {
     assert_eq!(fault(&mm, tail + PAGE_SIZE, Access::WRITE), Ok(FaultResult::Anon));
     check(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -185,7 +185,7 @@ fn hugetlb_2m_pages_map_under_the_pmd_lock_and_refuse_partial_unmap() {
     assert_eq!(sizes(&mm), (0, 1, 0));
     check(&mm);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -224,7 +224,7 @@ fn hugetlb_1g_pages_come_from_the_gigantic_pool() {
     assert_eq!(pool.nr_free(), 0);
     drop(mm);
     assert_eq!(pool.nr_free(), 1);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// THP faults and 4 KiB faults race on one PMD (as when one CPU's 2 MiB
@@ -276,7 +276,7 @@ fn thp_fault_races_4k_fault_on_one_pmd() {
     }
     assert!(thp + table == 40);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 /// Sets the flag when dropped, also when the owning thread panics, so the
@@ -365,7 +365,7 @@ fn thp_and_4k_faults_race_splits_in_one_pmd_table() {
     check(&mm);
     assert!(mm.stats().thp_splits > 0);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]
@@ -433,8 +433,10 @@ fn synchronize_rcu_waits_for_earlier_readers_only() {
 }
 
 /// A walker inside its read-side section holds a PTE table that munmap
-/// detaches: the table (and its split lock) must survive until the walker
-/// leaves, and the walker can still take the lock.
+/// detaches: munmap returns at once (the table waits in a grace-period
+/// batch), the table and its split lock survive until the walker leaves
+/// (an `rcu_barrier` started meanwhile waits for it), and the walker can
+/// still take the lock.
 #[test]
 fn a_detached_table_and_its_lock_outlive_a_walker_in_its_read_section() {
     let m = TestMachine::new();
@@ -445,20 +447,25 @@ fn a_detached_table_and_its_lock_outlive_a_walker_in_its_read_section() {
     write_u64(&mm, a, 3);
     let walker_in = AtomicBool::new(false);
     let unmapped = AtomicBool::new(false);
+    let barrier_done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let (mm, walker_in, unmapped, phys) = (&mm, &walker_in, &unmapped, &m.phys);
+        let (mm, walker_in, unmapped, phys, barrier_done) = (&mm, &walker_in, &unmapped, &m.phys, &barrier_done);
         s.spawn(move || {
             let pmd = crate::walk_pmd(mm, VirtAddr::new(a)).unwrap();
             let nl = pte_offset_map_ro_nolock(mm, pmd, VirtAddr::new(a)).unwrap();
             let table = nl.map().table_pa();
             walker_in.store(true, SeqCst);
-            // Wait until munmap has detached the table (here with the whole
-            // subtree: the walk from the PGD no longer reaches it).
-            while crate::walk_pmd(mm, VirtAddr::new(a)).is_some_and(|p| !p.get().is_none()) {
+            // munmap detaches the table (with its whole subtree: the walk
+            // from the PGD no longer reaches it) and returns without
+            // waiting for us.
+            while !unmapped.load(SeqCst) {
                 std::thread::yield_now();
             }
+            assert!(crate::walk_pmd(mm, VirtAddr::new(a)).is_none_or(|p| p.get().is_none()));
+            assert!(phys.table_rcu_stats().waiting >= 1, "the detached table waits for a grace period");
+            phys.rcu_reap();
             std::thread::sleep(std::time::Duration::from_millis(20));
-            assert!(!unmapped.load(SeqCst), "munmap finished while a walker was inside");
+            assert!(!barrier_done.load(SeqCst), "rcu_barrier finished while a walker was inside");
             let page = phys.page(table.pfn()).unwrap();
             assert_eq!(page.kind(), PageKind::PageTable, "detached table freed under a walker");
             assert_eq!(
@@ -479,11 +486,14 @@ fn a_detached_table_and_its_lock_outlive_a_walker_in_its_read_section() {
             }
             mm.munmap(VirtAddr::new(a), PAGE_SIZE).unwrap();
             unmapped.store(true, SeqCst);
+            phys.rcu_barrier();
+            barrier_done.store(true, SeqCst);
         });
     });
+    assert_eq!(m.phys.table_rcu_stats().waiting, 0);
     assert_eq!(mm.nr_ptes(), 0);
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
     assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
 }
 
@@ -533,7 +543,7 @@ fn lockless_walkers_race_munmap_that_frees_tables() {
     });
     assert!(seen.load(SeqCst) > 0, "the walkers saw some mappings");
     drop(mm);
-    assert_eq!(m.phys.nr_free_pages(), start);
+    assert_eq!(m.settled_free_pages(), start);
 }
 
 #[test]

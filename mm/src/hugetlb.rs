@@ -39,6 +39,9 @@ impl<'a, 'p> HugeFrame<'a, 'p> {
         let pfn = if size == PUD_SIZE {
             let pfn = phys.gigantic_pool().alloc()?;
             phys.zero_frames(pfn, GIGANTIC_ORDER);
+            // The mapping's reference (the buddy sets it for its blocks):
+            // the gather's put at unmap returns the page to the pool.
+            phys.page(pfn).expect("pool page is managed").refcount.store(1, core::sync::atomic::Ordering::Relaxed);
             pfn
         } else {
             let (pfn, _) = phys.alloc_pages_zeroed(HPAGE_PMD_ORDER)?.into_raw();

@@ -105,6 +105,7 @@ pub mod physmem;
 pub mod ptdesc;
 pub mod ptlock;
 mod sync;
+pub mod table_rcu;
 pub mod tlb;
 pub mod vma;
 

@@ -10,7 +10,7 @@
 //! [`crate::phys`].
 
 use core::sync::atomic::AtomicU64;
-use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 
 use crate::addr::{DirectMap, PAGE_SIZE, Pfn, PhysAddr};
 use crate::bootmem::BootMem;
@@ -18,6 +18,7 @@ use crate::frame::{FrameAllocator, Frames, MAX_ORDER};
 use crate::gigantic::GiganticPool;
 use crate::memmap::{MemMap, MemmapStats, Page, PageKind};
 use crate::ptlock::FaultInject;
+use crate::table_rcu::{TableRcu, TableRcuStats};
 
 /// Physical memory: memmap + frame allocator + the gigantic pool + the zero
 /// page.
@@ -31,6 +32,8 @@ pub struct PhysMem {
     fault: FaultInject,
     /// Allocated split locks alive (ALLOC_SPLIT_PTLOCKS builds), for leak checks.
     pub(crate) ptl_live: AtomicU64,
+    /// Detached page tables waiting for a grace period.
+    pub(crate) table_rcu: TableRcu,
     #[cfg(loom)]
     pub(crate) loom_words: crate::pgtable::slot::LoomWords,
 }
@@ -67,6 +70,7 @@ impl PhysMem {
             zero_pfn: Pfn::new(0),
             fault: FaultInject::new(),
             ptl_live: AtomicU64::new(0),
+            table_rcu: TableRcu::new(),
             #[cfg(loom)]
             loom_words: crate::pgtable::slot::LoomWords::new(),
         };
@@ -211,6 +215,75 @@ impl PhysMem {
     /// Memmap figures for the boot report.
     pub fn memmap_stats(&self) -> MemmapStats {
         self.memmap.stats()
+    }
+
+    /// Frees the detached page tables whose grace period has completed
+    /// (never waits). The kernel calls it when a CPU goes idle; every
+    /// `MmuGather::finish` does too. Returns how many were freed.
+    pub fn rcu_reap(&self) -> u64 {
+        self.table_rcu.reap(self)
+    }
+
+    /// Linux `rcu_barrier` for page tables: waits for a grace period, then
+    /// frees every detached table queued before the call. Leak checks call
+    /// it before counting free frames. No spinlock held, no read-side
+    /// section open.
+    pub fn rcu_barrier(&self) {
+        self.table_rcu.barrier(self)
+    }
+
+    /// Detached tables waiting, freed, and expedited grace periods.
+    pub fn table_rcu_stats(&self) -> TableRcuStats {
+        self.table_rcu.stats()
+    }
+
+    /// Linux `folio_try_get` (`get_page_unless_zero`): takes a reference on
+    /// the block headed by `pfn` unless it has none (it is free or being
+    /// freed). The lockless walker's reference: it must re-check the entry
+    /// it found `pfn` through afterwards, and drop the reference with
+    /// [`PhysMem::put_folio`] if the entry changed.
+    pub fn try_get_folio(&self, pfn: Pfn) -> bool {
+        let Some(page) = self.page(pfn) else { return false };
+        let mut cur = page.refcount.load(Relaxed);
+        loop {
+            if cur == 0 {
+                return false;
+            }
+            match page.refcount.compare_exchange_weak(cur, cur + 1, Acquire, Relaxed) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Linux `folio_put`: drops a reference on the block of 2^`order` frames
+    /// headed by `pfn` (or, with [`crate::GIGANTIC_ORDER`], a gigantic page);
+    /// the last reference frees it. An unmapped user frame is freed by its
+    /// last put: the mapping's (the TLB gather's, after the shoot-down) or a
+    /// pinner's ([`crate::gup`]), whichever comes last.
+    pub fn put_folio(&self, pfn: Pfn, order: usize) {
+        if self.put_folio_testzero(pfn) {
+            self.free_folio(pfn, order);
+        }
+    }
+
+    /// Drops a reference; true if it was the last (the caller frees).
+    pub(crate) fn put_folio_testzero(&self, pfn: Pfn) -> bool {
+        let page = self.page(pfn).expect("put of a frame outside the memmap");
+        let old = page.refcount.fetch_sub(1, AcqRel);
+        assert!(old > 0, "put of frame {pfn:?} with no reference");
+        old == 1
+    }
+
+    /// Frees a block whose last reference is gone.
+    pub(crate) fn free_folio(&self, pfn: Pfn, order: usize) {
+        if order == crate::GIGANTIC_ORDER {
+            self.gigantic.free(pfn);
+        } else {
+            // SAFETY: the last reference was dropped: nothing maps or pins
+            // the block, and it was allocated at `order` by its mapper.
+            drop(unsafe { Frames::from_raw(self, pfn, order) });
+        }
     }
 }
 

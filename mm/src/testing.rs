@@ -37,9 +37,11 @@ pub static HOST_HAL: HostHal = HostHal;
 static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
 
 /// One thread's read-side state as other threads see it: a sequence number,
-/// odd while the thread is inside its outermost read-side section.
+/// odd while the thread is inside its outermost read-side section, and
+/// another, odd while its "interrupts" are off (`local_irq_save`).
 struct RcuReader {
     seq: AtomicU64,
+    irq_off: AtomicU64,
 }
 
 /// Every thread that ever entered a read-side section (entries of exited
@@ -53,7 +55,7 @@ struct RcuThread {
 
 impl RcuThread {
     fn register() -> Self {
-        let me = Arc::new(RcuReader { seq: AtomicU64::new(0) });
+        let me = Arc::new(RcuReader { seq: AtomicU64::new(0), irq_off: AtomicU64::new(0) });
         RCU_READERS.lock().unwrap().push(me.clone());
         Self { depth: Cell::new(0), me }
     }
@@ -130,19 +132,42 @@ impl Hal for HostHal {
     }
     fn synchronize_rcu(&self) {
         assert_eq!(rcu_depth(), 0, "synchronize_rcu inside a read-side section would wait for itself");
-        std::sync::atomic::fence(SeqCst);
-        let snapshot: Vec<(Arc<RcuReader>, u64)> =
-            RCU_READERS.lock().unwrap().iter().map(|r| (r.clone(), r.seq.load(SeqCst))).collect();
-        for (r, seq) in snapshot {
-            if seq % 2 == 1 {
-                // Inside a section that began before us: wait for it to end.
-                while r.seq.load(SeqCst) == seq {
-                    std::thread::yield_now();
-                }
+        // One grace period at a time, numbered: a cookie names the first
+        // period that starts after it was taken (see `get_state_...`).
+        let _serial = GP_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let id = GP_STARTED.fetch_add(1, SeqCst) + 1;
+        wait_for_odd_sections(|r| &r.seq);
+        GP_DONE.store(id, SeqCst);
+    }
+    fn get_state_synchronize_rcu(&self) -> u64 {
+        // A period already under way may have snapshotted before our
+        // caller's detach: only the next one to start counts.
+        GP_STARTED.load(SeqCst) + 1
+    }
+    fn poll_state_synchronize_rcu(&self, cookie: u64) -> bool {
+        // Nothing drives grace periods on the host but `synchronize_rcu`
+        // (tests call `PhysMem::rcu_barrier`); polling never waits.
+        GP_DONE.load(SeqCst) >= cookie
+    }
+    fn local_irq_save(&self) -> bool {
+        RCU.with(|r| {
+            let was = r.me.irq_off.load(SeqCst) % 2 == 0;
+            if was {
+                r.me.irq_off.fetch_add(1, SeqCst);
             }
+            was
+        })
+    }
+    fn local_irq_restore(&self, enabled: bool) {
+        if enabled {
+            RCU.with(|r| r.me.irq_off.fetch_add(1, SeqCst));
         }
     }
     fn flush_tlb(&self, cpus: &CpuBitmap, range: FlushRange) {
+        // A shoot-down IPI is answered only with interrupts on: wait for
+        // every thread whose "interrupts" were off when the flush began
+        // (the lockless walker's section), as the kernel's flush does.
+        wait_for_odd_sections(|r| &r.irq_off);
         THREAD_FLUSHES.with(|c| c.set(c.get() + 1));
         FLUSH_OBSERVER.with(|o| {
             if let Some(f) = o.borrow().as_ref() {
@@ -152,6 +177,34 @@ impl Hal for HostHal {
     }
     fn lockdep(&self) -> Option<&LockdepCpu> {
         Some(LOCKDEP.with(|l| *l))
+    }
+}
+
+static GP_SERIAL: Mutex<()> = Mutex::new(());
+/// Grace periods started / completed by `synchronize_rcu` (host numbering).
+static GP_STARTED: AtomicU64 = AtomicU64::new(0);
+static GP_DONE: AtomicU64 = AtomicU64::new(0);
+
+/// Waits until every other thread whose counter (`seq` or `irq_off`) was
+/// odd at the call has moved on: the common core of a grace period and of
+/// a shoot-down's wait for interrupts-off sections.
+fn wait_for_odd_sections(counter: impl Fn(&RcuReader) -> &AtomicU64) {
+    std::sync::atomic::fence(SeqCst);
+    let me = RCU.with(|r| r.me.clone());
+    let snapshot: Vec<(Arc<RcuReader>, u64)> = RCU_READERS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| !Arc::ptr_eq(r, &me))
+        .map(|r| (r.clone(), counter(r).load(SeqCst)))
+        .collect();
+    for (r, seq) in snapshot {
+        if seq % 2 == 1 {
+            // Inside a section that began before us: wait for it to end.
+            while counter(&r).load(SeqCst) == seq {
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -235,6 +288,13 @@ impl TestMachine {
         // Reserved, handle forgotten), accessed through slots only.
         let kernel = unsafe { KernelPgd::new(pfn.phys()) };
         Self { phys, kernel, _buf: buf }
+    }
+
+    /// Free frames once every detached table waiting for a grace period has
+    /// been freed (`rcu_barrier`, then count): what leak checks compare.
+    pub fn settled_free_pages(&self) -> u64 {
+        self.phys.rcu_barrier();
+        self.phys.nr_free_pages()
     }
 
     /// The kernel PGD entry in `slot` as seen by the test.

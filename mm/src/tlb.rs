@@ -14,24 +14,28 @@
 //!    flush. Detached page tables go on the gather's table list.
 //! 2. [`MmuGather::flush_mmu`] (Linux `tlb_flush_mmu`): one
 //!    [`Hal::flush_tlb`](crate::hal::Hal::flush_tlb) of the gathered range on
-//!    every CPU in the address space's [`CpuBitmap`], *then* the gathered
-//!    frames are freed. No CPU can reach them any more.
+//!    every CPU in the address space's [`CpuBitmap`], *then* the mappings'
+//!    references on the gathered frames are dropped: a frame goes back to the
+//!    allocator unless the lockless walker pinned it, in which case its
+//!    pinner's put frees it. No CPU can reach them through a TLB any more,
+//!    and the flush waited for every lockless walk that might have found
+//!    them (the walk runs with interrupts off; the flush is an IPI).
 //! 3. [`MmuGather::finish`] (Linux `tlb_finish_mmu`): flush as above, then
-//!    [`Hal::synchronize_rcu`](crate::hal::Hal::synchronize_rcu): every
-//!    walker that could have seen a detached table has left its read-side
-//!    section. Only then does each table go through `pagetable_dtor` and back
-//!    to the allocator, the destructor *with* the free, not before: a walker
-//!    that found the table may still take its split lock.
+//!    the detached tables go to a grace-period batch ([`crate::table_rcu`]):
+//!    each is destroyed (`pagetable_dtor`, then free) once every walker that
+//!    could have seen it has left its read-side section, the destructor
+//!    *with* the free, not before: a walker that found the table may still
+//!    take its split lock. Nothing waits for that grace period here.
 //!
 //! The gather is `#[must_use]` and must be finished. Dropping an unfinished
-//! gather finishes it (flush, grace period, free) and logs a warning, so
-//! forgetting costs time but never safety.
+//! gather finishes it and logs a warning, so forgetting costs time but never
+//! safety.
 //!
 //! # Locks
 //!
 //! A gather takes no lock itself. [`MmuGather::flush_mmu`] may run with page
 //! table locks held (the HAL allows a flush there); [`MmuGather::finish`]
-//! waits for a grace period and so runs with no spinlock held (the callers
+//! may free frames and tables, so it runs with no spinlock held (the callers
 //! drop `mmap_lock` first).
 //!
 //! Lists are threaded through the frames' own descriptors (`Page::link`), so
@@ -42,10 +46,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{PAGE_SIZE, Pfn, VirtAddr};
 use crate::config::NR_CPUS;
-use crate::frame::{Frames, MAX_ORDER, PCP_BATCH};
+use crate::frame::{MAX_ORDER, PCP_BATCH};
 use crate::gigantic::GIGANTIC_ORDER;
 use crate::mm_struct::Mm;
-use crate::ptdesc::{PtPage, page_ptdesc};
 
 const WORDS: usize = NR_CPUS.div_ceil(64);
 
@@ -222,6 +225,29 @@ impl FreeList {
     }
 }
 
+/// Detached tables chained through `Page::link` (`pfn + 1`, 0 ends it),
+/// newest first: the form [`crate::table_rcu`] queues them in.
+#[derive(Default)]
+struct TableChain {
+    head: u64,
+    tail: u64,
+    len: u64,
+}
+
+impl TableChain {
+    fn push(&mut self, mm: &Mm<'_>, pfn: Pfn) {
+        let page = mm.phys().page(pfn).expect("gathered table outside the memmap");
+        // A detached table is owned by the list it is on (memmap lock table).
+        debug_assert_eq!(page.link.load(Ordering::Relaxed), 0, "detached table still on a list");
+        page.link.store(self.head, Ordering::Relaxed);
+        self.head = pfn.as_u64() + 1;
+        if self.tail == 0 {
+            self.tail = self.head;
+        }
+        self.len += 1;
+    }
+}
+
 /// Linux `struct mmu_gather`: cleared mappings waiting for their shoot-down,
 /// and detached tables waiting for a grace period (module comment).
 #[must_use = "an MmuGather holds frames and tables until it is finished (tlb_finish_mmu)"]
@@ -231,7 +257,7 @@ pub struct MmuGather<'m, 'p> {
     end: u64,
     freed_tables: bool,
     pages: FreeList,
-    tables: FreeList,
+    tables: TableChain,
     /// The gathered frames are already shot down ([`MmuGather::flush_tlb_only`]).
     pages_shot_down: bool,
     finished: bool,
@@ -246,7 +272,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
             end: 0,
             freed_tables: false,
             pages: FreeList::new(),
-            tables: FreeList::new(),
+            tables: TableChain::default(),
             pages_shot_down: false,
             finished: false,
         }
@@ -288,7 +314,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     pub fn remove_table(&mut self, table: Pfn, start: VirtAddr, end: VirtAddr) {
         self.flush_range(start, end);
         self.freed_tables = true;
-        self.tables.push(self.mm, table, 0);
+        self.tables.push(self.mm, table);
     }
 
     /// Frames waiting for the flush.
@@ -311,8 +337,11 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     }
 
     /// Linux `tlb_flush_mmu`: shoots the gathered range down on every CPU
-    /// of the address space, then frees the gathered frames. Tables stay for
-    /// [`MmuGather::finish`]. Legal with page-table locks held.
+    /// of the address space, then drops the mappings' references on the
+    /// gathered frames ([`PhysMem::put_folio`](crate::PhysMem::put_folio)):
+    /// a frame nobody pinned goes back to the allocator now, a pinned one
+    /// when its pinner lets go. Tables stay for [`MmuGather::finish`]. Legal
+    /// with page-table locks held.
     pub fn flush_mmu(&mut self) {
         debug_assert!(
             self.pages.len == 0 || self.pending_range().is_some() || self.pages_shot_down,
@@ -321,29 +350,32 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         self.flush_tlb_only();
         self.pages_shot_down = false;
         let phys = self.mm.phys();
-        // The gather owns every block it holds: each was mapped by exactly
-        // one entry, which was cleared under its lock before being gathered,
-        // and the shoot-down above removed every cached translation of it.
-        // Order-0 frames go back in batches, one per-CPU list lock each.
+        // Each gathered block was mapped by exactly one entry, which was
+        // cleared under its lock before being gathered, and the shoot-down
+        // above removed every cached translation of it: the mapping's
+        // reference is the gather's to drop. Order-0 frames whose last
+        // reference that was go back in batches, one per-CPU list lock each.
         let mut batch = [Pfn::new(0); PCP_BATCH];
         let mut n = 0;
         while let Some((pfn, order)) = self.pages.pop(self.mm) {
+            if !phys.put_folio_testzero(pfn) {
+                // Pinned (crate::gup): the pinner's put frees it.
+                continue;
+            }
             if order == 0 {
                 batch[n] = pfn;
                 n += 1;
                 if n == batch.len() {
-                    // SAFETY: owned by the gather (above), each freed once.
+                    // SAFETY: the last reference is gone (above): the gather
+                    // owns each frame, and frees each once.
                     unsafe { phys.free_frames_bulk(&batch) };
                     n = 0;
                 }
-            } else if order == GIGANTIC_ORDER {
-                phys.gigantic_pool().free(pfn);
             } else {
-                // SAFETY: owned by the gather (above).
-                drop(unsafe { Frames::from_raw(phys, pfn, order) });
+                phys.free_folio(pfn, order);
             }
         }
-        // SAFETY: owned by the gather (above), each freed once.
+        // SAFETY: as above.
         unsafe { phys.free_frames_bulk(&batch[..n]) };
     }
 
@@ -362,9 +394,12 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         }
     }
 
-    /// Linux `tlb_finish_mmu`: [`MmuGather::flush_mmu`], then waits for a
-    /// grace period and frees the detached tables (dtor with the free). Call
-    /// with no spinlock held.
+    /// Linux `tlb_finish_mmu`: [`MmuGather::flush_mmu`], then hands the
+    /// detached tables to the grace-period batches ([`crate::table_rcu`]),
+    /// which free each (dtor with the free) once every walker that could
+    /// have seen it is gone. Never waits for the grace period itself
+    /// (unless the backlog of waiting tables is past its bound). Call with
+    /// no spinlock held.
     pub fn finish(mut self) {
         self.finish_inner();
     }
@@ -372,20 +407,9 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     fn finish_inner(&mut self) {
         self.finished = true;
         self.flush_mmu();
-        if self.tables.len == 0 {
-            return;
-        }
-        crate::hal::get().synchronize_rcu();
         let phys = self.mm.phys();
-        while let Some((pfn, _)) = self.tables.pop(self.mm) {
-            let pt = page_ptdesc(phys, pfn).expect("gathered table outside the memmap");
-            // SAFETY: the table was detached from its parent entry under the
-            // parent's lock (and for PTE tables their own lock) before being
-            // gathered, so no entry points to it; the grace period that just
-            // ended covers every walker that could have found it before that;
-            // the gather owned it alone.
-            drop(unsafe { PtPage::from_published(phys, pt) });
-        }
+        let t = core::mem::take(&mut self.tables);
+        phys.table_rcu.defer(phys, t.head, t.tail, t.len);
     }
 }
 

@@ -123,8 +123,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
 }
 
 /// Lets every CPU switch once, so exited tasks (and the address space they
-/// held) are freed before frames are counted, and recycles freed kernel
-/// stacks.
+/// held) are freed before frames are counted, recycles freed kernel stacks,
+/// and frees the detached page tables waiting for a grace period.
 pub fn settle() {
     extern "C" fn nop(_: usize) -> ! {
         crate::sched::exit_current(0)
@@ -143,6 +143,8 @@ pub fn settle() {
     crate::sched::yield_now();
     // Freed kernel stacks keep their frames until a shoot-down recycles them.
     crate::kstack::purge();
+    // Detached page tables wait for a grace period before they are freed.
+    mm::phys().rcu_barrier();
 }
 
 /// The CPUs online now.
