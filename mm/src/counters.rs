@@ -40,9 +40,25 @@ pub(crate) enum Counter {
     LostRaces,
     Retries,
     Oom,
+    /// Faults resolved under their VMA's lock, without `mmap_lock`.
+    VmaLockFaults,
+    /// Faults resolved under `mmap_lock` shared (fallbacks, or per-VMA
+    /// locks switched off).
+    MmapLockFaults,
+    VmaFallbackNotFound,
+    VmaFallbackLocked,
+    VmaFallbackDetached,
+    /// Pages unmapped by `madvise(MADV_DONTNEED)`, in 4 KiB pages.
+    MadviseZapped,
+    /// Empty PTE tables reclaimed by `madvise` (Linux PT_RECLAIM).
+    PtReclaimed,
+    /// Pages pinned by the lockless walker (`gup_fast`).
+    GupFastPages,
+    /// Pages pinned by the locked slow path after the lockless walk gave up.
+    GupSlowPages,
 }
 
-const N: usize = Counter::Oom as usize + 1;
+const N: usize = Counter::GupSlowPages as usize + 1;
 
 #[repr(align(64))]
 struct Shard {
@@ -89,6 +105,15 @@ impl MmCounters {
             lost_races: self.sum(Counter::LostRaces),
             retries: self.sum(Counter::Retries),
             oom: self.sum(Counter::Oom),
+            vma_lock_faults: self.sum(Counter::VmaLockFaults),
+            mmap_lock_faults: self.sum(Counter::MmapLockFaults),
+            vma_fallback_not_found: self.sum(Counter::VmaFallbackNotFound),
+            vma_fallback_locked: self.sum(Counter::VmaFallbackLocked),
+            vma_fallback_detached: self.sum(Counter::VmaFallbackDetached),
+            madvise_zapped: self.sum(Counter::MadviseZapped),
+            pt_reclaimed: self.sum(Counter::PtReclaimed),
+            gup_fast_pages: self.sum(Counter::GupFastPages),
+            gup_slow_pages: self.sum(Counter::GupSlowPages),
         }
     }
 }
@@ -125,6 +150,24 @@ pub struct MmStats {
     pub retries: u64,
     /// Faults that failed for lack of memory.
     pub oom: u64,
+    /// Faults resolved under their VMA's lock, with no `mmap_lock`.
+    pub vma_lock_faults: u64,
+    /// Faults resolved under `mmap_lock` shared.
+    pub mmap_lock_faults: u64,
+    /// Fallbacks to `mmap_lock`: no VMA in the published array.
+    pub vma_fallback_not_found: u64,
+    /// Fallbacks to `mmap_lock`: the VMA was write-locked by a writer.
+    pub vma_fallback_locked: u64,
+    /// Fallbacks to `mmap_lock`: the VMA was replaced after the lookup.
+    pub vma_fallback_detached: u64,
+    /// Pages unmapped by `madvise(MADV_DONTNEED)` (4 KiB units).
+    pub madvise_zapped: u64,
+    /// Empty PTE tables freed by `madvise` (page-table reclaim).
+    pub pt_reclaimed: u64,
+    /// Pages pinned by the lockless walker.
+    pub gup_fast_pages: u64,
+    /// Pages pinned by the locked slow path.
+    pub gup_slow_pages: u64,
 }
 
 impl MmStats {

@@ -178,13 +178,16 @@ pub fn huge_pte_lock<'a>(mm: &'a Mm<'_>, size: u64, pte: HugePte<'_>) -> PtlGuar
 }
 
 /// A read-side critical section (Linux `rcu_read_lock`), entered through the
-/// HAL and left on drop.
-pub(crate) struct RcuReadGuard {
+/// HAL and left on drop (`rcu_read_unlock`). Borrows tied to it (a VMA from
+/// [`crate::vma_lock::lock_vma_under_rcu`]) cannot outlive the section.
+#[must_use = "dropping it leaves the read-side section at once"]
+pub struct RcuReadGuard {
     _not_send: PhantomData<*const ()>,
 }
 
 impl RcuReadGuard {
-    pub(crate) fn new() -> Self {
+    /// Enters a section (nests).
+    pub fn new() -> Self {
         crate::hal::get().rcu_read_lock();
         Self { _not_send: PhantomData }
     }

@@ -9,7 +9,7 @@ use std::vec::Vec;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, VirtAddr};
 use crate::fault_tests::{RW, big, check_consistent as check, fault, on_cpu, read_u64, write_u64};
-use crate::memory::fault_locked;
+use crate::memory::{FaultLock, fault_locked};
 use crate::testing::{TestMachine, rcu_depth};
 use crate::vma::Vma;
 use crate::{
@@ -247,12 +247,12 @@ fn thp_fault_races_4k_fault_on_one_pmd() {
             let h1 = s.spawn(move || {
                 let _l = mm.mmap_lock().read();
                 while !go.load(SeqCst) {}
-                fault_locked(mm, vma, VirtAddr::new(a + 3 * PAGE_SIZE), Access::WRITE, false)
+                fault_locked(mm, vma, VirtAddr::new(a + 3 * PAGE_SIZE), Access::WRITE, false, FaultLock::Mmap)
             });
             let h2 = s.spawn(move || {
                 let _l = mm.mmap_lock().read();
                 while !go.load(SeqCst) {}
-                fault_locked(mm, plain, VirtAddr::new(a + 7 * PAGE_SIZE), Access::WRITE, false)
+                fault_locked(mm, plain, VirtAddr::new(a + 7 * PAGE_SIZE), Access::WRITE, false, FaultLock::Mmap)
             });
             go.store(true, SeqCst);
             (h1.join().unwrap().unwrap(), h2.join().unwrap().unwrap())
@@ -546,17 +546,45 @@ fn lockless_walkers_race_munmap_that_frees_tables() {
     assert_eq!(m.settled_free_pages(), start);
 }
 
+/// Per-VMA locks: a fault takes no `mmap_lock` at all, so it completes while
+/// another CPU holds `mmap_lock` *exclusive* (a writer busy elsewhere); but a
+/// fault on a VMA that writer is changing waits for it (falls back to
+/// `mmap_lock`), and resolves once the write session ends.
 #[test]
-fn the_mmap_lock_is_taken_shared_by_faults_and_has_its_class() {
+fn faults_take_no_mmap_lock_but_wait_for_writers_of_their_vma() {
     let m = TestMachine::new();
     let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
     let a = mm.mmap(None, PAGE_SIZE, RW, MapFlags::empty()).unwrap().as_u64();
-    let before = crate::lock::lock_stats(crate::lock::LockClass::MmapLock).acquisitions;
-    // A fault proceeds while another CPU holds mmap_lock shared.
+    let b = mm.mmap(Some(VirtAddr::new(a - 0x10_0000)), PAGE_SIZE, Prot::READ, MapFlags::FIXED).unwrap().as_u64();
+    let before = mm.stats();
+    let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let g = mm.mmap_lock().read();
+        let mut w = mm.mmap_write_lock();
+        // Unrelated VMA: the fault runs under its own VMA lock meanwhile.
         s.spawn(|| assert_eq!(fault(&mm, a, Access::WRITE), Ok(FaultResult::Anon))).join().unwrap();
-        drop(g);
+        // The writer extends `b` (a merge replaces its node, write-locked
+        // for this session): a fault on `b` must wait for the writer.
+        w.insert(Vma {
+            start: VirtAddr::new(b + PAGE_SIZE),
+            end: VirtAddr::new(b + 2 * PAGE_SIZE),
+            flags: VmFlags::READ,
+        });
+        let t = s.spawn(|| {
+            let r = fault(&mm, b, Access::READ);
+            done.store(true, SeqCst);
+            r
+        });
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(!done.load(SeqCst), "a fault on a VMA under change ran while the writer held it");
+        drop(w);
+        assert_eq!(t.join().unwrap(), Ok(FaultResult::ZeroPage));
     });
-    assert!(crate::lock::lock_stats(crate::lock::LockClass::MmapLock).acquisitions >= before + 2);
+    let after = mm.stats();
+    assert_eq!(after.vma_lock_faults - before.vma_lock_faults, 1, "the first fault used its VMA lock");
+    assert_eq!(after.mmap_lock_faults - before.mmap_lock_faults, 1, "the second fell back to mmap_lock");
+    assert_eq!(after.vma_fallback_locked - before.vma_fallback_locked, 1, "because its VMA was write-locked");
+    assert_eq!(mm.vmas().iter().filter(|v| v.start.as_u64() == b).count(), 1);
+    // After the session the merged VMA is published: faults use its lock again.
+    assert_eq!(fault(&mm, b + PAGE_SIZE, Access::READ), Ok(FaultResult::ZeroPage));
+    assert_eq!(mm.stats().vma_lock_faults - after.vma_lock_faults, 1);
 }

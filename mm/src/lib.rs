@@ -108,6 +108,7 @@ mod sync;
 pub mod table_rcu;
 pub mod tlb;
 pub mod vma;
+pub mod vma_lock;
 
 #[cfg(test)]
 #[cfg_attr(loom, allow(dead_code))]

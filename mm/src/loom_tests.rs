@@ -264,7 +264,7 @@ fn loom_do_anonymous_page_another_cpu_won() {
 /// loser frees what it prepared and retries into the winner's mapping.
 #[test]
 fn loom_thp_fault_races_pte_alloc_on_one_pmd() {
-    use crate::memory::fault_locked;
+    use crate::memory::{FaultLock, fault_locked};
     use crate::vma::Vma;
     use crate::{Access, FaultResult, MapFlags, PMD_SIZE, Prot, VmFlags};
     const H: VirtAddr = VirtAddr::new(0x4000_0000);
@@ -280,11 +280,11 @@ fn loom_thp_fault_races_pte_alloc_on_one_pmd() {
         let plain = Vma { flags: vma.flags.difference(VmFlags::HUGEPAGE), ..vma };
         let t1 = loom::thread::spawn(move || {
             let _l = mm.mmap_lock().read();
-            fault_locked(mm, &vma, H, Access::WRITE, false).unwrap()
+            fault_locked(mm, &vma, H, Access::WRITE, false, FaultLock::Mmap).unwrap()
         });
         let t2 = loom::thread::spawn(move || {
             let _l = mm.mmap_lock().read();
-            fault_locked(mm, &plain, H.add(0x1000), Access::WRITE, false).unwrap()
+            fault_locked(mm, &plain, H.add(0x1000), Access::WRITE, false, FaultLock::Mmap).unwrap()
         });
         let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
         let maps = mm.mappings();

@@ -40,6 +40,7 @@
 //! shoot-down (and, for tables, a grace period); see [`crate::tlb`].
 
 use core::fmt;
+use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering::Relaxed;
 
 use crate::addr::{
@@ -47,6 +48,7 @@ use crate::addr::{
 };
 use crate::counters::Counter;
 use crate::gigantic::GIGANTIC_ORDER;
+use crate::helpers::RcuReadGuard;
 use crate::huge_memory::{__split_huge_pmd, ThpOutcome, change_huge_pmd, do_huge_pmd_anonymous_page, zap_huge_pmd};
 use crate::hugetlb::hugetlb_fault;
 use crate::memmap::PageKind;
@@ -59,6 +61,7 @@ use crate::pgtable::walk::{
 use crate::ptdesc::{PtLevel, page_ptdesc};
 use crate::tlb::{FlushRange, MmuGather, flush_tlb_range};
 use crate::vma::{VmFlags, Vma};
+use crate::vma_lock::{VmaReadGuard, lock_vma_under_rcu};
 use crate::{HugePte, pmd_lock, pte_lockptr, pte_offset_map_lock};
 
 /// A fault restarts its walk at most this many times before handing the
@@ -173,35 +176,93 @@ pub(crate) fn mk_pte(mm: &Mm<'_>, pfn: Pfn, flags: VmFlags) -> Pte {
     Pte::new(pfn.phys(), f)
 }
 
-/// Linux `handle_mm_fault` (with the `lock_mm_and_find_vma` and
-/// `access_error` steps of the x86 fault handler): resolves a fault at `addr`
-/// in `mm` on the executing CPU. Takes `mmap_lock` shared, never exclusive,
-/// so faults on all CPUs proceed in parallel, serialised only per page table.
+/// How page faults lock the VMA they fault in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultLocking {
+    /// Linux 6.4+: the VMA's own read lock, found under RCU, with no
+    /// `mmap_lock`; `mmap_lock` shared only when that fails
+    /// ([`crate::vma_lock`]). The default.
+    PerVma,
+    /// Every fault takes `mmap_lock` shared (Linux before 6.4), for
+    /// comparison (kernel command line `fault_lock=mmap`).
+    MmapLock,
+}
+
+static PER_VMA_FAULTS: AtomicBool = AtomicBool::new(true);
+
+/// Chooses how faults lock their VMA from now on (boot option, benchmarks).
+pub fn set_fault_locking(l: FaultLocking) {
+    PER_VMA_FAULTS.store(l == FaultLocking::PerVma, Relaxed);
+}
+
+/// How faults lock their VMA now.
+pub fn fault_locking() -> FaultLocking {
+    if PER_VMA_FAULTS.load(Relaxed) { FaultLocking::PerVma } else { FaultLocking::MmapLock }
+}
+
+/// What keeps a fault's VMA from changing under it: the proof
+/// [`fault_locked`] takes.
+pub(crate) enum FaultLock<'a> {
+    /// `mmap_lock`, shared or exclusive (the guard is the caller's).
+    Mmap,
+    /// The VMA's own read lock.
+    Vma(&'a VmaReadGuard<'a>),
+}
+
+/// Linux `handle_mm_fault` (with the `lock_vma_under_rcu`,
+/// `lock_mm_and_find_vma` and `access_error` steps of the x86 fault
+/// handler): resolves a fault at `addr` in `mm` on the executing CPU.
+///
+/// It takes no lock that serialises the faults of an address space: it finds
+/// its VMA in the published array under RCU and read-locks only that VMA
+/// ([`crate::vma_lock`]); if the VMA is being changed (or the lookup misses)
+/// it falls back to `mmap_lock` shared, which waits for the writer. Then only
+/// the locks of the page tables it touches. The read-side section around a
+/// fault under its VMA lock keeps the VMA's node alive; the fallback leaves
+/// it before waiting for `mmap_lock` (a writer may wait for a grace period
+/// after dropping `mmap_lock`, never while holding it, and a reader that
+/// waited for `mmap_lock` inside a section would stall that grace period).
 pub fn handle_mm_fault(mm: &Mm<'_>, addr: VirtAddr, access: Access) -> Result<FaultResult, FaultError> {
     if !addr.is_user() {
         return Err(FaultError::MapErr);
     }
+    if fault_locking() == FaultLocking::PerVma {
+        let rcu = RcuReadGuard::new();
+        if let Ok(vlock) = lock_vma_under_rcu(mm, addr, &rcu) {
+            let vma = *vlock.vma();
+            mm.counters.inc(Counter::VmaLockFaults);
+            if access_error(vma.flags, access) {
+                return Err(FaultError::AccErr);
+            }
+            return fault_locked(mm, &vma, addr, access, false, FaultLock::Vma(&vlock));
+        }
+    }
     let vmas = mm.mmap_lock.read();
+    mm.counters.inc(Counter::MmapLockFaults);
     let Some(&vma) = vmas.find(addr) else { return Err(FaultError::MapErr) };
     if access_error(vma.flags, access) {
         return Err(FaultError::AccErr);
     }
-    let r = fault_locked(mm, &vma, addr, access, false);
+    let r = fault_locked(mm, &vma, addr, access, false, FaultLock::Mmap);
     drop(vmas);
     r
 }
 
-/// The fault with `mmap_lock` held (shared or exclusive) and `vma` found.
-/// `force` (Linux `FOLL_FORCE`, for `access_remote`): the VMA's protection
-/// was not checked; entries are still made with the VMA's protection.
+/// The fault with `vma` found and held stable by `lock`. `force` (Linux
+/// `FOLL_FORCE`, for `access_remote`): the VMA's protection was not checked;
+/// entries are still made with the VMA's protection.
 pub(crate) fn fault_locked(
     mm: &Mm<'_>,
     vma: &Vma,
     addr: VirtAddr,
     access: Access,
     force: bool,
+    lock: FaultLock<'_>,
 ) -> Result<FaultResult, FaultError> {
-    mm.mmap_lock.assert_held();
+    match lock {
+        FaultLock::Mmap => mm.mmap_lock.assert_held(),
+        FaultLock::Vma(g) => debug_assert!(g.vma() == vma, "fault on a VMA it did not lock"),
+    }
     for attempt in 0..MAX_FAULT_RETRIES {
         if attempt > 0 {
             mm.counters.inc(Counter::Retries);

@@ -34,13 +34,14 @@ use core::sync::atomic::Ordering::Relaxed;
 
 use crate::addr::{KERNEL_PGD_BOUNDARY, PTRS_PER_TABLE, PhysAddr};
 use crate::counters::{MmCounters, MmStats};
-use crate::lock::{LockClass, LockLevel, RwSpinLock};
+use crate::lock::{LockClass, LockLevel, RwReadGuard, RwSpinLock};
 use crate::pgtable::entry::{Pgd, Pmd, Pud};
 use crate::physmem::PhysMem;
 use crate::ptdesc::{PtLevel, PtPage, page_ptdesc, pagetable_alloc, pagetable_ctor};
 use crate::ptlock::PtLock;
 use crate::tlb::{CpuBitmap, MmuGather};
 use crate::vma::{Vma, VmaSet};
+use crate::vma_lock::VmaLookup;
 use crate::{PtlGuard, PtlRef};
 
 /// The kernel's own top-level table (Linux `init_mm.pgd` / `swapper_pg_dir`).
@@ -73,8 +74,11 @@ pub struct Mm<'p> {
     init_mm: bool,
     /// Linux `mm->page_table_lock`.
     page_table_lock: PtLock,
-    /// Linux `mm->mmap_lock`: the VMA set (module comment).
+    /// Linux `mm->mmap_lock`: the VMA set (module comment). Writers take it
+    /// through [`Mm::mmap_write_lock`], which runs the per-VMA lock session.
     pub(crate) mmap_lock: RwSpinLock<VmaSet>,
+    /// The published VMA array, `mm_lock_seq`, retired arrays (per-VMA locks).
+    vma_lookup: VmaLookup,
     /// Linux `mm_cpumask`.
     cpu_bitmap: CpuBitmap,
     pub(crate) counters: MmCounters,
@@ -126,6 +130,7 @@ impl<'p> Mm<'p> {
             init_mm,
             page_table_lock: PtLock::new(LockClass::PageTableLock),
             mmap_lock: RwSpinLock::new(LockClass::MmapLock, VmaSet::new()),
+            vma_lookup: VmaLookup::new(),
             cpu_bitmap: CpuBitmap::new(),
             counters: MmCounters::new(),
             pmd_huge_pte: AtomicU64::new(0),
@@ -213,10 +218,30 @@ impl<'p> Mm<'p> {
         self.mmap_lock.read().iter().copied().collect()
     }
 
-    /// `mmap_lock`, for callers that hold it across several operations (the
-    /// kernel's `handle_mm_fault` callers need not: it takes it itself).
+    /// `mmap_lock`, for callers that read the VMA set across several
+    /// operations (faults need not: `handle_mm_fault` locks what it needs).
+    /// Writers use [`Mm::mmap_write_lock`].
     pub fn mmap_lock(&self) -> &RwSpinLock<VmaSet> {
         &self.mmap_lock
+    }
+
+    /// Linux `mmap_write_lock`: `mmap_lock` exclusive, and a per-VMA-lock
+    /// write session ([`crate::vma_lock`]) that ends when the guard drops or
+    /// downgrades.
+    #[track_caller]
+    pub fn mmap_write_lock(&self) -> MmapWriteGuard<'_, 'p> {
+        let mut guard = self.mmap_lock.write();
+        guard.begin_session(self.vma_lookup.mm_lock_seq.load(Relaxed));
+        MmapWriteGuard { mm: self, guard: Some(guard) }
+    }
+
+    pub(crate) fn vma_lookup(&self) -> &VmaLookup {
+        &self.vma_lookup
+    }
+
+    /// Write sessions ended so far (Linux `mm_lock_seq`), for reports.
+    pub fn mm_lock_seq(&self) -> u64 {
+        self.vma_lookup.mm_lock_seq.load(Relaxed)
     }
 
     /// Linux `exit_mmap`: unmaps every VMA (frames, huge frames, deposited
@@ -299,6 +324,59 @@ impl<'p> Mm<'p> {
         // SAFETY: `&mut self`: the PGD is unreachable once this Mm is gone (the
         // kernel switches CR3 away before dropping an Mm).
         unsafe { self.free_table(self.pgd, PtLevel::Pgd) };
+    }
+}
+
+/// `mmap_lock` held exclusive with a per-VMA-lock write session (see
+/// [`Mm::mmap_write_lock`]). Dropping it publishes the changed VMA array,
+/// ends the session (releasing every VMA it write-locked), then unlocks
+/// (Linux `mmap_write_unlock` with `vma_end_write_all`).
+#[must_use = "dropping the guard unlocks at once"]
+pub struct MmapWriteGuard<'a, 'p> {
+    mm: &'a Mm<'p>,
+    guard: Option<crate::lock::RwWriteGuard<'a, VmaSet>>,
+}
+
+impl<'a> MmapWriteGuard<'a, '_> {
+    fn end_session(&mut self) {
+        let set = self.guard.as_mut().expect("guard present until drop");
+        if let Some(array) = set.end_session() {
+            self.mm.vma_lookup.publish(array);
+        }
+        // Release: the array and every detach mark of the session happen
+        // before a reader sees the new sequence (vma_lock's argument).
+        self.mm.vma_lookup.mm_lock_seq.fetch_add(1, core::sync::atomic::Ordering::Release);
+    }
+
+    /// Linux `mmap_write_downgrade`: ends the write session and keeps
+    /// `mmap_lock` shared, with no writer in between.
+    pub fn downgrade(mut self) -> RwReadGuard<'a, VmaSet> {
+        self.end_session();
+        self.guard.take().expect("guard present until drop").downgrade()
+    }
+}
+
+impl core::ops::Deref for MmapWriteGuard<'_, '_> {
+    type Target = VmaSet;
+    fn deref(&self) -> &VmaSet {
+        self.guard.as_ref().expect("guard present until drop")
+    }
+}
+
+impl core::ops::DerefMut for MmapWriteGuard<'_, '_> {
+    fn deref_mut(&mut self) -> &mut VmaSet {
+        self.guard.as_mut().expect("guard present until drop")
+    }
+}
+
+impl Drop for MmapWriteGuard<'_, '_> {
+    fn drop(&mut self) {
+        if self.guard.is_some() {
+            self.end_session();
+            drop(self.guard.take());
+            // With the lock dropped: retired arrays whose grace period passed.
+            self.mm.vma_lookup.reap();
+        }
     }
 }
 

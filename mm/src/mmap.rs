@@ -26,7 +26,7 @@ use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, PhysAddr, TASK_
 use crate::helpers::RcuReadGuard;
 use crate::huge_memory::split_huge_pmd_address;
 use crate::memmap::PageKind;
-use crate::memory::{Access, FaultError, change_protection, fault_locked, free_pgtables, unmap_page_range};
+use crate::memory::{Access, FaultError, FaultLock, change_protection, fault_locked, free_pgtables, unmap_page_range};
 use crate::mm_struct::Mm;
 use crate::pgtable::entry::{Pmd, Pte, PteFlags, Pud};
 use crate::pgtable::walk::{p4d_offset, pgd_offset, pmd_offset, pud_offset};
@@ -140,7 +140,7 @@ impl<'p> Mm<'p> {
             return Err(MmapError::NoMemory);
         }
         let mut tlb = MmuGather::new(self);
-        let mut vmas = self.mmap_lock.write();
+        let mut vmas = self.mmap_write_lock();
         if vmas.len() >= MAX_MAP_COUNT {
             return Err(MmapError::NoMemory);
         }
@@ -187,7 +187,7 @@ impl<'p> Mm<'p> {
     pub fn munmap(&self, addr: VirtAddr, len: u64) -> Result<(), MmapError> {
         let (start, end) = user_range(addr, len)?;
         let mut tlb = MmuGather::new(self);
-        let mut vmas = self.mmap_lock.write();
+        let mut vmas = self.mmap_write_lock();
         check_hugetlb_cuts(&vmas, start, end)?;
         let removed = vmas.remove_range(start, end);
         let (Some(first), Some(last)) = (removed.first(), removed.last()) else { return Ok(()) };
@@ -223,7 +223,7 @@ impl<'p> Mm<'p> {
     pub fn mprotect(&self, addr: VirtAddr, len: u64, prot: Prot) -> Result<(), MmapError> {
         let (start, end) = user_range(addr, len)?;
         let mut tlb = MmuGather::new(self);
-        let mut vmas = self.mmap_lock.write();
+        let mut vmas = self.mmap_write_lock();
         if !vmas.covers(start, end) {
             return Err(MmapError::NoMemory);
         }
@@ -261,7 +261,7 @@ impl<'p> Mm<'p> {
                 if vma.flags.is_accessible() {
                     let access =
                         Access { write: write && vma.flags.contains(VmFlags::WRITE), exec: false, user: false };
-                    fault_locked(self, &vma, VirtAddr::new(a), access, false)?;
+                    fault_locked(self, &vma, VirtAddr::new(a), access, false, FaultLock::Mmap)?;
                 }
                 a = (a & !(step - 1)) + step;
             }
@@ -296,7 +296,7 @@ impl<'p> Mm<'p> {
                     return Err(FaultError::Oom);
                 }
                 let access = Access { write, exec: false, user: false };
-                fault_locked(self, &vma, va, access, true)?;
+                fault_locked(self, &vma, va, access, true, FaultLock::Mmap)?;
             };
             drop(vmas);
             done += n;

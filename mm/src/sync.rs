@@ -7,10 +7,10 @@
 //! keeps `core` atomics: it is bookkeeping, not protocol.
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+pub(crate) use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64};
 
 /// Tell the CPU (or loom's scheduler) that we are spinning.
 #[inline]

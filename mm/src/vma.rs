@@ -4,9 +4,12 @@
 //! # Locks
 //!
 //! A [`VmaSet`] lives inside `Mm::mmap_lock` (a [`RwSpinLock`](crate::lock::RwSpinLock),
-//! level 1 of the order): faults read it under the shared lock, `mmap`,
-//! `munmap` and `mprotect` change it under the exclusive lock. The set itself
-//! has no lock of its own.
+//! level 1 of the order): `mmap`, `munmap` and `mprotect` change it under
+//! the exclusive lock, `madvise`, populate and faults that could not use
+//! their VMA's own lock read it under the shared lock. Faults normally do
+//! not touch it at all: they look their VMA up in the published array and
+//! lock only that VMA ([`crate::vma_lock`]). The set itself has no lock of
+//! its own.
 //!
 //! # Invariants
 //!
@@ -20,10 +23,12 @@
 //!   empties). That is what lets `free_pgtables` judge a table by its span.
 
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, VirtAddr};
+use crate::vma_lock::VmaNode;
 
 /// Lowest address a mapping may start at (Linux `mmap_min_addr`, 64 KiB):
 /// keeps NULL-pointer dereferences faulting.
@@ -194,15 +199,26 @@ impl fmt::Debug for Vma {
 
 /// The ordered set of an address space's VMAs, keyed by start address
 /// (Linux uses a maple tree; a B-tree gives the same ordered queries).
+///
+/// It lives inside `mmap_lock`: faults that fall back from their VMA lock
+/// read it shared, writers change it exclusive. Each entry is a published
+/// [`VmaNode`] with its per-VMA lock ([`crate::vma_lock`]): a change never
+/// edits a node, it write-locks and detaches it and inserts new nodes, born
+/// locked for the running write session. When the session ends the set is
+/// published as the array lock-free faults search.
 #[derive(Default)]
 pub struct VmaSet {
-    map: BTreeMap<u64, Vma>,
+    map: BTreeMap<u64, Arc<VmaNode>>,
+    /// The write session in progress (`mm_lock_seq` when it began).
+    session: u64,
+    /// Changed since the last publication.
+    dirty: bool,
 }
 
 impl VmaSet {
     /// An empty set.
     pub const fn new() -> Self {
-        Self { map: BTreeMap::new() }
+        Self { map: BTreeMap::new(), session: 0, dirty: false }
     }
 
     /// Number of VMAs.
@@ -218,16 +234,23 @@ impl VmaSet {
     /// Linux `vma_lookup`: the VMA containing `addr`.
     pub fn find(&self, addr: VirtAddr) -> Option<&Vma> {
         let (_, v) = self.map.range(..=addr.as_u64()).next_back()?;
-        v.contains(addr).then_some(v)
+        v.vma.contains(addr).then_some(&v.vma)
     }
 
     /// The VMAs meeting `[start, end)`, in address order.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &Vma> + '_ {
+        self.overlapping_nodes(start, end).map(|n| &n.vma)
+    }
+
+    fn overlapping_nodes(&self, start: u64, end: u64) -> impl Iterator<Item = &Arc<VmaNode>> + '_ {
         let first = match self.map.range(..=start).next_back() {
-            Some((&s, v)) if v.end.as_u64() > start => s,
+            Some((&s, v)) if v.vma.end.as_u64() > start => s,
             _ => start,
         };
-        self.map.range(first..end).map(|(_, v)| v).filter(move |v| v.end.as_u64() > start && v.start.as_u64() < end)
+        self.map
+            .range(first..end)
+            .map(|(_, v)| v)
+            .filter(move |v| v.vma.end.as_u64() > start && v.vma.start.as_u64() < end)
     }
 
     /// Whether `[start, end)` meets any VMA.
@@ -248,12 +271,12 @@ impl VmaSet {
     }
 
     /// The free gap around the (free) range `[start, end)`: from the end of
-    /// the VMA below (or 0) to the start of the VMA above (or the end of the
-    /// user half). Linux `free_pgtables`' floor and ceiling.
+    /// the VMA below (or 0) to the start of the VMA above (or the ceiling of
+    /// user page tables). Linux `free_pgtables`' floor and ceiling.
     pub fn gap_around(&self, start: u64, end: u64) -> (u64, u64) {
-        let floor = self.map.range(..start).next_back().map_or(0, |(_, v)| v.end.as_u64());
+        let floor = self.map.range(..start).next_back().map_or(0, |(_, v)| v.vma.end.as_u64());
         let ceiling =
-            self.map.range(end..).next().map_or(crate::addr::USER_PGTABLES_CEILING, |(_, v)| v.start.as_u64());
+            self.map.range(end..).next().map_or(crate::addr::USER_PGTABLES_CEILING, |(_, v)| v.vma.start.as_u64());
         debug_assert!(floor <= start && end <= ceiling, "gap_around of a range that is not free");
         (floor, ceiling)
     }
@@ -264,10 +287,10 @@ impl VmaSet {
         let mut hi = limit;
         // Walk the VMAs below `limit` from the top; each gap is [prev.end, hi).
         for (_, v) in self.map.range(..limit).rev() {
-            if let Some(a) = Self::fit(v.end.as_u64().max(MMAP_MIN_ADDR), hi, len, align) {
+            if let Some(a) = Self::fit(v.vma.end.as_u64().max(MMAP_MIN_ADDR), hi, len, align) {
                 return Some(a);
             }
-            hi = hi.min(v.start.as_u64());
+            hi = hi.min(v.vma.start.as_u64());
         }
         Self::fit(MMAP_MIN_ADDR, hi, len, align)
     }
@@ -277,24 +300,59 @@ impl VmaSet {
         (top >= lo && hi > lo).then_some(top)
     }
 
+    /// Starts a write session (the caller took `mmap_lock` exclusive;
+    /// `session` is the address space's `mm_lock_seq`).
+    pub(crate) fn begin_session(&mut self, session: u64) {
+        self.session = session;
+    }
+
+    /// Takes `node` out of service: write-locks it (faults inside finish
+    /// first) and marks it detached. The caller removes or replaces it.
+    fn retire(&mut self, node: &VmaNode) {
+        node.lock.start_write(self.session);
+        node.lock.detach();
+        self.dirty = true;
+    }
+
+    fn put(&mut self, vma: Vma) {
+        self.map.insert(vma.start.as_u64(), VmaNode::new(vma, self.session));
+        self.dirty = true;
+    }
+
+    /// Replaces the node at `key` by `vmas` (after retiring it).
+    fn replace(&mut self, key: u64, vmas: &[Vma]) {
+        let old = self.map.remove(&key).expect("replacing a VMA that is not in the set");
+        self.retire(&old);
+        for &v in vmas {
+            self.put(v);
+        }
+    }
+
     /// Cuts the VMAs meeting `[start, end)` so that no VMA straddles `start`
     /// or `end` (Linux `split_vma` at both ends).
     pub(crate) fn split_at_bounds(&mut self, start: u64, end: u64) {
         for cut in [start, end] {
-            let hit = self.map.range(..cut).next_back().map(|(_, v)| *v).filter(|v| v.end.as_u64() > cut);
+            let hit = self.map.range(..cut).next_back().map(|(_, v)| v.vma).filter(|v| v.end.as_u64() > cut);
             if let Some(v) = hit {
-                self.map.insert(v.start.as_u64(), Vma { end: VirtAddr::new(cut), ..v });
-                self.map.insert(cut, Vma { start: VirtAddr::new(cut), ..v });
+                let c = VirtAddr::new(cut);
+                self.replace(v.start.as_u64(), &[Vma { end: c, ..v }, Vma { start: c, ..v }]);
             }
         }
     }
 
     /// Removes every VMA piece inside `[start, end)` (after splitting at the
-    /// bounds) and returns the pieces in address order.
+    /// bounds) and returns the pieces in address order. Each was
+    /// write-locked first: no fault is left inside it.
     pub(crate) fn remove_range(&mut self, start: u64, end: u64) -> Vec<Vma> {
         self.split_at_bounds(start, end);
         let keys: Vec<u64> = self.map.range(start..end).map(|(&k, _)| k).collect();
-        keys.into_iter().filter_map(|k| self.map.remove(&k)).collect()
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let node = self.map.remove(&k).expect("listed above");
+            self.retire(&node);
+            out.push(node.vma);
+        }
+        out
     }
 
     /// Inserts a VMA over a free range, merging it with equal-flag neighbours
@@ -302,7 +360,7 @@ impl VmaSet {
     pub(crate) fn insert(&mut self, vma: Vma) {
         debug_assert!(!self.intersects(vma.start.as_u64(), vma.end.as_u64()), "insert over a mapped range");
         debug_assert!(vma.start < vma.end);
-        self.map.insert(vma.start.as_u64(), vma);
+        self.put(vma);
         self.merge_around(vma.start.as_u64(), vma.end.as_u64());
     }
 
@@ -310,43 +368,59 @@ impl VmaSet {
     pub(crate) fn merge_around(&mut self, start: u64, end: u64) {
         let from = self.map.range(..start).next_back().map_or(start, |(&k, _)| k);
         let keys: Vec<u64> = self.map.range(from..=end).map(|(&k, _)| k).collect();
-        let mut prev: Option<u64> = None;
+        let mut prev: Option<Vma> = None;
         for k in keys {
-            let cur = self.map[&k];
-            if let Some(p) = prev {
-                let pv = self.map[&p];
-                if pv.end == cur.start && pv.flags == cur.flags {
-                    self.map.remove(&k);
-                    self.map.insert(p, Vma { end: cur.end, ..pv });
-                    continue;
-                }
+            let cur = self.map[&k].vma;
+            if let Some(pv) = prev
+                && pv.end == cur.start
+                && pv.flags == cur.flags
+            {
+                let merged = Vma { end: cur.end, ..pv };
+                let node = self.map.remove(&k).expect("listed above");
+                self.retire(&node);
+                self.replace(pv.start.as_u64(), &[merged]);
+                prev = Some(merged);
+                continue;
             }
-            prev = Some(k);
+            prev = Some(cur);
         }
     }
 
     /// Replaces the flags of the VMA starting at `start` (which the caller
     /// split out beforehand).
     pub(crate) fn set_flags(&mut self, start: u64, flags: VmFlags) {
-        if let Some(v) = self.map.get_mut(&start) {
-            v.flags = flags;
+        if let Some(v) = self.map.get(&start).map(|n| n.vma) {
+            self.replace(start, &[Vma { flags, ..v }]);
         }
     }
 
-    /// Takes every VMA out (address-space teardown).
+    /// Takes every VMA out (address-space teardown: nobody can look them up).
     pub(crate) fn take_all(&mut self) -> Vec<Vma> {
-        core::mem::take(&mut self.map).into_values().collect()
+        self.dirty = true;
+        core::mem::take(&mut self.map).into_values().map(|n| n.vma).collect()
     }
 
     /// Every VMA, in address order.
     pub fn iter(&self) -> impl Iterator<Item = &Vma> + '_ {
+        self.map.values().map(|n| &n.vma)
+    }
+
+    /// Every VMA node with its lock, in address order (reports, gdb).
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<VmaNode>> + '_ {
         self.map.values()
+    }
+
+    /// Ends the write session: if anything changed, the array faults search
+    /// (the caller publishes it before bumping `mm_lock_seq`).
+    pub(crate) fn end_session(&mut self) -> Option<alloc::boxed::Box<crate::vma_lock::VmaArray>> {
+        let changed = core::mem::take(&mut self.dirty);
+        changed.then(|| crate::vma_lock::VmaArray::new(self.map.values().cloned()))
     }
 }
 
 impl fmt::Debug for VmaSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.map.values()).finish()
+        f.debug_list().entries(self.map.values().map(|n| n.vma)).finish()
     }
 }
 
