@@ -13,7 +13,7 @@ Commands:
 
 Rust layouts these helpers depend on (by name, through DWARF), and what
 they read from them:
-    kernel::debuginfo::PtlkDebugInfo (symbol PTLK_DEBUG_INFO): magic, version,
+    kernel::diag::debuginfo::PtlkDebugInfo (symbol PTLK_DEBUG_INFO): magic, version,
         split_pte_ptlocks, split_pmd_ptlocks, alloc_split_ptlocks,
         debug_ptlock, phys_offset, nr_cpus, page_desc_size
     mm::PHYS: spin::Once<mm::physmem::PhysMem> -> memmap: mm::memmap::MemMap
@@ -142,7 +142,7 @@ def read_u64(addr):
 
 def debug_info():
     info = None
-    for name in ("kernel::debuginfo::PTLK_DEBUG_INFO", "PTLK_DEBUG_INFO"):
+    for name in ("kernel::diag::debuginfo::PTLK_DEBUG_INFO", "PTLK_DEBUG_INFO"):
         try:
             info = gdb.parse_and_eval(name)
             break
@@ -587,7 +587,7 @@ unreliable)."""
 
     def invoke(self, arg, from_tty):
         hw = arg.strip() == "hw"
-        for sym in ("kernel::panic::panic", "arch::trap::oops"):
+        for sym in ("kernel::diag::panic::panic", "arch::trap::oops"):
             try:
                 gdb.Breakpoint(sym, type=gdb.BP_HARDWARE_BREAKPOINT if hw else gdb.BP_BREAKPOINT, internal=False)
             except (gdb.error, RuntimeError) as e:

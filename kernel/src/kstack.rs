@@ -298,7 +298,7 @@ mod tests {
     fn stack_has_a_guard_and_is_unmapped_when_freed() {
         // Other CPUs may still be dropping the last tests' exited tasks:
         // let them finish (and purge) before counting.
-        crate::storm::settle();
+        crate::workload::storm::settle();
         let before = mm::nr_free_pages();
         let s = KernelStack::new().expect("stack");
         let (bottom, top) = (s.bottom(), s.top());
@@ -322,7 +322,7 @@ mod tests {
     /// returns every frame, and the slots are reused.
     #[ktest]
     fn stacks_are_distinct_and_recycled() {
-        crate::storm::settle();
+        crate::workload::storm::settle();
         let before = mm::nr_free_pages();
         let live = LIVE.load(Ordering::SeqCst);
         let stacks: alloc::vec::Vec<_> = (0..3 * PURGE_BATCH).map(|_| KernelStack::new().expect("stack")).collect();

@@ -45,7 +45,7 @@ fn irq(vector: u8, frame: &mut TrapFrame) {
 }
 
 fn fatal() -> ! {
-    crate::testrunner::on_fatal();
+    crate::test::runner::on_fatal();
     arch::qemu::exit(arch::qemu::ExitCode::Failure)
 }
 

@@ -11,7 +11,7 @@ pub use ktest_macros::ktest;
 /// One registered test.
 #[repr(C)]
 pub struct KTest {
-    /// Full path, e.g. `kernel::heap::tests::alloc_free`.
+    /// Full path, e.g. `kernel::boot::heap::tests::alloc_free`.
     pub name: &'static str,
     /// The body. It passes by returning and fails by panicking.
     pub func: fn(),

@@ -204,7 +204,7 @@ impl Task {
             (old, new) => {
                 match new {
                     Some(space) => space.activate(),
-                    None => crate::memory::load_kernel_cr3(),
+                    None => crate::pgd::load_kernel_cr3(),
                 }
                 if let Some(old) = old {
                     old.deactivate();

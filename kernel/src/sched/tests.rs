@@ -86,14 +86,14 @@ fn thousands_of_tasks_leave_nothing_behind() {
     };
     // Warm-up: lets the run queue's buffer grow to its working size first.
     churn(0);
-    crate::storm::settle();
+    crate::workload::storm::settle();
     let tasks_before = task::LIVE_TASKS.load(Ordering::SeqCst);
     let stacks_before = task::LIVE_STACKS.load(Ordering::SeqCst);
-    let heap_before = crate::heap::used();
+    let heap_before = crate::boot::heap::used();
     for round in 1..40 {
         churn(round);
     }
     assert_eq!(task::LIVE_TASKS.load(Ordering::SeqCst), tasks_before, "task objects leaked");
     assert_eq!(task::LIVE_STACKS.load(Ordering::SeqCst), stacks_before, "kernel stacks leaked");
-    assert_eq!(crate::heap::used(), heap_before, "heap usage grew");
+    assert_eq!(crate::boot::heap::used(), heap_before, "heap usage grew");
 }

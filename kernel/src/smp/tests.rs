@@ -5,6 +5,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use arch::apic::vectors;
 use arch::kvmap::{Caching, KvPage};
 use arch::percpu::{self, NR_CPUS};
 use ktest::ktest;
@@ -27,7 +28,7 @@ fn online() -> usize {
 fn cpu_count() {
     let info = info().expect("smp::init did not run");
     let n = online();
-    if let Some(expect) = crate::cmdline::read().value("expect_cpus") {
+    if let Some(expect) = crate::boot::cmdline::read().value("expect_cpus") {
         let expect: usize = expect.parse().expect("expect_cpus is not a number");
         assert_eq!(n, expect.min(NR_CPUS), "expected {expect} CPUs online (NR_CPUS {NR_CPUS})");
     }

@@ -42,7 +42,7 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
     let r = sched::with_current_space(|space| mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access));
     arch::irq::disable();
     if let Some(Ok(_)) = r {
-        crate::faultstat::record(arch::time::rdtsc().wrapping_sub(start));
+        crate::diag::faultstat::record(arch::time::rdtsc().wrapping_sub(start));
     }
     match r {
         // A kernel task touching a user address: not the memory manager's.

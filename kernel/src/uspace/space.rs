@@ -7,8 +7,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use mm::{MapFlags, Mm, Prot, VirtAddr};
 use spin::Mutex;
 
+use crate::binfmt::elf::Elf;
 use crate::sched::WaitQueue;
-use crate::user::elf::Elf;
 
 /// Live address spaces (for leak tests).
 pub static LIVE_SPACES: AtomicU64 = AtomicU64::new(0);
@@ -48,7 +48,7 @@ pub enum SpaceError {
 impl AddressSpace {
     /// A new, empty address space sharing the kernel's upper half.
     pub fn new() -> Result<Arc<Self>, SpaceError> {
-        let mm = Mm::new(crate::memory::kernel_pgd()).ok_or(SpaceError::NoMemory)?;
+        let mm = Mm::new(crate::pgd::kernel_pgd()).ok_or(SpaceError::NoMemory)?;
         LIVE_SPACES.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Self {
             mm,
@@ -58,10 +58,10 @@ impl AddressSpace {
         }))
     }
 
-    /// A new address space with the user programs (`crate::user::IMAGE`) loaded.
+    /// A new address space with the user programs (`crate::binfmt::IMAGE`) loaded.
     pub fn with_programs() -> Result<Arc<Self>, SpaceError> {
         let space = Self::new()?;
-        space.load(crate::user::IMAGE)?;
+        space.load(crate::binfmt::IMAGE)?;
         Ok(space)
     }
 
@@ -124,7 +124,7 @@ impl AddressSpace {
         self.mm.cpu_bitmap().set(cpu);
         // SAFETY: the PGD shares the kernel's upper half (Mm::new copies it),
         // so the running kernel code, stack and data stay mapped.
-        unsafe { crate::memory::load_cr3(self.mm.pgd_phys().as_u64()) };
+        unsafe { crate::pgd::load_cr3(self.mm.pgd_phys().as_u64()) };
     }
 
     /// Called when this CPU stops running the space (it switched CR3 away,

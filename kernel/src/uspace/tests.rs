@@ -123,4 +123,4 @@ fn thread_and_space_churn_leaks_nothing() {
     assert_eq!(after, before, "(free frames, tasks, kernel stacks, address spaces) changed");
 }
 
-use crate::storm::settle;
+use crate::workload::storm::settle;

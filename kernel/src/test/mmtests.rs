@@ -53,7 +53,7 @@ mod tests {
             // b shares a's PTE table but has no entry: the copy faults and
             // the exception table turns that into an error.
             let unmapped = arch::usercopy::copy_from_user(&mut other, b.as_u64());
-            crate::memory::load_kernel_cr3();
+            crate::pgd::load_kernel_cr3();
             space.deactivate();
             assert!(mapped.is_ok(), "reading the installed page faulted");
             assert!(unmapped.is_err(), "reading an address with no entry succeeded");
@@ -117,7 +117,7 @@ mod tests {
     /// is handed out twice (tags survive) and the free count comes back.
     #[ktest]
     fn frame_allocator_stress_on_all_cpus() {
-        crate::storm::settle();
+        crate::workload::storm::settle();
         let before = mm::nr_free_pages();
         let tasks: Vec<_> = arch::percpu::online_cpus()
             .map(|cpu| sched::spawn(sched::Task::new_kernel("alloc-stress".into(), cpu, alloc_stress, cpu).unwrap()))
@@ -125,7 +125,7 @@ mod tests {
         for t in tasks {
             assert_eq!(t.join(), 0, "a frame's contents changed while it was allocated");
         }
-        crate::storm::settle();
+        crate::workload::storm::settle();
         assert_eq!(mm::nr_free_pages(), before, "frames leaked");
     }
 

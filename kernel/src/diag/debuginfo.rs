@@ -37,7 +37,7 @@ pub static PTLK_DEBUG_INFO: PtlkDebugInfo = PtlkDebugInfo {
     split_pmd_ptlocks: mm::config::USE_SPLIT_PMD_PTLOCKS as u8,
     alloc_split_ptlocks: mm::ALLOC_SPLIT_PTLOCKS as u8,
     debug_ptlock: cfg!(feature = "debug-ptlock") as u8,
-    phys_offset: crate::PHYS_OFFSET,
+    phys_offset: crate::boot::PHYS_OFFSET,
     nr_cpus: arch::percpu::NR_CPUS as u32,
     page_desc_size: core::mem::size_of::<mm::Page>() as u32,
 };

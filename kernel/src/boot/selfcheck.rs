@@ -31,13 +31,13 @@ pub fn run() -> ExitCode {
 }
 
 fn heap() -> Result<(), &'static str> {
-    let before = crate::heap::used();
+    let before = crate::boot::heap::used();
     let v: Vec<u64> = (0..100_000).collect();
     if v.iter().sum::<u64>() != 100_000 * 99_999 / 2 {
         return Err("vector contents wrong");
     }
     drop(v);
-    if crate::heap::used() != before { Err("heap usage did not return") } else { Ok(()) }
+    if crate::boot::heap::used() != before { Err("heap usage did not return") } else { Ok(()) }
 }
 
 fn breakpoint() -> Result<(), &'static str> {

@@ -1,6 +1,6 @@
 //! The kernel heap: `linked_list_allocator` behind a spin lock, on a
 //! physically contiguous range the memory setup takes from boot memory
-//! (`memory.rs`, recorded as `PageKind::Heap` in the memmap) and reaches
+//! (`boot/mem_init.rs`, recorded as `PageKind::Heap` in the memmap) and reaches
 //! through the direct map.
 //!
 //! Page tables never come from here (DESIGN.md section 4): only ordinary
@@ -65,7 +65,7 @@ mod tests {
     fn alloc_free_stress() {
         // Nothing else may free heap memory meanwhile (exited tasks of
         // earlier tests are released by their CPUs asynchronously).
-        crate::storm::settle();
+        crate::workload::storm::settle();
         let before = super::used();
         let mut seed = 0x1234_5678_9abc_def0u64;
         let mut next = move || {

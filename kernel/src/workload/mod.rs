@@ -1,11 +1,17 @@
-//! The default workload of `cargo xtask run`: the self-checks, then a short
-//! fault storm on every CPU with one line per CPU and the totals.
+//! What the kernel runs when it is not testing: the fault storms ([`storm`]),
+//! the benchmark built on them (`mode=bench`, [`bench`]), and here the
+//! default workload of `cargo xtask run` (`mode=run`): the self-checks, then
+//! a short fault storm on every CPU with one line per CPU and the totals.
 
-use abi::storm::{self, Params};
+pub mod bench;
+pub mod storm;
+
+use abi::storm::{MODE_TOUCH, PATTERN_BLOCKS, Params};
 use arch::qemu::ExitCode;
 
-use crate::storm::{Spec, online, run as run_storm};
-use crate::{faultstat, selfcheck};
+use self::storm::{Spec, online, run as run_storm};
+use crate::boot::selfcheck;
+use crate::diag::faultstat;
 
 const BASE: u64 = 0x1_0000_0000;
 /// Per CPU and round: 4 MiB (1024 first-touch faults).
@@ -20,8 +26,8 @@ pub fn run() -> ExitCode {
     faultstat::reset();
     let before = mm::nr_free_pages();
     let params = Params {
-        mode: storm::MODE_TOUCH,
-        pattern: storm::PATTERN_BLOCKS,
+        mode: MODE_TOUCH,
+        pattern: PATTERN_BLOCKS,
         base: BASE,
         len: n as u64 * PER_CPU,
         threads: n as u64,
@@ -60,7 +66,7 @@ pub fn run() -> ExitCode {
     }
     let all = faultstat::summary(cpus.iter().copied());
     let span_us = out.span_cycles() / per_us;
-    crate::storm::settle();
+    storm::settle();
     let leaked = before as i64 - mm::nr_free_pages() as i64;
     log::info!(
         "storm total: {} faults on {n} CPUs in {}.{:03} ms = {} faults/s; mean {} cycles ({} ns), p99 {} cycles; {} mismatches; {} lost races; frames leaked: {leaked}",

@@ -7,7 +7,7 @@
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 
-use crate::heap;
+use super::heap;
 
 /// Everything below this stays out of the frame allocator.
 pub const LOW_MEMORY_END: u64 = 0x10_0000;
@@ -27,37 +27,6 @@ pub struct BootReport {
     pub heap_size: u64,
 }
 
-/// The kernel's own PML4 (the bootloader's, adopted at boot): kernel tasks
-/// run on it, and every address space copies its upper half.
-static KERNEL_PML4: spin::Once<u64> = spin::Once::new();
-
-/// The kernel's page tables as the mm crate sees them.
-pub fn kernel_pgd() -> mm::KernelPgd {
-    let pa = *KERNEL_PML4.get().expect("memory::init has not run");
-    // SAFETY: the boot PML4 maps the kernel and is never freed.
-    unsafe { mm::KernelPgd::new(mm::PhysAddr::new(pa)) }
-}
-
-/// Loads `pml4` into CR3 (flushing non-global translations).
-///
-/// # Safety
-/// `pml4` must be a PML4 whose upper half is the kernel's.
-pub unsafe fn load_cr3(pml4: u64) {
-    use x86_64::registers::control::{Cr3, Cr3Flags};
-    use x86_64::structures::paging::PhysFrame;
-    let frame = PhysFrame::from_start_address(x86_64::PhysAddr::new(pml4)).expect("unaligned PML4");
-    if Cr3::read().0 != frame {
-        // SAFETY: the caller guarantees the kernel half is mapped the same.
-        unsafe { Cr3::write(frame, Cr3Flags::empty()) };
-    }
-}
-
-/// Loads the kernel's own page tables.
-pub fn load_kernel_cr3() {
-    // SAFETY: it is the kernel's PML4.
-    unsafe { load_cr3(*KERNEL_PML4.get().expect("memory::init has not run")) };
-}
-
 /// Whether `[start, end)` lies inside one usable region of the boot memory
 /// map (the AP trampoline checks its page with this).
 pub fn is_usable(regions: &MemoryRegions, start: u64, end: u64) -> bool {
@@ -66,7 +35,7 @@ pub fn is_usable(regions: &MemoryRegions, start: u64, end: u64) -> bool {
 
 /// Builds the heap and the frame allocator. Call once, on the boot CPU.
 pub fn init(regions: &MemoryRegions, phys_offset: u64) -> BootReport {
-    KERNEL_PML4.call_once(|| x86_64::registers::control::Cr3::read().0.start_address().as_u64());
+    crate::pgd::adopt_boot_pml4();
     let mut ranges = [(0u64, 0u64); mm::memmap::MAX_SECTIONS];
     let mut n = 0;
     let mut usable = 0;

@@ -27,9 +27,9 @@ use abi::storm::{self, Params};
 use arch::qemu::ExitCode;
 use mm::lock::{LockClass, lock_stats, reset_lock_stats};
 
-use crate::cmdline::Cmdline;
-use crate::faultstat;
-use crate::storm::{Spec, online, run as run_storm, settle};
+use super::storm::{Spec, online, run as run_storm, settle};
+use crate::boot::cmdline::Cmdline;
+use crate::diag::faultstat;
 
 const BASE: u64 = 0x1_0000_0000;
 

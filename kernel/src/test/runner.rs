@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! running 12 tests
-//! test kernel::heap::tests::alloc_free_stress ... ok
+//! test kernel::boot::heap::tests::alloc_free_stress ... ok
 //! test mm::frame::tests::exhaust ... FAILED
 //!     panicked at mm/src/frame.rs:88: free count 10 != 12
 //! not run: mm::frame::tests::merge, kernel::smp::tests::ipi
@@ -27,7 +27,7 @@ use arch::{print, println};
 use ktest::KTest;
 use spin::Once;
 
-use crate::cmdline::Cmdline;
+use crate::boot::cmdline::Cmdline;
 
 /// Tests selected for this run, in order.
 static SELECTED: Once<Vec<&'static KTest>> = Once::new();

@@ -39,6 +39,6 @@ fn panic(info: &PanicInfo) -> ! {
     }
     let rip = panic as *const () as u64;
     arch::trap::backtrace::print(rip, arch::trap::backtrace::current_rbp());
-    crate::testrunner::on_panic(info);
+    crate::test::runner::on_panic(info);
     arch::qemu::exit(arch::qemu::ExitCode::Failure)
 }

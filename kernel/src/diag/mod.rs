@@ -1,0 +1,11 @@
+//! Diagnostics: what the kernel tells the people and tools watching it.
+//!
+//! * [`logger`]: the `log` facade on the serial console;
+//! * [`panic`]: the panic handler (report, backtrace, test verdict, exit);
+//! * [`faultstat`]: per-CPU page-fault counts and cost histograms;
+//! * [`debuginfo`]: the block of build facts gdb/ptlk.py reads.
+
+pub mod debuginfo;
+pub mod faultstat;
+pub mod logger;
+mod panic;
