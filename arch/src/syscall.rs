@@ -38,21 +38,9 @@ arch_syscall_entry:
     push rcx
     push 0
     push {vector}
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-    push r8
-    push r9
-    push r10
-    push r11
-    push r12
-    push r13
-    push r14
-    push r15
+"#,
+    crate::trap::push_gprs!(),
+    r#"
     cld
     mov rdi, rsp
     call arch_syscall_dispatch

@@ -66,42 +66,13 @@ stubs!(
 const _: () = assert!(has_error_code(14) && !has_error_code(3) && is_paranoid(2) && !is_paranoid(14));
 
 core::arch::global_asm!(
+    ".macro PUSH_GPRS",
+    super::frame::push_gprs!(),
+    ".endm",
+    ".macro POP_GPRS",
+    super::frame::pop_gprs!(),
+    ".endm",
     r#"
-.macro PUSH_GPRS
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-    push r8
-    push r9
-    push r10
-    push r11
-    push r12
-    push r13
-    push r14
-    push r15
-.endm
-.macro POP_GPRS
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rbp
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-.endm
-
 .p2align 4
 .global trap_common
 trap_common:

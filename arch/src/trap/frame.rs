@@ -37,6 +37,62 @@ pub struct TrapFrame {
 }
 
 const _: () = assert!(core::mem::size_of::<TrapFrame>() == 22 * 8);
+// The general registers sit below `vector` in the order `push_gprs!` leaves
+// them: `rax` pushed first (highest), `r15` last (lowest).
+const _: () = assert!(
+    core::mem::offset_of!(TrapFrame, r15) == 0
+        && core::mem::offset_of!(TrapFrame, rax) == 14 * 8
+        && core::mem::offset_of!(TrapFrame, vector) == 15 * 8
+);
+
+/// Assembly that pushes the general registers in [`TrapFrame`]'s order, on
+/// top of `vector` and `error_code`: the one place the layout is written in
+/// assembly, used by the trap entry (`entry.rs`) and the `syscall` entry
+/// (`syscall.rs`).
+macro_rules! push_gprs {
+    () => {
+        "push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15"
+    };
+}
+
+/// The inverse of [`push_gprs!`]: pops a [`TrapFrame`]'s general registers,
+/// leaving `vector` on top of the stack.
+macro_rules! pop_gprs {
+    () => {
+        "pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rbp
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax"
+    };
+}
+
+pub(crate) use pop_gprs;
+pub(crate) use push_gprs;
 
 impl TrapFrame {
     /// Whether the trap interrupted ring 3.

@@ -13,6 +13,7 @@ mod frame;
 use core::sync::atomic::Ordering;
 
 pub use frame::TrapFrame;
+pub(crate) use frame::push_gprs;
 use spin::Once;
 use x86_64::VirtAddr;
 use x86_64::registers::control::Cr2;
