@@ -7,7 +7,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use arch::trap::{FaultOutcome, PageFault, TrapFrame, TrapHooks};
+use arch::trap::{TrapFrame, TrapHooks};
 
 /// `int3`s taken since boot.
 pub static BREAKPOINTS: AtomicU64 = AtomicU64::new(0);
@@ -22,14 +22,6 @@ pub static LAST_FAULT_ADDR: AtomicU64 = AtomicU64::new(0);
 pub fn count_page_fault(addr: u64) {
     PAGE_FAULTS.fetch_add(1, Ordering::Relaxed);
     LAST_FAULT_ADDR.store(addr, Ordering::Relaxed);
-}
-
-fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
-    crate::uspace::page_fault(frame, pf)
-}
-
-fn user_exception(frame: &mut TrapFrame, fault: Option<PageFault>) {
-    crate::uspace::user_exception(frame, fault)
 }
 
 fn breakpoint(frame: &mut TrapFrame) {
@@ -52,8 +44,8 @@ fn fatal() -> ! {
 /// Registers the policy with the trap layer.
 pub fn install() {
     arch::trap::set_hooks(TrapHooks {
-        page_fault,
-        user_exception,
+        page_fault: crate::uspace::page_fault,
+        user_exception: crate::uspace::user_exception,
         breakpoint,
         irq,
         fatal,

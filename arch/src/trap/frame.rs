@@ -2,6 +2,8 @@
 
 use core::fmt;
 
+use x86_64::registers::rflags::RFlags;
+
 /// Registers saved on the kernel stack by the entry stubs, lowest address
 /// first. The layout is the ABI between `entry.rs` and Rust: the stubs push
 /// `error_code` (or a dummy 0) and `vector`, then the general registers.
@@ -98,6 +100,11 @@ impl TrapFrame {
     /// Whether the trap interrupted ring 3.
     pub fn from_user(&self) -> bool {
         self.cs & 3 == 3
+    }
+
+    /// Whether the interrupted code ran with interrupts enabled (RFLAGS.IF).
+    pub fn interrupts_were_enabled(&self) -> bool {
+        RFlags::from_bits_truncate(self.rflags).contains(RFlags::INTERRUPT_FLAG)
     }
 }
 

@@ -87,22 +87,81 @@ pub struct PageFault {
     pub code: PageFaultErrorCode,
 }
 
+impl PageFault {
+    /// The access that faulted, decoded from the error code.
+    pub fn access(&self) -> FaultAccess {
+        FaultAccess {
+            write: self.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE),
+            exec: self.code.contains(PageFaultErrorCode::INSTRUCTION_FETCH),
+            user: self.code.contains(PageFaultErrorCode::USER_MODE),
+            present: self.code.contains(PageFaultErrorCode::PROTECTION_VIOLATION),
+        }
+    }
+}
+
+/// The faulting access, as the page-fault error code describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultAccess {
+    /// A write (bit 1; clear for a read or a fetch).
+    pub write: bool,
+    /// An instruction fetch (bit 4).
+    pub exec: bool,
+    /// Made in user mode (bit 2). A kernel user-copy access is a supervisor
+    /// access: this is clear for it.
+    pub user: bool,
+    /// The page was present, so the access broke its protection (bit 0);
+    /// clear when nothing was mapped.
+    pub present: bool,
+}
+
+impl FaultAccess {
+    /// A few words for a log line, e.g. "write to an unmapped page".
+    pub fn describe(self) -> &'static str {
+        match (self.present, self.write, self.exec) {
+            (_, _, true) => "instruction fetch",
+            (true, true, _) => "write to a present page",
+            (true, false, _) => "read of a present page",
+            (false, true, _) => "write to an unmapped page",
+            (false, false, _) => "read of an unmapped page",
+        }
+    }
+}
+
 /// What the kernel's page-fault handler decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultOutcome {
     /// The mapping was fixed (or another CPU fixed it): retry the access.
     Handled,
-    /// Not a fault the memory manager can resolve.
-    Unhandled,
+    /// Not resolved, and why: the exception table, the user-exception hook
+    /// or an oops takes it from here.
+    Unhandled(FaultReason),
+}
+
+/// Why a page fault was left unresolved (the kernel fills it in from its
+/// memory manager's answer; the user-exception hook reports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultReason {
+    /// The address is outside user space.
+    KernelAddress,
+    /// A kernel access to a user address that is not the memory manager's:
+    /// outside the user-copy routines, or from a task with no address space.
+    KernelAccess,
+    /// No mapping covers the address (Linux's `SEGV_MAPERR`).
+    NoMapping,
+    /// The mapping does not allow this access (`SEGV_ACCERR`).
+    NotPermitted,
+    /// Memory ran out while resolving the fault.
+    OutOfMemory,
 }
 
 /// The kernel's policy for traps. Registered once with [`set_hooks`].
 pub struct TrapHooks {
     /// A page fault at any privilege level. Runs with interrupts disabled.
     pub page_fault: fn(&mut TrapFrame, PageFault) -> FaultOutcome,
-    /// An exception from ring 3 that was not resolved: the kernel ends the
-    /// offending task and does not return to it.
-    pub user_exception: fn(&mut TrapFrame, Option<PageFault>),
+    /// An exception from ring 3 that was not resolved (for a page fault, the
+    /// fault and why `page_fault` left it): the kernel ends the offending
+    /// task and does not return to it.
+    pub user_exception: fn(&mut TrapFrame, Option<(PageFault, FaultReason)>),
     /// `int3`. Returns to the instruction after it.
     pub breakpoint: fn(&mut TrapFrame),
     /// Any vector >= 32.
@@ -224,9 +283,11 @@ fn dispatch(frame: &mut TrapFrame) {
         addr: Cr2::read().unwrap_or(VirtAddr::zero()),
         code: PageFaultErrorCode::from_bits_truncate(frame.error_code),
     });
+    let mut unresolved = None;
     if let (Some(h), Some(pf)) = (hooks, fault) {
-        if (h.page_fault)(frame, pf) == FaultOutcome::Handled {
-            return;
+        match (h.page_fault)(frame, pf) {
+            FaultOutcome::Handled => return,
+            FaultOutcome::Unhandled(reason) => unresolved = Some((pf, reason)),
         }
     }
     if vector == vector::BREAKPOINT {
@@ -237,7 +298,7 @@ fn dispatch(frame: &mut TrapFrame) {
     }
     if frame.from_user() {
         if let Some(h) = hooks {
-            (h.user_exception)(frame, fault);
+            (h.user_exception)(frame, unresolved);
             return;
         }
     } else if let Some(fixup) = extable::search(frame.rip) {
