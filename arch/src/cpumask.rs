@@ -1,11 +1,20 @@
-//! Sets of CPUs: [`CpuMask`] (a plain bitset over `NR_CPUS` logical CPU
-//! numbers) and [`AtomicCpuMask`] (the same, updated concurrently).
+//! Sets of logical CPU numbers for the hardware layer: [`CpuMask`] (a plain
+//! bitset over `0..NR_CPUS`) and [`AtomicCpuMask`] (the same, updated by
+//! several CPUs at once).
 //!
-//! `CpuMask` is a value: IPI and shoot-down calls take one to say whom to
-//! interrupt. `AtomicCpuMask` is shared state: an address space uses one to
-//! track the CPUs that may hold its TLB entries (a CPU sets its bit when it
-//! loads the address space, the unmap path reads the mask and shoots at it),
-//! and the cross-call machinery uses one per CPU as its inbox.
+//! `CpuMask` is a value: whom to interrupt. IPIs, cross calls and TLB
+//! shoot-downs take one (`ipi::send_fixed`, `ipi::on_cpus`,
+//! `tlb::shootdown`), and the online set is read as one.
+//!
+//! `AtomicCpuMask` is shared state inside this crate: the online set
+//! (`percpu`), each CPU's cross-call and shoot-down inbox, the senders with
+//! work for it (`ipi`), and the CPUs stopped by a dying one.
+//!
+//! Address spaces do not use either. The CPUs that may hold an address
+//! space's TLB entries are the memory manager's `CpuBitmap` (mm/src/tlb.rs,
+//! Linux's `mm_cpumask`): a CPU joins it when it loads the address space's
+//! CR3, and the unmap path reads it for a shoot-down, which the kernel's HAL
+//! (kernel/src/mmhal.rs) turns into a `CpuMask` for `tlb::shootdown`.
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -36,18 +45,6 @@ impl CpuMask {
     /// The empty set.
     pub const fn new() -> Self {
         Self { words: [0; MASK_WORDS] }
-    }
-
-    /// The set whose raw words are `words` (CPU `n` is bit `n % 64` of word
-    /// `n / 64`); bits at or above NR_CPUS are dropped. For converting other
-    /// bitmaps of CPUs (the memory manager's `mm_cpumask`) without a loop.
-    pub fn from_words(words: &[u64]) -> Self {
-        let mut m = Self::new();
-        for (dst, &src) in m.words.iter_mut().zip(words) {
-            *dst = src;
-        }
-        m.words[MASK_WORDS - 1] &= LAST_WORD_BITS;
-        m
     }
 
     /// `{cpu}`.
@@ -120,11 +117,6 @@ impl CpuMask {
     /// Whether every CPU of `other` is also in `self`.
     pub fn is_superset(&self, other: &CpuMask) -> bool {
         self.words.iter().zip(other.words.iter()).all(|(a, b)| b & !a == 0)
-    }
-
-    /// The raw words (CPU `n` is bit `n % 64` of word `n / 64`).
-    pub fn words(&self) -> &[u64; MASK_WORDS] {
-        &self.words
     }
 }
 
@@ -340,8 +332,6 @@ mod tests {
         assert_eq!(CpuMask::all_possible().count(), NR_CPUS);
         assert_eq!(CpuMask::single(last).first(), Some(last));
         assert_eq!(CpuMask::all_possible().without(last).count(), NR_CPUS - 1);
-        assert_eq!(CpuMask::from_words(&[u64::MAX; 8]), CpuMask::all_possible());
-        assert_eq!(CpuMask::from_words(m.words()), m);
     }
 
     /// Debug output collapses runs into ranges.
