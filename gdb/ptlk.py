@@ -25,8 +25,8 @@ they read from them:
     mm::lock::rwlock::RwSpinLock {readers: [ReaderShard(AtomicU32)], writer,
         data} (Mm::mmap_lock)
     arch::percpu::PERCPU: [PerCpu {cpu_id, apic_id, kernel_rsp, tss, ...}]
-    kernel::sched::CPUS: [CpuSched {rq, current: UnsafeCell<Option<Arc<Task>>>,
-        ...}] and kernel::sched::task::Task {tid, name, cpu, state, space}
+    kernel::sched::CPUS: [CpuSched {rq, current: OwnerCell<Arc<Task>>
+        (UnsafeCell<Option<Arc<Task>>>), ...}] and kernel::sched::task::Task {tid, name, cpu, state, space}
 If one of them changes, the command that uses it says which field it could
 not find instead of printing nonsense.
 """
@@ -50,7 +50,7 @@ class LayoutError(gdb.GdbError):
 
 # ---------------------------------------------------------------- value access
 
-WRAPPERS = ("core::sync::atomic::Atomic", "core::cell::UnsafeCell", "core::sync::atomic::private::Align",
+WRAPPERS = ("core::sync::atomic::Atomic", "core::cell::UnsafeCell", "kernel::sched::OwnerCell", "core::sync::atomic::private::Align",
             "core::mem::manually_drop::ManuallyDrop", "core::mem::maybe_dangling::MaybeDangling",
             "core::cell::Cell")
 

@@ -10,8 +10,7 @@
 //! ABI (Linux-like): number in RAX; arguments in RDI, RSI, RDX, R10, R8, R9;
 //! result in RAX. RCX and R11 are clobbered.
 
-use core::sync::atomic::{AtomicPtr, Ordering};
-
+use spin::Once;
 use x86_64::VirtAddr;
 use x86_64::registers::model_specific::{Efer, EferFlags, LStar, SFMask, Star};
 use x86_64::registers::rflags::RFlags;
@@ -67,22 +66,19 @@ unsafe extern "C" {
 }
 
 /// The kernel's system-call handler, registered with [`init`].
-static HANDLER: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+static HANDLER: Once<fn(&mut TrapFrame)> = Once::new();
 
 #[unsafe(no_mangle)]
 extern "C" fn arch_syscall_dispatch(frame: &mut TrapFrame) {
-    let h = HANDLER.load(Ordering::Acquire);
-    assert!(!h.is_null(), "syscall before a handler was registered");
-    // SAFETY: HANDLER only ever holds a `fn(&mut TrapFrame)` (see `init`).
-    let f: fn(&mut TrapFrame) = unsafe { core::mem::transmute(h) };
-    f(frame);
+    let handler = HANDLER.get().expect("syscall before a handler was registered");
+    handler(frame);
 }
 
 /// Enables `syscall` on this CPU and routes it to `handler`, which runs with
 /// interrupts disabled (SFMASK clears IF) on the thread's kernel stack. Call
-/// on every CPU.
+/// on every CPU, with the same handler: the first registration wins.
 pub fn init(handler: fn(&mut TrapFrame)) {
-    HANDLER.store(handler as *mut (), Ordering::Release);
+    HANDLER.call_once(|| handler);
     // SAFETY: the selectors match the GDT layout of `gdt.rs` (kernel CS/SS at
     // 0x08/0x10; sysret would use 0x18+3/0x20+3); LSTAR points at the entry
     // above; SFMASK clears IF, TF, DF and AC on entry.

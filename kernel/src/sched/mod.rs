@@ -13,8 +13,10 @@
 //!   switch.
 //!
 //! Locks: `CpuSched::rq` protects one CPU's run queue (lock order: it is a leaf;
-//! it is never held across a context switch). Everything else in `CpuSched`
-//! is touched only by its own CPU with interrupts disabled.
+//! it is never held across a context switch). The task slots of `CpuSched`
+//! (`current`, `idle`, `zombie`) are [`OwnerCell`]s: touched only by their
+//! own CPU (through [`local`]) with interrupts disabled, which every access
+//! proves with an [`IrqsOff`] guard.
 
 pub mod task;
 mod wait;
@@ -25,6 +27,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use arch::irq::IrqsOff;
 use arch::percpu::NR_CPUS;
 use spin::Mutex;
 pub use task::{State, Task};
@@ -37,30 +40,75 @@ struct CpuSched {
     /// Runnable tasks of this CPU, in FIFO order. Protected by the lock:
     /// the owner pops and re-queues, any CPU pushes a woken task.
     rq: Mutex<VecDeque<Arc<Task>>>,
-    /// The running task. Owner CPU only, interrupts off.
-    current: UnsafeCell<Option<Arc<Task>>>,
-    /// The task that runs when the queue is empty. Owner CPU only.
-    idle: UnsafeCell<Option<Arc<Task>>>,
+    /// The running task.
+    current: OwnerCell<Arc<Task>>,
+    /// The task that runs when the queue is empty.
+    idle: OwnerCell<Arc<Task>>,
     /// An exited task whose stack we left; dropped after the next switch.
-    zombie: UnsafeCell<Option<Arc<Task>>>,
+    zombie: OwnerCell<Arc<Task>>,
     /// Whether `init_cpu` ran here.
     ready: AtomicBool,
     /// Context switches on this CPU.
     switches: AtomicUsize,
 }
 
-// SAFETY: the UnsafeCell fields are accessed only by the owning CPU with
-// interrupts disabled (see the module comment), so there is never concurrent
-// access to them; `rq` is a lock.
-unsafe impl Sync for CpuSched {}
+/// A slot of one CPU's scheduler state that only that CPU touches, with
+/// interrupts off: no lock, and no reference into it ever leaves an access
+/// (values go in and out whole), so accesses cannot overlap.
+struct OwnerCell<T>(UnsafeCell<Option<T>>);
+
+// SAFETY: an `OwnerCell` is reached only through its CPU's `local()` (the
+// module never touches another CPU's cells), and every access takes an
+// `IrqsOff`: interrupts are off on that CPU, so no interrupt handler and no
+// other task runs there during the access, and no other CPU ever accesses
+// the cell. The values are `Send` (`Arc<Task>`), so it does not matter which
+// CPU dropped or created them.
+unsafe impl<T: Send> Sync for OwnerCell<T> {}
+
+impl<T: Clone> OwnerCell<T> {
+    const fn new() -> Self {
+        Self(UnsafeCell::new(None))
+    }
+
+    /// A copy of the value.
+    fn get(&self, irqs: &IrqsOff) -> Option<T> {
+        irqs.check();
+        // SAFETY: only this CPU accesses the cell, with interrupts off
+        // (`irqs`), and no reference into it outlives an access (see the
+        // `Sync` impl): this shared borrow is the only one.
+        unsafe { (*self.0.get()).clone() }
+    }
+
+    /// Stores `value` and returns the old one (the caller drops it, outside
+    /// the access).
+    fn replace(&self, irqs: &IrqsOff, value: Option<T>) -> Option<T> {
+        irqs.check();
+        // SAFETY: only this CPU accesses the cell, with interrupts off
+        // (`irqs`), and no reference into it outlives an access (see the
+        // `Sync` impl): this exclusive borrow is the only one.
+        unsafe { core::mem::replace(&mut *self.0.get(), value) }
+    }
+}
+
+impl<T> OwnerCell<Arc<T>> {
+    /// The address of the value, without taking a reference: the caller
+    /// argues why it stays valid.
+    fn as_ptr(&self, irqs: &IrqsOff) -> Option<*const T> {
+        irqs.check();
+        // SAFETY: only this CPU accesses the cell, with interrupts off
+        // (`irqs`), and no reference into it outlives an access (see the
+        // `Sync` impl): this shared borrow is the only one.
+        unsafe { (*self.0.get()).as_ref().map(Arc::as_ptr) }
+    }
+}
 
 impl CpuSched {
     const fn new() -> Self {
         Self {
             rq: Mutex::new(VecDeque::new()),
-            current: UnsafeCell::new(None),
-            idle: UnsafeCell::new(None),
-            zombie: UnsafeCell::new(None),
+            current: OwnerCell::new(),
+            idle: OwnerCell::new(),
+            zombie: OwnerCell::new(),
             ready: AtomicBool::new(false),
             switches: AtomicUsize::new(0),
         }
@@ -69,7 +117,8 @@ impl CpuSched {
 
 static CPUS: [CpuSched; NR_CPUS] = [const { CpuSched::new() }; NR_CPUS];
 
-/// How a CPU asks another to reschedule (an IPI once SMP exists).
+/// How a CPU asks another to reschedule (`smp::kick`, a reschedule IPI,
+/// registered at boot).
 static KICK: spin::Once<fn(usize)> = spin::Once::new();
 
 /// Registers how to make a remote CPU notice newly queued work.
@@ -82,25 +131,23 @@ fn local() -> &'static CpuSched {
 }
 
 /// Runs `f` on this CPU's private state with interrupts off.
-fn with_local<R>(f: impl FnOnce(&'static CpuSched) -> R) -> R {
-    arch::irq::without_interrupts(|| f(local()))
+fn with_local<R>(f: impl FnOnce(&'static CpuSched, &IrqsOff) -> R) -> R {
+    let irqs = IrqsOff::save();
+    f(local(), &irqs)
 }
 
 /// Makes the code running on this CPU a task (`name`), and creates the CPU's
 /// idle task. Call once per CPU, from its boot context, before any other
 /// scheduler call on that CPU.
 pub fn init_cpu(name: &str) {
-    with_local(|cs| {
+    with_local(|cs, irqs| {
         let cpu = arch::percpu::cpu_id();
         let boot = Task::adopt_current(name, cpu);
         let idle =
             Task::new_kernel(alloc::format!("idle/{cpu}"), cpu, idle_loop, 0).expect("no memory for the idle task");
         boot.set_state(State::Running);
-        // SAFETY: owner CPU, interrupts off.
-        unsafe {
-            *cs.current.get() = Some(boot);
-            *cs.idle.get() = Some(idle);
-        }
+        let old = (cs.current.replace(irqs, Some(boot)), cs.idle.replace(irqs, Some(idle)));
+        drop(old);
         cs.ready.store(true, Ordering::Release);
     });
 }
@@ -112,8 +159,7 @@ pub fn cpu_ready(cpu: usize) -> bool {
 
 /// The running task.
 pub fn current() -> Arc<Task> {
-    // SAFETY: owner CPU, interrupts off (with_local).
-    with_local(|cs| unsafe { (*cs.current.get()).clone() }).expect("scheduler not initialised on this CPU")
+    with_local(|cs, irqs| cs.current.get(irqs)).expect("scheduler not initialised on this CPU")
 }
 
 /// Runs `f` on the running task's address space, if it is a user thread,
@@ -123,8 +169,7 @@ pub fn current() -> Arc<Task> {
 /// would be two locked operations on one cache line that every CPU of a
 /// fault storm writes.
 pub fn with_current_space<R>(f: impl FnOnce(&crate::uspace::AddressSpace) -> R) -> Option<R> {
-    // SAFETY: owner CPU, interrupts off (with_local).
-    let task: *const Task = with_local(|cs| unsafe { (*cs.current.get()).as_ref().map(Arc::as_ptr) })?;
+    let task: *const Task = with_local(|cs, irqs| cs.current.as_ptr(irqs))?;
     // SAFETY: `task` is the running task, which is executing this call. A
     // task is kept alive while it runs (by this CPU's `current`) and while it
     // is switched out (by whoever will resume it), and it cannot exit in the
@@ -200,12 +245,12 @@ pub fn exit_current(code: i64) -> ! {
 
 /// The core: picks the next task on this CPU and switches to it.
 pub fn schedule() {
-    let was_enabled = arch::irq::enabled();
-    arch::irq::disable();
+    // Interrupts come back on when this task returns from here, if they
+    // were on when it came in.
+    let irqs = IrqsOff::save();
     let cs = local();
-    // SAFETY: owner CPU, interrupts off, for all the UnsafeCell accesses below.
-    let prev = unsafe { (*cs.current.get()).clone() }.expect("schedule() before init_cpu");
-    let idle = unsafe { (*cs.idle.get()).clone() }.expect("no idle task");
+    let prev = cs.current.get(&irqs).expect("schedule() before init_cpu");
+    let idle = cs.idle.get(&irqs).expect("no idle task");
     // Exited tasks found in the queue: dropped after the lock is released.
     let mut stale: Vec<Arc<Task>> = Vec::new();
     let next = {
@@ -230,9 +275,7 @@ pub fn schedule() {
             }
             None if prev.state() == State::Running => {
                 drop(rq);
-                if was_enabled {
-                    arch::irq::enable();
-                }
+                drop(irqs);
                 return;
             }
             None => idle.clone(),
@@ -241,21 +284,17 @@ pub fn schedule() {
     drop(stale);
     if Arc::ptr_eq(&prev, &next) {
         prev.set_state(State::Running);
-        if was_enabled {
-            arch::irq::enable();
-        }
+        drop(irqs);
         return;
     }
     next.set_state(State::Running);
     next.switch_in_hardware_state(&prev);
     if prev.state() == State::Exited {
-        // SAFETY: owner CPU, interrupts off.
-        unsafe { *cs.zombie.get() = Some(prev.clone()) };
+        drop(cs.zombie.replace(&irqs, Some(prev.clone())));
     }
     let prev_ctx = prev.context_ptr();
     let next_ctx = next.context_ptr();
-    // SAFETY: owner CPU, interrupts off.
-    unsafe { *cs.current.get() = Some(next) };
+    drop(cs.current.replace(&irqs, Some(next)));
     cs.switches.fetch_add(1, Ordering::Relaxed);
     // The Arcs in `current` and (for an exited prev) `zombie` keep both
     // contexts alive across the switch; our local clones must not, or an
@@ -266,24 +305,19 @@ pub fn schedule() {
     // CPU that is not running (it was queued or is the idle task), and
     // `prev_ctx` stays alive in `current`/`zombie` until it is resumed.
     unsafe { arch::context::switch(prev_ctx, next_ctx) };
-    finish_switch();
-    if was_enabled {
-        arch::irq::enable();
-    }
+    finish_switch(&irqs);
 }
 
 /// Runs after every switch, on the incoming task: frees the task we left if
 /// it had exited.
-fn finish_switch() {
-    let cs = local();
-    // SAFETY: owner CPU, interrupts off.
-    let zombie = unsafe { (*cs.zombie.get()).take() };
-    drop(zombie);
+fn finish_switch(irqs: &IrqsOff) {
+    drop(local().zombie.replace(irqs, None));
 }
 
-/// First code of every new task (see `Task::new_kernel`).
+/// First code of every new task (see `Task::new_kernel`), which the switch
+/// entered with interrupts off.
 pub(crate) fn task_entry_tail() {
-    finish_switch();
+    finish_switch(&IrqsOff::assert());
 }
 
 /// Called from the timer interrupt: preempts a task that was running in
