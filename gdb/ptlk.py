@@ -15,7 +15,8 @@ Rust layouts these helpers depend on (by name, through DWARF), and what
 they read from them:
     kernel::diag::debuginfo::PtlkDebugInfo (symbol PTLK_DEBUG_INFO): magic, version,
         split_pte_ptlocks, split_pmd_ptlocks, alloc_split_ptlocks,
-        debug_ptlock, phys_offset, nr_cpus, page_desc_size
+        debug_ptlock, phys_offset, nr_cpus, page_desc_size, and the name
+        tables page_kinds and pt_levels (NameTable {count, names})
     mm::PHYS: spin::Once<mm::physmem::PhysMem> -> memmap: mm::memmap::MemMap
         {sections: [Section {base: Pfn, nr, pages: *const Page}], nr_sections}
     mm::memmap::Page {kind, flags, order, pt_level, refcount, lru,
@@ -33,9 +34,9 @@ not find instead of printing nonsense.
 
 import gdb
 
-PAGE_KINDS = ["Free", "Reserved", "Memmap", "Heap", "Kernel", "Anon", "PageTable", "ZeroPage"]
+# Page kinds and page-table level names come from the kernel's debug-info
+# block (debug_names); the page flags are mm-private bits (mm/src/memmap.rs).
 PAGE_FLAGS = {1: "BUDDY", 2: "PCP", 4: "PTL"}
-PT_LEVELS = {0: "-", 1: "PTE", 2: "PMD", 3: "PUD", 4: "PGD"}
 LEVEL_NAMES = ["PGD", "PUD", "PMD", "PTE"]  # P4D is folded on 4-level x86_64
 ENTRY_FLAGS = [
     (0, "P"), (1, "W"), (2, "U"), (3, "PWT"), (4, "PCD"), (5, "A"), (6, "D"),
@@ -152,9 +153,25 @@ def debug_info():
         raise gdb.GdbError("ptlk.py: symbol PTLK_DEBUG_INFO not found: is this the ptlk kernel ELF?")
     if as_int(info["magic"]) != int.from_bytes(b"PTLKDBG\0", "little"):
         raise gdb.GdbError("ptlk.py: PTLK_DEBUG_INFO has the wrong magic")
-    if as_int(info["version"]) != 1:
-        raise gdb.GdbError("ptlk.py: PTLK_DEBUG_INFO version %d, this script knows 1" % as_int(info["version"]))
+    if as_int(info["version"]) != 2:
+        raise gdb.GdbError("ptlk.py: PTLK_DEBUG_INFO version %d, this script knows 2" % as_int(info["version"]))
     return info
+
+
+def debug_names(table):
+    """A name table of the debug-info block (`page_kinds`, `pt_levels`) as a list."""
+    t = field(debug_info(), table)
+    names = field(t, "names")
+    out = []
+    for i in range(as_int(field(t, "count"))):
+        raw = bytes(gdb.selected_inferior().read_memory(int(names[i].address), names[i].type.sizeof))
+        out.append(raw.split(b"\0", 1)[0].decode("ascii", "replace"))
+    return out
+
+
+def name_of(table, value):
+    names = debug_names(table)
+    return names[value] if value < len(names) else "?%d" % value
 
 
 def phys_offset():
@@ -332,11 +349,11 @@ def describe_page(pfn):
     flags = as_int(field(page, "flags"))
     level = as_int(field(page, "pt_level"))
     lines = ["pfn %#x (phys %#x): struct page at %#x" % (pfn, pfn << 12, int(page.address)),
-             "  kind      %s" % (PAGE_KINDS[kind] if kind < len(PAGE_KINDS) else "?%d" % kind),
+             "  kind      %s" % name_of("page_kinds", kind),
              "  flags     %#x %s" % (flags, " ".join(n for b, n in PAGE_FLAGS.items() if flags & b) or "-"),
              "  order     %d" % as_int(field(page, "order")),
              "  refcount  %d" % as_int(field(page, "refcount")),
-             "  pt_level  %s" % PT_LEVELS.get(level, "?%d" % level)]
+             "  pt_level  %s" % name_of("pt_levels", level)]
     ptl = page_ptl(page)
     if ptl is not None:
         lock, where = ptl

@@ -190,12 +190,16 @@ fn read(reg: Reg) -> u32 {
 
 fn write(reg: Reg, value: u32) {
     match mode() {
-        // SAFETY: as in `read`; writes to these registers only configure
-        // this CPU's APIC (ICR writes go through `send`).
+        // SAFETY: x2APIC mode is enabled on this CPU (`enable_this_cpu` runs
+        // before any register access), so the MSR exists; writes to these
+        // registers only configure this CPU's APIC (ICR writes go through
+        // `send`).
         Some(ApicMode::X2Apic) => unsafe { Msr::new(reg.msr()).write(u64::from(value)) },
         Some(ApicMode::XApic) => {
             let addr = XAPIC_BASE.load(Ordering::Relaxed) + reg as u64;
-            // SAFETY: as in `read`.
+            // SAFETY: XAPIC_BASE maps the APIC page uncached (kvmap), and
+            // `reg` is a valid, aligned register offset within it; the write
+            // only configures this CPU's APIC.
             unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
         }
         None => panic!("local APIC used before init"),
@@ -267,7 +271,8 @@ pub fn id_from_cpuid() -> u32 {
     #[allow(unused_unsafe)]
     let (max, leaf1) = unsafe { (__cpuid_count(0, 0).eax, __cpuid_count(1, 0)) };
     if max >= 0xb {
-        // SAFETY: as above; leaf 0xB exists (max >= 0xB).
+        // SAFETY: CPUID exists on every x86_64 CPU and has no side effects;
+        // leaf 0xB exists (max >= 0xB).
         #[allow(unused_unsafe)]
         let b = unsafe { __cpuid_count(0xb, 0) };
         if b.ebx != 0 {

@@ -4,7 +4,7 @@
 //! callee-saved registers (the System V ABI says the caller already saved the
 //! rest), stores the stack pointer in the outgoing [`Context`], loads the
 //! incoming one and pops its registers. A new thread's stack is prepared so
-//! that its first switch-in "returns" into [`thread_start`], which calls the
+//! that its first switch-in "returns" into `arch_thread_start`, which calls the
 //! entry function with its argument.
 
 /// A switched-out kernel context: the saved stack pointer.

@@ -4,7 +4,7 @@
 //!
 //! # Cross-call channels
 //!
-//! A [`Channel`] carries requests of one kind (function calls, TLB flushes).
+//! A `Channel` carries requests of one kind (function calls, TLB flushes).
 //! Each *sender* CPU owns one request slot per channel: two payload words
 //! and a count of targets that have not finished. Each *target* CPU has an
 //! inbox, an [`AtomicCpuMask`] of the senders with work for it. Sending sets

@@ -34,13 +34,12 @@ pub mod usercopy;
 pub fn init_boot_cpu() {
     percpu::init_this_cpu(0, 0);
     serial::init();
-    static BSP_TABLES: spin::Once<()> = spin::Once::new();
-    BSP_TABLES.call_once(|| {
-        static mut TABLES: gdt::CpuTables = gdt::CpuTables::new();
-        // SAFETY: guarded by the Once, so this is the only reference ever
-        // created to TABLES.
-        gdt::load(unsafe { &mut *(&raw mut TABLES) });
-    });
+    // The boot CPU's tables, handed to the CPU for good: the first call
+    // takes the lock and never gives it back.
+    static BSP_TABLES: spin::Mutex<gdt::CpuTables> = spin::Mutex::new(gdt::CpuTables::new());
+    if let Some(tables) = BSP_TABLES.try_lock() {
+        gdt::load(spin::MutexGuard::leak(tables));
+    }
     trap::load_idt();
     pic::disable();
     time::calibrate();

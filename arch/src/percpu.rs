@@ -128,7 +128,9 @@ pub fn this_cpu() -> &'static PerCpu {
     unsafe {
         core::arch::asm!("mov {}, gs:[0]", out(reg) ptr, options(nostack, preserves_flags, readonly));
     }
-    // SAFETY: see above; the array is 'static and never moves.
+    // SAFETY: gs:0 holds the address of this CPU's `PerCpu` in the static
+    // array (`init_this_cpu` stored it there), which is 'static and never
+    // moves, and `PerCpu` is only ever shared (its fields are atomics).
     unsafe { &*(ptr as *const PerCpu) }
 }
 
@@ -136,7 +138,9 @@ pub fn this_cpu() -> &'static PerCpu {
 #[inline]
 pub fn cpu_id() -> usize {
     let id: u32;
-    // SAFETY: as in `this_cpu`; gs:8 is `cpu_id` (offset asserted above).
+    // SAFETY: `init_this_cpu` ran on this CPU first (boot order), so the GS
+    // base is this CPU's `PerCpu` and gs:8 is its `cpu_id` (offset asserted
+    // above); the load has no side effects.
     unsafe {
         core::arch::asm!("mov {:e}, gs:[8]", out(reg) id, options(nostack, preserves_flags, readonly));
     }

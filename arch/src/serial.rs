@@ -1,6 +1,6 @@
 //! The COM1 serial console.
 //!
-//! Every byte the kernel prints goes through [`SERIAL`]. The lock is taken
+//! Every byte the kernel prints goes through `SERIAL`. The lock is taken
 //! with interrupts disabled so that an interrupt handler that prints (an oops,
 //! an NMI) cannot deadlock against the code it interrupted on the same CPU.
 

@@ -63,7 +63,9 @@ pub fn copy_to_user(dst: u64, src: &[u8]) -> Result<(), BadUserAccess> {
     if !is_user_range(dst, src.len()) {
         return Err(BadUserAccess);
     }
-    // SAFETY: as for `copy_from_user`, with the roles swapped.
+    // SAFETY: `src` is a valid kernel buffer; the destination range is in
+    // the user half (checked), and faults on it are caught by the exception
+    // table.
     let left = unsafe { arch_copy_user(dst as *mut u8, src.as_ptr(), src.len()) };
     if left == 0 { Ok(()) } else { Err(BadUserAccess) }
 }

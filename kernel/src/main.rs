@@ -11,7 +11,7 @@
 //! * [`uspace`], [`binfmt`]: user space (address spaces, threads, system
 //!   calls, the page-fault glue) and loading the embedded user programs;
 //! * [`diag`]: logging, the panic handler, fault statistics, the gdb block;
-//! * [`test`]: the in-kernel test runner and the tests that belong to no
+//! * [`test`](mod@test): the in-kernel test runner and the tests that belong to no
 //!   single module;
 //! * [`workload`]: what `mode=run` and `mode=bench` run (the fault storms).
 #![no_std]

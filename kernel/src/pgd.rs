@@ -29,7 +29,8 @@ pub unsafe fn load_cr3(pml4: u64) {
 
 /// Loads the kernel's own page tables.
 pub fn load_kernel_cr3() {
-    // SAFETY: it is the kernel's PML4.
+    // SAFETY: KERNEL_PML4 is the PML4 the kernel runs on (adopted from CR3
+    // at boot), so its upper half is the kernel's by definition.
     unsafe { load_cr3(*KERNEL_PML4.get().expect("pgd::adopt_boot_pml4 has not run")) };
 }
 

@@ -5,7 +5,7 @@
 //! APIC ID, its own GDT/TSS/IST block and a boot stack, allocated by the
 //! kernel) and calls [`Trampoline::start_ap`], which returns once the AP has
 //! reached Rust code on its own stack, or reports a timeout. The AP then
-//! sets up the rest of its state on its own ([`ap_rust_entry`]): per-CPU
+//! sets up the rest of its state on its own (`ap_rust_entry`): per-CPU
 //! base (GS), GDT/TSS, the shared IDT, protection features, its local APIC,
 //! and finally calls the kernel's `main(cpu)`, which never returns.
 
@@ -197,7 +197,10 @@ impl Trampoline {
         }
         ap.state.store(State::Sent as u32, Ordering::Release);
         fence(Ordering::SeqCst);
-        // SAFETY: as above; opening the claim is the last store before the IPIs.
+        // SAFETY: `data` points into the installed page, which stays ours;
+        // an aligned volatile store of `claim` cannot tear against an AP's
+        // `lock bts` on it, and opening the claim is the last store before
+        // the IPIs (the fields it guards are written above).
         unsafe { (&raw mut (*data).claim).write_volatile(0) };
         fence(Ordering::SeqCst);
 
@@ -241,7 +244,10 @@ impl Trampoline {
         // Put it back into wait-for-SIPI so it cannot wake up late, and
         // close the trampoline for anyone who still does.
         apic::send(Ipi { mode: DeliveryMode::Init, vector: 0, dest });
-        // SAFETY: as above.
+        // SAFETY: `data` points into the installed page, which stays ours;
+        // an aligned volatile store of `claim` cannot tear against a late
+        // AP's `lock bts` on it, and whichever comes first wins: a late AP
+        // that claimed first finds its start abandoned and parks.
         unsafe { (&raw mut (*data).claim).write_volatile(1) };
         Err(StartError::Timeout)
     }

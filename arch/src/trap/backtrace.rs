@@ -16,7 +16,7 @@ const MAX_FRAMES: usize = 32;
 /// Calls `f(depth, return_address)` for each frame, starting at `rbp`.
 pub fn walk(mut rbp: u64, mut f: impl FnMut(usize, u64)) {
     for depth in 0..MAX_FRAMES {
-        if rbp == 0 || rbp % 8 != 0 || rbp < 0xffff_8000_0000_0000 {
+        if rbp == 0 || !rbp.is_multiple_of(8) || rbp < 0xffff_8000_0000_0000 {
             return;
         }
         let (Ok(next), Ok(ret)) = (probe_read_u64(rbp), probe_read_u64(rbp + 8)) else { return };

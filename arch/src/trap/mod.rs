@@ -187,7 +187,7 @@ fn build_idt() -> InterruptDescriptorTable {
     let mut idt = InterruptDescriptorTable::new();
     // SAFETY: `trap_stub_table` is the table of 256 assembly stubs emitted by
     // `entry.rs`, in vector order.
-    let stubs = unsafe { &*(&raw const entry::trap_stub_table) };
+    let stubs = unsafe { &entry::trap_stub_table };
     for (v, &addr) in stubs.iter().enumerate() {
         let addr = VirtAddr::new(addr);
         macro_rules! set {
@@ -227,15 +227,18 @@ fn build_idt() -> InterruptDescriptorTable {
         };
         match v as u8 {
             vector::DOUBLE_FAULT => {
-                // SAFETY: the IST slot is filled by `gdt::load` on every CPU.
+                // SAFETY: the double-fault IST slot is filled by `gdt::load`
+                // on every CPU before it loads this IDT.
                 unsafe { opts.set_stack_index(IstSlot::DoubleFault as u16) };
             }
             vector::NMI => {
-                // SAFETY: as above.
+                // SAFETY: the NMI IST slot is filled by `gdt::load` on every
+                // CPU before it loads this IDT.
                 unsafe { opts.set_stack_index(IstSlot::Nmi as u16) };
             }
             vector::MACHINE_CHECK => {
-                // SAFETY: as above.
+                // SAFETY: the machine-check IST slot is filled by `gdt::load`
+                // on every CPU before it loads this IDT.
                 unsafe { opts.set_stack_index(IstSlot::MachineCheck as u16) };
             }
             vector::BREAKPOINT => {
@@ -290,11 +293,11 @@ fn dispatch(frame: &mut TrapFrame) {
             FaultOutcome::Unhandled(reason) => unresolved = Some((pf, reason)),
         }
     }
-    if vector == vector::BREAKPOINT {
-        if let Some(h) = hooks {
-            (h.breakpoint)(frame);
-            return;
-        }
+    if vector == vector::BREAKPOINT
+        && let Some(h) = hooks
+    {
+        (h.breakpoint)(frame);
+        return;
     }
     if frame.from_user() {
         if let Some(h) = hooks {

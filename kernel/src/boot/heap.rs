@@ -99,7 +99,7 @@ mod tests {
         // SAFETY: the layout is non-zero; the block is freed with the same layout.
         unsafe {
             let p = alloc::alloc::alloc(aligned);
-            assert!(!p.is_null() && p as usize % 4096 == 0);
+            assert!(!p.is_null() && (p as usize).is_multiple_of(4096));
             alloc::alloc::dealloc(p, aligned);
         }
         assert_eq!(super::used(), before, "heap usage did not return to its start");

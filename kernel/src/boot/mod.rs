@@ -105,7 +105,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     // boot task can take interrupts from here on: ticks, IPIs.
     arch::irq::enable();
     let status = match cmdline.mode() {
-        cmdline::Mode::Test => runner::run(&cmdline),
+        cmdline::Mode::Test => runner::run(cmdline),
         cmdline::Mode::Run => workload::run(),
         cmdline::Mode::Bench => bench::run(cmdline),
     };

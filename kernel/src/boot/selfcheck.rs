@@ -1,6 +1,6 @@
-//! The default workload of `cargo xtask run` until the fault storms exist: a
-//! quick self-check of what the kernel has (heap, traps, exception table,
-//! timekeeping), each with a one-line result.
+//! A quick self-check of what the kernel has (heap, traps, exception table,
+//! timekeeping), each with a one-line result: the first part of `cargo xtask
+//! run`'s default workload (`workload::run`), before its fault storm.
 
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -9,9 +9,12 @@ use arch::qemu::ExitCode;
 
 use crate::traps;
 
+/// One check: `Err` says what went wrong.
+type Check = fn() -> Result<(), &'static str>;
+
 /// Runs every check; the machine's exit status is the AND of them.
 pub fn run() -> ExitCode {
-    let checks: [(&str, fn() -> Result<(), &'static str>); 4] = [
+    let checks: [(&str, Check); 4] = [
         ("heap", heap),
         ("breakpoint trap", breakpoint),
         ("page fault + exception table", page_fault),

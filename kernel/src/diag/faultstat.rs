@@ -93,7 +93,7 @@ pub fn summary(cpus: impl Iterator<Item = usize> + Clone) -> Summary {
             }
         }
     }
-    Summary { faults, mean_cycles: if faults > 0 { cycles / faults } else { 0 }, p99_cycles: p99 }
+    Summary { faults, mean_cycles: cycles.checked_div(faults).unwrap_or(0), p99_cycles: p99 }
 }
 
 #[cfg(target_os = "none")]

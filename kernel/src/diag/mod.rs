@@ -1,7 +1,7 @@
 //! Diagnostics: what the kernel tells the people and tools watching it.
 //!
 //! * [`logger`]: the `log` facade on the serial console;
-//! * [`panic`]: the panic handler (report, backtrace, test verdict, exit);
+//! * [`panic`](mod@panic): the panic handler (report, backtrace, test verdict, exit);
 //! * [`faultstat`]: per-CPU page-fault counts and cost histograms;
 //! * [`debuginfo`]: the block of build facts gdb/ptlk.py reads.
 

@@ -199,10 +199,10 @@ extern "C" fn idle_loop(_: usize) -> ! {
 fn enqueue(task: Arc<Task>) {
     let cpu = task.cpu();
     CPUS[cpu].rq.lock().push_back(task);
-    if cpu != arch::percpu::cpu_id() {
-        if let Some(kick) = KICK.get() {
-            kick(cpu);
-        }
+    if cpu != arch::percpu::cpu_id()
+        && let Some(kick) = KICK.get()
+    {
+        kick(cpu);
     }
 }
 
@@ -219,7 +219,7 @@ pub fn yield_now() {
     schedule();
 }
 
-/// Wakes a task blocked in [`block_current`]; no effect on other states.
+/// Wakes a task blocked in a [`WaitQueue`]; no effect on other states.
 pub fn wake(task: &Arc<Task>) {
     if task.try_transition(State::Blocked, State::Runnable) {
         enqueue(task.clone());

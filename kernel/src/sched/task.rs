@@ -70,7 +70,10 @@ pub struct Task {
 // disabled (see the scheduler's module comment); all other fields are
 // immutable or atomic.
 unsafe impl Sync for Task {}
-// SAFETY: as above.
+// SAFETY: moving a task to another CPU's hands (its `Arc` is dropped or
+// queued anywhere) touches no CPU-local state: `context` is read and written
+// only by the task's own CPU with interrupts disabled, whichever CPU holds
+// the `Arc`, and all other fields are immutable, atomic or `Send`.
 unsafe impl Send for Task {}
 
 impl Task {
@@ -184,7 +187,7 @@ impl Task {
         self.try_transition(State::Running, State::Blocked);
     }
 
-    /// Undoes [`prepare_block`] if nobody woke the task meanwhile.
+    /// Undoes [`Self::prepare_block`] if nobody woke the task meanwhile.
     pub(super) fn cancel_block(&self) {
         self.try_transition(State::Blocked, State::Running);
     }

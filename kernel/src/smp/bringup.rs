@@ -94,17 +94,19 @@ pub fn plan(enabled: &[MadtCpu], bsp_apic: u32, mode: ApicMode) -> Plan {
     // Testing aid: `smp_phantom=ID` adds a CPU that does not exist, so the
     // start-up timeout path runs (`cargo xtask test` does this at -smp 3).
     let mut phantoms = 0;
-    if let Some(id) = crate::boot::cmdline::read().value("smp_phantom").and_then(|v| v.parse::<u32>().ok()) {
-        if aps.len() < NR_CPUS - 1 && id != bsp_apic && !enabled.iter().any(|c| c.apic_id == id) {
-            log::info!("smp: adding phantom CPU with APIC ID {id} (smp_phantom): it must time out");
-            aps.push(MadtCpu {
-                apic_id: id,
-                acpi_uid: u32::MAX,
-                flags: arch::acpi::LocalApicFlags::ENABLED,
-                x2apic_entry: false,
-            });
-            phantoms = 1;
-        }
+    if let Some(id) = crate::boot::cmdline::read().value("smp_phantom").and_then(|v| v.parse::<u32>().ok())
+        && aps.len() < NR_CPUS - 1
+        && id != bsp_apic
+        && !enabled.iter().any(|c| c.apic_id == id)
+    {
+        log::info!("smp: adding phantom CPU with APIC ID {id} (smp_phantom): it must time out");
+        aps.push(MadtCpu {
+            apic_id: id,
+            acpi_uid: u32::MAX,
+            flags: arch::acpi::LocalApicFlags::ENABLED,
+            x2apic_entry: false,
+        });
+        phantoms = 1;
     }
     Plan { aps, beyond_nr_cpus, phantoms }
 }

@@ -401,7 +401,7 @@ fn shootdown_stress_from_tasks_through_interrupts() {
     TASK_SHOTS.store(0, Ordering::Relaxed);
     TASK_STOP.store(false, Ordering::Relaxed);
     TASK_START.store(0, Ordering::Relaxed);
-    let irq_before: Vec<u64> = (0..NR_CPUS).map(|c| arch::ipi::tlb_ipis(c)).collect();
+    let irq_before: Vec<u64> = (0..NR_CPUS).map(arch::ipi::tlb_ipis).collect();
     let mut shooters = Vec::new();
     let mut bystanders = Vec::new();
     for &cpu in &cpus {

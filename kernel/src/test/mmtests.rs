@@ -96,7 +96,8 @@ mod tests {
             } else if !live.is_empty() {
                 let i = (next() as usize) % live.len();
                 let (f, tag) = live.swap_remove(i);
-                // SAFETY: as above.
+                // SAFETY: the frames are ours until `free_pages` below, and
+                // their first word was written when they were allocated.
                 if unsafe { (f.virt() as *const u64).read() } != tag {
                     bad += 1;
                 }
@@ -104,7 +105,8 @@ mod tests {
             }
         }
         for (f, tag) in live {
-            // SAFETY: as above.
+            // SAFETY: the frames are ours until `free_pages` below, and
+            // their first word was written when they were allocated.
             if unsafe { (f.virt() as *const u64).read() } != tag {
                 bad += 1;
             }
@@ -137,7 +139,7 @@ mod tests {
     extern "C" fn rwlock_stress(cpu: usize) -> ! {
         let mut torn = 0;
         for i in 0..RW_ROUNDS {
-            if (i + cpu as u64) % 16 == 0 {
+            if (i + cpu as u64).is_multiple_of(16) {
                 let mut g = RW.write();
                 g.0 += 1;
                 core::hint::spin_loop();
@@ -169,7 +171,7 @@ mod tests {
             assert_eq!(t.join(), 0, "a reader saw a writer's half-done update");
         }
         let writes: u64 =
-            cpus.iter().map(|&cpu| (0..RW_ROUNDS).filter(|i| (i + cpu as u64) % 16 == 0).count() as u64).sum();
+            cpus.iter().map(|&cpu| (0..RW_ROUNDS).filter(|i| (i + cpu as u64).is_multiple_of(16)).count() as u64).sum();
         let g = RW.write(); // would spin forever if a reader count were left over
         assert_eq!(*g, (start + writes, start + writes), "a writer's update was lost");
     }

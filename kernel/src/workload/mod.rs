@@ -1,5 +1,5 @@
 //! What the kernel runs when it is not testing: the fault storms ([`storm`]),
-//! the benchmark built on them (`mode=bench`, [`bench`]), and here the
+//! the benchmark built on them (`mode=bench`, [`bench`](mod@bench)), and here the
 //! default workload of `cargo xtask run` (`mode=run`): the self-checks, then
 //! a short fault storm on every CPU with one line per CPU and the totals.
 
@@ -57,7 +57,7 @@ pub fn run() -> ExitCode {
             s.faults,
             us / 1000,
             us % 1000,
-            if us > 0 { s.faults * 1_000_000 / us } else { 0 },
+            (s.faults * 1_000_000).checked_div(us).unwrap_or(0),
             s.mean_cycles,
             s.p99_cycles,
             r.mismatches,
@@ -73,7 +73,7 @@ pub fn run() -> ExitCode {
         all.faults,
         span_us / 1000,
         span_us % 1000,
-        if span_us > 0 { all.faults * 1_000_000 / span_us } else { 0 },
+        (all.faults * 1_000_000).checked_div(span_us).unwrap_or(0),
         all.mean_cycles,
         arch::time::cycles_to_ns(all.mean_cycles),
         all.p99_cycles,
