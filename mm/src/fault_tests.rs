@@ -337,6 +337,8 @@ fn munmap_frees_page_tables_whose_span_it_empties() {
     assert_eq!((mm.nr_puds(), mm.nr_pmds(), mm.nr_ptes()), (1, 1, 1), "PTE and PMD table of the first GiB freed");
     mm.munmap(VirtAddr::new(a + PUD_SIZE), PAGE_SIZE).unwrap();
     assert_eq!((mm.nr_puds(), mm.nr_pmds(), mm.nr_ptes()), (0, 0, 0));
+    // Their locks go with the tables, after a grace period.
+    m.phys.rcu_barrier();
     assert_eq!(m.phys.nr_allocated_ptlocks(), 0);
 }
 

@@ -141,9 +141,21 @@ pub(crate) fn do_huge_pmd_anonymous_page(
 /// Linux `__split_huge_pmd` (+ `split_huge_page`): replaces the huge PMD at
 /// `haddr` by its deposited PTE table filled with 512 entries for the
 /// subpages, with the same protection. Each subpage becomes an independent
-/// 4 KiB frame. Under `pmd_lock`, with `mmap_lock` exclusive. A hugetlb
-/// PMD is never split (callers refuse unaligned ranges on hugetlb VMAs).
-pub(crate) fn __split_huge_pmd(mm: &Mm<'_>, pmd: PmdRef<'_>, haddr: VirtAddr) {
+/// 4 KiB frame. Under `pmd_lock`, with `mmap_lock` held (exclusive for
+/// munmap and mprotect, shared for `madvise`: faults may race it and see
+/// the PMD huge, then none, then a table, and retry). A hugetlb PMD is never
+/// split: callers refuse ranges that cut a hugetlb page, and `vma` decides
+/// (a 2 MiB hugetlb frame and a THP look alike in the memmap).
+///
+/// A THP pinned by the lockless walker ([`crate::gup`]) holds a reference on
+/// its head: it cannot become 512 separately owned frames until the pin
+/// goes, so the split waits for it. Pins are held only by running kernel
+/// code that takes no lock before dropping them, so the wait ends.
+pub(crate) fn __split_huge_pmd(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, haddr: VirtAddr) {
+    if vma.flags.is_hugetlb() {
+        debug_assert!(false, "splitting a hugetlb page at {haddr:?}");
+        return;
+    }
     let pl = pmd_lock(mm, pmd);
     let old = pmd.get();
     if !old.is_leaf() {
@@ -166,30 +178,42 @@ pub(crate) fn __split_huge_pmd(mm: &Mm<'_>, pmd: PmdRef<'_>, haddr: VirtAddr) {
     // address), so clear and shoot down before publishing the table.
     set_pmd(mm, pmd, Pmd::NONE, &pl);
     flush_tlb_range(mm, FlushRange::new(haddr, haddr.add(PMD_SIZE)));
+    // The flush waited for every lockless walk that saw the huge entry
+    // (interrupts off); what they pinned, they hold a head reference for.
+    let head = mm.phys().page(base).expect("mapped frame is managed");
+    let mut spins = 0u32;
+    while head.refcount() > 1 {
+        spins = spins.wrapping_add(1);
+        crate::hal::get().spin_wait(spins);
+    }
     pmd_populate(mm, pmd, pgtable, &pl);
     drop(pl);
     mm.counters.inc(Counter::ThpSplits);
 }
 
-/// Linux `split_huge_pmd_address`: splits the THP mapping `addr`, if any
-/// (hugetlb pages are never split: callers refuse to cut them first).
-pub(crate) fn split_huge_pmd_address(mm: &Mm<'_>, addr: u64) {
+/// Linux `split_huge_pmd_address`: splits the THP of `vma` mapping `addr`,
+/// if any. hugetlb VMAs are never split (their callers refuse to cut them);
+/// the VMA decides, not the frame (2 MiB hugetlb frames are anonymous too).
+pub(crate) fn split_huge_pmd_address(mm: &Mm<'_>, vma: &Vma, addr: u64) {
+    if vma.flags.is_hugetlb() {
+        return;
+    }
     let Some(pmd) = crate::pgtable::walk::walk_pmd(mm, VirtAddr::new(addr)) else { return };
-    let v = pmd.get();
-    if v.is_leaf() && mm.phys().page(v.pfn()).is_some_and(|p| p.kind() != crate::PageKind::Gigantic) {
-        __split_huge_pmd(mm, pmd, VirtAddr::new(addr & !(PMD_SIZE - 1)));
+    if pmd.get().is_leaf() {
+        __split_huge_pmd(mm, vma, pmd, VirtAddr::new(addr & !(PMD_SIZE - 1)));
     }
 }
 
 /// Linux `zap_huge_pmd`: clears a huge PMD (THP or 2 MiB hugetlb) under
 /// `pmd_lock` (= `huge_pte_lock` for 2 MiB) and gathers the 2 MiB frame; a
 /// THP's deposited table is withdrawn and freed at once.
-pub(crate) fn zap_huge_pmd(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pmd: PmdRef<'_>, haddr: VirtAddr) {
+/// Returns the 4 KiB pages unmapped (0 if another CPU got there first).
+pub(crate) fn zap_huge_pmd(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pmd: PmdRef<'_>, haddr: VirtAddr) -> u64 {
     let mm = tlb.mm();
     let pl = pmd_lock(mm, pmd);
     let old = pmd.get();
     if !old.is_leaf() {
-        return;
+        return 0;
     }
     set_pmd(mm, pmd, Pmd::NONE, &pl);
     let deposited = (!vma.flags.is_hugetlb()).then(|| pgtable_trans_huge_withdraw(mm, pmd, &pl));
@@ -203,6 +227,7 @@ pub(crate) fn zap_huge_pmd(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pmd: PmdRef<'
     } else {
         mm.counters.add(Counter::HugetlbPages, -pages);
     }
+    pages as u64
 }
 
 /// Linux `change_huge_pmd`: rewrites a whole huge PMD with `vma`'s

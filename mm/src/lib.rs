@@ -89,16 +89,20 @@ pub mod bootmem;
 pub mod config;
 pub mod counters;
 pub mod frame;
+mod free_pgtables;
 pub mod gigantic;
 pub mod hal;
 mod helpers;
 pub mod huge_memory;
 pub mod hugetlb;
 pub mod lock;
+pub mod madvise;
 pub mod memmap;
 pub mod memory;
 pub mod mm_struct;
 pub mod mmap;
+mod mprotect;
+mod pagewalk;
 mod percpu;
 pub mod pgtable;
 pub mod physmem;
@@ -109,6 +113,7 @@ pub mod table_rcu;
 pub mod tlb;
 pub mod vma;
 pub mod vma_lock;
+mod zap;
 
 #[cfg(test)]
 #[cfg_attr(loom, allow(dead_code))]
@@ -123,6 +128,9 @@ mod fault_tests;
 #[cfg(all(test, not(loom)))]
 mod huge_tests;
 
+#[cfg(all(test, not(loom)))]
+mod madvise_tests;
+
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};
@@ -131,6 +139,7 @@ pub use frame::{Frames, MAX_ORDER, PCP_BATCH, PCP_HIGH};
 pub use gigantic::{GIGANTIC_ORDER, GiganticPool};
 pub use helpers::*;
 pub use huge_memory::{HPAGE_PMD_ORDER, pgtable_trans_huge_deposit, pgtable_trans_huge_withdraw};
+pub use madvise::Advice;
 pub use memmap::{MemmapStats, Page, PageKind};
 pub use memory::{Access, FaultError, FaultResult, MAX_FAULT_RETRIES, handle_mm_fault};
 pub use mm_struct::{KernelPgd, Mm};

@@ -1,18 +1,17 @@
-//! Page faults and unmapping (Linux `mm/memory.c`): `handle_mm_fault`,
-//! `do_anonymous_page`, `do_wp_page`, `zap_pte_range` & co., `free_pgtables`,
-//! and `change_protection` (Linux `mm/mprotect.c`).
+//! Page faults (Linux `mm/memory.c`): `handle_mm_fault`,
+//! `do_anonymous_page`, `do_wp_page`. Unmapping lives in [`crate::zap`],
+//! protection changes in `mprotect`, table freeing in `free_pgtables`.
 //!
 //! # Lock protocol (the table of [`crate::lock`], as this module uses it)
 //!
 //! | step | lock held |
 //! | --- | --- |
-//! | find the VMA, check access | `mmap_lock` shared (taken by [`handle_mm_fault`]) |
-//! | allocate PUD / PMD tables (`pud_alloc`, `pmd_alloc`) | `mmap_lock` shared; install under `page_table_lock` |
+//! | find the VMA, check access | its VMA lock, found under RCU; or `mmap_lock` shared when that fails ([`handle_mm_fault`]) |
+//! | allocate PUD / PMD tables (`pud_alloc`, `pmd_alloc`) | install under `page_table_lock` |
 //! | allocate a PTE table (`pte_alloc`) | install under the PMD lock |
 //! | 2 MiB THP / hugetlb entry | PMD lock (`pmd_lock` / `huge_pte_lock`) |
 //! | 1 GiB hugetlb entry | `page_table_lock` (`huge_pte_lock`) |
 //! | 4 KiB entry (`do_anonymous_page`, `do_wp_page`) | PTE lock (`pte_offset_map_lock`) |
-//! | zap / change_protection / free_pgtables | `mmap_lock` exclusive, then the entry's lock as above |
 //!
 //! Frames and tables are allocated and zeroed *before* the lock that
 //! publishes them is taken; under the lock the code only checks that the
@@ -22,47 +21,36 @@
 //!
 //! # Why a fault may retry, and why it terminates
 //!
-//! `pte_offset_map_lock` returns `None` when the PMD no longer points to a
-//! PTE table by the time it looks: another CPU put a huge page there, or (for
-//! walkers that do not hold `mmap_lock`) the table was detached. The fault
-//! then restarts from the PMD. While a fault holds `mmap_lock` shared, a PMD
-//! entry only ever moves *forward*, from none to a table or from none to a
-//! huge page; tables and huge pages are removed, split or replaced only under
-//! the exclusive lock. So the second walk sees the final state and a fault
-//! retries at most twice. The loop is bounded anyway ([`MAX_FAULT_RETRIES`]):
-//! past it the fault returns [`FaultResult::Retry`] and the access simply
-//! faults again, as Linux returns `VM_FAULT_RETRY`/`0` and lets the CPU retry.
-//!
-//! # Freeing
-//!
-//! Unmapping goes through an [`MmuGather`]: entries are cleared under their
-//! lock, frames and detached tables are gathered, and freed only after the
-//! shoot-down (and, for tables, a grace period); see [`crate::tlb`].
+//! A fault's VMA lock (or shared `mmap_lock`) keeps its VMA, and the PUD and
+//! PMD tables above it, in place, but not the PMD *entry*: other CPUs install
+//! tables and huge pages in it (none to table, none to huge), and
+//! `madvise(MADV_DONTNEED)`, which runs under the same shared locks, zaps huge
+//! pages (huge to none), splits them (huge to table) and reclaims empty PTE
+//! tables (table to none, [`crate::zap`]). So `pte_offset_map` may find no
+//! table, or `pte_offset_map_lock`'s `pmd_same` re-check may fail; the fault
+//! then walks again from the PMD, and never writes into a table no PMD points
+//! to. Each retry means another CPU made progress on that PMD; the loop is
+//! bounded anyway ([`MAX_FAULT_RETRIES`]): past it the fault returns
+//! [`FaultResult::Retry`] and the access simply faults again, as Linux
+//! returns `VM_FAULT_RETRY`/`0` and lets the CPU retry.
 
 use core::fmt;
 use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::{
-    PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, Pfn, PhysAddr, USER_PGTABLES_CEILING, VirtAddr,
-};
+use crate::addr::{Pfn, VirtAddr};
 use crate::counters::Counter;
-use crate::gigantic::GIGANTIC_ORDER;
 use crate::helpers::RcuReadGuard;
-use crate::huge_memory::{__split_huge_pmd, ThpOutcome, change_huge_pmd, do_huge_pmd_anonymous_page, zap_huge_pmd};
+use crate::huge_memory::{ThpOutcome, do_huge_pmd_anonymous_page};
 use crate::hugetlb::hugetlb_fault;
 use crate::memmap::PageKind;
 use crate::mm_struct::Mm;
-use crate::pgtable::entry::{PROTNONE, Pmd, Pte, PteFlags, Pud, pte_same};
-use crate::pgtable::walk::{
-    PmdRef, PudRef, p4d_alloc, p4d_clear, p4d_offset, pgd_offset, pmd_alloc, pmd_offset, pte_alloc, pud_alloc,
-    pud_offset, set_pmd, set_pud,
-};
-use crate::ptdesc::{PtLevel, page_ptdesc};
-use crate::tlb::{FlushRange, MmuGather, flush_tlb_range};
+use crate::pgtable::entry::{PROTNONE, Pte, PteFlags, pte_same};
+use crate::pgtable::walk::{PmdRef, p4d_alloc, pgd_offset, pmd_alloc, pte_alloc, pud_alloc};
+use crate::tlb::{FlushRange, flush_tlb_range};
 use crate::vma::{VmFlags, Vma};
 use crate::vma_lock::{VmaReadGuard, lock_vma_under_rcu};
-use crate::{HugePte, pmd_lock, pte_lockptr, pte_offset_map_lock};
+use crate::{HugePte, pte_offset_map_lock};
 
 /// A fault restarts its walk at most this many times before handing the
 /// access back to the CPU (module comment: two suffice).
@@ -463,350 +451,6 @@ fn do_wp_page(
     mm.counters.inc(Counter::Rss);
     mm.counters.inc(Counter::CowFaults);
     Ok(Some(FaultResult::Cow))
-}
-
-/// `min(round_up(addr + 1, size), end)`: where the walk of one entry of
-/// span `size` stops (Linux `p?d_addr_end`).
-fn addr_end(addr: u64, size: u64, end: u64) -> u64 {
-    ((addr & !(size - 1)) + size).min(end)
-}
-
-/// Linux `unmap_page_range`: clears every entry mapping `[start, end)` of
-/// `vma` and gathers what they mapped. Huge PMDs only partly inside are split
-/// first (their deposited table becomes the PTE table). The caller holds
-/// `mmap_lock` exclusive (or owns the dying address space).
-pub(crate) fn unmap_page_range(tlb: &mut MmuGather<'_, '_>, vma: &Vma, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PGDIR_SIZE, end);
-        let p4d = p4d_offset(mm, pgd_offset(mm, VirtAddr::new(a)), VirtAddr::new(a));
-        if p4d.get().is_table() {
-            zap_pud_range(tlb, vma, p4d, a, next);
-        }
-        a = next;
-    }
-}
-
-fn zap_pud_range(tlb: &mut MmuGather<'_, '_>, vma: &Vma, p4d: crate::P4dRef<'_>, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PUD_SIZE, end);
-        let Some(pud) = pud_offset(mm, p4d, VirtAddr::new(a)) else { return };
-        let v = pud.get();
-        if v.is_leaf() {
-            debug_assert!(a.is_multiple_of(PUD_SIZE) && next - a == PUD_SIZE, "partial unmap of a 1 GiB page");
-            zap_huge_pud(tlb, pud, VirtAddr::new(a & !(PUD_SIZE - 1)));
-        } else if v.is_table() {
-            zap_pmd_range(tlb, vma, pud, a, next);
-        }
-        a = next;
-    }
-}
-
-/// Clears a 1 GiB hugetlb entry under `huge_pte_lock` (= `page_table_lock`).
-fn zap_huge_pud(tlb: &mut MmuGather<'_, '_>, pud: PudRef<'_>, haddr: VirtAddr) {
-    let mm = tlb.mm();
-    let ptl = crate::huge_pte_lock(mm, PUD_SIZE, HugePte::Pud(pud));
-    let old = pud.get();
-    if !old.is_leaf() {
-        return;
-    }
-    set_pud(mm, pud, Pud::NONE, &ptl);
-    tlb.remove_page(old.pfn(), GIGANTIC_ORDER, haddr);
-    drop(ptl);
-    mm.counters.add(Counter::HugetlbPages, -((PUD_SIZE / PAGE_SIZE) as i64));
-}
-
-fn zap_pmd_range(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pud: PudRef<'_>, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PMD_SIZE, end);
-        let Some(pmd) = pmd_offset(mm, pud, VirtAddr::new(a)) else { return };
-        let haddr = VirtAddr::new(a & !(PMD_SIZE - 1));
-        if pmd.get().is_leaf() {
-            if a == haddr.as_u64() && next - a == PMD_SIZE {
-                zap_huge_pmd(tlb, vma, pmd, haddr);
-                a = next;
-                continue;
-            }
-            // Part of a THP: split it, then zap the part as 4 KiB pages.
-            debug_assert!(!vma.flags.is_hugetlb(), "partial unmap of a hugetlb page");
-            __split_huge_pmd(mm, pmd, haddr);
-        }
-        if pmd.get().is_table() {
-            zap_pte_range(tlb, pmd, a, next);
-        }
-        a = next;
-    }
-}
-
-/// Linux `zap_pte_range`: under the PTE lock, clears each entry and gathers
-/// its frame (the zero page is only flushed, never freed).
-fn zap_pte_range(tlb: &mut MmuGather<'_, '_>, pmd: PmdRef<'_>, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let zero = mm.phys().zero_pfn();
-    let Some(mut pte) = pte_offset_map_lock(mm, pmd, VirtAddr::new(start)) else { return };
-    let mut freed = 0i64;
-    let mut a = start;
-    while a < end {
-        let va = VirtAddr::new(a);
-        let old = pte.ptep_get_and_clear(va);
-        if old.maps_frame() {
-            if old.pfn() == zero {
-                tlb.flush_range(va, va.add(PAGE_SIZE));
-            } else {
-                tlb.remove_page(old.pfn(), 0, va);
-                freed += 1;
-            }
-        } else if !old.is_none() {
-            log::error!("mm: zap of unexpected {old} at {va:?}");
-        }
-        a += PAGE_SIZE;
-    }
-    drop(pte);
-    mm.counters.add(Counter::Rss, -freed);
-}
-
-/// Linux `free_pgtables` / `free_pgd_range`: detaches and gathers every
-/// page table whose whole span lies inside the free gap `[floor, ceiling)`
-/// and meets the just-unmapped `[start, end)`. Tables are detached under
-/// their parent's lock (a PTE table also under its own, so a concurrent
-/// `pte_offset_map_lock` either sees the old PMD and re-checks, or fails);
-/// they are freed by the gather after the shoot-down and a grace period.
-pub(crate) fn free_pgtables(tlb: &mut MmuGather<'_, '_>, floor: u64, ceiling: u64, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let end = end.min(USER_PGTABLES_CEILING);
-    let inside = |s: u64, size: u64| floor <= s && s.checked_add(size).is_some_and(|e| e <= ceiling);
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PGDIR_SIZE, end);
-        let span = a & !(PGDIR_SIZE - 1);
-        let p4d = p4d_offset(mm, pgd_offset(mm, VirtAddr::new(a)), VirtAddr::new(a));
-        let v = p4d.get();
-        if v.is_table() {
-            if inside(span, PGDIR_SIZE) {
-                let ptl = mm.lock_page_table();
-                p4d_clear(mm, p4d, &ptl);
-                drop(ptl);
-                gather_pud_table(tlb, v.phys(), span);
-            } else {
-                free_pud_range(tlb, p4d, a, next, &inside);
-            }
-        }
-        a = next;
-    }
-}
-
-fn free_pud_range(
-    tlb: &mut MmuGather<'_, '_>,
-    p4d: crate::P4dRef<'_>,
-    start: u64,
-    end: u64,
-    inside: &dyn Fn(u64, u64) -> bool,
-) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PUD_SIZE, end);
-        let span = a & !(PUD_SIZE - 1);
-        let Some(pud) = pud_offset(mm, p4d, VirtAddr::new(a)) else { return };
-        let v = pud.get();
-        if v.is_table() {
-            if inside(span, PUD_SIZE) {
-                let ptl = mm.lock_page_table();
-                set_pud(mm, pud, Pud::NONE, &ptl);
-                drop(ptl);
-                gather_pmd_table(tlb, v.phys(), span);
-            } else {
-                free_pmd_range(tlb, pud, a, next, inside);
-            }
-        }
-        a = next;
-    }
-}
-
-fn free_pmd_range(
-    tlb: &mut MmuGather<'_, '_>,
-    pud: PudRef<'_>,
-    start: u64,
-    end: u64,
-    inside: &dyn Fn(u64, u64) -> bool,
-) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PMD_SIZE, end);
-        let span = a & !(PMD_SIZE - 1);
-        let Some(pmd) = pmd_offset(mm, pud, VirtAddr::new(a)) else { return };
-        if pmd.get().is_table() && inside(span, PMD_SIZE) {
-            free_pte_table(tlb, pmd, span);
-        }
-        a = next;
-    }
-}
-
-/// Detaches the PTE table `pmd` points to (Linux `free_pte_range` +
-/// `pte_free_tlb`), under the PMD lock and the table's own lock.
-fn free_pte_table(tlb: &mut MmuGather<'_, '_>, pmd: PmdRef<'_>, span: u64) {
-    let mm = tlb.mm();
-    let pl = pmd_lock(mm, pmd);
-    let old = pmd.get();
-    if !old.is_table() {
-        return;
-    }
-    let ptl = pte_lockptr(mm, old);
-    // With split locks off both are page_table_lock, already held.
-    let pte_lock = (!ptl.is_held_by(&pl)).then(|| ptl.lock());
-    set_pmd(mm, pmd, Pmd::NONE, &pl);
-    drop(pte_lock);
-    drop(pl);
-    check_table_empty(mm, old.phys(), "PTE");
-    mm.dec_nr(PtLevel::Pte);
-    tlb.remove_table(old.pfn(), VirtAddr::new(span), VirtAddr::new(span + PMD_SIZE));
-}
-
-/// Reads a detached table's entries (lockless: only walkers that found it
-/// before the detach can still read it, and nobody writes it).
-fn table_entries<'a>(mm: &'a Mm<'_>, table: PhysAddr) -> impl Iterator<Item = (usize, u64)> + 'a {
-    (0..PTRS_PER_TABLE).filter_map(move |i| {
-        let v = mm.phys().slot(table.add(8 * i as u64))?.load(Relaxed);
-        (v != 0).then_some((i, v))
-    })
-}
-
-fn check_table_empty(mm: &Mm<'_>, table: PhysAddr, what: &str) {
-    if let Some((i, v)) = table_entries(mm, table).next() {
-        log::error!("mm: freeing a {what} table {table:?} whose entry {i} is {v:#x}");
-        debug_assert!(false, "freeing a non-empty {what} table");
-    }
-}
-
-/// Gathers a detached PMD table and the PTE tables under it.
-fn gather_pmd_table(tlb: &mut MmuGather<'_, '_>, table: PhysAddr, span: u64) {
-    let mm = tlb.mm();
-    let mut children = alloc::vec::Vec::new();
-    for (i, raw) in table_entries(mm, table) {
-        let v = Pmd::from_raw(raw);
-        if v.is_table() {
-            children.push(v.pfn().as_u64() | ((i as u64) << 52));
-        } else {
-            log::error!("mm: freeing a PMD table {table:?} with {v} in entry {i}");
-            debug_assert!(false, "freeing a PMD table that still maps something");
-        }
-    }
-    for c in children {
-        let (pfn, i) = (Pfn::new(c & ((1 << 52) - 1)), c >> 52);
-        check_table_empty(mm, pfn.phys(), "PTE");
-        mm.dec_nr(PtLevel::Pte);
-        let s = span + i * PMD_SIZE;
-        tlb.remove_table(pfn, VirtAddr::new(s), VirtAddr::new(s + PMD_SIZE));
-    }
-    if crate::config::USE_SPLIT_PMD_PTLOCKS {
-        let page = page_ptdesc(mm.phys(), table.pfn()).expect("PMD table is managed").page();
-        debug_assert_eq!(page.link.load(Relaxed), 0, "PMD table freed with deposited PTE tables");
-    }
-    mm.dec_nr(PtLevel::Pmd);
-    tlb.remove_table(table.pfn(), VirtAddr::new(span), VirtAddr::new(span + PUD_SIZE));
-}
-
-/// Gathers a detached PUD table and everything under it.
-fn gather_pud_table(tlb: &mut MmuGather<'_, '_>, table: PhysAddr, span: u64) {
-    let mm = tlb.mm();
-    let entries: alloc::vec::Vec<(usize, u64)> = table_entries(mm, table).collect();
-    for (i, raw) in entries {
-        let v = Pud::from_raw(raw);
-        if v.is_table() {
-            gather_pmd_table(tlb, v.phys(), span + i as u64 * PUD_SIZE);
-        } else {
-            log::error!("mm: freeing a PUD table {table:?} with {v} in entry {i}");
-            debug_assert!(false, "freeing a PUD table that still maps something");
-        }
-    }
-    mm.dec_nr(PtLevel::Pud);
-    tlb.remove_table(table.pfn(), VirtAddr::new(span), VirtAddr::new(span + PGDIR_SIZE));
-}
-
-/// Linux `change_protection`: rewrites every entry of `[start, end)` with
-/// the protection of `vma.flags` (already the new flags), under each
-/// entry's lock, and widens the gather's flush range for each change. Huge
-/// PMDs only partly inside are split first. `mmap_lock` exclusive.
-pub(crate) fn change_protection(tlb: &mut MmuGather<'_, '_>, vma: &Vma, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PGDIR_SIZE, end);
-        let p4d = p4d_offset(mm, pgd_offset(mm, VirtAddr::new(a)), VirtAddr::new(a));
-        if p4d.get().is_table() {
-            let mut b = a;
-            while b < next {
-                let bnext = addr_end(b, PUD_SIZE, next);
-                if let Some(pud) = pud_offset(mm, p4d, VirtAddr::new(b)) {
-                    let v = pud.get();
-                    if v.is_leaf() {
-                        let ptl = crate::huge_pte_lock(mm, PUD_SIZE, HugePte::Pud(pud));
-                        let old = pud.get();
-                        if old.is_leaf() {
-                            let new = Pud::new(old.phys(), vm_pte_flags(vma.flags) | PteFlags::HUGE);
-                            set_pud(mm, pud, new, &ptl);
-                            tlb.flush_range(
-                                VirtAddr::new(b & !(PUD_SIZE - 1)),
-                                VirtAddr::new((b & !(PUD_SIZE - 1)) + PUD_SIZE),
-                            );
-                        }
-                    } else if v.is_table() {
-                        change_pmd_range(tlb, vma, pud, b, bnext);
-                    }
-                }
-                b = bnext;
-            }
-        }
-        a = next;
-    }
-}
-
-fn change_pmd_range(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pud: PudRef<'_>, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let mut a = start;
-    while a < end {
-        let next = addr_end(a, PMD_SIZE, end);
-        let Some(pmd) = pmd_offset(mm, pud, VirtAddr::new(a)) else { return };
-        let haddr = VirtAddr::new(a & !(PMD_SIZE - 1));
-        if pmd.get().is_leaf() {
-            if a == haddr.as_u64() && next - a == PMD_SIZE {
-                change_huge_pmd(tlb, vma, pmd, haddr);
-                a = next;
-                continue;
-            }
-            debug_assert!(!vma.flags.is_hugetlb(), "partial mprotect of a hugetlb page");
-            __split_huge_pmd(mm, pmd, haddr);
-        }
-        if pmd.get().is_table() {
-            change_pte_range(tlb, vma, pmd, a, next);
-        }
-        a = next;
-    }
-}
-
-/// Linux `change_pte_range`.
-fn change_pte_range(tlb: &mut MmuGather<'_, '_>, vma: &Vma, pmd: PmdRef<'_>, start: u64, end: u64) {
-    let mm = tlb.mm();
-    let Some(mut pte) = pte_offset_map_lock(mm, pmd, VirtAddr::new(start)) else { return };
-    let mut a = start;
-    while a < end {
-        let va = VirtAddr::new(a);
-        let old = pte.get_at(va);
-        if old.maps_frame() {
-            let new = mk_pte(mm, old.pfn(), vma.flags);
-            if new != old {
-                pte.set_pte_at(va, new);
-                tlb.flush_range(va, va.add(PAGE_SIZE));
-            }
-        }
-        a += PAGE_SIZE;
-    }
 }
 
 /// The huge-entry flags for a VMA (a leaf PMD or PUD, present or `PROT_NONE`).

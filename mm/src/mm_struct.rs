@@ -252,7 +252,7 @@ impl<'p> Mm<'p> {
         let this: &Self = self;
         let mut tlb = MmuGather::new(this);
         for vma in &vmas {
-            crate::memory::unmap_page_range(&mut tlb, vma, vma.start.as_u64(), vma.end.as_u64());
+            crate::zap::unmap_page_range(&mut tlb, vma, vma.start.as_u64(), vma.end.as_u64(), Default::default());
         }
         if !this.cpu_bitmap.is_empty() {
             // The tables freed below go without a grace period (nobody can

@@ -23,15 +23,17 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, PhysAddr, TASK_SIZE_MAX, VirtAddr};
+use crate::free_pgtables::free_pgtables;
 use crate::helpers::RcuReadGuard;
 use crate::huge_memory::split_huge_pmd_address;
 use crate::memmap::PageKind;
-use crate::memory::{Access, FaultError, FaultLock, change_protection, fault_locked, free_pgtables, unmap_page_range};
+use crate::memory::{Access, FaultError, FaultLock, fault_locked};
 use crate::mm_struct::Mm;
 use crate::pgtable::entry::{Pmd, Pte, PteFlags, Pud};
 use crate::pgtable::walk::{p4d_offset, pgd_offset, pmd_offset, pud_offset};
 use crate::tlb::MmuGather;
 use crate::vma::{MAX_MAP_COUNT, MMAP_BASE, MMAP_MIN_ADDR, MapFlags, Prot, VmFlags, Vma, VmaSet};
+use crate::zap::{ZapDetails, unmap_page_range};
 use crate::{HugePte, huge_pte_lock, pmd_lock, pte_offset_map, pte_offset_map_lock};
 
 /// Why `mmap`, `munmap` or `mprotect` failed.
@@ -70,7 +72,7 @@ pub struct Mapping {
 
 /// Validates `[addr, addr + len)` for munmap/mprotect; returns the page
 /// rounded range.
-fn user_range(addr: VirtAddr, len: u64) -> Result<(u64, u64), MmapError> {
+pub(crate) fn user_range(addr: VirtAddr, len: u64) -> Result<(u64, u64), MmapError> {
     let start = addr.as_u64();
     if !start.is_multiple_of(PAGE_SIZE) || len == 0 {
         return Err(MmapError::Invalid);
@@ -85,7 +87,7 @@ fn user_range(addr: VirtAddr, len: u64) -> Result<(u64, u64), MmapError> {
 
 /// hugetlb pages are never split: a range may only cut a hugetlb VMA at a
 /// multiple of its page size (Linux: `EINVAL` from `hugetlb_split`).
-fn check_hugetlb_cuts(vmas: &VmaSet, start: u64, end: u64) -> Result<(), MmapError> {
+pub(crate) fn check_hugetlb_cuts(vmas: &VmaSet, start: u64, end: u64) -> Result<(), MmapError> {
     for v in vmas.overlapping(start, end) {
         let sz = v.flags.page_size();
         if v.flags.is_hugetlb()
@@ -105,7 +107,7 @@ fn do_munmap(vmas: &mut VmaSet, tlb: &mut MmuGather<'_, '_>, start: u64, end: u6
     let removed = vmas.remove_range(start, end);
     let (Some(first), Some(last)) = (removed.first(), removed.last()) else { return Ok(()) };
     for v in &removed {
-        unmap_page_range(tlb, v, v.start.as_u64(), v.end.as_u64());
+        unmap_page_range(tlb, v, v.start.as_u64(), v.end.as_u64(), ZapDetails::default());
     }
     let (floor, ceiling) = vmas.gap_around(first.start.as_u64(), last.end.as_u64());
     free_pgtables(tlb, floor, ceiling, first.start.as_u64(), last.end.as_u64());
@@ -192,11 +194,15 @@ impl<'p> Mm<'p> {
         let removed = vmas.remove_range(start, end);
         let (Some(first), Some(last)) = (removed.first(), removed.last()) else { return Ok(()) };
         let (floor, ceiling) = vmas.gap_around(first.start.as_u64(), last.end.as_u64());
-        // A THP cut by either end of the range is split now, under the
-        // exclusive lock: faults holding the lock shared never see a split.
-        for cut in [start, end] {
-            if cut % PMD_SIZE != 0 {
-                split_huge_pmd_address(self, cut);
+        // A THP cut by either end of the range is split now, while the VMAs
+        // on both sides of the cut are write-locked (no fault inside them).
+        let cuts = [
+            (start, removed.iter().find(|v| v.start.as_u64() == start)),
+            (end, removed.iter().find(|v| v.end.as_u64() == end)),
+        ];
+        for (cut, vma) in cuts {
+            if let Some(vma) = vma.filter(|_| cut % PMD_SIZE != 0) {
+                split_huge_pmd_address(self, vma, cut);
             }
         }
         // Linux mmap_write_downgrade: the VMAs are out of the tree, so no
@@ -205,41 +211,12 @@ impl<'p> Mm<'p> {
         // VMA covers, so no fault walks into them).
         let vmas = vmas.downgrade();
         for v in &removed {
-            unmap_page_range(&mut tlb, v, v.start.as_u64(), v.end.as_u64());
+            unmap_page_range(&mut tlb, v, v.start.as_u64(), v.end.as_u64(), ZapDetails::default());
         }
         free_pgtables(&mut tlb, floor, ceiling, first.start.as_u64(), last.end.as_u64());
         // The shoot-down must happen before anyone may map the range again
         // (under the lock); freeing the frames need not (module comment).
         tlb.flush_tlb_only();
-        drop(vmas);
-        tlb.finish();
-        Ok(())
-    }
-
-    /// Linux `mprotect`: sets the protection of `[addr, addr + len)`, which
-    /// must be fully mapped (`NoMemory` otherwise). Entries are rewritten
-    /// under their locks and shot down before the lock is dropped; the zero
-    /// page never becomes writable (a later write copies it).
-    pub fn mprotect(&self, addr: VirtAddr, len: u64, prot: Prot) -> Result<(), MmapError> {
-        let (start, end) = user_range(addr, len)?;
-        let mut tlb = MmuGather::new(self);
-        let mut vmas = self.mmap_write_lock();
-        if !vmas.covers(start, end) {
-            return Err(MmapError::NoMemory);
-        }
-        check_hugetlb_cuts(&vmas, start, end)?;
-        vmas.split_at_bounds(start, end);
-        let pieces: Vec<Vma> = vmas.overlapping(start, end).copied().collect();
-        for v in pieces {
-            let flags = v.flags.with_prot(prot);
-            if flags != v.flags {
-                vmas.set_flags(v.start.as_u64(), flags);
-                let nv = Vma { flags, ..v };
-                change_protection(&mut tlb, &nv, v.start.as_u64(), v.end.as_u64());
-            }
-        }
-        vmas.merge_around(start, end);
-        tlb.flush_mmu();
         drop(vmas);
         tlb.finish();
         Ok(())
@@ -291,7 +268,9 @@ impl<'p> Mm<'p> {
                     break n;
                 }
                 tries += 1;
-                if tries > 2 * crate::memory::MAX_FAULT_RETRIES {
+                // Each round faults the page in; only a zap racing every
+                // round (madvise on another CPU) makes it go again.
+                if tries > 64 * crate::memory::MAX_FAULT_RETRIES {
                     log::error!("mm: access_remote at {va:?} cannot make progress");
                     return Err(FaultError::Oom);
                 }

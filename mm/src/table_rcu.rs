@@ -42,11 +42,11 @@
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::Pfn;
+use crate::addr::{PTRS_PER_TABLE, Pfn};
 use crate::config::NR_CPUS;
 use crate::lock::{LockClass, LockLevel, SpinLock};
 use crate::physmem::PhysMem;
-use crate::ptdesc::{PtPage, page_ptdesc};
+use crate::ptdesc::{PtLevel, PtPage, page_ptdesc};
 
 /// Tables that may wait for a grace period, all CPUs together, before the
 /// CPU deferring more expedites one (16 MiB of tables).
@@ -248,6 +248,16 @@ fn free_chain(phys: &PhysMem, mut head: u64) -> u64 {
     while head != 0 {
         let pfn = Pfn::new(head - 1);
         let pt = page_ptdesc(phys, pfn).expect("queued table outside the memmap");
+        if cfg!(debug_assertions) && pt.level() == Some(PtLevel::Pte) {
+            // A walker that wrote into the table after it was detached (a
+            // missed `pmd_same` re-check) left an entry here. (Upper tables
+            // of a detached subtree still point to their children.)
+            if let Some(i) = (0..PTRS_PER_TABLE as u64)
+                .find(|i| phys.slot(pfn.phys().add(8 * i)).is_some_and(|s| s.load(Relaxed) != 0))
+            {
+                panic!("detached table {pfn:?} has entry {i} set at its grace period's end: written after the detach");
+            }
+        }
         // The batch owns the link (memmap lock table): no other writer.
         head = pt.page().link.swap(0, Relaxed);
         // SAFETY: the table was detached from its parent entry under the
