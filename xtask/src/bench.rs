@@ -234,7 +234,8 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             use std::io::Write as _;
             std::io::stdout().flush().ok();
             let before = probe.capacity(run.cpus as usize);
-            let out = qemu::run(&qemu_bin, &machine, &name, Duration::from_secs(args.timeout), None, false)?;
+            let out =
+                qemu::run(&qemu_bin, &machine, &name, machine.limits(Duration::from_secs(args.timeout)), None, false)?;
             let host = before.min(probe.capacity(run.cpus as usize));
             if !out.kernel_succeeded() {
                 println!("FAILED");

@@ -95,6 +95,13 @@ impl TestReport {
     }
 }
 
+/// The test an unfinished line (`test NAME ... `, no newline yet) says has
+/// started, if that is what `partial` is.
+pub fn open_test(partial: &str) -> Option<&str> {
+    let name = partial.strip_prefix("test ")?.trim_end().strip_suffix(" ...")?;
+    (!name.is_empty() && !name.contains(' ')).then_some(name)
+}
+
 fn parse_summary(line: &str) -> Option<(usize, usize)> {
     let (p, rest) = line.split_once(" passed, ")?;
     let f = rest.strip_suffix(" failed")?;
@@ -152,6 +159,14 @@ mod tests {
         // A kernel that claims success without having run what it planned.
         let r = report("running 2 tests\ntest a::b ... ok\n2 passed, 0 failed\n");
         assert!(!r.all_passed());
+    }
+
+    #[test]
+    fn open_line_is_a_started_test() {
+        assert_eq!(open_test("test a::hang ... "), Some("a::hang"));
+        assert_eq!(open_test("test a::b ... ok"), None);
+        assert_eq!(open_test("test a::b"), None, "name still arriving");
+        assert_eq!(open_test("[    0.1] cpu0 INFO  x"), None);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::clock::{self, Console, Expiry, Limits, RunClock, Source};
 use crate::kernel::Firmware;
-use crate::protocol::TestReport;
+use crate::protocol::{self, TestReport};
 use crate::symbols::{Symbolizer, parse_frame_addr};
 use crate::workspace_root;
 
@@ -46,17 +47,34 @@ impl fmt::Display for Accel {
     }
 }
 
+/// What the host offers for hardware virtualization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostVirt {
+    /// `/proc/cpuinfo` reports `vmx` or `svm`.
+    pub hw: bool,
+    /// `/dev/kvm` opens read-write.
+    pub kvm_opens: bool,
+}
+
+impl HostVirt {
+    /// Probes this host.
+    pub fn probe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        Self { hw, kvm_opens }
+    }
+}
+
 /// Picks the accelerator: KVM only when the host CPU reports hardware
 /// virtualization and /dev/kvm opens (the /dev/kvm on some machines is a
 /// shadow-paging nested hypervisor that cannot run ordinary guests reliably),
 /// otherwise TCG. `requested` forces a choice. Returns it with the reason.
 pub fn choose_accel(requested: Option<Accel>) -> (Accel, String) {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let HostVirt { hw, kvm_opens } = HostVirt::probe();
     match requested {
         Some(Accel::Kvm) => (Accel::Kvm, format!(
             "forced by --accel kvm (host CPU {} vmx/svm, /dev/kvm {})",
@@ -71,6 +89,25 @@ pub fn choose_accel(requested: Option<Accel>) -> (Accel, String) {
         ),
         None if hw => (Accel::Tcg, "host CPU reports vmx/svm but /dev/kvm does not open".into()),
         None => (Accel::Tcg, "no hardware virtualization on this host".into()),
+    }
+}
+
+/// The likely cause when a guest stays silent (or the kernel never starts)
+/// within the boot bound, for the accelerator and firmware that were tried.
+pub fn boot_hint(accel: Accel, firmware: Firmware, expiry: Expiry, host: HostVirt) -> String {
+    match (accel, expiry) {
+        (Accel::Kvm, _) if !host.hw => "the host CPU reports no vmx/svm, so /dev/kvm is a nested shadow-paging \
+             hypervisor that does not run this guest: use TCG (drop --accel kvm, or pass --accel tcg)"
+            .into(),
+        (Accel::Kvm, _) => "KVM did not get the guest to the kernel: try --accel tcg to tell a KVM problem \
+             from an image problem"
+            .into(),
+        (Accel::Tcg, Expiry::Silent) => format!(
+            "QEMU or the {} firmware is stuck before any output: see the `qemu:` lines above; a host this busy \
+             may need a quieter moment",
+            if firmware == Firmware::Uefi { "OVMF" } else { "BIOS" }
+        ),
+        (Accel::Tcg, _) => "the bootloader stopped before the kernel (its lines are above and in the log)".into(),
     }
 }
 
@@ -94,6 +131,13 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Limits for a run of this machine: the boot bound that fits its
+    /// accelerator and firmware, `run` from the kernel's first line, no
+    /// per-test limit.
+    pub fn limits(&self, run: Duration) -> Limits {
+        Limits { boot: clock::boot_bound(self.accel, self.firmware), run, test: None }
+    }
+
     /// The full QEMU command.
     pub fn command(&self, qemu: &Path) -> Result<Command> {
         let mut c = Command::new(qemu);
@@ -128,8 +172,8 @@ pub enum Ending {
     Exit(i32),
     /// QEMU was killed by a signal.
     Signal,
-    /// xtask stopped it at the timeout.
-    Timeout,
+    /// xtask stopped it when this limit passed.
+    Timeout(Expiry),
 }
 
 /// Result of one QEMU run.
@@ -144,6 +188,16 @@ pub struct Outcome {
     pub log: PathBuf,
     /// The last complete line of output.
     pub last_line: String,
+    /// The limits the run had.
+    pub limits: Limits,
+    /// QEMU's start to the first serial output (firmware's included).
+    pub first_output: Option<Duration>,
+    /// QEMU's start to the kernel's first line.
+    pub kernel_start: Option<Duration>,
+    /// The machine's accelerator and firmware (for the diagnosis).
+    pub accel: Accel,
+    /// BIOS or UEFI.
+    pub firmware: Firmware,
 }
 
 impl Outcome {
@@ -162,10 +216,50 @@ impl Outcome {
             ),
             Ending::Exit(code) => format!("`{name}`: QEMU exited with status {code} (not a kernel exit code)"),
             Ending::Signal => format!("`{name}`: QEMU was killed by a signal"),
-            Ending::Timeout => match &self.report.running {
-                Some(test) => format!("`{name}`: TIMEOUT while test `{test}` was running"),
-                None => format!("`{name}`: TIMEOUT with no test running; last line: {:?}", self.last_line),
-            },
+            Ending::Timeout(expiry) => {
+                let log = self.log.display();
+                let (accel, fw) = (self.accel, self.firmware.name().to_uppercase());
+                match expiry {
+                    Expiry::Silent | Expiry::NoKernel => {
+                        let what = if *expiry == Expiry::Silent {
+                            "nothing reached the serial port".to_string()
+                        } else {
+                            format!("the kernel printed nothing (last boot-stage line: {:?})", self.last_line)
+                        };
+                        format!(
+                            "`{name}`: BOOT TIMEOUT: {what} within {} s of QEMU's start ({accel}, {fw}); likely cause: {}; serial log: {log}",
+                            self.limits.boot.as_secs(),
+                            boot_hint(self.accel, self.firmware, *expiry, HostVirt::probe())
+                        )
+                    }
+                    Expiry::Test => format!(
+                        "`{name}`: TIMEOUT: test `{}` ran longer than its {} s limit; serial log: {log}",
+                        self.report.running.as_deref().unwrap_or("?"),
+                        self.limits.test.unwrap_or_default().as_secs()
+                    ),
+                    Expiry::Run => {
+                        let limit = self.limits.run.as_secs();
+                        match &self.report.running {
+                            Some(test) => format!(
+                                "`{name}`: TIMEOUT ({limit} s from the kernel's first line) while test `{test}` was running; serial log: {log}"
+                            ),
+                            None => format!(
+                                "`{name}`: TIMEOUT ({limit} s from the kernel's first line) with no test running; last line: {:?}; serial log: {log}",
+                                self.last_line
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `kernel's first line after 2.3 s` (or why there was none), for summaries.
+    pub fn boot_time(&self) -> String {
+        match (self.kernel_start, self.first_output) {
+            (Some(k), _) => format!("kernel's first line {:.1} s after QEMU's start", k.as_secs_f64()),
+            (None, Some(o)) => format!("no kernel line; first serial output after {:.1} s", o.as_secs_f64()),
+            (None, None) => "no serial output".into(),
         }
     }
 }
@@ -199,14 +293,16 @@ pub fn log_dir() -> PathBuf {
     workspace_root().join("target/xtask/logs")
 }
 
-/// Runs `machine` until it exits or `timeout` passes, echoing serial output
-/// to the terminal (when `echo`), saving it to `target/xtask/logs/<name>.log`,
-/// feeding it to the test-protocol parser and annotating backtrace frames.
+/// Runs `machine` until it exits or a limit of `limits` passes (see
+/// `clock.rs`), echoing the kernel's serial output to the terminal (when
+/// `echo`; the firmware's and bootloader's lines only when the kernel never
+/// starts), saving all of it to `target/xtask/logs/<name>.log`, feeding it to
+/// the test-protocol parser and annotating backtrace frames.
 pub fn run(
     qemu: &Path,
     machine: &Machine,
     name: &str,
-    timeout: Duration,
+    limits: Limits,
     symbols: Option<&Symbolizer>,
     echo: bool,
 ) -> Result<Outcome> {
@@ -229,22 +325,29 @@ pub fn run(
     pump(child.stderr.take().unwrap(), tx, true);
 
     let mut report = TestReport::default();
+    let mut clock = RunClock::new(limits);
+    let mut console = Console::default();
+    // Boot-stage lines: in the log, echoed only if the kernel never starts.
+    let mut boot_lines: Vec<String> = Vec::new();
+    // The test the clock's test limit is running for.
+    let mut clocked_test: Option<String> = None;
     let mut partial = String::new();
     // Bytes of `partial` already echoed to the terminal.
     let mut echoed = 0usize;
     let mut last_line = String::new();
     let mut open_streams = 2;
-    let deadline = start + timeout;
-    let mut timed_out = false;
+    let mut expired = None;
     let stdout = std::io::stdout();
     while open_streams > 0 {
-        let now = Instant::now();
-        if now >= deadline {
-            timed_out = true;
+        let now = start.elapsed();
+        if let Some(expiry) = clock.expired(now) {
+            expired = Some(expiry);
             break;
         }
-        match rx.recv_timeout(deadline - now) {
+        match rx.recv_timeout(clock.deadline().0.saturating_sub(now)) {
             Ok(Chunk::Out(data)) => {
+                let now = start.elapsed();
+                clock.output(now);
                 let text = String::from_utf8_lossy(&data).replace('\r', "");
                 partial.push_str(&text);
                 let mut out = stdout.lock();
@@ -254,11 +357,30 @@ pub fn run(
                 while let Some(pos) = partial.find('\n') {
                     let line: String = partial.drain(..=pos).collect();
                     let line = line.trim_end_matches('\n');
+                    writeln!(log, "{line}")?;
+                    if !line.trim().is_empty() {
+                        last_line = line.to_string();
+                    }
+                    if console.classify(line) == Source::Boot {
+                        boot_lines.push(line.to_string());
+                        echoed = 0;
+                        continue;
+                    }
+                    if clock.kernel_start().is_none() {
+                        clock.kernel_line(now);
+                        if echo {
+                            let _ = writeln!(
+                                out,
+                                "xtask: [{name}] kernel's first line {:.1} s after QEMU's start ({} firmware and bootloader lines are in the serial log)",
+                                now.as_secs_f64(),
+                                boot_lines.len()
+                            );
+                        }
+                    }
                     if echo {
                         let _ = writeln!(out, "{}", &line[echoed.min(line.len())..]);
                     }
                     echoed = 0;
-                    writeln!(log, "{line}")?;
                     report.feed(line);
                     if let Some(annotated) = symbols.and_then(|s| parse_frame_addr(line).and(s.annotate(line))) {
                         let sym = annotated[line.trim_end().len()..].trim();
@@ -267,15 +389,21 @@ pub fn run(
                             let _ = writeln!(out, "        {sym}");
                         }
                     }
-                    if !line.trim().is_empty() {
-                        last_line = line.to_string();
-                    }
                 }
-                if echo && partial.len() > echoed {
+                if echo && clock.kernel_start().is_some() && partial.len() > echoed {
                     let _ = out.write_all(partial[echoed..].as_bytes());
                     echoed = partial.len();
                 }
                 let _ = out.flush();
+                // The test limit restarts whenever another test starts.
+                let running = protocol::open_test(&partial).map(str::to_string).or_else(|| report.running.clone());
+                if running != clocked_test {
+                    match running {
+                        Some(_) => clock.test_started(now),
+                        None => clock.test_ended(),
+                    }
+                    clocked_test = running;
+                }
             }
             Ok(Chunk::Err(data)) => {
                 let text = String::from_utf8_lossy(&data);
@@ -291,15 +419,30 @@ pub fn run(
     }
     if !partial.is_empty() {
         writeln!(log, "{partial}")?;
-        report.feed(&partial);
+        if console.in_kernel() {
+            report.feed(&partial);
+        } else {
+            boot_lines.push(partial.clone());
+        }
+        if !partial.trim().is_empty() {
+            last_line = partial.trim_end().to_string();
+        }
     }
-    let ending = if timed_out {
+    if echo && !console.in_kernel() && !boot_lines.is_empty() {
+        // The kernel never spoke: what the firmware and bootloader said is
+        // the only clue.
+        println!("xtask: [{name}] the kernel never started; firmware and bootloader output:");
+        for line in &boot_lines {
+            println!("{line}");
+        }
+    }
+    let ending = if let Some(expiry) = expired {
         let _ = child.kill();
         let _ = child.wait();
-        if echo {
+        if echo && console.in_kernel() {
             println!();
         }
-        Ending::Timeout
+        Ending::Timeout(expiry)
     } else {
         let status = child.wait()?;
         match status.code() {
@@ -309,7 +452,21 @@ pub fn run(
     };
     let elapsed = start.elapsed();
     writeln!(log, "# ended: {ending:?} after {:.1} s", elapsed.as_secs_f64())?;
-    Ok(Outcome { ending, elapsed, report, log: log_path, last_line })
+    if let Some(k) = clock.kernel_start() {
+        writeln!(log, "# kernel's first line after {:.2} s", k.as_secs_f64())?;
+    }
+    Ok(Outcome {
+        ending,
+        elapsed,
+        report,
+        log: log_path,
+        last_line,
+        limits,
+        first_output: clock.first_output(),
+        kernel_start: clock.kernel_start(),
+        accel: machine.accel,
+        firmware: machine.firmware,
+    })
 }
 
 /// Parses a QEMU memory size (`512M`, `2G`, `1024`) to validate it early.
@@ -339,6 +496,18 @@ mod tests {
         assert!(parse_mem("12T").is_err());
         assert!(parse_mem("lots").is_err());
         assert!(parse_mem("64M").is_err());
+    }
+
+    #[test]
+    fn silent_kvm_without_vmx_says_use_tcg() {
+        let no_hw = HostVirt { hw: false, kvm_opens: true };
+        for expiry in [Expiry::Silent, Expiry::NoKernel] {
+            assert!(boot_hint(Accel::Kvm, Firmware::Bios, expiry, no_hw).contains("use TCG"));
+        }
+        let hw = HostVirt { hw: true, kvm_opens: true };
+        assert!(boot_hint(Accel::Kvm, Firmware::Uefi, Expiry::Silent, hw).contains("--accel tcg"));
+        assert!(boot_hint(Accel::Tcg, Firmware::Uefi, Expiry::Silent, hw).contains("OVMF"));
+        assert!(boot_hint(Accel::Tcg, Firmware::Bios, Expiry::NoKernel, hw).contains("bootloader"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::clock::{Expiry, Limits};
 use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Ending, Machine, Outcome};
 use crate::symbols::Symbolizer;
@@ -69,8 +70,18 @@ struct KernelRun {
     firmware: Firmware,
     smp: u32,
     cmdline: String,
+    /// The run limit, from the kernel's first line.
     timeout: Duration,
+    /// A limit per test, from the test's start.
+    test_timeout: Option<Duration>,
     expect: Expect,
+}
+
+impl KernelRun {
+    /// The kernel command line's `filter=` value.
+    fn filter(&self) -> Option<&str> {
+        self.cmdline.split_whitespace().find_map(|w| w.strip_prefix("filter="))
+    }
 }
 
 struct StepResult {
@@ -142,9 +153,15 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
     let r = &o.report;
     match &run.expect {
         Expect::Pass => {
-            let ok = o.kernel_succeeded() && r.all_passed();
+            // A filter that selects nothing would otherwise pass silently.
+            let none_selected = r.planned == Some(0);
+            let ok = o.kernel_succeeded() && r.all_passed() && !none_selected;
             let detail = match (ok, r.summary) {
                 (true, Some((p, _))) => format!("{p} passed"),
+                _ if none_selected => format!(
+                    "the kernel selected no test: filter `{}` matches no kernel test (use --skip-kernel for host tests only)",
+                    run.filter().unwrap_or("")
+                ),
                 _ => {
                     let mut d = o.describe(&run.name);
                     for (t, why) in &r.failed {
@@ -192,7 +209,7 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
         }
         Expect::Timeout { test } => {
             let named = o.describe(&run.name).contains(test);
-            let ok = o.ending == Ending::Timeout && named;
+            let ok = matches!(o.ending, Ending::Timeout(Expiry::Run | Expiry::Test)) && named;
             (ok, format!("expected a timeout naming `{test}`: {}", o.describe(&run.name)))
         }
     }
@@ -209,6 +226,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         smp: args.smp,
         cmdline: format!("mode=test expect_cpus={}{filter_word}", args.smp),
         timeout: main_timeout,
+        test_timeout: None,
         expect: Expect::Pass,
     }];
     if args.quick || !filter.is_empty() {
@@ -221,6 +239,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         smp: 2,
         cmdline: "mode=test filter=boot_smoke".into(),
         timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
+        test_timeout: None,
         expect: Expect::Pass,
     });
     // Short SMP runs at other CPU counts: the smallest machine, and an odd
@@ -234,31 +253,35 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
             smp,
             cmdline: format!("mode=test expect_cpus={smp} filter=smp::tests{extra}"),
             timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
+            test_timeout: None,
             expect: Expect::Pass,
         });
     }
-    let selftest = |name: &str, test: &'static str, expect: Expect, secs: u64| KernelRun {
+    let selftest = |name: &str, test: &'static str, expect: Expect, test_secs: Option<u64>| KernelRun {
         name: format!("runner self-test: {name}"),
         features: Vec::new(),
         firmware: Firmware::Bios,
         smp: 1,
         cmdline: format!("mode=test selftests filter=selftest::{test}"),
-        timeout: Duration::from_secs(secs),
+        timeout: Duration::from_secs(300),
+        test_timeout: test_secs.map(Duration::from_secs),
         expect,
     };
     runs.push(selftest(
         "failing test",
         "deliberate_failure",
         Expect::Fail { test: "deliberate_failure", detail: "deliberate failure" },
-        300,
+        None,
     ));
-    runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, 300));
-    runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, 15));
+    runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, None));
+    // 15 s from the start of the test (not from QEMU's start: the BIOS
+    // stage alone can take 20 s here).
+    runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, Some(15)));
     runs.push(selftest(
         "kernel stack overflow",
         "deliberate_stack_overflow",
         Expect::StackOverflow { test: "deliberate_stack_overflow" },
-        300,
+        None,
     ));
     runs.push(KernelRun {
         name: "runner self-test: panic on another CPU".into(),
@@ -267,6 +290,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         smp: 3,
         cmdline: "mode=test selftests filter=smp::tests::selftest::".into(),
         timeout: Duration::from_secs(300),
+        test_timeout: None,
         expect: Expect::Fail { test: "panic_on_another_cpu", detail: "deliberate panic on CPU" },
     });
     // The other ptl variant: the debug lock (owner CPU + site) no longer
@@ -280,6 +304,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         smp: 4,
         cmdline: "mode=test expect_cpus=4 filter=mmtests,storm,uspace".into(),
         timeout: Duration::from_secs(args.timeout.unwrap_or(600)),
+        test_timeout: None,
         expect: Expect::Pass,
     });
     runs
@@ -338,13 +363,15 @@ pub fn run(args: TestArgs) -> Result<bool> {
                 extra: Vec::new(),
             };
             let log_name = format!("test-{}", run.name.replace([',', ':', ' '], "-").replace("--", "-"));
-            let outcome = qemu::run(&qemu_bin, &machine, &log_name, run.timeout, symbols.as_ref(), true)?;
+            let limits = Limits { test: run.test_timeout, ..machine.limits(run.timeout) };
+            let outcome = qemu::run(&qemu_bin, &machine, &log_name, limits, symbols.as_ref(), true)?;
             let (ok, detail) = judge(&run, &outcome);
             println!(
-                "xtask: [{}] {} in {:.1} s ({accel}); serial log: {}",
+                "xtask: [{}] {} in {:.1} s ({accel}; {}); serial log: {}",
                 run.name,
                 if ok { "ok" } else { "FAILED" },
                 outcome.elapsed.as_secs_f64(),
+                outcome.boot_time(),
                 outcome.log.display()
             );
             if !ok {
@@ -366,4 +393,69 @@ pub fn run(args: TestArgs) -> Result<bool> {
     let all_ok = results.iter().all(|r| r.ok);
     println!("xtask: {}", if all_ok { "all tests passed" } else { "SOME TESTS FAILED" });
     Ok(all_ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::protocol::TestReport;
+    use crate::qemu::Accel;
+
+    fn run_expecting(expect: Expect, cmdline: &str) -> KernelRun {
+        KernelRun {
+            name: "r".into(),
+            features: Vec::new(),
+            firmware: Firmware::Bios,
+            smp: 1,
+            cmdline: cmdline.into(),
+            timeout: Duration::from_secs(10),
+            test_timeout: None,
+            expect,
+        }
+    }
+
+    fn outcome(ending: Ending, serial: &str) -> Outcome {
+        let mut report = TestReport::default();
+        for line in serial.lines() {
+            report.feed(line);
+        }
+        Outcome {
+            ending,
+            elapsed: Duration::from_secs(1),
+            report,
+            log: PathBuf::from("target/xtask/logs/r.log"),
+            last_line: serial.lines().last().unwrap_or("").into(),
+            limits: crate::clock::Limits { boot: Duration::from_secs(120), run: Duration::from_secs(10), test: None },
+            first_output: Some(Duration::from_secs(1)),
+            kernel_start: Some(Duration::from_secs(1)),
+            accel: Accel::Tcg,
+            firmware: Firmware::Bios,
+        }
+    }
+
+    #[test]
+    fn filter_matching_no_kernel_test_fails() {
+        let run = run_expecting(Expect::Pass, "mode=test filter=nosuchtest");
+        let o = outcome(Ending::Exit(qemu::STATUS_SUCCESS), "running 0 tests\n0 passed, 0 failed\n");
+        let (ok, detail) = judge(&run, &o);
+        assert!(!ok);
+        assert!(detail.contains("`nosuchtest` matches no kernel test"), "{detail}");
+        let o = outcome(Ending::Exit(qemu::STATUS_SUCCESS), "running 1 test\ntest a::b ... ok\n1 passed, 0 failed\n");
+        assert!(judge(&run, &o).0);
+    }
+
+    #[test]
+    fn hang_is_caught_only_by_a_run_or_test_timeout_naming_it() {
+        let run = run_expecting(Expect::Timeout { test: "hang" }, "mode=test");
+        let serial = "running 1 test\ntest selftest::hang ... ";
+        let (ok, detail) = judge(&run, &outcome(Ending::Timeout(Expiry::Test), serial));
+        assert!(ok, "{detail}");
+        assert!(detail.contains("r.log"), "the message names the serial log: {detail}");
+        assert!(judge(&run, &outcome(Ending::Timeout(Expiry::Run), serial)).0);
+        // A boot that never reaches the kernel is not the hang we want.
+        assert!(!judge(&run, &outcome(Ending::Timeout(Expiry::Silent), "")).0);
+        assert!(!judge(&run, &outcome(Ending::Exit(qemu::STATUS_FAILURE), serial)).0);
+    }
 }
