@@ -121,7 +121,10 @@ fn free_pte_table(tlb: &mut MmuGather<'_, '_>, pmd: PmdRef<'_>, span: u64) {
     if !old.is_table() {
         return;
     }
-    let ptl = pte_lockptr(mm, old);
+    // SAFETY: we hold the lock of the PMD entry `old` came from, so the
+    // table cannot be detached (and its lock freed) by anyone else while
+    // `pl` is held; the reference is used only under it.
+    let ptl = unsafe { pte_lockptr(mm, old) };
     // With split locks off both are page_table_lock, already held.
     let pte_lock = (!ptl.is_held_by(&pl)).then(|| ptl.lock());
     set_pmd(mm, pmd, Pmd::NONE, &pl);

@@ -104,9 +104,20 @@ impl fmt::Debug for PtlRef<'_> {
 }
 
 /// Linux `pte_lockptr(mm, pmdval)`: the lock of the PTE table `pmdval` points
-/// to (or `mm.page_table_lock` without split PTE locks). `pmdval` must be a
-/// table pointer validated by a map helper.
-pub fn pte_lockptr<'a>(mm: &'a Mm<'_>, pmdval: Pmd) -> PtlRef<'a> {
+/// to (or `mm.page_table_lock` without split PTE locks). Prefer the lock a
+/// map helper hands out ([`PteMapNolock::ptl`]), which cannot outlive the
+/// mapping.
+///
+/// # Safety
+///
+/// `pmdval` is a PTE-table pointer, and the table stays attached or alive
+/// while the returned reference is used: the caller holds the lock of the
+/// PMD entry it read `pmdval` from (the table cannot be detached without
+/// it), or is inside a read-side section that began before it read
+/// `pmdval` (a detached table, and with `debug-ptlock` its allocated lock,
+/// is freed only after that section ends) and does not use the reference
+/// after leaving it.
+pub unsafe fn pte_lockptr<'a>(mm: &'a Mm<'_>, pmdval: Pmd) -> PtlRef<'a> {
     if USE_SPLIT_PTE_PTLOCKS && !mm.is_init_mm() {
         let pt = page_ptdesc(mm.phys(), pmdval.pfn()).expect("pte_lockptr: pmd does not point into managed memory");
         debug_assert_eq!(pt.level(), Some(PtLevel::Pte), "pte_lockptr: pmd does not point to a PTE table");
@@ -307,7 +318,9 @@ impl<'a, M> PteMapNolock<'a, M> {
         &self.map
     }
     /// The PTE table's lock (right for this table even if the PMD changes).
-    pub fn ptl(&self) -> PtlRef<'a> {
+    /// Borrowed from the mapping: the read-side section that keeps the table
+    /// (and its lock) alive lasts as long as the mapping.
+    pub fn ptl(&self) -> PtlRef<'_> {
         self.ptl
     }
     /// Linux `ptep_get`.
@@ -341,8 +354,15 @@ impl<'a> PteMapNolock<'a, Rw> {
     }
     /// Takes the lock and checks `pte_same(*pte, expected)` (the other
     /// stability check the document allows). `None` if the PTE changed.
+    ///
+    /// `expected` must not be none: a none entry is also what every entry of
+    /// a table reclaimed meanwhile reads, so `pte_same` against none proves
+    /// nothing about the table still being attached (Linux never makes that
+    /// check). Use [`PteMapNolock::lock_if_pmd_same`] to install into an
+    /// empty entry.
     #[track_caller]
     pub fn lock_if_pte_same(self, expected: Pte) -> Option<PteGuard<'a, Rw>> {
+        assert!(!expected.is_none(), "lock_if_pte_same against a none entry cannot tell a detached table");
         let ptl = self.ptl.lock();
         if pte_same(self.map.ptep_get(), expected) {
             Some(PteGuard { ptl, map: self.map, _mode: PhantomData })
@@ -362,7 +382,10 @@ impl<M> fmt::Debug for PteMapNolock<'_, M> {
 /// lock, not taken, for read-only use. `None` if there is no PTE table.
 pub fn pte_offset_map_ro_nolock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMapNolock<'a, Ro>> {
     let map = map_pte(mm, pmd, addr)?;
-    let ptl = pte_lockptr(mm, map.pmdval);
+    // SAFETY: `map` validated `pmdval` as a PTE table inside its read-side
+    // section, which the returned mapping owns; the lock is handed out only
+    // borrowed from it (`PteMapNolock::ptl`).
+    let ptl = unsafe { pte_lockptr(mm, map.pmdval) };
     Some(PteMapNolock { map, ptl, _mode: PhantomData })
 }
 
@@ -376,7 +399,8 @@ pub fn pte_offset_map_rw_nolock<'a>(
 ) -> Option<(PteMapNolock<'a, Rw>, Pmd)> {
     let map = map_pte(mm, pmd, addr)?;
     let pmdval = map.pmdval;
-    let ptl = pte_lockptr(mm, pmdval);
+    // SAFETY: as in `pte_offset_map_ro_nolock`.
+    let ptl = unsafe { pte_lockptr(mm, pmdval) };
     Some((PteMapNolock { map, ptl, _mode: PhantomData }, pmdval))
 }
 
@@ -453,7 +477,10 @@ impl<M> fmt::Debug for PteGuard<'_, M> {
 pub fn pte_offset_map_lock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteGuard<'a, Rw>> {
     loop {
         let map = map_pte(mm, pmd, addr)?;
-        let ptl = pte_lockptr(mm, map.pmdval).lock();
+        // SAFETY: `map` validated the PMD value as a PTE table inside its
+        // read-side section; the guard holding the lock owns `map`, and drops
+        // the lock before it.
+        let ptl = unsafe { pte_lockptr(mm, map.pmdval) }.lock();
         if pmd_same(map.pmdval, pmd.get()) {
             return Some(PteGuard { ptl, map, _mode: PhantomData });
         }

@@ -110,7 +110,8 @@ fn pte_offset_map_lock_takes_the_table_lock_and_unlocks_on_drop() {
     let m = TestMachine::new();
     let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
     let pmd = pmd_with_table(&mm, A);
-    let expected = pte_lockptr(&mm, pmd.get());
+    // SAFETY: the table stays attached: nothing else runs in this test.
+    let expected = unsafe { pte_lockptr(&mm, pmd.get()) };
     let mut g = pte_offset_map_lock(&mm, pmd, A).unwrap();
     assert!(expected.is_held_by(g.ptl()));
     assert!(expected.raw().is_locked());
@@ -148,15 +149,17 @@ fn ro_nolock_returns_the_lock_untaken() {
     let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
     let pmd = pmd_with_table(&mm, A);
     let nl = pte_offset_map_ro_nolock(&mm, pmd, A).unwrap();
-    assert_eq!(nl.ptl(), pte_lockptr(&mm, pmd.get()));
+    // SAFETY: inside `nl`'s read-side section, used at once.
+    assert_eq!(nl.ptl(), unsafe { pte_lockptr(&mm, pmd.get()) });
     assert!(!nl.ptl().raw().is_locked(), "nolock: not taken");
     assert_eq!(rcu_depth(), 1);
-    let ptl = nl.ptl();
     let g = nl.lock();
-    assert!(ptl.raw().is_locked());
+    assert!(g.ptl().lock().is_locked());
     assert_eq!(g.ptep_get(), Pte::NONE);
+    let again = pte_offset_map_ro_nolock(&mm, pmd, A).unwrap();
     drop(g);
-    assert!(!ptl.raw().is_locked());
+    assert!(!again.ptl().raw().is_locked());
+    pte_unmap(again);
     let nl = pte_offset_map_ro_nolock(&mm, pmd, A).unwrap();
     pte_unmap(nl);
     assert_eq!(rcu_depth(), 0);
@@ -180,7 +183,8 @@ fn rw_nolock_returns_the_pmd_value_to_check() {
     let table = {
         let pl = pmd_lock(&mm, pmd);
         let old = pmd.get();
-        let ptl = pte_lockptr(&mm, old);
+        // SAFETY: under the PMD lock `old` was read with.
+        let ptl = unsafe { pte_lockptr(&mm, old) };
         // Linux: `if (ptl != pml) spin_lock_nested(ptl)`; with split locks off
         // both are page_table_lock, already held.
         let _pte_lock = (!ptl.is_held_by(&pl)).then(|| ptl.lock());
@@ -197,8 +201,12 @@ fn rw_nolock_returns_the_pmd_value_to_check() {
     let seen = nl.ptep_get();
     pte_offset_map_lock(&mm, pmd, A).unwrap().set_pte(Pte::NONE);
     assert!(nl.lock_if_pte_same(seen).is_none(), "changed pte must fail the check");
+    // A none expectation proves nothing (every entry of a detached table
+    // reads none): refused.
     let (nl, _) = pte_offset_map_rw_nolock(&mm, pmd, A).unwrap();
-    assert!(nl.lock_if_pte_same(Pte::NONE).is_some());
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| nl.lock_if_pte_same(Pte::NONE).is_some()));
+    assert!(refused.is_err(), "lock_if_pte_same(NONE) must be refused");
+    assert_eq!((rcu_depth(), held_locks()), (0, 0));
 }
 
 #[test]
@@ -293,8 +301,9 @@ fn lock_identity_follows_the_configuration() {
     let la = pte_offset_map_lock(&mm, pa, A).unwrap().ptl().lock() as *const PtLock;
     let la2 = pte_offset_map_lock(&mm, pa, A_NEXT).unwrap().ptl().lock() as *const PtLock;
     let lb = pte_offset_map_lock(&mm, pb, B_OTHER_PTE).unwrap().ptl().lock() as *const PtLock;
-    let ro = pte_offset_map_ro_nolock(&mm, pa, A).unwrap().ptl();
-    let rw = pte_offset_map_rw_nolock(&mm, pa, A).unwrap().0.ptl();
+    let (ro_map, (rw_map, _)) =
+        (pte_offset_map_ro_nolock(&mm, pa, A).unwrap(), pte_offset_map_rw_nolock(&mm, pa, A).unwrap());
+    let (ro, rw) = (ro_map.ptl(), rw_map.ptl());
     assert_eq!(la, la2, "one PTE table, one lock");
     assert!(core::ptr::eq(ro.raw(), la) && core::ptr::eq(rw.raw(), la));
     // PMD locks.
@@ -318,7 +327,8 @@ fn lock_identity_follows_the_configuration() {
     let pud = pud_offset(&mm, p4d_offset(&mm, pgd_offset(&mm, A), A), A).unwrap();
     assert_eq!(pud_lockptr(&mm, pud), ptl);
     assert_eq!(pmd_lockptr(&mm, pa).level(), LockLevel::Pmd);
-    assert_eq!(pte_lockptr(&mm, pa.get()).level(), LockLevel::Pte);
+    // SAFETY: the table stays attached: nothing else runs in this test.
+    assert_eq!(unsafe { pte_lockptr(&mm, pa.get()) }.level(), LockLevel::Pte);
 }
 
 #[test]
@@ -426,7 +436,8 @@ fn kernel_tables_get_no_split_lock() {
     assert!(kmm.page_table_lock().is_held_by(g.ptl()), "init_mm: page_table_lock");
     drop(g);
     assert_eq!(pmd_lockptr(&kmm, pmd), kmm.page_table_lock());
-    assert_eq!(pte_lockptr(&kmm, pmd.get()), kmm.page_table_lock());
+    // SAFETY: the table stays attached: nothing else runs in this test.
+    assert_eq!(unsafe { pte_lockptr(&kmm, pmd.get()) }, kmm.page_table_lock());
     let pte_table = page_ptdesc(&m.phys, pmd.get().pfn()).unwrap();
     let pmd_table = page_ptdesc(&m.phys, pmd.table_pa().pfn()).unwrap();
     assert!(!pte_table.has_ptl() && !pmd_table.has_ptl());
@@ -525,7 +536,9 @@ fn pte_offset_map_lock_retries_when_the_pmd_changes_under_it() {
     let reader_started = AtomicBool::new(false);
     std::thread::scope(|s| {
         let pl = pmd_lock(&mm, pmd_a);
-        let (l1, l2) = (pte_lockptr(&mm, t1), pte_lockptr(&mm, t2));
+        // SAFETY: under the PMD lock of both entries (one PMD table), and
+        // both tables are freed only after the scope.
+        let (l1, l2) = unsafe { (pte_lockptr(&mm, t1), pte_lockptr(&mm, t2)) };
         // Tables' frame order, as in the loom twin (lock addresses of
         // allocated locks are not a reproducible order).
         let (first, second) = if t1.pfn() < t2.pfn() { (l1, l2) } else { (l2, l1) };
@@ -535,7 +548,8 @@ fn pte_offset_map_lock_retries_when_the_pmd_changes_under_it() {
             reader_started.store(true, Ordering::SeqCst);
             let g = pte_offset_map_lock(&mm, pmd_a, A).expect("pmd(A) always has a table");
             let seen = g.pmdval();
-            assert!(pte_lockptr(&mm, seen).is_held_by(g.ptl()));
+            // SAFETY: `g` holds that table's lock inside its read-side section.
+            assert!(unsafe { pte_lockptr(&mm, seen) }.is_held_by(g.ptl()));
             assert_eq!(pmd_a.get(), seen, "locked a table the pmd no longer points to");
             pte_unmap_unlock(g);
             seen

@@ -91,6 +91,7 @@ pub mod counters;
 pub mod frame;
 mod free_pgtables;
 pub mod gigantic;
+pub mod gup;
 pub mod hal;
 mod helpers;
 pub mod huge_memory;

@@ -311,20 +311,11 @@ impl<'p> Mm<'p> {
     fn copy_frame(&self, base: PhysAddr, size: u64, va: VirtAddr, buf: &mut [u8], write: bool) -> usize {
         let off = va.as_u64() & (size - 1);
         let n = ((size - off) as usize).min(buf.len());
-        let p = self.phys().window().virt(base.add(off));
-        debug_assert!(self.phys().page(base.pfn()).is_some_and(|pg| pg.kind() != PageKind::Free));
-        if write {
-            debug_assert_ne!(base.pfn(), self.phys().zero_pfn(), "writing the zero page");
-            // SAFETY: `[p, p + n)` lies in a frame mapped by an entry whose
-            // lock the caller holds, so the frame stays allocated to this
-            // address space for the copy; `buf` is a distinct Rust buffer.
-            // Concurrent user-mode access to the same bytes is the usual
-            // shared-memory race of `copy_to_user`.
-            unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n) };
-        } else {
-            // SAFETY: as above, reading.
-            unsafe { core::ptr::copy_nonoverlapping(p.cast_const(), buf.as_mut_ptr(), n) };
-        }
+        debug_assert!(!write || base.pfn() != self.phys().zero_pfn(), "writing the zero page");
+        // SAFETY: `[base + off, + n)` lies in the block of `size` bytes at
+        // `base`, mapped as user memory by an entry whose lock the caller
+        // (`copy_mapped`) holds, so it stays allocated for the copy.
+        unsafe { self.phys().copy_user_frame(base.add(off), &mut buf[..n], write) };
         n
     }
 
@@ -374,9 +365,13 @@ impl<'p> Mm<'p> {
 
     /// Every leaf mapping of the user half, in address order (takes
     /// `mmap_lock` shared; entries are read locklessly, a snapshot). For
-    /// reports and for tests that count mappings.
+    /// reports and for tests that count mappings. The walk runs inside a
+    /// read-side section: `mmap_lock` shared does not keep PTE tables in
+    /// place (`madvise` reclaims them under it, and a downgraded munmap
+    /// frees tables in the spans it emptied), a grace period does.
     pub fn mappings(&self) -> Vec<Mapping> {
         let _vmas = self.mmap_lock.read();
+        let _rcu = RcuReadGuard::new();
         let mut out = Vec::new();
         let phys = self.phys();
         let entries = |table: PhysAddr| {

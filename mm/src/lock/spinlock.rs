@@ -217,7 +217,9 @@ pub struct RawSpinGuard<'a> {
 
 impl<'a> RawSpinGuard<'a> {
     /// The lock this guard holds (compare with `core::ptr::eq` for identity).
-    pub fn lock(&self) -> &'a RawSpinLock {
+    /// Borrowed from the guard: the lock may belong to a table that is freed
+    /// once it is unlocked and its read-side section ends.
+    pub fn lock(&self) -> &RawSpinLock {
         self.lock
     }
     /// The level it was taken at.

@@ -85,6 +85,39 @@ impl PhysMem {
         EntrySlot { cell: self.loom_words.get(pa), pa }
     }
 
+    /// Copies bytes between a user frame and a kernel buffer: `buf` into
+    /// memory at `pa` when `to_frame`, else memory at `pa` into `buf`
+    /// (`copy_to_user` / `copy_from_user` once the frame is found).
+    ///
+    /// # Safety
+    ///
+    /// `[pa, pa + buf.len())` lies inside one block of managed RAM that stays
+    /// allocated to the caller's use for the copy: mapped by an entry whose
+    /// lock the caller holds, or pinned ([`crate::gup`]). It is user memory
+    /// (never a page table or other kernel data), so a concurrent user-mode
+    /// access to the same bytes is the usual shared-memory race of a user
+    /// copy, not a violation of any kernel invariant.
+    pub(crate) unsafe fn copy_user_frame(&self, pa: PhysAddr, buf: &mut [u8], to_frame: bool) {
+        debug_assert!(self.page(pa.pfn()).is_some_and(|p| p.kind() != crate::PageKind::Free));
+        #[cfg(not(loom))]
+        {
+            let p = self.window().virt(pa);
+            if to_frame {
+                // SAFETY: the caller's contract: the range is user memory the
+                // caller holds; `buf` is a distinct kernel buffer.
+                unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+            } else {
+                // SAFETY: as above, reading.
+                unsafe { core::ptr::copy_nonoverlapping(p.cast_const(), buf.as_mut_ptr(), buf.len()) };
+            }
+        }
+        #[cfg(loom)]
+        {
+            let _ = (pa, to_frame);
+            buf.fill(0);
+        }
+    }
+
     /// Zeroes 2^order frames the caller owns (fresh from the allocator).
     pub(crate) fn zero_frames(&self, pfn: Pfn, order: usize) {
         debug_assert!(self.page(pfn).is_some_and(|p| p.kind() != crate::PageKind::Free));
