@@ -24,7 +24,8 @@ they read from them:
     mm::lock::spinlock::RawSpinLock {next: AtomicU16, owner: AtomicU16,
         class, [owner_cpu, owner_site with debug-ptlock]}
     mm::lock::rwlock::RwSpinLock {readers: [ReaderShard(AtomicU32)], writer,
-        data} (Mm::mmap_lock)
+        data} (Mm::mmap_lock), whose data is mm::vma::VmaSet {map: BTreeMap<u64,
+        Arc<mm::vma_lock::VmaNode {vma: Vma {start, end, flags}}>>}
     arch::percpu::PERCPU: [PerCpu {cpu_id, apic_id, kernel_rsp, tss, ...}]
     kernel::sched::CPUS: [CpuSched {rq, current: OwnerCell<Arc<Task>>
         (UnsafeCell<Option<Arc<Task>>>), ...}] and kernel::sched::task::Task {tid, name, cpu, state, space}
@@ -587,9 +588,10 @@ class VmasCmd(gdb.Command):
         # children() alternates keys and values.
         vmas = items[1::2]
         print("  %d VMAs" % len(vmas))
-        for v in vmas:
-            start, end = as_int(v["start"]), as_int(v["end"])
-            flags = as_int(v["flags"])
+        for node in vmas:
+            v = field(arc_payload(node), "vma")
+            start, end = as_int(field(v, "start")), as_int(field(v, "end"))
+            flags = as_int(field(v, "flags"))
             names = [n for bit, n in ((1, "r"), (2, "w"), (4, "x"), (8, "thp"), (16, "hugetlb2M"), (32, "hugetlb1G")) if flags & bit]
             print("  %#014x-%#014x %8d KiB  %s" % (start, end, (end - start) >> 10, " ".join(names) or "none"))
 
