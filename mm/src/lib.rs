@@ -132,6 +132,9 @@ mod huge_tests;
 #[cfg(all(test, not(loom)))]
 mod madvise_tests;
 
+#[cfg(all(test, not(loom)))]
+mod gup_tests;
+
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};
