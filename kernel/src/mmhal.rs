@@ -33,6 +33,23 @@ impl mm::hal::Hal for KernelHal {
         crate::rcu::synchronize();
     }
 
+    fn synchronize_rcu_expedited(&self) {
+        crate::rcu::synchronize_expedited();
+    }
+
+    /// The lockless walker's section: a TLB shoot-down IPI waits for it.
+    fn local_irq_save(&self) -> bool {
+        let was = arch::irq::enabled();
+        arch::irq::disable();
+        was
+    }
+
+    fn local_irq_restore(&self, enabled: bool) {
+        if enabled {
+            arch::irq::enable();
+        }
+    }
+
     fn get_state_synchronize_rcu(&self) -> u64 {
         crate::rcu::get_state()
     }

@@ -1,21 +1,52 @@
-//! A minimal RCU for page-table walkers.
+//! RCU for page-table walkers: read-side sections cost two plain stores,
+//! grace periods are detected from quiescent states.
 //!
-//! Readers (`pte_offset_map` ... `pte_unmap`, through the mm HAL) mark their
-//! CPU as inside a read-side critical section; they never sleep or switch
-//! tasks inside one. [`synchronize`] returns once every reader that might have
-//! seen a pointer published before the call has left its section, after
-//! which a detached page table may be freed (DESIGN.md section 6).
+//! # Readers
 //!
-//! Per CPU there is a nesting depth and a generation number; leaving the
-//! outermost section bumps the generation. `synchronize` snapshots both for
-//! every CPU and waits, for each CPU that was inside a section, until its
-//! generation moves. A full barrier on each side (the writer's fence after
-//! its detach, the reader's `swap` on entering its outermost section) orders
-//! the writer's detach before its snapshot and the reader's "inside" before
-//! its first table read, so a reader that the snapshot saw outside a section
-//! cannot reach the detached table; one that it saw inside is waited for.
+//! A read-side section (`pte_offset_map` ... `pte_unmap`, a fault under its
+//! VMA lock, the lockless user-page walker) raises this CPU's nesting
+//! depth and lowers it again: plain loads and stores, no locked
+//! instruction, because only this CPU writes its depth (an interrupt that
+//! nests a section restores it before the interrupted code resumes). Kernel
+//! code is not preempted and never switches tasks inside a section.
+//!
+//! # Quiescent states and grace periods
+//!
+//! A CPU is *quiescent* where it is outside every section: at a timer tick
+//! or reschedule IPI that interrupted depth 0, in the idle loop, at a
+//! context switch, on the way back to user mode, and when it leaves its
+//! outermost section while a grace period is waiting. A grace period is
+//! numbered by `GP_SEQ` (odd while one runs): it starts when someone asked
+//! for one ([`get_state`]), and it ends once every online CPU has reported a
+//! quiescent state after its start. An updater that detached an object
+//! takes a cookie with [`get_state`] and frees the object once
+//! [`poll_state`] says the cookie's grace period is over (mm's per-CPU
+//! batches of detached page tables), or waits for it ([`synchronize`]).
+//!
+//! # Ordering (the Rust memory model, not only x86's)
+//!
+//! Two guarantees, each a chain the code's fences build:
+//!
+//! 1. *A section that starts after its CPU reported a quiescent state for
+//!    grace period g sees every detach that happened before g's cookie was
+//!    taken.* The updater detaches, then runs a `SeqCst` fence and a
+//!    `SeqCst` load of `GP_SEQ` (seeing g not yet started); g's start is a
+//!    `SeqCst` read-modify-write of `GP_SEQ` after that load; the reporting
+//!    CPU loads `GP_SEQ` (`SeqCst`, seeing g) and then runs a `SeqCst`
+//!    fence before its next section. The two fences are then ordered in the
+//!    single total order of `SeqCst` operations, which makes the detach
+//!    visible to every load after the reader's fence.
+//! 2. *A section that ended before its CPU's report happens before the
+//!    free.* The report is a release store after the section, the CPU that
+//!    completes g acquires every report before its release of `GP_SEQ`, and
+//!    [`poll_state`] acquires `GP_SEQ`: a happens-before chain from the
+//!    section's last read to the free.
+//!
+//! Waiting ([`synchronize`]) keeps interrupts as the caller had them and
+//! answers TLB shoot-downs while it spins: a reader it waits for may be
+//! waiting for this CPU's acknowledgement.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering, compiler_fence, fence};
 
 use arch::percpu::NR_CPUS;
 
@@ -24,102 +55,183 @@ use arch::percpu::NR_CPUS;
 /// between them on each one.
 #[repr(align(64))]
 struct RcuCpu {
-    /// Nesting depth of read-side sections on this CPU.
+    /// Nesting depth of read-side sections on this CPU (written by it only).
     depth: AtomicU64,
-    /// Bumped each time the outermost section ends.
-    generation: AtomicU64,
+    /// The grace period (odd `GP_SEQ` value) this CPU last reported a
+    /// quiescent state for.
+    qs_seq: AtomicU64,
 }
 
-static CPUS: [RcuCpu; NR_CPUS] =
-    [const { RcuCpu { depth: AtomicU64::new(0), generation: AtomicU64::new(0) } }; NR_CPUS];
+static CPUS: [RcuCpu; NR_CPUS] = [const { RcuCpu { depth: AtomicU64::new(0), qs_seq: AtomicU64::new(0) } }; NR_CPUS];
 
-/// Grace periods completed (statistics).
-static GRACE_PERIODS: AtomicU64 = AtomicU64::new(0);
-/// Grace periods started, numbered from 1: a polled cookie names the first
-/// one that starts after it was taken.
-static GP_STARTED: AtomicU64 = AtomicU64::new(0);
-/// The highest-numbered grace period completed. A later-started one covers
-/// everything an earlier one does, so the maximum is what polls compare.
-static GP_DONE: AtomicU64 = AtomicU64::new(0);
-
-/// Linux `get_state_synchronize_rcu`: a cookie that [`poll_state`] reports
-/// complete once a grace period that started after this call has ended.
-pub fn get_state() -> u64 {
-    GP_STARTED.load(Ordering::SeqCst) + 1
-}
-
-/// Linux `poll_state_synchronize_rcu`.
-pub fn poll_state(cookie: u64) -> bool {
-    GP_DONE.load(Ordering::SeqCst) >= cookie
-}
+/// Grace-period sequence: `2 * completed`, plus 1 while one runs.
+static GP_SEQ: AtomicU64 = AtomicU64::new(0);
+/// The highest cookie anybody asked for: a grace period starts while
+/// `GP_SEQ` is below it.
+static GP_WANTED: AtomicU64 = AtomicU64::new(0);
+/// Expedited grace periods (statistics).
+static EXPEDITED: AtomicU64 = AtomicU64::new(0);
 
 /// Enters a read-side critical section on this CPU (nests). The caller must
 /// not switch tasks until the matching [`read_unlock`]; interrupts stay as
-/// they are (the page-fault path runs with them off).
-///
-/// Only this CPU writes its own counters (an interrupt handler that nests a
-/// section restores them before we resume), so only the outermost entry
-/// needs a locked instruction: the full barrier of its `swap` orders "inside"
-/// before the section's first table read, against the fence `synchronize`
-/// puts between its detach and its snapshot. Everything else is plain loads
-/// and stores: this runs several times per fault.
+/// they are.
+#[inline]
 pub fn read_lock() {
     let cpu = &CPUS[arch::percpu::cpu_id()];
-    let depth = cpu.depth.load(Ordering::Relaxed);
-    if depth == 0 {
-        cpu.depth.swap(1, Ordering::SeqCst);
-    } else {
-        cpu.depth.store(depth + 1, Ordering::Relaxed);
-    }
+    cpu.depth.store(cpu.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    // The section's loads stay after the store (an interrupt in between
+    // sees depth 1 and reports nothing).
+    compiler_fence(Ordering::SeqCst);
 }
 
-/// Leaves a read-side critical section.
+/// Leaves a read-side critical section. Leaving the outermost one while a
+/// grace period waits reports a quiescent state at once.
+#[inline]
 pub fn read_unlock() {
-    let cpu = &CPUS[arch::percpu::cpu_id()];
+    compiler_fence(Ordering::SeqCst);
+    let me = arch::percpu::cpu_id();
+    let cpu = &CPUS[me];
     let depth = cpu.depth.load(Ordering::Relaxed);
     assert!(depth > 0, "rcu read_unlock without read_lock");
-    // Release: the section's table reads happen before anything a
-    // `synchronize` that sees the new depth or generation does next.
-    cpu.depth.store(depth - 1, Ordering::Release);
-    if depth == 1 {
-        let generation = cpu.generation.load(Ordering::Relaxed);
-        cpu.generation.store(generation + 1, Ordering::Release);
+    cpu.depth.store(depth - 1, Ordering::Relaxed);
+    if depth == 1 && GP_SEQ.load(Ordering::Relaxed) & 1 == 1 {
+        note_qs(me);
     }
 }
 
 /// Whether this CPU is inside a read-side section.
 pub fn in_read_section() -> bool {
-    CPUS[arch::percpu::cpu_id()].depth.load(Ordering::SeqCst) != 0
+    CPUS[arch::percpu::cpu_id()].depth.load(Ordering::Relaxed) != 0
+}
+
+/// Reports a quiescent state for the running grace period, if any, from a
+/// point where this CPU (`me`) is outside every section, and completes the
+/// period if this was the last CPU it waited for.
+fn note_qs(me: usize) {
+    let g = GP_SEQ.load(Ordering::SeqCst);
+    if g & 1 == 0 || CPUS[me].qs_seq.load(Ordering::Relaxed) == g {
+        return;
+    }
+    // Guarantee 2: every section before this point, before the report;
+    // guarantee 1: every section after it, after the load of `g` above.
+    fence(Ordering::SeqCst);
+    CPUS[me].qs_seq.store(g, Ordering::Release);
+    try_complete(g);
+}
+
+/// Ends grace period `g` if every online CPU has reported for it.
+fn try_complete(g: u64) {
+    if arch::percpu::online_cpus().all(|c| CPUS[c].qs_seq.load(Ordering::Acquire) == g) {
+        // Several CPUs may see it complete; one moves the sequence on.
+        let _ = GP_SEQ.compare_exchange(g, g + 1, Ordering::SeqCst, Ordering::Relaxed);
+    }
+}
+
+/// Starts a grace period if one was asked for and none runs.
+fn start_if_wanted() {
+    let g = GP_SEQ.load(Ordering::SeqCst);
+    if g & 1 == 0 && g < GP_WANTED.load(Ordering::Relaxed) {
+        let _ = GP_SEQ.compare_exchange(g, g + 1, Ordering::SeqCst, Ordering::Relaxed);
+    }
+}
+
+/// The quiescent-state hook of a timer tick or reschedule IPI on this CPU:
+/// `from_user` or an interrupted depth of 0 means the CPU was quiescent.
+/// Also moves grace periods along (starts a wanted one, completes a
+/// finished one). Runs in interrupt context: never frees anything.
+pub fn on_interrupt(from_user: bool) {
+    let me = arch::percpu::cpu_id();
+    start_if_wanted();
+    if from_user || CPUS[me].depth.load(Ordering::Relaxed) == 0 {
+        note_qs(me);
+    } else {
+        let g = GP_SEQ.load(Ordering::SeqCst);
+        if g & 1 == 1 {
+            try_complete(g);
+        }
+    }
+}
+
+/// The quiescent-state hook of a context switch, the idle loop and the
+/// return to user mode: this CPU is outside every section here.
+#[inline]
+pub fn quiescent() {
+    let me = arch::percpu::cpu_id();
+    debug_assert_eq!(CPUS[me].depth.load(Ordering::Relaxed), 0, "quiescent point inside an RCU section");
+    if GP_SEQ.load(Ordering::Relaxed) & 1 == 1 {
+        note_qs(me);
+    }
+}
+
+/// Linux `get_state_synchronize_rcu` + `start_poll_synchronize_rcu`: a
+/// cookie that [`poll_state`] reports complete once a grace period that
+/// started after this call has ended, and a request that one starts.
+pub fn get_state() -> u64 {
+    // Guarantee 1: the caller's detach before the load of `GP_SEQ`.
+    fence(Ordering::SeqCst);
+    let g = GP_SEQ.load(Ordering::SeqCst);
+    // A period under way may have started before the detach: the next one
+    // must end (Linux `rcu_seq_snap`).
+    let cookie = (g + 3) & !1;
+    GP_WANTED.fetch_max(cookie, Ordering::Relaxed);
+    cookie
+}
+
+/// Linux `poll_state_synchronize_rcu`.
+pub fn poll_state(cookie: u64) -> bool {
+    GP_SEQ.load(Ordering::Acquire) >= cookie
 }
 
 /// Waits until every read-side section that was running on another CPU when
-/// this was called has ended. Must not be called inside a section.
-pub fn synchronize() {
+/// this was called has ended. Must not be called inside a section. Grace
+/// periods normally end within a tick of every CPU; `expedite` makes the
+/// other CPUs report at once with a reschedule IPI.
+fn wait(expedite: bool) {
     let me = arch::percpu::cpu_id();
     assert!(!in_read_section(), "synchronize() inside an RCU read-side section would deadlock");
-    // The caller's detach (a store) before the snapshot's loads: the other
-    // half of the handshake with `read_lock`'s swap.
-    core::sync::atomic::fence(Ordering::SeqCst);
-    let id = GP_STARTED.fetch_add(1, Ordering::SeqCst) + 1;
-    let mut snapshot = [(0u64, 0u64); NR_CPUS];
-    for (cpu, snap) in snapshot.iter_mut().enumerate() {
-        *snap = (CPUS[cpu].depth.load(Ordering::SeqCst), CPUS[cpu].generation.load(Ordering::SeqCst));
-    }
-    for (cpu, &(depth, generation)) in snapshot.iter().enumerate() {
-        if cpu == me || depth == 0 {
-            continue;
+    let cookie = get_state();
+    let mut spins = 0u64;
+    while !poll_state(cookie) {
+        start_if_wanted();
+        note_qs(me);
+        let g = GP_SEQ.load(Ordering::SeqCst);
+        if g & 1 == 1 {
+            try_complete(g);
+            if expedite && spins.is_multiple_of(1 << 12) {
+                for c in arch::percpu::online_cpus() {
+                    if c != me && CPUS[c].qs_seq.load(Ordering::Relaxed) != g {
+                        crate::smp::kick(c);
+                    }
+                }
+            }
         }
-        while CPUS[cpu].generation.load(Ordering::SeqCst) == generation {
-            core::hint::spin_loop();
-        }
+        // A CPU we wait for may itself wait for our TLB acknowledgement.
+        arch::tlb::service_pending();
+        core::hint::spin_loop();
+        spins += 1;
     }
-    GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
-    GP_DONE.fetch_max(id, Ordering::SeqCst);
+}
+
+/// Linux `synchronize_rcu`.
+pub fn synchronize() {
+    wait(false);
+}
+
+/// Linux `synchronize_rcu_expedited`: as [`synchronize`], pushing the other
+/// CPUs with reschedule IPIs instead of waiting for their ticks.
+pub fn synchronize_expedited() {
+    EXPEDITED.fetch_add(1, Ordering::Relaxed);
+    wait(true);
 }
 
 /// Grace periods completed since boot.
 pub fn grace_periods() -> u64 {
-    GRACE_PERIODS.load(Ordering::Relaxed)
+    GP_SEQ.load(Ordering::Relaxed) / 2
+}
+
+/// Expedited grace periods asked for since boot.
+pub fn expedited() -> u64 {
+    EXPEDITED.load(Ordering::Relaxed)
 }
 
 #[cfg(target_os = "none")]
@@ -164,7 +276,56 @@ mod tests {
         STAGE.store(2, SeqCst);
         super::synchronize();
         assert_eq!(STAGE.load(SeqCst), 3, "synchronize returned while the reader was still inside");
-        assert_eq!(super::grace_periods(), before + 1);
+        assert!(super::grace_periods() > before);
+        assert_eq!(t.join(), 0);
+    }
+
+    /// A polled grace period (what mm's batches of detached tables wait
+    /// for) does not end while a reader that was inside when the cookie was
+    /// taken stays inside, and ends without anybody waiting for it once the
+    /// reader leaves: the other CPUs' ticks and idle loops report their
+    /// quiescent states.
+    #[ktest]
+    fn a_polled_grace_period_waits_for_a_reader_and_ends_on_its_own() {
+        let Some(other) = arch::percpu::online_cpus().find(|&c| c != arch::percpu::cpu_id()) else {
+            return;
+        };
+        STAGE.store(0, SeqCst);
+        let t = sched::spawn(sched::Task::new_kernel("rcu-reader".into(), other, reader, 0).unwrap());
+        while STAGE.load(SeqCst) != 1 {
+            core::hint::spin_loop();
+        }
+        let cookie = super::get_state();
+        // Several ticks of every CPU: the period cannot end with the reader inside.
+        arch::time::delay_us(100_000);
+        assert!(!super::poll_state(cookie), "a grace period ended while a reader was inside");
+        STAGE.store(2, SeqCst);
+        assert_eq!(t.join(), 0);
+        // Nobody calls synchronize: ticks (this CPU's too: interrupts are on)
+        // and idle loops end the period.
+        assert!(arch::irq::enabled());
+        while !super::poll_state(cookie) {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// `synchronize_expedited` waits for the reader too, and kicks the other
+    /// CPUs instead of waiting for their ticks.
+    #[ktest]
+    fn expedited_grace_period_waits_for_a_reader() {
+        let Some(other) = arch::percpu::online_cpus().find(|&c| c != arch::percpu::cpu_id()) else {
+            return;
+        };
+        STAGE.store(0, SeqCst);
+        let t = sched::spawn(sched::Task::new_kernel("rcu-reader".into(), other, reader, 0).unwrap());
+        while STAGE.load(SeqCst) != 1 {
+            core::hint::spin_loop();
+        }
+        let before = super::expedited();
+        STAGE.store(2, SeqCst);
+        super::synchronize_expedited();
+        assert_eq!(STAGE.load(SeqCst), 3, "synchronize_expedited returned while the reader was still inside");
+        assert_eq!(super::expedited(), before + 1);
         assert_eq!(t.join(), 0);
     }
 }

@@ -182,6 +182,12 @@ pub fn with_current_space<R>(f: impl FnOnce(&crate::uspace::AddressSpace) -> R) 
 
 extern "C" fn idle_loop(_: usize) -> ! {
     loop {
+        // Idle is quiescent, and the time to free what waited for a grace
+        // period (detached page tables).
+        crate::rcu::quiescent();
+        if let Some(phys) = mm::try_phys() {
+            phys.rcu_reap();
+        }
         arch::irq::disable();
         let has_work = !local().rq.lock().is_empty();
         if has_work {
@@ -245,6 +251,8 @@ pub fn exit_current(code: i64) -> ! {
 
 /// The core: picks the next task on this CPU and switches to it.
 pub fn schedule() {
+    // A context switch is a quiescent state: no read-side section spans it.
+    crate::rcu::quiescent();
     // Interrupts come back on when this task returns from here, if they
     // were on when it came in.
     let irqs = IrqsOff::save();

@@ -55,6 +55,8 @@ pub fn handle_irq(vector: u8, frame: &mut TrapFrame) -> bool {
             // come back here for a long time.
             apic::eoi();
             TICKS[cpu].fetch_add(1, Ordering::Relaxed);
+            // Before the handler: it may switch tasks.
+            crate::rcu::on_interrupt(frame.from_user());
             if let Some(handler) = TICK_HANDLER.get() {
                 handler(frame.from_user());
             }
@@ -64,6 +66,8 @@ pub fn handle_irq(vector: u8, frame: &mut TrapFrame) -> bool {
             // run queue after every interrupt.
             apic::eoi();
             RESCHEDULES[cpu].fetch_add(1, Ordering::Relaxed);
+            // An expedited grace period kicks CPUs to report at once.
+            crate::rcu::on_interrupt(frame.from_user());
         }
         vectors::CALL_FUNCTION => {
             arch::ipi::handle_call_function_ipi();

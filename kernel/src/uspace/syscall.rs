@@ -18,6 +18,8 @@ pub fn handle(frame: &mut TrapFrame) {
     arch::irq::enable();
     let args = [frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9];
     let ret = dispatch(frame.rax as usize, args);
+    // The way back to user mode is a quiescent state.
+    crate::rcu::quiescent();
     arch::irq::disable();
     frame.rax = ret as u64;
 }
