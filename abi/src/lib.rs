@@ -17,6 +17,8 @@
 //! | 7  | `mprotect` | addr, len, prot                | 0 / -EINVAL / -ENOMEM |
 //! | 8  | `barrier`  | id, parties                    | 0 once `parties` threads of the address space arrived |
 //! | 9  | `cycles`   | -                              | the TSC |
+//! | 10 | `madvise`  | addr, len, advice              | 0 / -EINVAL (unaligned addr, unknown advice) / -ENOMEM (part unmapped) |
+//! | 11 | `checksum` | ptr, len                       | [`checksum`] of the bytes, read through pinned pages / -EFAULT / -EINVAL (len > [`CHECKSUM_MAX`]) |
 #![no_std]
 
 /// System-call numbers.
@@ -31,6 +33,48 @@ pub mod nr {
     pub const MPROTECT: usize = 7;
     pub const BARRIER: usize = 8;
     pub const CYCLES: usize = 9;
+    pub const MADVISE: usize = 10;
+    pub const CHECKSUM: usize = 11;
+}
+
+/// `advice` of `madvise` (Linux's numbers).
+pub mod advice {
+    /// The range reads as zeroes afterwards; its frames and emptied page
+    /// tables are freed (Linux `MADV_DONTNEED`).
+    pub const DONTNEED: usize = 4;
+}
+
+/// Longest range `checksum` accepts (bytes).
+pub const CHECKSUM_MAX: usize = 16 << 20;
+
+/// The `checksum` system call's function: 64-bit FNV-1a of `bytes` with the
+/// top bit cleared (so it is never mistaken for `-errno`). User programs
+/// compute the same to check what the kernel read.
+pub const fn checksum(bytes: &[u8]) -> u64 {
+    checksum_finish(checksum_update(checksum_seed(), bytes))
+}
+
+/// [`checksum`] continued over more bytes: `checksum_update(checksum_seed(), b)`
+/// for one buffer equals `checksum(b)`.
+pub const fn checksum_seed() -> u64 {
+    0xcbf2_9ce4_8422_2325
+}
+
+/// Folds `bytes` into a running [`checksum`] state (finish with
+/// [`checksum_finish`]).
+pub const fn checksum_update(mut h: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// The system call's result for a running state.
+pub const fn checksum_finish(h: u64) -> u64 {
+    h & !(1 << 63)
 }
 
 /// Error numbers (returned negated).
@@ -179,6 +223,13 @@ pub mod storm {
     /// Rounds of `mprotect` of one 4 KiB page in each 2 MiB of the range,
     /// splitting any 2 MiB mapping there.
     pub const MODE_SPLITTER: u64 = 4;
+    /// Rounds of `madvise(MADV_DONTNEED)` over each 2 MiB of the range
+    /// (which also reclaims the PTE tables it empties) while others touch it.
+    pub const MODE_DONTNEED: u64 = 5;
+    /// As `MODE_TOUCH`, and every tag is also read back through the
+    /// `checksum` system call (pinned pages, the lockless walker): the
+    /// kernel must see the tag, or zero where a remap or DONTNEED took it.
+    pub const MODE_GUP: u64 = 6;
 
     /// Thread `i` of `n` touches the `i`-th contiguous block of pages.
     pub const PATTERN_BLOCKS: u64 = 0;
@@ -244,6 +295,8 @@ pub mod storm {
         pub end_cycles: u64,
         /// Set to 1 when the thread finished.
         pub done: u64,
+        /// Tags checked through the `checksum` system call (`MODE_GUP`).
+        pub gup_checks: u64,
     }
 
     /// The tag a thread writes into a page in a round.

@@ -123,6 +123,18 @@ pub fn run(index: u64) -> isize {
                 }
                 sys::yield_now();
             }
+            storm::MODE_DONTNEED => {
+                for _ in 0..10 {
+                    let mut region = p.base;
+                    while region < p.base + p.len {
+                        if sys::madvise(region as usize, HUGE as usize, abi::advice::DONTNEED) != 0 {
+                            out.mismatches += 1;
+                        }
+                        region += HUGE;
+                    }
+                    sys::yield_now();
+                }
+            }
             storm::MODE_SPLITTER => {
                 // Toggle EXEC on one 4 KiB page per 2 MiB region: a real
                 // protection change (so a huge mapping there must split) that
@@ -179,6 +191,16 @@ pub fn run(index: u64) -> isize {
                         out.lost += 1;
                     } else if v != storm::tag(page, index, round) {
                         out.mismatches += 1;
+                    }
+                    if mode == storm::MODE_GUP {
+                        // The kernel reads the slot through a pinned page.
+                        let got = sys::checksum(slot(page, index) as usize, 8);
+                        let tag = abi::checksum(&storm::tag(page, index, round).to_le_bytes());
+                        let zero = abi::checksum(&[0; 8]);
+                        if got != tag as isize && !(p.tolerate_loss != 0 && got == zero as isize) {
+                            out.mismatches += 1;
+                        }
+                        out.gup_checks += 1;
                     }
                 });
             }

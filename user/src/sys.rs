@@ -107,6 +107,16 @@ pub fn mprotect(addr: usize, len: usize, prot: usize) -> isize {
     syscall3(nr::MPROTECT, addr, len, prot)
 }
 
+pub fn madvise(addr: usize, len: usize, advice: usize) -> isize {
+    syscall3(nr::MADVISE, addr, len, advice)
+}
+
+/// `abi::checksum` of `[addr, addr + len)`, computed by the kernel through
+/// pinned pages.
+pub fn checksum(addr: usize, len: usize) -> isize {
+    syscall2(nr::CHECKSUM, addr, len)
+}
+
 /// A raw system call with six arguments (RDI, RSI, RDX, R10, R8, R9).
 pub fn syscall6(n: usize, a: [usize; 6]) -> isize {
     let ret: isize;

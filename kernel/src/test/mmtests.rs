@@ -178,4 +178,98 @@ mod tests {
         let g = RW.write(); // would spin forever if a reader count were left over
         assert_eq!(*g, (start + writes, start + writes), "a writer's update was lost");
     }
+
+    /// What the two-CPU protocol tests share with their helper task: the
+    /// address space (its `Mm`), the address, and a stage counter.
+    struct Duet {
+        mm: core::sync::atomic::AtomicPtr<mm::Mm<'static>>,
+        addr: AtomicU64,
+        stage: AtomicU64,
+    }
+
+    static DUET: Duet = Duet {
+        mm: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
+        addr: AtomicU64::new(0),
+        stage: AtomicU64::new(0),
+    };
+
+    fn duet_mm() -> &'static mm::Mm<'static> {
+        // SAFETY: the test that stores the pointer joins the helper task
+        // before the address space goes away (see the tests below).
+        unsafe { &*DUET.mm.load(Ordering::SeqCst) }
+    }
+
+    /// Runs `helper` on another CPU against `space`, around `main` on this
+    /// one; returns the helper's exit code. `None`: one CPU only.
+    fn duet(space: &AddressSpace, addr: u64, helper: extern "C" fn(usize) -> !, main: impl FnOnce()) -> Option<i64> {
+        let other = arch::percpu::online_cpus().find(|&c| c != arch::percpu::cpu_id())?;
+        DUET.mm.store(&space.mm as *const mm::Mm<'static> as *mut _, Ordering::SeqCst);
+        DUET.addr.store(addr, Ordering::SeqCst);
+        DUET.stage.store(0, Ordering::SeqCst);
+        let t = sched::spawn(sched::Task::new_kernel("duet".into(), other, helper, 0).unwrap());
+        main();
+        let code = t.join();
+        DUET.mm.store(core::ptr::null_mut(), Ordering::SeqCst);
+        Some(code)
+    }
+
+    fn wait_stage(s: u64) {
+        while DUET.stage.load(Ordering::SeqCst) < s {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Takes `pte_offset_map_lock` on the duet's address once the main CPU
+    /// holds the PTE lock; exits 1 if it got a guard on a table the PMD no
+    /// longer points to, 0 if it (rightly) found no table.
+    extern "C" fn locker(_: usize) -> ! {
+        let mm = duet_mm();
+        let a = VirtAddr::new(DUET.addr.load(Ordering::SeqCst));
+        let pmd = mm::walk_pmd(mm, a).unwrap();
+        wait_stage(1);
+        DUET.stage.store(2, Ordering::SeqCst);
+        // Reads the PMD (the table is still attached), then spins on the
+        // PTE lock the main CPU holds while it detaches the table.
+        let got = pte_offset_map_lock(mm, pmd, a).map(|g| g.pmdval());
+        let stale = got.is_some_and(|v| v != pmd.get());
+        sched::exit_current(stale as i64)
+    }
+
+    /// `pte_offset_map_lock` re-checks the PMD after taking the PTE lock, on
+    /// real tables with another CPU: a walker that read the PMD before the
+    /// table was detached (the reclaim protocol: PMD lock, PTE lock, clear)
+    /// and got the lock after, finds no table instead of a guard on the
+    /// detached one.
+    #[ktest]
+    fn pte_offset_map_lock_rechecks_the_pmd_against_a_detach_on_another_cpu() {
+        let space = AddressSpace::new().unwrap();
+        let mm = &space.mm;
+        let a = VirtAddr::new(0x5000_0000);
+        drop(pte_alloc_map_lock(mm, walk_alloc_pmd(mm, a).unwrap(), a).unwrap());
+        let pmd = mm::walk_pmd(mm, a).unwrap();
+        let detached = core::cell::Cell::new(mm::Pmd::NONE);
+        let code = duet(&space, a.as_u64(), locker, || {
+            let pl = mm::pmd_lock(mm, pmd);
+            let (map, old) = mm::pte_offset_map_rw_nolock(mm, pmd, a).unwrap();
+            let ptl = map.ptl();
+            let pte_lock = (!ptl.is_held_by(&pl)).then(|| ptl.lock());
+            DUET.stage.store(1, Ordering::SeqCst);
+            wait_stage(2);
+            // Let the locker read the PMD and start spinning on our lock.
+            arch::time::delay_us(20_000);
+            mm::set_pmd(mm, pmd, mm::Pmd::NONE, &pl);
+            drop(pte_lock);
+            drop(map);
+            drop(pl);
+            detached.set(old);
+        });
+        // The locker has exited: put the table back for the teardown to free.
+        if !detached.get().is_none() {
+            mm::set_pmd(mm, pmd, detached.get(), &mm::pmd_lock(mm, pmd));
+        }
+        if let Some(code) = code {
+            assert_eq!(code, 0, "pte_offset_map_lock returned a guard on a detached table");
+        }
+        drop(space);
+    }
 }

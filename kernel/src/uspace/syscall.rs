@@ -48,6 +48,13 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
             0
         }
         nr::CYCLES => arch::time::rdtsc() as isize,
+        nr::MADVISE => match a[2] as usize {
+            abi::advice::DONTNEED => {
+                result(with_space(|s| s.mm.madvise(VirtAddr::new(a[0]), a[1], mm::Advice::DontNeed)).map(|_| 0))
+            }
+            _ => -errno::EINVAL,
+        },
+        nr::CHECKSUM => sys_checksum(a[0], a[1]),
         _ => -errno::ENOSYS,
     }
 }
@@ -74,6 +81,37 @@ fn sys_log(ptr: u64, len: usize) -> isize {
         }
         Err(_) => -errno::EINVAL,
     }
+}
+
+/// `checksum(ptr, len)`: reads the user's bytes through pages pinned by the
+/// lockless walker (`mm::gup::get_user_pages_fast`), not through the user
+/// mapping: the pages stay valid even if another thread unmaps them
+/// meanwhile (the pin keeps each frame from the allocator).
+fn sys_checksum(ptr: u64, len: u64) -> isize {
+    if len > abi::CHECKSUM_MAX as u64 {
+        return -errno::EINVAL;
+    }
+    if len == 0 {
+        return abi::checksum(&[]) as isize;
+    }
+    let Some(end) = ptr.checked_add(len).filter(|&e| e <= abi::TASK_SIZE_MAX) else { return -errno::EFAULT };
+    let first = ptr & !(mm::PAGE_SIZE - 1);
+    let nr = (end - first).div_ceil(mm::PAGE_SIZE) as usize;
+    with_space(|s| {
+        let Ok(pins) = mm::gup::get_user_pages_fast(&s.mm, VirtAddr::new(ptr), nr, false) else {
+            return -errno::EFAULT;
+        };
+        let mut h = abi::checksum_seed();
+        let mut buf = [0u8; 512];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            pins.read(at, &mut buf[..n]);
+            h = abi::checksum_update(h, &buf[..n]);
+            at += n as u64;
+        }
+        abi::checksum_finish(h) as isize
+    })
 }
 
 fn prot_from(bits: usize) -> Option<Prot> {

@@ -61,6 +61,18 @@ fn storm_disjoint_regions() {
     assert_eq!(out.touched(), pages);
     assert!(out.stats.anon_faults >= pages, "one first-touch fault per page at least");
     assert_distinct_frames(&out, pages);
+    // Nothing changes the region's VMA while the threads fault: every fault
+    // in it ran under that VMA's lock. The only faults that took mmap_lock
+    // are stack faults of threads that started while a later thread's stack
+    // was being mapped next to theirs (the merge write-locks their VMA).
+    if mm::memory::fault_locking() == mm::memory::FaultLocking::PerVma {
+        let s = out.stats;
+        assert!(s.vma_lock_faults >= pages, "faults in the region took mmap_lock: {s:?}");
+        assert!(
+            s.mmap_lock_faults == s.vma_fallback_locked && s.mmap_lock_faults <= n as u64,
+            "faults took mmap_lock for another reason than a VMA being changed: {s:?}"
+        );
+    }
 }
 
 /// (b) All CPUs interleave 4 KiB pages inside one 2 MiB region: every
@@ -188,4 +200,105 @@ fn storm_oom_in_a_fault_kills_and_leaks_nothing() {
     drop(space);
     settle();
     assert_eq!(mm::nr_free_pages(), before, "frames leaked after an OOM kill");
+}
+
+/// Reruns `one` (a storm) until `happened` says its race occurred, at most
+/// `tries` times; returns every outcome's stats summed.
+fn until_raced(tries: usize, mut one: impl FnMut(usize) -> Outcome, happened: impl Fn(&Totals) -> bool) -> Totals {
+    let mut t = Totals::default();
+    for attempt in 0..tries {
+        let out = one(attempt);
+        t.add(&out);
+        if happened(&t) {
+            break;
+        }
+    }
+    t
+}
+
+/// What the shared-lock storms count, summed over reruns.
+#[derive(Default, Debug)]
+struct Totals {
+    storms: u64,
+    vma_lock_faults: u64,
+    mmap_lock_faults: u64,
+    retries: u64,
+    pt_reclaimed: u64,
+    madvise_zapped: u64,
+    gup_fast_pages: u64,
+    gup_slow_pages: u64,
+    gup_checks: u64,
+    lost: u64,
+}
+
+impl Totals {
+    fn add(&mut self, out: &Outcome) {
+        let s = &out.stats;
+        self.storms += 1;
+        self.vma_lock_faults += s.vma_lock_faults;
+        self.mmap_lock_faults += s.mmap_lock_faults;
+        self.retries += s.retries;
+        self.pt_reclaimed += s.pt_reclaimed;
+        self.madvise_zapped += s.madvise_zapped;
+        self.gup_fast_pages += s.gup_fast_pages;
+        self.gup_slow_pages += s.gup_slow_pages;
+        self.gup_checks += out.reports.iter().map(|r| r.gup_checks).sum::<u64>();
+        self.lost += out.reports.iter().map(|r| r.lost).sum::<u64>();
+    }
+}
+
+/// (g) Faults race `madvise(MADV_DONTNEED)` on shared PTE tables: every CPU
+/// but one touches interleaved pages of four PTE tables, one CPU drops each
+/// 2 MiB over and over, which also reclaims the tables it empties while the
+/// others fault in them. Tags may be lost to a DONTNEED (they read back
+/// zero), never corrupted; nothing leaks. Rerun until tables were reclaimed
+/// under faulting CPUs and faults found their PMD changed and walked again.
+#[ktest]
+fn storm_faults_race_dontneed_and_table_reclaim() {
+    let cpus = online();
+    let n = cpus.len().max(2);
+    let t = until_raced(
+        20,
+        |_| {
+            let mut p = params(storm::MODE_TOUCH, storm::PATTERN_INTERLEAVED, 4 * HUGE, n);
+            p.rounds = 8;
+            p.tolerate_loss = 1;
+            p.special_threads = 1;
+            p.special_mode = storm::MODE_DONTNEED;
+            storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus: cpus.clone() })
+        },
+        |t| t.pt_reclaimed > 0 && t.retries > 0,
+    );
+    log::info!("storm_faults_race_dontneed_and_table_reclaim: {t:?}");
+    assert!(t.pt_reclaimed > 0, "no PTE table was reclaimed: {t:?}");
+    assert!(t.retries > 0, "no fault ever found its PMD changed (pte_offset_map failure or pmd_same retry): {t:?}");
+    assert!(t.madvise_zapped > 0 && t.vma_lock_faults > 0, "{t:?}");
+}
+
+/// (h) The lockless walker in production (`checksum` reads user memory
+/// through pages `get_user_pages_fast` pinned) against munmap (MAP_FIXED
+/// remaps) and DONTNEED with table reclaim: every CPU but one writes its
+/// tags and reads each back through the kernel's pinned view, which must
+/// show the tag, or zero where a remap or DONTNEED took it. Alternating
+/// remap and DONTNEED storms, rerun until pages were pinned locklessly and
+/// tables reclaimed under the walkers.
+#[ktest]
+fn storm_gup_races_munmap_and_reclaim() {
+    let cpus = online();
+    let n = cpus.len().max(2);
+    let t = until_raced(
+        20,
+        |attempt| {
+            let mut p = params(storm::MODE_GUP, storm::PATTERN_INTERLEAVED, 4 * HUGE, n);
+            p.rounds = 4;
+            p.tolerate_loss = 1;
+            p.special_threads = 1;
+            p.special_mode = if attempt % 2 == 0 { storm::MODE_DONTNEED } else { storm::MODE_REMAPPER };
+            storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus: cpus.clone() })
+        },
+        |t| t.storms >= 2 && t.gup_fast_pages > 0 && t.pt_reclaimed > 0,
+    );
+    log::info!("storm_gup_races_munmap_and_reclaim: {t:?}");
+    assert!(t.gup_checks > 0 && t.gup_fast_pages > 0, "the lockless walker pinned nothing: {t:?}");
+    assert!(t.pt_reclaimed > 0, "no table was reclaimed under the walkers: {t:?}");
 }
