@@ -2,7 +2,9 @@
 //! (`-fw_cfg name=opt/ptlk/cmdline,string=...`).
 //!
 //! Words: `mode=run|test|bench`, `filter=SUBSTRING` (tests), `selftests` (also run
-//! the runner's own deliberately failing tests), `log=error|warn|info|debug|trace`.
+//! the runner's own deliberately failing tests), `log=error|warn|info|debug|trace`,
+//! `fault_lock=vma|mmap` (how page faults lock their VMA: the per-VMA lock,
+//! the default, or `mmap_lock` shared as before Linux 6.4, for comparison).
 
 use spin::Once;
 

@@ -73,7 +73,19 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         memmap.overhead_ppm / 10_000,
         memmap.overhead_ppm % 10_000,
     );
-    log::info!("boot: page-table locks: {}", mm::describe_config());
+    match cmdline.value("fault_lock") {
+        None | Some("vma") => mm::memory::set_fault_locking(mm::memory::FaultLocking::PerVma),
+        Some("mmap") => mm::memory::set_fault_locking(mm::memory::FaultLocking::MmapLock),
+        Some(other) => panic!("fault_lock={other:?}: expected vma or mmap"),
+    }
+    log::info!(
+        "boot: page-table locks: {}; faults lock {}",
+        mm::describe_config(),
+        match mm::memory::fault_locking() {
+            mm::memory::FaultLocking::PerVma => "their VMA (per-VMA locks, mmap_lock only as a fallback)",
+            mm::memory::FaultLocking::MmapLock => "mmap_lock shared (fault_lock=mmap)",
+        }
+    );
     log::info!(
         "boot: kernel stacks {} KiB + {} KiB guard (up to {}); per-CPU frame caches up to {} frames ({} MiB) each",
         kstack::STACK_SIZE >> 10,
