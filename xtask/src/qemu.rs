@@ -155,10 +155,10 @@ impl Machine {
             c.arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()));
             c.arg("-drive").arg(format!("if=pflash,format=raw,file={}", vars_copy.display()));
         }
-        // Read-only: the kernel never writes its disk, and two runs of one
-        // image at once (a `run` beside a `test`) must not fight over
-        // QEMU's image lock.
-        c.arg("-drive").arg(format!("format=raw,readonly=on,file={}", self.image.display()));
+        // Writes go to a throw-away overlay (the kernel never writes its
+        // disk), so two runs of one image at once (a `run` beside a `test`)
+        // do not fight over QEMU's image lock.
+        c.arg("-drive").arg(format!("format=raw,snapshot=on,file={}", self.image.display()));
         c.args(["-serial", "stdio", "-display", "none", "-monitor", "none", "-no-reboot"]);
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         // QEMU option syntax: a literal comma is written twice.
