@@ -8,13 +8,13 @@ use boot::{Firmware, build_image};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (firmware, kernel) = match args.as_slice() {
-        [f, k] if f == "bios" => (Firmware::Bios, PathBuf::from(k)),
-        [f, k] if f == "uefi" => (Firmware::Uefi, PathBuf::from(k)),
-        _ => {
-            eprintln!("usage: boot bios|uefi KERNEL_ELF");
-            return ExitCode::from(2);
-        }
+    let parsed = match args.as_slice() {
+        [f, k] => Firmware::from_name(f).map(|f| (f, PathBuf::from(k))),
+        _ => None,
+    };
+    let Some((firmware, kernel)) = parsed else {
+        eprintln!("usage: boot bios|uefi KERNEL_ELF");
+        return ExitCode::from(2);
     };
     match build_image(&kernel, firmware) {
         Ok(image) => {

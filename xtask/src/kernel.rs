@@ -1,6 +1,6 @@
 //! Building the kernel ELF and its disk images.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -84,6 +84,36 @@ pub fn build(config: &BuildConfig) -> Result<PathBuf> {
     Ok(workspace_root().join("target/x86_64-unknown-none").join(profile).join("kernel"))
 }
 
+/// Copies the kernel cargo just built into a directory of this xtask process
+/// (`target/xtask/kernels/<pid>/<config>/kernel`) and returns the copy. Its
+/// images, the backtrace symbolizer and gdb then all use the ELF this process
+/// built, even when another `cargo xtask` in the same tree (a second
+/// terminal, another test run's debug-ptlock build) rebuilds
+/// `target/x86_64-unknown-none/...` meanwhile: booting one build's image
+/// while symbolizing another's gives wrong backtraces, and an image rewritten
+/// under a booting QEMU boots to silence. Directories of xtask processes that
+/// have exited are removed first.
+pub fn private_copy(elf: &Path, config: &BuildConfig) -> Result<PathBuf> {
+    let root = workspace_root().join("target/xtask/kernels");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let alive = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = root.join(std::process::id().to_string()).join(config.label());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let copy = dir.join("kernel");
+    std::fs::copy(elf, &copy).with_context(|| format!("copying {} to {}", elf.display(), copy.display()))?;
+    Ok(copy)
+}
+
 /// Which firmware an image is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Firmware {
@@ -107,7 +137,7 @@ impl Firmware {
 /// tool. It runs as a separate program, not a library of xtask: building the
 /// `bootloader` crate needs the rustup components that xtask installs, so
 /// xtask itself must build without them.
-pub fn image(kernel: &std::path::Path, firmware: Firmware) -> Result<PathBuf> {
+pub fn image(kernel: &Path, firmware: Firmware) -> Result<PathBuf> {
     let out = cargo()
         .current_dir(workspace_root())
         .args(["run", "--quiet", "--package", "boot", "--"])

@@ -116,9 +116,10 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// Builds the kernel and the image for `firmware`; returns (elf, image).
+/// Builds the kernel and the image for `firmware` from this process's own
+/// copy of the ELF (see [`kernel::private_copy`]); returns (elf, image).
 pub fn build_kernel(config: &BuildConfig, firmware: Firmware) -> Result<(PathBuf, PathBuf)> {
-    let elf = kernel::build(config)?;
+    let elf = kernel::private_copy(&kernel::build(config)?, config)?;
     let image = kernel::image(&elf, firmware)?;
     Ok((elf, image))
 }
@@ -162,7 +163,9 @@ fn main() -> ExitCode {
         Command::Build { kernel, uefi } => (|| {
             setup::ensure_rust()?;
             let firmware = if uefi { Firmware::Uefi } else { Firmware::Bios };
-            let (elf, image) = build_kernel(&kernel.config(), firmware)?;
+            // Here the files stay where cargo puts the kernel.
+            let elf = kernel::build(&kernel.config())?;
+            let image = kernel::image(&elf, firmware)?;
             println!("xtask: kernel {}\nxtask: image  {}", elf.display(), image.display());
             Ok(true)
         })(),
