@@ -330,7 +330,13 @@ fn thp_and_4k_faults_race_splits_in_one_pmd_table() {
         s.spawn(move || {
             let _stop = StopOnDrop(stop);
             on_cpu(mm);
-            for round in 0..60u64 {
+            // At least 60 rounds, and on until a THP was split (the faulters
+            // must have mapped one in a block before a round cut it).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            for round in 0u64.. {
+                if round >= 60 && (mm.stats().thp_splits > 0 || std::time::Instant::now() > deadline) {
+                    break;
+                }
                 let blk = base + (1 + round % 3) * PMD_SIZE;
                 match round % 4 {
                     0 => {

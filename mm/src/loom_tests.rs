@@ -152,7 +152,9 @@ fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
         // tables' PTE locks (as Linux does when it replaces a PTE table).
         let writer = loom::thread::spawn(move || {
             let pl = pmd_lock(mm, pmd_a);
-            let (l1, l2) = (pte_lockptr(mm, t1), pte_lockptr(mm, t2));
+            // SAFETY: under the PMD lock both entries live in; the tables are
+            // freed only with the machine.
+            let (l1, l2) = unsafe { (pte_lockptr(mm, t1), pte_lockptr(mm, t2)) };
             // Two PTE locks: taken in the order of their tables' frames. With
             // split locks off they are the already-held page_table_lock.
             //
@@ -180,7 +182,8 @@ fn loom_pte_offset_map_lock_retries_when_the_pmd_changes() {
             // Holding the PTE lock, the pmd must still point at the locked
             // table: the lock is worthless otherwise.
             assert_eq!(pmd_a.get(), g.pmdval(), "locked a table the pmd no longer points to");
-            assert!(pte_lockptr(mm, pmd_a.get()).is_held_by(g.ptl()));
+            // SAFETY: `g` holds that table's lock inside its read-side section.
+            assert!(unsafe { pte_lockptr(mm, pmd_a.get()) }.is_held_by(g.ptl()));
         });
         writer.join().unwrap();
         reader.join().unwrap();
@@ -301,6 +304,112 @@ fn loom_thp_fault_races_pte_alloc_on_one_pmd() {
             assert_eq!(m.phys.nr_free_pages(), before - 3);
         }
         assert_eq!(mm.nr_ptes(), 1);
+        f.teardown();
+    });
+}
+
+/// A fault racing PTE-table reclaim on one PMD (`madvise`'s
+/// `try_to_free_pte`): the fault installs its page into the live table, or
+/// finds the table gone (its `pte_offset_map` fails or its `pmd_same`
+/// re-check does) and walks again into a new one; reclaim frees only an
+/// empty table; no entry is ever written into a detached table (checked
+/// when the queued table is finally freed) and the page ends up mapped.
+#[test]
+fn loom_fault_races_pt_reclaim_on_one_pmd() {
+    use crate::tlb::MmuGather;
+    use crate::zap::try_to_free_pte;
+    use crate::{Access, FaultResult, MapFlags, Prot, handle_mm_fault};
+    bounded().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        mm.mmap(Some(A), crate::PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED).unwrap();
+        // An empty PTE table under pmd(A), as a DONTNEED leaves it.
+        let pmd = walk_alloc_pmd(mm, A).unwrap();
+        pte_alloc(mm, pmd).unwrap();
+        assert!(mm.follow_pte_lockless(A).is_none());
+        let fault = loom::thread::spawn(move || handle_mm_fault(mm, A, Access::WRITE).unwrap());
+        let reclaim = loom::thread::spawn(move || {
+            let _shared = mm.mmap_lock().read();
+            let mut tlb = MmuGather::new(mm);
+            let freed = try_to_free_pte(&mut tlb, walk_pmd(mm, A).unwrap(), A);
+            tlb.finish();
+            freed
+        });
+        let (r, freed) = (fault.join().unwrap(), reclaim.join().unwrap());
+        assert_eq!(r, FaultResult::Anon);
+        let maps = mm.mappings();
+        assert_eq!(maps.len(), 1, "the page is mapped exactly once");
+        assert_eq!(mm.nr_ptes(), 1);
+        assert_eq!(mm.stats().rss_pages, 1);
+        // A reclaimed table is freed now; had the fault written into it after
+        // the detach, freeing it would report the entry.
+        m.phys.rcu_barrier();
+        assert_eq!(m.phys.table_rcu_stats().freed, freed as u64);
+        f.teardown();
+    });
+}
+
+/// A fault under its VMA's lock racing munmap of that VMA: either the fault
+/// took the VMA lock first (munmap's write lock waits for it, then zaps
+/// what it installed) or it finds the VMA write-locked or gone (falls back
+/// to `mmap_lock` and fails with `MapErr`). Either way nothing stays mapped
+/// and every frame comes back.
+#[test]
+fn loom_vma_locked_fault_races_munmap_of_its_vma() {
+    use crate::{Access, FaultError, FaultResult, MapFlags, Prot, handle_mm_fault};
+    bounded().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        let before = m.phys.nr_free_pages();
+        mm.mmap(Some(A), crate::PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED).unwrap();
+        let pmd = walk_alloc_pmd(mm, A).unwrap();
+        pte_alloc(mm, pmd).unwrap();
+        assert!(mm.follow_pte_lockless(A).is_none());
+        let fault = loom::thread::spawn(move || handle_mm_fault(mm, A, Access::WRITE));
+        let unmap = loom::thread::spawn(move || mm.munmap(A, crate::PAGE_SIZE).unwrap());
+        let r = fault.join().unwrap();
+        unmap.join().unwrap();
+        assert!(matches!(r, Ok(FaultResult::Anon) | Err(FaultError::MapErr)), "{r:?}");
+        assert!(mm.mappings().is_empty(), "a page stayed mapped outside every VMA");
+        assert_eq!(mm.stats().rss_pages, 0);
+        m.phys.rcu_barrier();
+        assert_eq!(m.phys.nr_free_pages(), before, "the page and every emptied table went back");
+        f.teardown();
+    });
+}
+
+/// The grace-period batch against a walker that mapped the table: munmap
+/// detaches the PTE table and queues it without waiting; a walker that
+/// mapped it before can still read it and take its lock; `rcu_barrier`
+/// (the batch's wait) returns only after the walker left, and only then is
+/// the table destroyed and freed.
+#[test]
+fn loom_rcu_batch_free_waits_for_a_walker_that_mapped_the_table() {
+    use crate::{MapFlags, PageKind, Prot, pte_offset_map_ro_nolock};
+    bounded().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        mm.mmap(Some(A), crate::PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED).unwrap();
+        let pmd = walk_alloc_pmd(mm, A).unwrap();
+        pte_alloc(mm, pmd).unwrap();
+        let table = pmd.get().pfn();
+        assert!(mm.follow_pte_lockless(A).is_none());
+        let walker = loom::thread::spawn(move || {
+            let Some(map) = pte_offset_map_ro_nolock(mm, pmd, A) else { return };
+            // Inside the section: the table is a table, and its lock works.
+            assert_eq!(m.phys.page(table).unwrap().kind(), PageKind::PageTable, "table freed under a walker");
+            let g = map.lock();
+            assert!(g.ptep_get().is_none());
+        });
+        let unmapper = loom::thread::spawn(move || {
+            mm.munmap(A, crate::PAGE_SIZE).unwrap();
+            m.phys.rcu_barrier();
+            // Everything queued before the barrier is gone.
+            assert_ne!(m.phys.page(table).unwrap().kind(), PageKind::PageTable);
+        });
+        walker.join().unwrap();
+        unmapper.join().unwrap();
+        assert_eq!(m.phys.table_rcu_stats().waiting, 0);
         f.teardown();
     });
 }

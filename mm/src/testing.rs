@@ -46,7 +46,46 @@ struct RcuReader {
 
 /// Every thread that ever entered a read-side section (entries of exited
 /// threads stay, even, and are skipped).
-static RCU_READERS: Mutex<Vec<Arc<RcuReader>>> = Mutex::new(Vec::new());
+/// The host's grace-period state: every thread that ever entered a
+/// read-side section (entries of exited threads stay, even, and are
+/// skipped), and the numbered grace periods of `synchronize_rcu`.
+struct HostRcu {
+    readers: Mutex<Vec<Arc<RcuReader>>>,
+    /// One grace period at a time.
+    serial: Mutex<()>,
+    /// Grace periods started / completed (a cookie names the first period
+    /// that starts after it was taken).
+    started: AtomicU64,
+    done: AtomicU64,
+}
+
+impl HostRcu {
+    const fn new() -> Self {
+        Self {
+            readers: Mutex::new(Vec::new()),
+            serial: Mutex::new(()),
+            started: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Process-wide for host tests (a grace period waits for every test thread).
+#[cfg(not(loom))]
+fn host_rcu() -> &'static HostRcu {
+    static RCU_STATE: HostRcu = HostRcu::new();
+    &RCU_STATE
+}
+
+/// Per loom execution: a loom model's grace periods concern its own threads,
+/// not those of models running beside it in other test threads.
+#[cfg(loom)]
+fn host_rcu() -> &'static HostRcu {
+    loom::lazy_static! {
+        static ref RCU_STATE: HostRcu = HostRcu::new();
+    }
+    &RCU_STATE
+}
 
 struct RcuThread {
     depth: Cell<usize>,
@@ -56,14 +95,17 @@ struct RcuThread {
 impl RcuThread {
     fn register() -> Self {
         let me = Arc::new(RcuReader { seq: AtomicU64::new(0), irq_off: AtomicU64::new(0) });
-        RCU_READERS.lock().unwrap().push(me.clone());
+        host_rcu().readers.lock().unwrap().push(me.clone());
         Self { depth: Cell::new(0), me }
     }
 }
 
 impl Drop for RcuThread {
     fn drop(&mut self) {
-        if let Ok(mut v) = RCU_READERS.lock() {
+        // In a loom model the registry ends with the execution (and may not
+        // be touched while loom shuts it down).
+        #[cfg(not(loom))]
+        if let Ok(mut v) = host_rcu().readers.lock() {
             v.retain(|r| !Arc::ptr_eq(r, &self.me));
         }
     }
@@ -72,9 +114,20 @@ impl Drop for RcuThread {
 /// A TLB-flush observer: called on the flushing thread for each shoot-down.
 pub type FlushObserver = Box<dyn Fn(&CpuBitmap, FlushRange)>;
 
+// Read-side state is per thread, and per *loom* thread in loom models
+// (loom runs its threads as coroutines of one OS thread, so a std
+// thread-local would be shared by all of them).
+#[cfg(not(loom))]
+std::thread_local! {
+    static RCU: RcuThread = RcuThread::register();
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static RCU: RcuThread = RcuThread::register();
+}
+
 std::thread_local! {
     static CPU: usize = NEXT_CPU.fetch_add(1, Relaxed);
-    static RCU: RcuThread = RcuThread::register();
     static LOCKDEP: &'static LockdepCpu = Box::leak(Box::new(LockdepCpu::new()));
     static FLUSH_OBSERVER: RefCell<Option<FlushObserver>> = const { RefCell::new(None) };
     static THREAD_FLUSHES: Cell<u64> = const { Cell::new(0) };
@@ -134,20 +187,21 @@ impl Hal for HostHal {
         assert_eq!(rcu_depth(), 0, "synchronize_rcu inside a read-side section would wait for itself");
         // One grace period at a time, numbered: a cookie names the first
         // period that starts after it was taken (see `get_state_...`).
-        let _serial = GP_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let id = GP_STARTED.fetch_add(1, SeqCst) + 1;
+        let rcu = host_rcu();
+        let _serial = rcu.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let id = rcu.started.fetch_add(1, SeqCst) + 1;
         wait_for_odd_sections(|r| &r.seq);
-        GP_DONE.store(id, SeqCst);
+        rcu.done.store(id, SeqCst);
     }
     fn get_state_synchronize_rcu(&self) -> u64 {
         // A period already under way may have snapshotted before our
         // caller's detach: only the next one to start counts.
-        GP_STARTED.load(SeqCst) + 1
+        host_rcu().started.load(SeqCst) + 1
     }
     fn poll_state_synchronize_rcu(&self, cookie: u64) -> bool {
         // Nothing drives grace periods on the host but `synchronize_rcu`
         // (tests call `PhysMem::rcu_barrier`); polling never waits.
-        GP_DONE.load(SeqCst) >= cookie
+        host_rcu().done.load(SeqCst) >= cookie
     }
     fn local_irq_save(&self) -> bool {
         RCU.with(|r| {
@@ -180,18 +234,14 @@ impl Hal for HostHal {
     }
 }
 
-static GP_SERIAL: Mutex<()> = Mutex::new(());
-/// Grace periods started / completed by `synchronize_rcu` (host numbering).
-static GP_STARTED: AtomicU64 = AtomicU64::new(0);
-static GP_DONE: AtomicU64 = AtomicU64::new(0);
-
 /// Waits until every other thread whose counter (`seq` or `irq_off`) was
 /// odd at the call has moved on: the common core of a grace period and of
 /// a shoot-down's wait for interrupts-off sections.
 fn wait_for_odd_sections(counter: impl Fn(&RcuReader) -> &AtomicU64) {
     std::sync::atomic::fence(SeqCst);
     let me = RCU.with(|r| r.me.clone());
-    let snapshot: Vec<(Arc<RcuReader>, u64)> = RCU_READERS
+    let snapshot: Vec<(Arc<RcuReader>, u64)> = host_rcu()
+        .readers
         .lock()
         .unwrap()
         .iter()
@@ -200,9 +250,13 @@ fn wait_for_odd_sections(counter: impl Fn(&RcuReader) -> &AtomicU64) {
         .collect();
     for (r, seq) in snapshot {
         if seq % 2 == 1 {
-            // Inside a section that began before us: wait for it to end.
+            // Inside a section that began before us: wait for it to end
+            // (in a loom model, by letting the other loom threads run).
             while counter(&r).load(SeqCst) == seq {
+                #[cfg(not(loom))]
                 std::thread::yield_now();
+                #[cfg(loom)]
+                loom::thread::yield_now();
             }
         }
     }

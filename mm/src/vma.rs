@@ -356,8 +356,11 @@ impl VmaSet {
     }
 
     /// Inserts a VMA over a free range, merging it with equal-flag neighbours
-    /// it touches (Linux `vma_merge`).
-    pub(crate) fn insert(&mut self, vma: Vma) {
+    /// it touches (Linux `vma_merge`): what `mmap` does once it found the
+    /// range. Only a write session (`Mm::mmap_write_lock`) reaches a
+    /// `&mut VmaSet`; a neighbour that merges is replaced, so faults on it
+    /// wait for the session to end.
+    pub fn insert(&mut self, vma: Vma) {
         debug_assert!(!self.intersects(vma.start.as_u64(), vma.end.as_u64()), "insert over a mapped range");
         debug_assert!(vma.start < vma.end);
         self.put(vma);

@@ -272,4 +272,63 @@ mod tests {
         }
         drop(space);
     }
+
+    /// Once the main CPU is ready (stage 1), faults a page of the duet's
+    /// address on this CPU (as a fault handler would; stage 2 while it is
+    /// in the fault, 3 after), then exits with 0 if the fault succeeded.
+    extern "C" fn faulter(_: usize) -> ! {
+        let mm = duet_mm();
+        let a = VirtAddr::new(DUET.addr.load(Ordering::SeqCst));
+        wait_stage(1);
+        DUET.stage.store(2, Ordering::SeqCst);
+        let r = mm::handle_mm_fault(mm, a, mm::Access::WRITE);
+        DUET.stage.store(3, Ordering::SeqCst);
+        sched::exit_current(if r.is_ok() { 0 } else { 1 })
+    }
+
+    /// Per-VMA locks on real CPUs: a writer (`mmap_lock` exclusive) that
+    /// changed a VMA keeps faults on it out until its write session ends (the
+    /// fault falls back to `mmap_lock` and waits); a fault on a VMA the
+    /// writer did not touch runs under its own VMA lock meanwhile.
+    #[ktest]
+    fn writers_exclude_faults_on_the_vmas_they_change_only() {
+        let space = AddressSpace::new().unwrap();
+        let mm = &space.mm;
+        let rw = mm::Prot::READ | mm::Prot::WRITE;
+        let a = mm.mmap(Some(VirtAddr::new(0x6000_0000)), 4096, rw, mm::MapFlags::FIXED).unwrap().as_u64();
+        let b = mm.mmap(Some(VirtAddr::new(0x7000_0000)), 4096, rw, mm::MapFlags::FIXED).unwrap().as_u64();
+        // A fault on `b` while a writer holds mmap_lock: not blocked.
+        let before = mm.stats();
+        let code = duet(&space, b, faulter, || {
+            let w = mm.mmap_write_lock();
+            DUET.stage.store(1, Ordering::SeqCst);
+            wait_stage(3);
+            drop(w);
+        });
+        if code.is_none() {
+            return; // one CPU
+        }
+        assert_eq!(code, Some(0));
+        assert_eq!(mm.stats().vma_lock_faults - before.vma_lock_faults, 1, "the fault used its VMA lock");
+        // A fault on `a` while the writer changes `a` (extends it): waits.
+        let before = mm.stats();
+        let code = duet(&space, a, faulter, || {
+            let mut w = mm.mmap_write_lock();
+            w.insert(mm::Vma {
+                start: VirtAddr::new(a + 4096),
+                end: VirtAddr::new(a + 8192),
+                flags: mm::VmFlags::READ | mm::VmFlags::WRITE,
+            });
+            DUET.stage.store(1, Ordering::SeqCst);
+            wait_stage(2);
+            arch::time::delay_us(50_000);
+            assert_eq!(DUET.stage.load(Ordering::SeqCst), 2, "a fault ran on a VMA under change");
+            drop(w);
+        });
+        assert_eq!(code, Some(0));
+        let after = mm.stats();
+        assert_eq!(after.vma_fallback_locked - before.vma_fallback_locked, 1, "it fell back: VMA write-locked");
+        assert_eq!(after.mmap_lock_faults - before.mmap_lock_faults, 1);
+        drop(space);
+    }
 }

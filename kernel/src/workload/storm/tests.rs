@@ -254,7 +254,7 @@ impl Totals {
 /// zero), never corrupted; nothing leaks. Rerun until tables were reclaimed
 /// under faulting CPUs and faults found their PMD changed and walked again.
 #[ktest]
-fn storm_faults_race_dontneed_and_table_reclaim() {
+fn storm_madvise_dontneed_races_faults_and_reclaims_tables() {
     let cpus = online();
     let n = cpus.len().max(2);
     let t = until_raced(
@@ -269,7 +269,7 @@ fn storm_faults_race_dontneed_and_table_reclaim() {
         },
         |t| t.pt_reclaimed > 0 && t.retries > 0,
     );
-    log::info!("storm_faults_race_dontneed_and_table_reclaim: {t:?}");
+    log::info!("storm_madvise_dontneed_races_faults_and_reclaims_tables: {t:?}");
     assert!(t.pt_reclaimed > 0, "no PTE table was reclaimed: {t:?}");
     assert!(t.retries > 0, "no fault ever found its PMD changed (pte_offset_map failure or pmd_same retry): {t:?}");
     assert!(t.madvise_zapped > 0 && t.vma_lock_faults > 0, "{t:?}");
