@@ -230,6 +230,18 @@ pub mod storm {
     /// `checksum` system call (pinned pages, the lockless walker): the
     /// kernel must see the tag, or zero where a remap or DONTNEED took it.
     pub const MODE_GUP: u64 = 6;
+    /// Rounds of: write and verify as `MODE_TOUCH`, then
+    /// `madvise(MADV_DONTNEED)` this thread's share of the region, in
+    /// chunks of up to 2 MiB (whole 2 MiB regions when they are aligned, so
+    /// the emptied PTE tables are reclaimed too), and the next round faults
+    /// everything again. With `PATTERN_BLOCKS` the share is the thread's own
+    /// block and threads never wait for each other; with any other pattern
+    /// threads share PTE tables, so the share is every `threads`-th 2 MiB
+    /// region starting at the thread's index, zapped between two barriers
+    /// (all threads have verified their pages before any zap, and every zap
+    /// is done before the next round's writes). A `madvise` error counts as
+    /// a mismatch. The benchmark's `madvise` workloads.
+    pub const MODE_TOUCH_DONTNEED: u64 = 7;
 
     /// Thread `i` of `n` touches the `i`-th contiguous block of pages.
     pub const PATTERN_BLOCKS: u64 = 0;
@@ -270,10 +282,12 @@ pub mod storm {
         pub special_threads: u64,
         /// See `special_threads`.
         pub special_mode: u64,
-        /// `MODE_CYCLE` and `MODE_TOUCH`: a thread stops touching this many
-        /// TSC cycles after its start barrier (a cycle still unmaps its
-        /// region; a touch pass checks only the pages it touched); 0 means
-        /// no limit. Bounds a benchmark window when faults are slow (the
+        /// `MODE_CYCLE`, `MODE_TOUCH` and `MODE_TOUCH_DONTNEED`: a thread
+        /// stops touching this many TSC cycles after its start barrier (a
+        /// cycle still unmaps its region; a touch pass checks only the pages
+        /// it touched; a DONTNEED round still zaps its share, and with
+        /// shared tables still takes part in every round's barriers); 0
+        /// means no limit. Bounds a benchmark window when faults are slow (the
         /// single-lock build on many vCPUs), like will-it-scale's
         /// fixed-duration samples.
         pub duration_cycles: u64,

@@ -58,6 +58,43 @@ fn for_each_page(p: &Params, i: u64, mut f: impl FnMut(u64)) {
     }
 }
 
+/// `madvise(MADV_DONTNEED)` of `[start, end)` in chunks that end at 2 MiB
+/// boundaries (whole 2 MiB regions where the range is aligned); returns the
+/// number of calls that failed.
+fn dontneed(start: u64, end: u64) -> u64 {
+    let mut failed = 0;
+    let mut a = start;
+    while a < end {
+        let next = ((a / HUGE + 1) * HUGE).min(end);
+        if sys::madvise(a as usize, (next - a) as usize, abi::advice::DONTNEED) != 0 {
+            failed += 1;
+        }
+        a = next;
+    }
+    failed
+}
+
+/// `MODE_TOUCH_DONTNEED`'s zap (see `abi::storm`): thread `i`'s own block
+/// with `PATTERN_BLOCKS`, else every `threads`-th 2 MiB region from the
+/// `i`-th, between two barriers. Returns the failed `madvise` calls.
+fn dontneed_share(p: &Params, i: u64) -> u64 {
+    let n = p.threads.max(1);
+    let end = p.base + p.len;
+    if p.pattern == storm::PATTERN_BLOCKS {
+        let per = p.len / PAGE / n * PAGE;
+        return dontneed(p.base + i * per, p.base + (i + 1) * per);
+    }
+    sys::barrier(4, p.threads);
+    let mut failed = 0;
+    let mut region = p.base + i * HUGE;
+    while region < end {
+        failed += dontneed(region, (region + HUGE).min(end));
+        region += n * HUGE;
+    }
+    sys::barrier(5, p.threads);
+    failed
+}
+
 /// The TSC, read directly (ring 3 may: CR4.TSD is clear), so checking a
 /// deadline costs no system call.
 fn tsc() -> u64 {
@@ -203,6 +240,15 @@ pub fn run(index: u64) -> isize {
                         out.gup_checks += 1;
                     }
                 });
+                if mode == storm::MODE_TOUCH_DONTNEED {
+                    out.mismatches += dontneed_share(&p, index);
+                    // Threads with blocks of their own wait for nobody, so
+                    // past the deadline they stop; with shared tables every
+                    // thread takes part in every round's barriers.
+                    if p.pattern == storm::PATTERN_BLOCKS && past(deadline) {
+                        break;
+                    }
+                }
             }
         }
         if p.remap_between_rounds != 0 && round + 1 < p.rounds {

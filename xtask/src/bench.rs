@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: fault-storm throughput and scaling, split page-table
-//! locks against the single `mm.page_table_lock`, as a table, JSON and an
-//! SVG plot.
+//! locks against the single `mm.page_table_lock`, and faults under per-VMA
+//! locks against faults under `mmap_lock`, as a table, JSON and an SVG plot.
 //!
 //! Every run is a fresh QEMU boot of a release kernel with `-smp` equal to
 //! the CPU count, guest memory preallocated on the host (`-mem-prealloc`), and
-//! the kernel in `mode=bench` (kernel/src/bench.rs): one warm-up storm, then
-//! timed windows, each one storm with one ring-3 thread pinned per CPU. The
-//! kernel times the windows with the TSC and reports one `BENCH-RESULT` line.
+//! the kernel in `mode=bench` (kernel/src/workload/bench.rs) with
+//! `fault_lock=vma|mmap`: one warm-up storm, then timed windows, each one
+//! storm with one ring-3 thread pinned per CPU. The kernel times the windows
+//! with the TSC and reports one `BENCH-RESULT` line; a run whose boot summary
+//! does not report the fault locking asked for fails.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,31 +24,47 @@ use crate::{build_kernel, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
 const SINGLE_LOCK_CPUS: u32 = 1_000_000;
-const WORKLOADS: [&str; 3] = ["disjoint", "same-table", "same-page"];
+const WORKLOADS: [&str; 5] = ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table"];
+/// How faults lock (kernel command line `fault_lock=`): their VMA's lock
+/// (per-VMA locks, the kernel's default) or `mmap_lock` shared.
+const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
 
 #[derive(Args)]
 pub struct BenchArgs {
     /// CPU counts to measure (one QEMU boot each).
     #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
     cpus: Vec<u32>,
-    /// Workloads: disjoint, same-table, same-page.
-    #[arg(long, default_value = "disjoint,same-table,same-page", value_delimiter = ',')]
+    /// Workloads: disjoint, same-table, same-page, madvise (each thread
+    /// writes its own 2 MiB-aligned block, then MADV_DONTNEEDs it, which also
+    /// reclaims the emptied PTE tables), madvise-same-table (threads write
+    /// interleaved pages of one region, then each MADV_DONTNEEDs every n-th
+    /// 2 MiB of it).
+    #[arg(long, default_value = "disjoint,same-table,same-page,madvise,madvise-same-table", value_delimiter = ',')]
     workloads: Vec<String>,
     /// Lock builds: split, single.
     #[arg(long, default_value = "split,single", value_delimiter = ',')]
     locks: Vec<String>,
+    /// How faults lock, passed as `fault_lock=` on the kernel command line:
+    /// vma (their VMA's lock, mmap_lock only as a fallback; the kernel's
+    /// default), mmap (mmap_lock shared, as before Linux 6.4). A run whose
+    /// boot summary reports other locking fails.
+    #[arg(long = "fault-lock", default_value = "vma", value_delimiter = ',', value_parser = FAULT_LOCKS)]
+    fault_lock: Vec<String>,
     /// Timed windows per run (the median is reported with min and max).
     #[arg(long)]
     windows: Option<u32>,
-    /// MiB per thread (disjoint) or per shared region (same-table).
+    /// MiB per thread (disjoint, madvise) or per shared region (same-table,
+    /// same-page, madvise-same-table); even for the madvise workloads (whole
+    /// 2 MiB regions). Default 128, 16 with `--quick`.
     #[arg(long)]
     mib: Option<u64>,
     /// Passes per window. Default: 4 for `disjoint` (each pass maps, touches
     /// and unmaps the thread's region, will-it-scale's loop; longer windows
-    /// average out host noise and the threads' finishing spread), 1 for the
-    /// others (a window is one pass over a fresh shared mapping; more passes
-    /// add a re-map by one thread between them, a serial phase), 1 for all
-    /// with `--quick`.
+    /// average out host noise and the threads' finishing spread) and the
+    /// madvise workloads (each pass touches, then MADV_DONTNEEDs), 1 for
+    /// same-table and same-page (a window is one pass over a fresh shared
+    /// mapping; more passes add a re-map by one thread between them, a serial
+    /// phase), 1 for all with `--quick`.
     #[arg(long)]
     rounds: Option<u64>,
     /// A window ends after this many milliseconds even if the threads have
@@ -55,7 +73,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2000)]
     window_ms: u64,
     /// Under five minutes on a 2-core machine: fewer, shorter windows;
-    /// disjoint on 1, 2 and 8 CPUs with split locks, and 8 with the single lock.
+    /// disjoint on 1, 2 and 8 CPUs with split locks, and 8 with the single
+    /// lock (for each `--fault-lock`; --cpus, --workloads and --locks are
+    /// ignored).
     #[arg(long)]
     quick: bool,
     /// Accelerator (default: KVM only with hardware virtualization, else TCG).
@@ -71,11 +91,17 @@ pub struct BenchArgs {
     qemu_args: Vec<String>,
 }
 
-/// One (workload, lock, cpus) measurement.
+/// One (workload, lock, fault lock, cpus) measurement.
 struct Run {
     workload: String,
     lock: &'static str,
+    fault_lock: &'static str,
     cpus: u32,
+}
+
+/// Whether `workload` zaps with `MADV_DONTNEED` (and so reclaims tables).
+fn is_madvise(workload: &str) -> bool {
+    workload.starts_with("madvise")
 }
 
 fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
@@ -89,27 +115,73 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
             bail!("unknown lock mode {l:?}; known: split, single");
         }
     }
+    for f in &args.fault_lock {
+        if !FAULT_LOCKS.contains(&f.as_str()) {
+            bail!("unknown fault lock {f:?}; known: {}", FAULT_LOCKS.join(", "));
+        }
+    }
     if args.cpus.iter().any(|&c| c == 0 || c > 64) {
         bail!("--cpus takes counts in 1..=64");
     }
-    if args.quick {
-        let mut runs: Vec<Run> =
-            [1, 2, 8].iter().map(|&c| Run { workload: "disjoint".into(), lock: "split", cpus: c }).collect();
-        runs.push(Run { workload: "disjoint".into(), lock: "single", cpus: 8 });
-        return Ok(runs);
+    if let Some(mib) = args.mib
+        && (mib == 0 || mib % 2 != 0)
+        && !args.quick
+        && args.workloads.iter().any(|w| is_madvise(w))
+    {
+        bail!("--mib {mib}: the madvise workloads need an even, nonzero MiB count (they zap whole 2 MiB regions)");
+    }
+    // In FAULT_LOCKS order, each once.
+    let fault_locks: Vec<&'static str> =
+        FAULT_LOCKS.into_iter().filter(|f| args.fault_lock.iter().any(|a| a == f)).collect();
+    if fault_locks.is_empty() {
+        bail!("--fault-lock needs at least one of {}", FAULT_LOCKS.join(", "));
     }
     let mut runs = Vec::new();
+    if args.quick {
+        for &fault_lock in &fault_locks {
+            for (lock, cpus) in [("split", 1), ("split", 2), ("split", 8), ("single", 8)] {
+                runs.push(Run { workload: "disjoint".into(), lock, fault_lock, cpus });
+            }
+        }
+        return Ok(runs);
+    }
     for lock in ["split", "single"] {
         if !args.locks.iter().any(|l| l == lock) {
             continue;
         }
-        for w in &args.workloads {
-            for &c in &args.cpus {
-                runs.push(Run { workload: w.clone(), lock, cpus: c });
+        for &fault_lock in &fault_locks {
+            for w in &args.workloads {
+                for &c in &args.cpus {
+                    runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c });
+                }
             }
         }
     }
     Ok(runs)
+}
+
+/// How the boot summary says faults lock: `vma` or `mmap` (from the
+/// `boot: page-table locks: ...; faults lock ...` line), or `None` if no
+/// such line is in `log`.
+fn reported_fault_lock(log: &str) -> Option<&'static str> {
+    let line = log.lines().find(|l| l.contains("boot: page-table locks:"))?;
+    let how = line.split_once("faults lock ")?.1;
+    if how.starts_with("their VMA") {
+        Some("vma")
+    } else if how.starts_with("mmap_lock") {
+        Some("mmap")
+    } else {
+        None
+    }
+}
+
+/// Fails unless the boot summary in `log` reports the fault locking `want`.
+fn check_fault_lock(log: &str, want: &str) -> Result<()> {
+    match reported_fault_lock(log) {
+        Some(got) if got == want => Ok(()),
+        Some(got) => bail!("asked for fault_lock={want}, but the boot summary says faults lock {got}"),
+        None => bail!("asked for fault_lock={want}, but no boot summary line says how faults lock"),
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -143,9 +215,23 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = rates.iter().cloned().fold(0.0, f64::max);
     let med = median(&mut rates.clone());
+    let mm = &raw["mm"];
+    // The kernel's own word on its fault locking, and its counters, agree
+    // with the boot summary (checked before) or the run is not what it says.
+    if let Some(k) = raw["fault_lock"].as_str()
+        && k != run.fault_lock
+    {
+        bail!("asked for fault_lock={}, but the kernel's result says fault_lock={k}", run.fault_lock);
+    }
+    let vma_lock_faults = mm["vma_lock_faults"].as_u64().unwrap_or(0);
+    if run.fault_lock == "mmap" && vma_lock_faults > 0 {
+        bail!("fault_lock=mmap, but {vma_lock_faults} faults were resolved under a VMA lock");
+    }
+    let pt_reclaimed = mm["pt_reclaimed"].as_u64().unwrap_or(0);
     Ok(json!({
         "workload": run.workload,
         "lock": run.lock,
+        "fault_lock": run.fault_lock,
         "cpus": run.cpus,
         "faults": faults,
         "seconds": cycles as f64 / tsc_per_us / 1e6,
@@ -158,19 +244,22 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "cycles_per_fault_p99": raw["cycles_per_fault_p99"],
         "windows": windows,
         "locks": raw["locks"],
+        "mm": mm,
+        "pt_reclaimed_per_window": pt_reclaimed as f64 / windows.len().max(1) as f64,
     }))
 }
 
 /// Passes per window for `workload` (see `BenchArgs::rounds`).
 fn rounds_for(args: &BenchArgs, workload: &str) -> u64 {
-    let default = if args.quick || workload != "disjoint" { 1 } else { 4 };
+    let default = if args.quick || !(workload == "disjoint" || is_madvise(workload)) { 1 } else { 4 };
     args.rounds.unwrap_or(default).max(1)
 }
 
 fn mem_for(run: &Run, mib: u64) -> String {
     // Every disjoint thread holds its region at once; leave room for tables,
     // the heap and the kernel.
-    let need = 1024 + if run.workload == "disjoint" { run.cpus as u64 * mib * 5 / 4 } else { mib * 2 };
+    let per_thread = run.workload == "disjoint" || run.workload == "madvise";
+    let need = 1024 + if per_thread { run.cpus as u64 * mib * 5 / 4 } else { mib * 2 };
     format!("{}M", need.max(2048))
 }
 
@@ -211,24 +300,26 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             mem: mem_for(run, mib),
             accel,
             cmdline: format!(
-                "mode=bench workload={} windows={windows} mib={mib} rounds={} window_ms={}",
+                "mode=bench workload={} windows={windows} mib={mib} rounds={} window_ms={} fault_lock={}",
                 run.workload,
                 rounds_for(&args, &run.workload),
-                args.window_ms
+                args.window_ms,
+                run.fault_lock
             ),
             extra: ["-mem-prealloc".to_string()].into_iter().chain(args.qemu_args.iter().cloned()).collect(),
         };
-        let name = format!("bench-{}-{}-{}cpu", run.workload, run.lock, run.cpus);
+        let name = format!("bench-{}-{}-{}-{}cpu", run.workload, run.lock, run.fault_lock, run.cpus);
         // A boot during which the host was busy is repeated (up to
         // BUSY_RETRIES times); the boot with the freest host is kept.
         let mut kept: Option<(f64, Value)> = None;
         for attempt in 0..=BUSY_RETRIES {
             print!(
-                "xtask: bench [{}/{}] {:10} {:6} {} CPU(s) ... ",
+                "xtask: bench [{}/{}] {:18} {:6} {:4} {} CPU(s) ... ",
                 i + 1,
                 runs.len(),
                 run.workload,
                 run.lock,
+                run.fault_lock,
                 run.cpus
             );
             use std::io::Write as _;
@@ -241,12 +332,22 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 println!("FAILED");
                 bail!("{} (serial log: {})", out.describe(&name), out.log.display());
             }
+            let text = std::fs::read_to_string(&out.log)?;
+            if let Err(e) = check_fault_lock(&text, run.fault_lock) {
+                println!("FAILED");
+                bail!("{name}: {e} (serial log: {})", out.log.display());
+            }
             let mut rec = summarize(run, &find_result(&out.log)?)?;
             rec["rounds"] = json!(rounds_for(&args, &run.workload));
             rec["host_capacity"] = json!((host * 1000.0).round() / 1000.0);
             rec["attempts"] = json!(attempt + 1);
+            let reclaimed = if is_madvise(&run.workload) {
+                format!(", {:.0} PTE tables reclaimed/window", rec["pt_reclaimed_per_window"].as_f64().unwrap_or(0.0))
+            } else {
+                String::new()
+            };
             println!(
-                "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean, {:.1} s, host {host:.2}",
+                "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean{reclaimed}, {:.1} s, host {host:.2}",
                 rec["faults_per_sec"].as_f64().unwrap(),
                 rec["faults_per_sec_min"].as_f64().unwrap(),
                 rec["faults_per_sec_max"].as_f64().unwrap(),
@@ -274,6 +375,12 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         "accel": accel.to_string(),
         "accel_reason": why,
         "qemu_args": args.qemu_args,
+        "fault_locks": runs.iter().map(|r| r.fault_lock).fold(Vec::new(), |mut v, f| {
+            if !v.contains(&f) {
+                v.push(f);
+            }
+            v
+        }),
         "host_cpus": host_cpus,
         "quick": args.quick,
         "windows": windows,
@@ -293,23 +400,31 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     Ok(true)
 }
 
-fn find<'a>(report: &'a Value, workload: &str, lock: &str, cpus: u64) -> Option<&'a Value> {
-    report["runs"]
-        .as_array()?
-        .iter()
-        .find(|r| r["workload"] == workload && r["lock"] == lock && r["cpus"].as_u64() == Some(cpus))
+fn find<'a>(report: &'a Value, workload: &str, lock: &str, fault_lock: &str, cpus: u64) -> Option<&'a Value> {
+    report["runs"].as_array()?.iter().find(|r| {
+        r["workload"] == workload
+            && r["lock"] == lock
+            && r["fault_lock"] == fault_lock
+            && r["cpus"].as_u64() == Some(cpus)
+    })
+}
+
+/// The fault-lock modes the report's runs used, in `FAULT_LOCKS` order.
+fn fault_locks_in(report: &Value) -> Vec<&'static str> {
+    let runs = report["runs"].as_array().cloned().unwrap_or_default();
+    FAULT_LOCKS.into_iter().filter(|f| runs.iter().any(|r| r["fault_lock"] == *f)).collect()
 }
 
 fn print_table(report: &Value) {
     println!(
-        "\nfault storm, {} on {} host CPUs (median of {} windows; faults/s)",
+        "\nfault storm, {} on {} host CPUs (median of {} windows; faults/s; PT/win: PTE tables reclaimed by madvise per window)",
         report["accel"].as_str().unwrap_or("?"),
         report["host_cpus"],
         report["windows"]
     );
     println!(
-        "{:<11} {:<7} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9}  top contended lock (spin share)",
-        "workload", "lock", "cpus", "faults/s", "min", "max", "per cpu", "cyc/fault", "p99"
+        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9} {:>7}  top contended lock (spin share)",
+        "workload", "lock", "fault_lock", "cpus", "faults/s", "min", "max", "per cpu", "cyc/fault", "p99", "PT/win"
     );
     for r in report["runs"].as_array().into_iter().flatten() {
         let locks = r["locks"].as_object();
@@ -331,10 +446,17 @@ fn print_table(report: &Value) {
                 }
             })
             .unwrap_or_default();
+        let workload = r["workload"].as_str().unwrap_or("");
+        let reclaimed = if is_madvise(workload) {
+            format!("{:.0}", r["pt_reclaimed_per_window"].as_f64().unwrap_or(0.0))
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:<11} {:<7} {:>4} {:>12.0} {:>12.0} {:>12.0} {:>11.0} {:>10} {:>9}  {}",
-            r["workload"].as_str().unwrap_or(""),
+            "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>12.0} {:>11.0} {:>10} {:>9} {:>7}  {}",
+            workload,
             r["lock"].as_str().unwrap_or(""),
+            r["fault_lock"].as_str().unwrap_or(""),
             r["cpus"],
             r["faults_per_sec"].as_f64().unwrap_or(0.0),
             r["faults_per_sec_min"].as_f64().unwrap_or(0.0),
@@ -342,45 +464,48 @@ fn print_table(report: &Value) {
             r["faults_per_sec_per_cpu"].as_f64().unwrap_or(0.0),
             r["cycles_per_fault_mean"],
             r["cycles_per_fault_p99"],
+            reclaimed,
             top
         );
     }
 }
 
 fn print_targets(report: &Value) {
-    let rate = |w: &str, l: &str, c: u64| find(report, w, l, c).and_then(|r| r["faults_per_sec"].as_f64());
     let mut lines = Vec::new();
-    if let Some(r) = rate("disjoint", "split", 1) {
-        lines.push(format!(
-            "disjoint, 1 CPU: {:.0} faults/s per thread (target >= 300000): {}",
-            r,
-            verdict(r >= 300_000.0)
-        ));
-    }
-    for (w, target) in [("disjoint", 1.85), ("same-table", 1.7)] {
-        if let (Some(a), Some(b)) = (rate(w, "split", 1), rate(w, "split", 2)) {
-            let host = find(report, w, "split", 2).and_then(|r| r["host_capacity"].as_f64()).unwrap_or(1.0);
-            let note = if host < BUSY_HOST {
-                format!(
-                    " (the host was busy around the 2-CPU run: its threads ran at {:.0}% speed; rerun with `--cpus 1,2`)",
-                    host * 100.0
-                )
-            } else {
-                String::new()
-            };
+    for fl in fault_locks_in(report) {
+        let rate = |w: &str, l: &str, c: u64| find(report, w, l, fl, c).and_then(|r| r["faults_per_sec"].as_f64());
+        if let Some(r) = rate("disjoint", "split", 1) {
             lines.push(format!(
-                "{w}, split, 1 -> 2 CPUs: {:.2}x (target >= {target}x): {}{note}",
-                b / a,
-                verdict(b / a >= target)
+                "disjoint, fault_lock={fl}, 1 CPU: {:.0} faults/s per thread (target >= 300000): {}",
+                r,
+                verdict(r >= 300_000.0)
             ));
         }
-    }
-    if let (Some(s), Some(g)) = (rate("disjoint", "split", 8), rate("disjoint", "single", 8)) {
-        lines.push(format!(
-            "disjoint, 8 CPUs, split vs single: {:.2}x (target >= 2x): {}",
-            s / g,
-            verdict(s / g >= 2.0)
-        ));
+        for (w, target) in [("disjoint", 1.85), ("same-table", 1.7)] {
+            if let (Some(a), Some(b)) = (rate(w, "split", 1), rate(w, "split", 2)) {
+                let host = find(report, w, "split", fl, 2).and_then(|r| r["host_capacity"].as_f64()).unwrap_or(1.0);
+                let note = if host < BUSY_HOST {
+                    format!(
+                        " (the host was busy around the 2-CPU run: its threads ran at {:.0}% speed; rerun with `--cpus 1,2`)",
+                        host * 100.0
+                    )
+                } else {
+                    String::new()
+                };
+                lines.push(format!(
+                    "{w}, split, fault_lock={fl}, 1 -> 2 CPUs: {:.2}x (target >= {target}x): {}{note}",
+                    b / a,
+                    verdict(b / a >= target)
+                ));
+            }
+        }
+        if let (Some(s), Some(g)) = (rate("disjoint", "split", 8), rate("disjoint", "single", 8)) {
+            lines.push(format!(
+                "disjoint, fault_lock={fl}, 8 CPUs, split vs single: {:.2}x (target >= 2x): {}",
+                s / g,
+                verdict(s / g >= 2.0)
+            ));
+        }
     }
     if !lines.is_empty() {
         let quick = if report["quick"].as_bool() == Some(true) {
@@ -431,18 +556,22 @@ fn plot(report: &Value, path: &std::path::Path) -> Result<()> {
         .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut series: Vec<(String, String)> = Vec::new();
+    let mut series: Vec<(String, String, String)> = Vec::new();
     for r in &runs {
-        let key = (r["workload"].as_str().unwrap_or("").to_string(), r["lock"].as_str().unwrap_or("").to_string());
+        let key = (
+            r["workload"].as_str().unwrap_or("").to_string(),
+            r["lock"].as_str().unwrap_or("").to_string(),
+            r["fault_lock"].as_str().unwrap_or("").to_string(),
+        );
         if !series.contains(&key) {
             series.push(key);
         }
     }
     let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, (w, l)) in series.iter().enumerate() {
+    for (i, (w, l, fl)) in series.iter().enumerate() {
         let mut pts: Vec<(u32, f64)> = runs
             .iter()
-            .filter(|r| r["workload"] == w.as_str() && r["lock"] == l.as_str())
+            .filter(|r| r["workload"] == w.as_str() && r["lock"] == l.as_str() && r["fault_lock"] == fl.as_str())
             .filter_map(|r| Some((r["cpus"].as_u64()? as u32, r["faults_per_sec"].as_f64()?)))
             .collect();
         pts.sort_by_key(|p| p.0);
@@ -451,11 +580,18 @@ fn plot(report: &Value, path: &std::path::Path) -> Result<()> {
         chart
             .draw_series(LineSeries::new(pts.clone(), style))
             .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(format!("{w} / {l} lock"))
+            .label(format!("{w} / {l} lock / faults under {fl}"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Points: discs for faults under VMA locks, crosses under mmap_lock.
+        if fl == "mmap" {
+            chart
+                .draw_series(pts.iter().map(|&(x, y)| Cross::new((x, y), 5, color.stroke_width(2))))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else {
+            chart
+                .draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
     }
     chart
         .configure_series_labels()
@@ -470,11 +606,28 @@ fn plot(report: &Value, path: &std::path::Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    /// `cargo xtask bench ARGS` as clap parses it.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    fn keys(runs: &[Run]) -> Vec<(&str, &str, &str, u32)> {
+        runs.iter().map(|r| (r.workload.as_str(), r.lock, r.fault_lock, r.cpus)).collect()
+    }
 
     #[test]
     fn summary_takes_the_median_window() {
-        let run = Run { workload: "disjoint".into(), lock: "split", cpus: 2 };
+        let run = Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2 };
         let raw = json!({
             "tsc_per_us": 1000,
             "windows": [{"faults": 1000, "cycles": 1_000_000}, {"faults": 1000, "cycles": 2_000_000}, {"faults": 1000, "cycles": 500_000}],
@@ -487,72 +640,144 @@ mod tests {
         assert_eq!(r["faults_per_sec_max"].as_f64().unwrap(), 2e6);
         assert_eq!(r["faults_per_sec_per_cpu"].as_f64().unwrap(), 5e5);
         assert_eq!(r["faults"].as_u64().unwrap(), 3000);
+        assert_eq!(r["fault_lock"], "vma");
+    }
+
+    #[test]
+    fn summary_reports_reclaimed_tables_and_rejects_the_wrong_fault_locking() {
+        let raw = |fault_lock: &str, vma_lock_faults: u64| {
+            json!({
+                "tsc_per_us": 1000, "fault_lock": fault_lock,
+                "windows": [{"faults": 1000, "cycles": 1_000_000}, {"faults": 1000, "cycles": 1_000_000}],
+                "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {},
+                "mm": {"vma_lock_faults": vma_lock_faults, "mmap_lock_faults": 7, "pt_reclaimed": 130}
+            })
+        };
+        let vma = Run { workload: "madvise".into(), lock: "split", fault_lock: "vma", cpus: 1 };
+        let r = summarize(&vma, &raw("vma", 2000)).unwrap();
+        assert_eq!(r["pt_reclaimed_per_window"].as_f64().unwrap(), 65.0);
+        assert_eq!(r["mm"]["mmap_lock_faults"].as_u64().unwrap(), 7);
+        let err = summarize(&vma, &raw("mmap", 0)).unwrap_err().to_string();
+        assert!(err.contains("asked for fault_lock=vma") && err.contains("fault_lock=mmap"), "{err}");
+        let mmap = Run { workload: "madvise".into(), lock: "split", fault_lock: "mmap", cpus: 1 };
+        assert!(summarize(&mmap, &raw("mmap", 0)).is_ok());
+        let err = summarize(&mmap, &raw("mmap", 3)).unwrap_err().to_string();
+        assert!(err.contains("3 faults were resolved under a VMA lock"), "{err}");
     }
 
     #[test]
     fn bad_workload_is_a_clear_error() {
-        let args = BenchArgs {
-            cpus: vec![1],
-            workloads: vec!["nope".into()],
-            locks: vec!["split".into()],
-            windows: None,
-            mib: None,
-            rounds: None,
-            window_ms: 2000,
-            quick: false,
-            accel: None,
-            timeout: 1,
-            qemu_args: Vec::new(),
-        };
+        let args = parse(&["--cpus", "1", "--workloads", "nope", "--locks", "split"]).unwrap();
         let err = plan(&args).err().unwrap().to_string();
         assert!(err.contains("unknown workload \"nope\""), "{err}");
     }
 
     #[test]
-    fn quick_plan_has_the_required_runs() {
-        let args = BenchArgs {
-            cpus: vec![1, 2, 4, 8],
-            workloads: vec![],
-            locks: vec![],
-            windows: None,
-            mib: None,
-            rounds: None,
-            window_ms: 2000,
-            quick: true,
-            accel: None,
-            timeout: 1,
-            qemu_args: Vec::new(),
-        };
-        let runs = plan(&args).unwrap();
-        let keys: Vec<_> = runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus)).collect();
+    fn fault_lock_defaults_to_vma_and_takes_a_list() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.fault_lock, ["vma"]);
+        let args = parse(&["--fault-lock", "vma,mmap", "--cpus", "1,2", "--workloads", "madvise", "--locks", "split"])
+            .unwrap();
         assert_eq!(
-            keys,
-            [("disjoint", "split", 1), ("disjoint", "split", 2), ("disjoint", "split", 8), ("disjoint", "single", 8)]
+            keys(&plan(&args).unwrap()),
+            [
+                ("madvise", "split", "vma", 1),
+                ("madvise", "split", "vma", 2),
+                ("madvise", "split", "mmap", 1),
+                ("madvise", "split", "mmap", 2)
+            ]
         );
-        assert_eq!(rounds_for(&args, "disjoint"), 1, "quick windows are one pass");
+        // Order and repeats on the command line do not matter.
+        let args = parse(&["--fault-lock=mmap,vma,mmap", "--cpus=1", "--workloads=disjoint", "--locks=split"]).unwrap();
+        assert_eq!(keys(&plan(&args).unwrap()), [("disjoint", "split", "vma", 1), ("disjoint", "split", "mmap", 1)]);
     }
 
     #[test]
-    fn only_disjoint_windows_repeat_by_default_and_rounds_overrides() {
-        let mut args = BenchArgs {
-            cpus: vec![1],
-            workloads: vec![],
-            locks: vec![],
-            windows: None,
-            mib: None,
-            rounds: None,
-            window_ms: 2000,
-            quick: false,
-            accel: None,
-            timeout: 1,
-            qemu_args: Vec::new(),
-        };
+    fn a_wrong_fault_lock_is_a_clear_error() {
+        let err = parse(&["--fault-lock", "vma,rwsem"]).err().unwrap().to_string();
+        assert!(err.contains("invalid value 'rwsem' for '--fault-lock"), "{err}");
+        assert!(err.contains("[possible values: vma, mmap]"), "{err}");
+        assert!(parse(&["--fault-lock", ""]).is_err(), "an empty value is no fault lock");
+    }
+
+    #[test]
+    fn madvise_workloads_are_known_and_need_whole_2mib_regions() {
+        let args = parse(&["--workloads", "madvise,madvise-same-table", "--cpus", "2", "--locks", "single"]).unwrap();
+        assert_eq!(
+            keys(&plan(&args).unwrap()),
+            [("madvise", "single", "vma", 2), ("madvise-same-table", "single", "vma", 2)]
+        );
+        assert_eq!(rounds_for(&args, "madvise"), 4);
+        assert_eq!(rounds_for(&args, "madvise-same-table"), 4);
+        let run = |w: &str| Run { workload: w.into(), lock: "split", fault_lock: "vma", cpus: 2 };
+        // 2 threads x 1024 MiB of their own, against one shared 1024 MiB.
+        assert_eq!(mem_for(&run("madvise"), 1024), "3584M");
+        assert_eq!(mem_for(&run("madvise-same-table"), 1024), "3072M");
+        let odd = parse(&["--workloads", "disjoint,madvise", "--mib", "3"]).unwrap();
+        let err = plan(&odd).err().unwrap().to_string();
+        assert!(err.contains("--mib 3") && err.contains("even"), "{err}");
+        let odd_without_madvise = parse(&["--workloads", "disjoint", "--mib", "3"]).unwrap();
+        assert!(plan(&odd_without_madvise).is_ok());
+    }
+
+    #[test]
+    fn the_boot_summary_must_report_the_fault_locking_asked_for() {
+        let vma = "[    0.08] cpu0 INFO  boot: page-table locks: PTE locks: split (per table); struct Page 64 B; faults lock their VMA (per-VMA locks, mmap_lock only as a fallback)\n";
+        let mmap = "[    0.08] cpu0 INFO  boot: page-table locks: PTE locks: split (per table); struct Page 64 B; faults lock mmap_lock shared (fault_lock=mmap)\n";
+        assert_eq!(reported_fault_lock(vma), Some("vma"));
+        assert_eq!(reported_fault_lock(mmap), Some("mmap"));
+        assert!(check_fault_lock(vma, "vma").is_ok());
+        assert!(check_fault_lock(mmap, "mmap").is_ok());
+        let err = check_fault_lock(vma, "mmap").unwrap_err().to_string();
+        assert!(err.contains("asked for fault_lock=mmap") && err.contains("faults lock vma"), "{err}");
+        // A kernel that does not say (an older one) is no evidence either way.
+        let old = "[    0.08] cpu0 INFO  boot: page-table locks: PTE locks: split (per table); struct Page 64 B\n";
+        let err = check_fault_lock(old, "vma").unwrap_err().to_string();
+        assert!(err.contains("no boot summary line says how faults lock"), "{err}");
+    }
+
+    #[test]
+    fn quick_plan_has_the_required_runs() {
+        let args = parse(&["--quick"]).unwrap();
+        let runs = plan(&args).unwrap();
+        assert_eq!(
+            keys(&runs),
+            [
+                ("disjoint", "split", "vma", 1),
+                ("disjoint", "split", "vma", 2),
+                ("disjoint", "split", "vma", 8),
+                ("disjoint", "single", "vma", 8)
+            ]
+        );
+        assert_eq!(rounds_for(&args, "disjoint"), 1, "quick windows are one pass");
+        let both = parse(&["--quick", "--fault-lock", "vma,mmap"]).unwrap();
+        let runs = plan(&both).unwrap();
+        assert_eq!(runs.len(), 8);
+        assert!(runs[4..].iter().all(|r| r.fault_lock == "mmap"));
+    }
+
+    #[test]
+    fn only_disjoint_and_madvise_windows_repeat_by_default_and_rounds_overrides() {
+        let args = parse(&[]).unwrap();
         assert_eq!(rounds_for(&args, "disjoint"), 4);
+        assert_eq!(rounds_for(&args, "madvise"), 4);
         assert_eq!(rounds_for(&args, "same-table"), 1);
         assert_eq!(rounds_for(&args, "same-page"), 1);
-        args.rounds = Some(3);
+        let args = parse(&["--rounds", "3"]).unwrap();
         assert_eq!(rounds_for(&args, "same-table"), 3);
-        args.rounds = Some(0);
+        let args = parse(&["--rounds", "0"]).unwrap();
         assert_eq!(rounds_for(&args, "disjoint"), 1, "at least one pass");
+    }
+
+    #[test]
+    fn targets_and_rows_are_found_per_fault_lock() {
+        let report = json!({"runs": [
+            {"workload": "disjoint", "lock": "split", "fault_lock": "mmap", "cpus": 1, "faults_per_sec": 1.0},
+            {"workload": "disjoint", "lock": "split", "fault_lock": "vma", "cpus": 1, "faults_per_sec": 2.0},
+        ]});
+        assert_eq!(fault_locks_in(&report), ["vma", "mmap"]);
+        assert_eq!(find(&report, "disjoint", "split", "vma", 1).unwrap()["faults_per_sec"], 2.0);
+        assert_eq!(find(&report, "disjoint", "split", "mmap", 1).unwrap()["faults_per_sec"], 1.0);
+        assert!(find(&report, "disjoint", "single", "vma", 1).is_none());
     }
 }

@@ -17,7 +17,18 @@
 //!   writes one byte per 4 KiB page, unmaps it;
 //! * `same-table`: one shared region; threads write interleaved pages, so
 //!   all of them fault into the same PTE tables; re-mapped between rounds;
-//! * `same-page`: all threads first-touch the same pages at once.
+//! * `same-page`: all threads first-touch the same pages at once;
+//! * `madvise`: each thread writes its own block (`mib` MiB, 2 MiB aligned)
+//!   of one mapping, then `MADV_DONTNEED`s it in whole 2 MiB regions, which
+//!   frees the frames and reclaims the emptied PTE tables, and repeats;
+//! * `madvise-same-table`: as `same-table` (interleaved pages of one shared
+//!   region), and between two barriers each thread `MADV_DONTNEED`s every
+//!   n-th 2 MiB region of it.
+//!
+//! The result also carries the fault-locking mode the kernel runs
+//! (`fault_lock=vma|mmap`) and the address spaces' counters summed over the
+//! timed windows (faults under a VMA lock or `mmap_lock`, fallbacks, pages
+//! zapped and PTE tables reclaimed by `madvise`).
 
 use alloc::format;
 use alloc::string::String;
@@ -25,6 +36,7 @@ use alloc::vec::Vec;
 
 use abi::storm::{self, Params};
 use arch::qemu::ExitCode;
+use mm::MmStats;
 use mm::lock::{LockClass, lock_stats, reset_lock_stats};
 
 use super::storm::{Spec, online, run as run_storm, settle};
@@ -62,10 +74,39 @@ fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
             remap_between_rounds: 1,
             ..Params::default()
         },
+        "madvise" => Params {
+            mode: storm::MODE_TOUCH_DONTNEED,
+            pattern: storm::PATTERN_BLOCKS,
+            base: BASE,
+            len: len * n as u64,
+            threads: n as u64,
+            rounds,
+            ..Params::default()
+        },
+        "madvise-same-table" => Params {
+            mode: storm::MODE_TOUCH_DONTNEED,
+            pattern: storm::PATTERN_INTERLEAVED,
+            base: BASE,
+            len,
+            threads: n as u64,
+            rounds,
+            ..Params::default()
+        },
         _ => return None,
     };
     let premap = (workload != "disjoint").then_some(mm::MapFlags::empty());
     Some(Spec { params, premap, cpus: online() })
+}
+
+/// Adds the counters the JSON reports of one window's address space.
+fn add_counters(sum: &mut MmStats, s: &MmStats) {
+    sum.vma_lock_faults += s.vma_lock_faults;
+    sum.mmap_lock_faults += s.mmap_lock_faults;
+    sum.vma_fallback_not_found += s.vma_fallback_not_found;
+    sum.vma_fallback_locked += s.vma_fallback_locked;
+    sum.vma_fallback_detached += s.vma_fallback_detached;
+    sum.madvise_zapped += s.madvise_zapped;
+    sum.pt_reclaimed += s.pt_reclaimed;
 }
 
 fn parse(c: &Cmdline, key: &str, default: u64) -> u64 {
@@ -86,15 +127,19 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let cpus = online();
     let n = cpus.len();
     let Some(spec) = spec(workload, n, mib, rounds) else {
-        log::error!("bench: unknown workload {workload:?} (disjoint, same-table, same-page)");
+        log::error!(
+            "bench: unknown workload {workload:?} (disjoint, same-table, same-page, madvise, madvise-same-table)"
+        );
         return ExitCode::Failure;
     };
     log::info!(
         "bench: {workload} on {n} CPUs, {mib} MiB per {} x {rounds} rounds, 1 warm-up + {windows} windows{}",
-        if workload == "disjoint" { "thread" } else { "region" },
+        if workload == "disjoint" || workload == "madvise" { "thread" } else { "region" },
         if window_ms > 0 { alloc::format!(" of at most {window_ms} ms") } else { String::new() },
     );
     let mut results = Vec::new();
+    // The address spaces' counters, summed over the timed windows.
+    let mut mm_sum = MmStats::default();
     // When the counters were last reset: lock spinning is reported as a share
     // of the CPU time since then (windows, and the set-up and teardown
     // between them, when the counters also run).
@@ -128,14 +173,19 @@ pub fn run(c: &Cmdline) -> ExitCode {
         log::info!("bench: {label}: {faults} faults in {} us", arch::time::cycles_to_ns(cycles) / 1000);
         if w > 0 {
             results.push(Window { faults, cycles });
+            add_counters(&mut mm_sum, &out.stats);
         }
     }
     let s = faultstat::summary(cpus.iter().copied());
     let stats_cycles = arch::time::rdtsc().wrapping_sub(stats_start);
     let mut json = format!(
-        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"stats_cycles\":{stats_cycles},\"windows\":[",
+        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"fault_lock\":\"{}\",\"stats_cycles\":{stats_cycles},\"windows\":[",
         arch::time::tsc_per_us().unwrap_or(0),
-        mm::config::USE_SPLIT_PTE_PTLOCKS
+        mm::config::USE_SPLIT_PTE_PTLOCKS,
+        match mm::memory::fault_locking() {
+            mm::memory::FaultLocking::PerVma => "vma",
+            mm::memory::FaultLocking::MmapLock => "mmap",
+        }
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!("{}{{\"faults\":{},\"cycles\":{}}}", if i == 0 { "" } else { "," }, w.faults, w.cycles);
@@ -164,7 +214,17 @@ pub fn run(c: &Cmdline) -> ExitCode {
             l.spin_cycles
         );
     }
-    json += "}}";
+    let m = &mm_sum;
+    json += &format!(
+        "}},\"mm\":{{\"vma_lock_faults\":{},\"mmap_lock_faults\":{},\"vma_fallback_not_found\":{},\"vma_fallback_locked\":{},\"vma_fallback_detached\":{},\"madvise_zapped\":{},\"pt_reclaimed\":{}}}}}",
+        m.vma_lock_faults,
+        m.mmap_lock_faults,
+        m.vma_fallback_not_found,
+        m.vma_fallback_locked,
+        m.vma_fallback_detached,
+        m.madvise_zapped,
+        m.pt_reclaimed
+    );
     arch::println!("BENCH-RESULT {json}");
     ExitCode::Success
 }
