@@ -17,13 +17,13 @@ pub fn ktest(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut tokens = item.clone().into_iter();
     let mut name = None;
     while let Some(tt) = tokens.next() {
-        if let TokenTree::Ident(id) = &tt {
-            if id.to_string() == "fn" {
-                if let Some(TokenTree::Ident(n)) = tokens.next() {
-                    name = Some(n.to_string());
-                }
-                break;
+        if let TokenTree::Ident(id) = &tt
+            && id.to_string() == "fn"
+        {
+            if let Some(TokenTree::Ident(n)) = tokens.next() {
+                name = Some(n.to_string());
             }
+            break;
         }
     }
     let Some(name) = name else {

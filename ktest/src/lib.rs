@@ -2,8 +2,9 @@
 //!
 //! `#[ktest]` (from `ktest-macros`) puts a [`KTest`] record into the `.ktests`
 //! linker section of the kernel image; the kernel's linker script gathers them
-//! between `__ktests_start` and `__ktests_end`, and [`all`] returns them. Any
-//! kernel-side crate (arch, mm, kernel) can declare tests next to its code.
+//! between `__ktests_start` and `__ktests_end`, and `all()` (kernel target
+//! only) returns them. Any kernel-side crate (arch, mm, kernel) can declare
+//! tests next to its code.
 #![no_std]
 
 pub use ktest_macros::ktest;

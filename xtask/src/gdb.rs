@@ -15,7 +15,7 @@ use clap::Args;
 
 use crate::kernel::Firmware;
 use crate::qemu::{self, Accel, Machine};
-use crate::{KernelArgs, build_kernel, setup, workspace_root};
+use crate::{KernelArgs, VmSize, build_kernel, setup, workspace_root};
 
 #[derive(Args)]
 pub struct GdbArgs {
@@ -25,12 +25,8 @@ pub struct GdbArgs {
     test: Option<String>,
     #[command(flatten)]
     kernel: KernelArgs,
-    /// Number of vCPUs (each shows up as a gdb thread).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=255))]
-    smp: u32,
-    /// Guest RAM.
-    #[arg(long, default_value = "1G", value_parser = qemu::parse_mem)]
-    mem: String,
+    #[command(flatten)]
+    size: VmSize,
     /// Accelerator: TCG by default (software breakpoints are unreliable under
     /// KVM); with `kvm`, breakpoints are hardware breakpoints.
     #[arg(long, value_enum, default_value = "tcg")]
@@ -126,8 +122,8 @@ pub fn run(args: GdbArgs) -> Result<bool> {
     let machine = Machine {
         image,
         firmware,
-        smp: args.smp,
-        mem: args.mem.clone(),
+        smp: args.size.smp,
+        mem: args.size.mem.clone(),
         accel: args.accel,
         cmdline,
         extra: Vec::new(),
@@ -137,7 +133,7 @@ pub fn run(args: GdbArgs) -> Result<bool> {
     let mut qemu_child = start_paused_qemu(&machine, port, &serial)?;
     let hw = args.accel == Accel::Kvm;
     let gdb_cmd = gdb_args(&elf, port, hw);
-    println!("xtask: QEMU is paused with its gdb stub on 127.0.0.1:{port} ({} vCPUs = gdb threads)", args.smp);
+    println!("xtask: QEMU is paused with its gdb stub on 127.0.0.1:{port} ({} vCPUs = gdb threads)", args.size.smp);
     println!("xtask: serial output goes to {} (tail -f it in another terminal)", serial.display());
     if args.accel == Accel::Kvm {
         println!(
@@ -219,8 +215,9 @@ fn parse_findings(out: &str) -> GdbFindings {
                 }
             }
             "page" if line.contains("kind") && line.contains("Anon") => f.page_is_anon = true,
-            // The storm region of kernel/src/storm/tests.rs (BASE, 2 MiB).
-            "vmas" if line.contains("0x000100000000-0x000100200000") => f.vma_listed = true,
+            // The storm region of kernel/src/storm/tests.rs (BASE, 2 MiB),
+            // with its per-VMA lock state.
+            "vmas" if line.contains("0x000100000000-0x000100200000") && line.contains("lock: ") => f.vma_listed = true,
             _ => {}
         }
     }
@@ -326,7 +323,7 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
         problems.push("the installed frame's struct page is not Anon");
     }
     if !f.vma_listed {
-        problems.push("vmas did not list the storm region");
+        problems.push("vmas did not list the storm region with its VMA lock state");
     }
     let split = !text.contains("PTE locks mm.page_table_lock");
     if split && (f.ptl_table.is_none() || f.ptl_table != f.walk_table) {
@@ -357,11 +354,13 @@ mod tests {
                    === walk-before\n  PTE[  5] @phys 0x123 = 0x0  not present -\n  => 0x100005000 is not mapped\n\
                    === ptl\n  PTE entry @phys 0x3d000028: split PTE lock of table pfn 0x3d000, inline in the descriptor at 0xffff: free (next ticket 2, owner 2)\n\
                    === walk-after\n  PMD[  0] @phys 0x1 = 0x3d000067  table 0x3d000000        P W U A D\n  => 0x100005000 maps to phys 0x3e123000 (4K page)\n\
-                   === page\n  kind      Anon\n=== vmas\n  0x000100000000-0x000100200000     2048 KiB  r w\n";
+                   === page\n  kind      Anon\n=== vmas\n  0x000100000000-0x000100200000     2048 KiB  r w        lock: 0 readers, lock_seq 3\n";
         let f = parse_findings(out);
         assert!(f.stopped_in_fault_handler && f.unmapped_before && f.page_is_anon && f.vma_listed);
         assert_eq!(f.frame_after, Some(0x3e12_3000));
         assert_eq!(f.ptl_table, Some(0x3d00_0000));
         assert_eq!(f.walk_table, Some(0x3d00_0000));
+        let without_lock = out.replace("        lock: 0 readers, lock_seq 3", "");
+        assert!(!parse_findings(&without_lock).vma_listed, "a vmas line without the lock column");
     }
 }

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+/// BIOS or UEFI: the boot crate's type (built without its image builder here).
+pub use boot::Firmware;
 
 use crate::workspace_root;
 
@@ -33,7 +35,8 @@ impl BuildConfig {
     }
 }
 
-fn cargo() -> Command {
+/// `cargo` without the environment's RUSTFLAGS.
+pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     // Flags come from .cargo/config.toml (kernel) or are set below (user);
     // a stray RUSTFLAGS in the environment would override both.
@@ -41,29 +44,37 @@ fn cargo() -> Command {
     cmd
 }
 
-/// Builds the user programs (a static ELF at 4 MiB, see user/linker.ld) and
-/// returns its path. They get their own target directory: their code-model
-/// flags differ from the kernel's, and sharing one would rebuild both every time.
-pub fn build_user() -> Result<PathBuf> {
+/// `cargo <subcommand>` for the user programs as [`build_user`] compiles
+/// them (static ELF at 4 MiB with frame pointers, see user/linker.ld). They
+/// get their own target directory: their code-model flags differ from the
+/// kernel's, and sharing one would rebuild both every time.
+pub fn user_cargo(subcommand: &str) -> Command {
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
-        .args(["build", "--package", "user", "--target", "x86_64-unknown-none", "--release"])
+        .args([subcommand, "--package", "user", "--target", "x86_64-unknown-none", "--release"])
         .args(["--target-dir", "target/user"])
         .env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static\x1f-Cforce-frame-pointers=yes");
-    let status = cmd.status().context("running cargo build for the user programs")?;
+    cmd
+}
+
+/// Builds the user programs and returns the path of their ELF.
+pub fn build_user() -> Result<PathBuf> {
+    let status = user_cargo("build").status().context("running cargo build for the user programs")?;
     if !status.success() {
         bail!("user program build failed");
     }
     Ok(workspace_root().join("target/user/x86_64-unknown-none/release/user"))
 }
 
-/// Builds the kernel and returns the path of its ELF.
-pub fn build(config: &BuildConfig) -> Result<PathBuf> {
-    let user = build_user()?;
+/// `cargo <subcommand>` for the kernel as [`build`] compiles it: the kernel
+/// target, `config`'s profile, features and `SPLIT_PTLOCK_CPUS`, and the user
+/// programs at `user` that it embeds. `cargo xtask test`'s lint step runs
+/// clippy and rustdoc through this too.
+pub fn kernel_cargo(subcommand: &str, config: &BuildConfig, user: &Path) -> Command {
     let mut cmd = cargo();
-    // The kernel embeds the user programs (kernel/src/user/mod.rs).
-    cmd.env("PTLK_USER_ELF", &user);
-    cmd.current_dir(workspace_root()).args(["build", "--package", "kernel", "--target", "x86_64-unknown-none"]);
+    // The kernel embeds the user programs (kernel/build.rs checks the path).
+    cmd.env("PTLK_USER_ELF", user);
+    cmd.current_dir(workspace_root()).args([subcommand, "--package", "kernel", "--target", "x86_64-unknown-none"]);
     if config.release {
         cmd.arg("--release");
     }
@@ -75,8 +86,14 @@ pub fn build(config: &BuildConfig) -> Result<PathBuf> {
         Some(n) => cmd.env("SPLIT_PTLOCK_CPUS", n.to_string()),
         None => cmd.env_remove("SPLIT_PTLOCK_CPUS"),
     };
+    cmd
+}
+
+/// Builds the kernel and returns the path of its ELF.
+pub fn build(config: &BuildConfig) -> Result<PathBuf> {
+    let user = build_user()?;
     println!("xtask: building kernel ({})", config.label());
-    let status = cmd.status().context("running cargo build for the kernel")?;
+    let status = kernel_cargo("build", config, &user).status().context("running cargo build for the kernel")?;
     if !status.success() {
         bail!("kernel build failed");
     }
@@ -112,25 +129,6 @@ pub fn private_copy(elf: &Path, config: &BuildConfig) -> Result<PathBuf> {
     let copy = dir.join("kernel");
     std::fs::copy(elf, &copy).with_context(|| format!("copying {} to {}", elf.display(), copy.display()))?;
     Ok(copy)
-}
-
-/// Which firmware an image is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Firmware {
-    /// Legacy BIOS.
-    Bios,
-    /// UEFI (OVMF).
-    Uefi,
-}
-
-impl Firmware {
-    /// Lowercase name, as the `boot` tool takes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Firmware::Bios => "bios",
-            Firmware::Uefi => "uefi",
-        }
-    }
 }
 
 /// Builds the disk image for `firmware` from the kernel ELF with the `boot`

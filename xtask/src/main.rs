@@ -8,6 +8,7 @@ mod clock;
 mod gdb;
 mod hostprobe;
 mod kernel;
+mod lint;
 mod protocol;
 mod qemu;
 mod setup;
@@ -74,24 +75,32 @@ impl KernelArgs {
     }
 }
 
-/// Options of the virtual machine.
+/// Size of the virtual machine (`run`, `test`, `gdb`).
 #[derive(Args, Clone, Debug)]
-pub struct MachineArgs {
-    /// Number of virtual CPUs.
+pub struct VmSize {
+    /// Number of virtual CPUs (under `gdb`, each is a gdb thread).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=255))]
-    smp: u32,
+    pub smp: u32,
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(long, default_value = "1G", value_parser = qemu::parse_mem)]
-    mem: String,
+    pub mem: String,
+}
+
+/// Options of the virtual machine (`run`, `test`).
+#[derive(Args, Clone, Debug)]
+pub struct MachineArgs {
+    #[command(flatten)]
+    pub size: VmSize,
     /// Accelerator. Default: KVM only where the host CPU has hardware
     /// virtualization (vmx/svm) and /dev/kvm opens, otherwise TCG.
     #[arg(long, value_enum)]
-    accel: Option<Accel>,
-    /// Limit on the QEMU run in seconds, counted from the kernel's first line
+    pub accel: Option<Accel>,
+    /// Limit on a QEMU run in seconds, counted from the kernel's first line
     /// (a separate boot bound covers the firmware and bootloader: 120 s under
     /// TCG); the run is killed and reported, with the test that was running.
+    /// Default: 600 (`test`: 600 for the main run, 300 for the short ones).
     #[arg(long, value_name = "SECS")]
-    timeout: Option<u64>,
+    pub timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -133,8 +142,8 @@ fn run(args: RunArgs) -> Result<bool> {
     let machine = Machine {
         image,
         firmware,
-        smp: args.machine.smp,
-        mem: args.machine.mem.clone(),
+        smp: args.machine.size.smp,
+        mem: args.machine.size.mem.clone(),
         accel,
         cmdline: format!("mode=run log={}", args.log),
         extra: args.qemu_args.clone(),
@@ -166,7 +175,12 @@ fn main() -> ExitCode {
             // Here the files stay where cargo puts the kernel.
             let elf = kernel::build(&kernel.config())?;
             let image = kernel::image(&elf, firmware)?;
-            println!("xtask: kernel {}\nxtask: image  {}", elf.display(), image.display());
+            println!(
+                "xtask: kernel {} (for gdb and addr2line)\nxtask: image  {} (carries {})",
+                elf.display(),
+                image.display(),
+                boot::stripped_path(&elf).display()
+            );
             Ok(true)
         })(),
         Command::Run(args) => run(args),

@@ -68,12 +68,11 @@ impl TestReport {
             }
         } else if let Some(summary) = parse_summary(line) {
             self.summary = Some(summary);
-        } else if line.starts_with("    ") {
-            if let Some((_, detail)) = self.failed.last_mut() {
-                if self.summary.is_none() {
-                    detail.push(line.trim().to_string());
-                }
-            }
+        } else if line.starts_with("    ")
+            && self.summary.is_none()
+            && let Some((_, detail)) = self.failed.last_mut()
+        {
+            detail.push(line.trim().to_string());
         }
         if line.contains("KERNEL PANIC") || line.contains("KERNEL OOPS") {
             self.crashed = true;

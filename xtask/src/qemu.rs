@@ -394,7 +394,7 @@ pub fn run(
                     }
                 }
                 if echo && clock.kernel_start().is_some() && partial.len() > echoed {
-                    let _ = out.write_all(partial[echoed..].as_bytes());
+                    let _ = out.write_all(&partial.as_bytes()[echoed..]);
                     echoed = partial.len();
                 }
                 let _ = out.flush();

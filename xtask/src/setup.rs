@@ -1,10 +1,13 @@
 //! Installs what the tools need, or says exactly what the user must do.
 //!
-//! - rustup: the components `rust-src` and `llvm-tools-preview` and the target
-//!   `x86_64-unknown-none` of the pinned toolchain (rust-toolchain.toml does
-//!   not install them by itself on these machines).
+//! - rustup: the components `rust-src`, `llvm-tools-preview`, `clippy` and
+//!   `rustfmt` and the target `x86_64-unknown-none` of the pinned toolchain
+//!   (rust-toolchain.toml does not install them by itself on these machines).
 //! - Debian packages `qemu-system-x86` and `ovmf`, installed with apt-get
-//!   when running as root; otherwise the exact command is printed.
+//!   when running as root; otherwise the exact command is printed. apt-get
+//!   runs with `--no-remove`: installing never removes a package (on a fresh
+//!   machine a plain install once removed `qemu-utils`); when apt would have
+//!   to, xtask lists the packages in the way and stops.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +16,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
-const COMPONENTS: [(&str, &str); 2] = [("rust-src", "rust-src"), ("llvm-tools", "llvm-tools-preview")];
+const COMPONENTS: [(&str, &str); 4] =
+    [("rust-src", "rust-src"), ("llvm-tools", "llvm-tools-preview"), ("clippy", "clippy"), ("rustfmt", "rustfmt")];
 const TARGET: &str = "x86_64-unknown-none";
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -94,7 +98,7 @@ pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
     if !missing.is_empty() {
         // Install both together when either is missing: one apt run.
         let packages = ["qemu-system-x86", "ovmf"];
-        let command = format!("apt-get update && apt-get install -y {}", packages.join(" "));
+        let command = format!("apt-get update && apt-get install -y --no-remove {}", packages.join(" "));
         if !is_root() {
             bail!(
                 "missing {} (QEMU{}); install with:\n    sudo sh -c '{command}'\n\
@@ -110,23 +114,80 @@ pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
             );
         }
         println!("xtask: {} not installed; running as root: {command}", missing.join(", "));
-        for args in [vec!["update"], ["install", "-y"].iter().chain(packages.iter()).copied().collect()] {
-            let status = Command::new("apt-get")
-                .args(&args)
+        apt_get(&["update"], &command)?;
+        let install: Vec<&str> = ["install", "-y", "--no-remove"].iter().chain(packages.iter()).copied().collect();
+        if let Err(e) = apt_get(&install, &command) {
+            // Ask apt what it wanted to remove (a simulation changes nothing).
+            let simulated = Command::new("apt-get")
+                .args(["install", "-s", "-y"])
+                .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .context("running apt-get")?;
-            if !status.success() {
-                bail!("`apt-get {}` failed (exit {status}); run `{command}` yourself", args.join(" "));
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let removals = apt_removals(&simulated);
+            if removals.is_empty() {
+                return Err(e);
             }
+            bail!(
+                "installing {} would make apt remove {}, and xtask never removes packages.\n\
+                 Check what needs them (`apt-cache rdepends --installed {}`); if they can go, run\n    \
+                 apt-get install {}\n\
+                 yourself (apt lists what it removes and asks first), or install QEMU and OVMF some other way.",
+                packages.join(" "),
+                removals.join(", "),
+                removals.join(" "),
+                packages.join(" ")
+            );
         }
         println!("xtask: installed {}", packages.join(" "));
     }
     on_path("qemu-system-x86_64").context("qemu-system-x86_64 still not on PATH after installing qemu-system-x86")
 }
 
+/// Runs `apt-get ARGS` non-interactively; `whole` is the command to tell the
+/// user to run when it fails.
+fn apt_get(args: &[&str], whole: &str) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("`apt-get {}` failed (exit {status}); run `{whole}` yourself", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The packages an `apt-get -s` (simulated) run would remove (its `Remv
+/// NAME [VERSION]` lines).
+fn apt_removals(simulated: &str) -> Vec<String> {
+    simulated
+        .lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Everything `run` and `test` need.
 pub fn ensure_all(uefi: bool) -> Result<PathBuf> {
     ensure_rust()?;
     ensure_qemu(uefi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_are_read_from_an_apt_simulation() {
+        let sim = "NOTE: This is only a simulation!\n\
+                   Remv qemu-utils [1:8.2.2+ds-0ubuntu1]\n\
+                   Inst qemu-system-x86 (1:8.2.2+ds-0ubuntu1.4 Ubuntu:24.04/noble-updates [amd64])\n\
+                   Remv qemu-block-extra [1:8.2.2+ds-0ubuntu1] [qemu-utils:amd64 ]\n\
+                   Conf qemu-system-x86 (1:8.2.2+ds-0ubuntu1.4 Ubuntu:24.04/noble-updates [amd64])\n";
+        assert_eq!(apt_removals(sim), ["qemu-utils", "qemu-block-extra"]);
+        assert!(apt_removals("Inst ovmf (2024.02-2 Debian:12 [all])\n").is_empty());
+    }
 }

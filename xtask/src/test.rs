@@ -12,7 +12,7 @@ use crate::clock::{Expiry, Limits};
 use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Ending, Machine, Outcome};
 use crate::symbols::Symbolizer;
-use crate::{KernelArgs, build_kernel, setup, workspace_root};
+use crate::{KernelArgs, MachineArgs, build_kernel, setup, workspace_root};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -20,18 +20,13 @@ pub struct TestArgs {
     filter: Option<String>,
     #[command(flatten)]
     kernel: KernelArgs,
-    /// vCPUs of the main kernel test run.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=255))]
-    smp: u32,
-    /// Guest RAM of the kernel test runs.
-    #[arg(long, default_value = "1G", value_parser = qemu::parse_mem)]
-    mem: String,
-    /// Accelerator (default: as for `run`).
-    #[arg(long, value_enum)]
-    accel: Option<qemu::Accel>,
-    /// Per-QEMU-run timeout in seconds (default 600 for the main run).
-    #[arg(long, value_name = "SECS")]
-    timeout: Option<u64>,
+    /// `--smp` is the main kernel test run's; `--mem` is every run's.
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Skip the lint step (rustfmt --check, clippy and rustdoc with warnings
+    /// as errors), which otherwise runs first.
+    #[arg(long)]
+    skip_lint: bool,
     /// Skip the host (`cargo test`) part.
     #[arg(long)]
     skip_host: bool,
@@ -91,8 +86,21 @@ struct StepResult {
     elapsed: Duration,
 }
 
-fn host_step(name: &str, args: &[&str], envs: &[(&str, String)], filter: Option<&str>) -> Result<StepResult> {
+/// Runs `cmd` as one step of the summary.
+fn command_step(name: &str, mut cmd: Command) -> Result<StepResult> {
     let start = Instant::now();
+    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    println!("xtask: [{name}] cargo {}", args.join(" "));
+    let status = cmd.status().with_context(|| format!("running cargo {}", args.join(" ")))?;
+    Ok(StepResult {
+        name: name.to_string(),
+        ok: status.success(),
+        detail: if status.success() { "passed".into() } else { format!("FAILED ({status})") },
+        elapsed: start.elapsed(),
+    })
+}
+
+fn host_step(name: &str, args: &[&str], envs: &[(&str, String)], filter: Option<&str>) -> Result<StepResult> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root()).args(args);
     for (k, v) in envs {
@@ -101,14 +109,7 @@ fn host_step(name: &str, args: &[&str], envs: &[(&str, String)], filter: Option<
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }
-    println!("xtask: [{name}] cargo {}", args.join(" "));
-    let status = cmd.status().context("running cargo test")?;
-    Ok(StepResult {
-        name: name.to_string(),
-        ok: status.success(),
-        detail: if status.success() { "passed".into() } else { format!("FAILED ({status})") },
-        elapsed: start.elapsed(),
-    })
+    command_step(name, cmd)
 }
 
 fn host_tests(args: &TestArgs) -> Result<Vec<StepResult>> {
@@ -218,13 +219,13 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
 fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     let filter = args.filter.clone().unwrap_or_default();
     let filter_word = if filter.is_empty() { String::new() } else { format!(" filter={filter}") };
-    let main_timeout = Duration::from_secs(args.timeout.unwrap_or(600));
+    let main_timeout = Duration::from_secs(args.machine.timeout.unwrap_or(600));
     let mut runs = vec![KernelRun {
-        name: format!("kernel tests, -smp {}, BIOS", args.smp),
+        name: format!("kernel tests, -smp {}, BIOS", args.machine.size.smp),
         features: Vec::new(),
         firmware: Firmware::Bios,
-        smp: args.smp,
-        cmdline: format!("mode=test expect_cpus={}{filter_word}", args.smp),
+        smp: args.machine.size.smp,
+        cmdline: format!("mode=test expect_cpus={}{filter_word}", args.machine.size.smp),
         timeout: main_timeout,
         test_timeout: None,
         expect: Expect::Pass,
@@ -238,7 +239,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         firmware: Firmware::Uefi,
         smp: 2,
         cmdline: "mode=test filter=boot_smoke".into(),
-        timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
+        timeout: Duration::from_secs(args.machine.timeout.unwrap_or(300)),
         test_timeout: None,
         expect: Expect::Pass,
     });
@@ -252,7 +253,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
             firmware: Firmware::Bios,
             smp,
             cmdline: format!("mode=test expect_cpus={smp} filter=smp::tests{extra}"),
-            timeout: Duration::from_secs(args.timeout.unwrap_or(300)),
+            timeout: Duration::from_secs(args.machine.timeout.unwrap_or(300)),
             test_timeout: None,
             expect: Expect::Pass,
         });
@@ -303,7 +304,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         firmware: Firmware::Bios,
         smp: 4,
         cmdline: "mode=test expect_cpus=4 filter=mmtests,storm,uspace".into(),
-        timeout: Duration::from_secs(args.timeout.unwrap_or(600)),
+        timeout: Duration::from_secs(args.machine.timeout.unwrap_or(600)),
         test_timeout: None,
         expect: Expect::Pass,
     });
@@ -314,6 +315,12 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
 pub fn run(args: TestArgs) -> Result<bool> {
     let total = Instant::now();
     let mut results = Vec::new();
+    if !args.skip_lint {
+        setup::ensure_rust()?;
+        for lint in crate::lint::lints()? {
+            results.push(command_step(lint.name, lint.command)?);
+        }
+    }
     if !args.skip_host {
         setup::ensure_rust()?;
         results.extend(host_tests(&args)?);
@@ -326,7 +333,7 @@ pub fn run(args: TestArgs) -> Result<bool> {
         let (mut elf, mut bios) = build_kernel(&config, Firmware::Bios)?;
         let uefi = if need_uefi { Some(crate::kernel::image(&elf, Firmware::Uefi)?) } else { None };
         let mut symbols = Symbolizer::new(&elf);
-        let (accel, why) = qemu::choose_accel(args.accel);
+        let (accel, why) = qemu::choose_accel(args.machine.accel);
         println!("xtask: accelerator {accel}: {why}");
         let mut gdb_done = args.quick || args.skip_gdb || args.filter.is_some();
         for run in runs {
@@ -357,7 +364,7 @@ pub fn run(args: TestArgs) -> Result<bool> {
                 image,
                 firmware: run.firmware,
                 smp: run.smp,
-                mem: args.mem.clone(),
+                mem: args.machine.size.mem.clone(),
                 accel,
                 cmdline: run.cmdline.clone(),
                 extra: Vec::new(),
