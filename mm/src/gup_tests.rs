@@ -197,7 +197,7 @@ fn storm_gup_fast_races_munmap_and_reclaim() {
                 let mut i = 0u64;
                 while !stop.load(SeqCst) {
                     let t = a + (i % TABLES) * PMD_SIZE;
-                    if i % 3 == 0 {
+                    if i.is_multiple_of(3) {
                         mm.munmap(VirtAddr::new(t), PMD_SIZE).unwrap();
                         mm.mmap(Some(VirtAddr::new(t)), PMD_SIZE, RW, MapFlags::FIXED).unwrap();
                     } else {

@@ -204,6 +204,12 @@ impl RcuReadGuard {
     }
 }
 
+impl Default for RcuReadGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for RcuReadGuard {
     fn drop(&mut self) {
         crate::hal::get().rcu_read_unlock();

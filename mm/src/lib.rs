@@ -89,7 +89,7 @@ pub mod bootmem;
 pub mod config;
 pub mod counters;
 pub mod frame;
-mod free_pgtables;
+pub mod free_pgtables;
 pub mod gigantic;
 pub mod gup;
 pub mod hal;
@@ -102,8 +102,8 @@ pub mod memmap;
 pub mod memory;
 pub mod mm_struct;
 pub mod mmap;
-mod mprotect;
-mod pagewalk;
+pub mod mprotect;
+pub mod pagewalk;
 mod percpu;
 pub mod pgtable;
 pub mod physmem;
@@ -114,7 +114,7 @@ pub mod table_rcu;
 pub mod tlb;
 pub mod vma;
 pub mod vma_lock;
-mod zap;
+pub mod zap;
 
 #[cfg(test)]
 #[cfg_attr(loom, allow(dead_code))]

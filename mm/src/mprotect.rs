@@ -69,7 +69,7 @@ impl RangeOps for ChangeProt {
 /// entry's lock, and widens the gather's flush range for each change. Huge
 /// PMDs only partly inside are split first. `mmap_lock` exclusive.
 pub(crate) fn change_protection(tlb: &mut MmuGather<'_, '_>, vma: &Vma, start: u64, end: u64) {
-    debug_assert!(start.is_multiple_of(PAGE_SIZE) && (end - start) % PAGE_SIZE == 0);
+    debug_assert!(start.is_multiple_of(PAGE_SIZE) && (end - start).is_multiple_of(PAGE_SIZE));
     debug_assert!(!vma.flags.is_hugetlb() || start.is_multiple_of(PMD_SIZE));
     walk_page_range(tlb, vma, start, end, &mut ChangeProt);
 }

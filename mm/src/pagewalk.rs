@@ -2,8 +2,8 @@
 //! `mm/pagewalk.c`, and the `*_pud_range` / `*_pmd_range` skeletons of
 //! `zap_page_range` and `change_protection`).
 //!
-//! A [`RangeOps`] says what to do with a 1 GiB leaf, a whole 2 MiB leaf, and
-//! a run of PTEs in one table; [`walk_page_range`] visits `[start, end)` of a
+//! A `RangeOps` says what to do with a 1 GiB leaf, a whole 2 MiB leaf, and
+//! a run of PTEs in one table; `walk_page_range` visits `[start, end)` of a
 //! VMA level by level, skipping empty entries. A transparent huge page only
 //! partly inside the range is split first (its deposited table becomes the
 //! PTE table), so an operation never sees half a huge page; hugetlb pages are
@@ -14,7 +14,7 @@
 //! freed under the walk: the caller holds `mmap_lock` (shared or
 //! exclusive) and PUD and PMD tables are detached only under it exclusive,
 //! in spans no VMA covers. PTE tables may be reclaimed by a concurrent
-//! `madvise`: [`RangeOps::pte_range`] maps them through
+//! `madvise`: `RangeOps::pte_range` maps them through
 //! `pte_offset_map_lock`, which re-checks the PMD.
 
 use crate::addr::{PGDIR_SIZE, PMD_SIZE, PUD_SIZE, VirtAddr};

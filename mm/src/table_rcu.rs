@@ -18,7 +18,7 @@
 //!
 //! [`crate::MmuGather::finish`] shoots the range down (paging-structure
 //! caches included) and hands its list of detached tables to
-//! [`TableRcu::defer`] with a cookie from
+//! `TableRcu::defer` with a cookie from
 //! [`Hal::get_state_synchronize_rcu`](crate::hal::Hal::get_state_synchronize_rcu).
 //! Nothing waits: the unmap path returns at once. A batch is freed by
 //! [`TableRcu::reap`] once its cookie polls complete; reaping runs at every

@@ -4,7 +4,7 @@
 //! # Protocol
 //!
 //! * **Lookup.** The VMAs are published as an immutable sorted array of
-//!   nodes ([`VmaArray`]) behind one pointer. A fault enters a read-side
+//!   nodes (`VmaArray`) behind one pointer. A fault enters a read-side
 //!   section, loads the pointer, binary-searches the address and read-locks
 //!   the node it finds ([`lock_vma_under_rcu`]). Writers never change a
 //!   published node's range or flags: a change replaces the node.
@@ -16,7 +16,7 @@
 //!   space counts its write sessions (`mm_lock_seq`, Linux the same name);
 //!   each node records the session that last write-locked it (`lock_seq`).
 //!   Before a writer changes a VMA, or the page tables under it, it
-//!   write-locks the node ([`VmaLock::start_write`], Linux
+//!   write-locks the node (`VmaLock::start_write`, Linux
 //!   `vma_start_write`): it sets the writer bit, waits for the readers inside
 //!   to leave (faults in progress finish; they need no lock the writer holds),
 //!   stamps `lock_seq` with the session, and clears the bit. From then until

@@ -20,7 +20,7 @@
 //! `madvise(MADV_DONTNEED)` runs with faults going on in the same VMA (they
 //! hold its VMA lock or `mmap_lock` shared, as `madvise` does). A table it
 //! empties may be freed while the VMA stays, so a fault may have read the
-//! PMD just before the table was detached. [`try_to_free_pte`] follows
+//! PMD just before the table was detached. `try_to_free_pte` follows
 //! Linux 6.14: take the PMD lock; map the table with
 //! `pte_offset_map_rw_nolock` (which hands back the PMD value it saw); take
 //! the table's PTE lock if that is a different lock; re-check `pmd_same`;

@@ -43,7 +43,7 @@ fn for_each_page(p: &Params, i: u64, mut f: impl FnMut(u64)) {
         _ /* HUGE_MIX */ => {
             let mut region = p.base;
             while region < p.base + p.len {
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     f(region);
                 } else {
                     let mut k = 1 + i;
@@ -109,7 +109,7 @@ fn past(deadline: u64) -> bool {
 
 /// [`past`], looked at every 64 pages done.
 fn expired(deadline: u64, done: u64) -> bool {
-    done % 64 == 0 && past(deadline)
+    done.is_multiple_of(64) && past(deadline)
 }
 
 /// The word of `page` that belongs to thread `i`.

@@ -2,7 +2,7 @@
 //! spinning. The benchmark reads them to show where a fault storm waits.
 //!
 //! Counters are sharded per CPU (each shard on its own cache line) and updated
-//! with [`this_cpu_add`], so counting does not itself become the contended
+//! with `this_cpu_add`, so counting does not itself become the contended
 //! cache line the split locks exist to avoid, nor cost a locked instruction
 //! per acquisition. A read sums the shards; it is exact once the counted work
 //! has finished.
