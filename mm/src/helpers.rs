@@ -31,8 +31,9 @@
 //!
 //! Every "returns NULL" of the document is a `None`. A successful map places
 //! the caller inside a read-side critical section ([`crate::hal::Hal::rcu_read_lock`])
-//! until the unmap: that is what will keep a concurrently detached PTE table
-//! (and its lock) alive once tables are freed after a grace period.
+//! until the unmap: that is what keeps a concurrently detached PTE table
+//! (and its lock) alive, since detached tables are freed only after a grace
+//! period ([`crate::table_rcu`]).
 
 use core::fmt;
 use core::marker::PhantomData;
@@ -40,11 +41,11 @@ use core::sync::atomic::Ordering::{Acquire, Release};
 
 use crate::addr::{PMD_SHIFT, PMD_SIZE, PUD_SIZE, PhysAddr, VirtAddr};
 use crate::config::{USE_SPLIT_PMD_PTLOCKS, USE_SPLIT_PTE_PTLOCKS};
-use crate::lock::ordered::{Above, Level, LockToken, Ordered, PageTableLockLevel, PmdLevel, PteLevel};
+use crate::frame::Frames;
 use crate::lock::{LockLevel, RawSpinGuard};
 use crate::memmap::PageKind;
 use crate::mm_struct::Mm;
-use crate::pgtable::entry::{Pmd, Pte, pmd_same, pte_same};
+use crate::pgtable::entry::{Pmd, Pte, PteFlags, pmd_same, pte_same};
 use crate::pgtable::slot::EntrySlot;
 use crate::pgtable::walk::{PmdRef, PudRef, pmd_clear_bad, pte_alloc};
 use crate::physmem::PhysMem;
@@ -442,8 +443,12 @@ impl<'a, M> PteGuard<'a, M> {
     pub fn addr(&self) -> VirtAddr {
         self.map.addr
     }
-    /// The PMD value the table was reached through (still current: the PMD
-    /// cannot change a table pointer without this lock).
+    /// The PMD value the table was reached through. For a [`Rw`] guard
+    /// (from [`pte_offset_map_lock`] or [`PteMapNolock::lock_if_pmd_same`])
+    /// it is still current: the PMD was re-checked under this lock, and
+    /// nobody detaches the table without it. A [`Ro`] guard from
+    /// [`pte_offset_map_ro_nolock`] was not re-checked: the table may have
+    /// been detached meanwhile (the read-side section keeps it readable).
     pub fn pmdval(&self) -> Pmd {
         self.map.pmdval
     }
@@ -453,6 +458,14 @@ impl<'a> PteGuard<'a, Rw> {
     /// Linux `set_pte`: writes the locked entry.
     pub fn set_pte(&mut self, pte: Pte) {
         self.set_pte_at(self.map.addr, pte);
+    }
+    /// Maps `frame` at the locked entry with `flags` (Linux `set_pte_at` of
+    /// `mk_pte(page)` after `folio_add_new_anon_rmap`): the entry owns the
+    /// frame from now on, and the zap that clears the entry gathers it.
+    pub fn install(&mut self, frame: Frames<'_>, flags: PteFlags) {
+        debug_assert_eq!(frame.order(), 0, "a PTE maps one 4 KiB frame");
+        self.set_pte(Pte::new(frame.phys_addr(), flags));
+        let _owned_by_the_entry = frame.into_raw();
     }
     /// Linux `set_pte_at`: writes another entry of the locked table.
     pub fn set_pte_at(&mut self, addr: VirtAddr, pte: Pte) {
@@ -524,47 +537,6 @@ pub fn pte_unmap<T: PteMapping>(map: T) {
 /// Linux `pte_unmap_unlock`: unlocks, then unmaps.
 pub fn pte_unmap_unlock<M>(guard: PteGuard<'_, M>) {
     drop(guard);
-}
-
-/// [`pmd_lock`] with the lock order checked at compile time.
-#[track_caller]
-pub fn pmd_lock_ordered<'a, 't, L: Level>(
-    mm: &'a Mm<'_>,
-    pmd: PmdRef<'_>,
-    token: LockToken<'t, L>,
-) -> Ordered<'t, PmdLevel, PtlGuard<'a>>
-where
-    PmdLevel: Above<L>,
-{
-    Ordered::new(pmd_lock(mm, pmd), token.step())
-}
-
-/// [`pte_offset_map_lock`] with the lock order checked at compile time.
-#[track_caller]
-pub fn pte_offset_map_lock_ordered<'a, 't, L: Level>(
-    mm: &'a Mm<'_>,
-    pmd: PmdRef<'_>,
-    addr: VirtAddr,
-    token: LockToken<'t, L>,
-) -> Option<Ordered<'t, PteLevel, PteGuard<'a, Rw>>>
-where
-    PteLevel: Above<L>,
-{
-    Some(Ordered::new(pte_offset_map_lock(mm, pmd, addr)?, token.step()))
-}
-
-impl<'p> Mm<'p> {
-    /// [`Mm::lock_page_table`] with the lock order checked at compile time.
-    #[track_caller]
-    pub fn lock_page_table_ordered<'t, L: Level>(
-        &self,
-        token: LockToken<'t, L>,
-    ) -> Ordered<'t, PageTableLockLevel, PtlGuard<'_>>
-    where
-        PageTableLockLevel: Above<L>,
-    {
-        Ordered::new(self.lock_page_table(), token.step())
-    }
 }
 
 #[cfg(all(test, not(loom)))]

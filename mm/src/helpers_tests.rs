@@ -458,30 +458,6 @@ fn kernel_tables_get_no_split_lock() {
 }
 
 #[test]
-fn ordered_tokens_take_locks_in_order_at_run_time_too() {
-    use crate::lock::ordered::{LockToken, Unlocked};
-    let m = TestMachine::new();
-    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
-    let pmd = pmd_with_table(&mm, A);
-    // SAFETY: the only root token of this test thread, created holding nothing.
-    let mut root: LockToken<'_, Unlocked> = unsafe { LockToken::new() };
-    if crate::config::USE_SPLIT_PMD_PTLOCKS {
-        let mut pl = pmd_lock_ordered(&mm, pmd, root.borrow());
-        let mut pte = pte_offset_map_lock_ordered(&mm, pmd, A, pl.token()).unwrap();
-        pte.set_pte(Pte::NONE);
-        assert_eq!(held_locks(), if cfg!(debug_assertions) { 2 } else { 0 });
-    } else {
-        // One lock for everything: never nest it.
-        let mut pte = pte_offset_map_lock_ordered(&mm, pmd, A, root.borrow()).unwrap();
-        pte.set_pte(Pte::NONE);
-        assert_eq!(held_locks(), if cfg!(debug_assertions) { 1 } else { 0 });
-    }
-    assert_eq!(held_locks(), 0);
-    let g = mm.lock_page_table_ordered(root.borrow());
-    assert!(mm.page_table_lock().is_held_by(&g));
-}
-
-#[test]
 fn lock_statistics_count_acquisitions_per_class() {
     use crate::lock::{LockClass, lock_stats};
     let m = TestMachine::new();

@@ -118,7 +118,6 @@ pub(crate) fn do_huge_pmd_anonymous_page(
     }
     let Some(mut pgtable) = pagetable_alloc(mm.phys()) else { return Err(FaultError::Oom) };
     pagetable_pte_ctor(mm, &mut pgtable).map_err(|_| FaultError::Oom)?;
-    let entry = Pmd::new(folio.phys_addr(), vm_huge_flags(vma.flags));
     let pl = pmd_lock(mm, pmd);
     if !pmd.get().is_none() {
         drop(pl);
@@ -129,13 +128,20 @@ pub(crate) fn do_huge_pmd_anonymous_page(
     }
     pgtable_trans_huge_deposit(mm, pmd, pgtable, &pl);
     mm.inc_nr(PtLevel::Pte);
-    set_pmd(mm, pmd, entry, &pl);
+    set_pmd_huge(mm, pmd, folio, vm_huge_flags(vma.flags), &pl);
     drop(pl);
-    // The entry owns the 2 MiB block now.
-    let _ = folio.into_raw();
     mm.counters.add(Counter::Rss, HPAGE_PMD_NR as i64);
     mm.counters.inc(Counter::ThpFaults);
     Ok(ThpOutcome::Mapped)
+}
+
+/// Linux `set_pmd_at` of `mk_huge_pmd(folio)`: maps the 2 MiB block `folio`
+/// at `pmd` with `flags`, under its PMD lock; the entry owns the block from
+/// now on, and the zap that clears it gathers it.
+fn set_pmd_huge(mm: &Mm<'_>, pmd: PmdRef<'_>, folio: crate::Frames<'_>, flags: PteFlags, pl: &PtlGuard<'_>) {
+    debug_assert_eq!(folio.order(), HPAGE_PMD_ORDER);
+    set_pmd(mm, pmd, Pmd::new(folio.phys_addr(), flags), pl);
+    let _owned_by_the_entry = folio.into_raw();
 }
 
 /// Linux `__split_huge_pmd` (+ `split_huge_page`): replaces the huge PMD at

@@ -59,7 +59,7 @@ impl Fixture {
         unsafe { &*self.m }
     }
     fn mm(&self) -> &'static Mm<'static> {
-        // SAFETY: as above.
+        // SAFETY: valid until `teardown`, which consumes the fixture.
         unsafe { &*self.mm }
     }
     fn teardown(self) {
@@ -216,7 +216,7 @@ fn loom_ticket_lock_is_mutually_exclusive() {
             t.join().unwrap();
         }
         let g = l.lock();
-        // SAFETY: as above.
+        // SAFETY: loom's cell access under the guard, which excludes others.
         assert_eq!(g.with(|v| unsafe { *v }), 2);
     });
 }

@@ -124,7 +124,8 @@ const _: () = assert!(size_of::<Page>() <= 64, "struct Page grew beyond 64 bytes
 // owner (ctor/dtor of page tables), and the `ptl` inside `word` is itself a
 // lock whose atomics make shared use sound.
 unsafe impl Sync for Page {}
-// SAFETY: as above; a Page is plain memory with no thread affinity.
+// SAFETY: a Page is plain memory with no thread affinity: nothing in it is
+// tied to the thread that created it.
 unsafe impl Send for Page {}
 
 impl Page {
@@ -215,7 +216,8 @@ pub struct MemMap {
 // SAFETY: the section pointers refer to descriptors that live as long as the
 // MemMap (guaranteed by whoever built it, see `MemMap::new`); `Page` is Sync.
 unsafe impl Sync for MemMap {}
-// SAFETY: as above.
+// SAFETY: the section pointers stay valid wherever the MemMap goes (the
+// descriptors live in RAM it does not own and outlives); `Page` is Sync.
 unsafe impl Send for MemMap {}
 
 impl MemMap {

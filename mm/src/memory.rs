@@ -371,7 +371,6 @@ fn do_anonymous_page(
     }
     let frame = mm.phys().alloc_pages_zeroed(0).ok_or(FaultError::Oom)?;
     frame.page().set_kind(PageKind::Anon);
-    let entry = Pte::new(frame.phys_addr(), vm_pte_flags(vma.flags));
     let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else {
         drop(frame);
         return Ok(None);
@@ -383,9 +382,7 @@ fn do_anonymous_page(
         mm.counters.inc(Counter::LostRaces);
         return Ok(Some(FaultResult::LostRace));
     }
-    pte.set_pte(entry);
-    // The entry owns the frame now; zap frees it.
-    let _ = frame.into_raw();
+    pte.install(frame, vm_pte_flags(vma.flags));
     drop(pte);
     mm.counters.inc(Counter::Rss);
     mm.counters.inc(Counter::AnonFaults);
@@ -431,7 +428,6 @@ fn do_wp_page(
     // Copying the zero page is zeroing.
     let frame = mm.phys().alloc_pages_zeroed(0).ok_or(FaultError::Oom)?;
     frame.page().set_kind(PageKind::Anon);
-    let entry = Pte::new(frame.phys_addr(), vm_pte_flags(vma.flags));
     let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else {
         drop(frame);
         return Ok(None);
@@ -445,8 +441,7 @@ fn do_wp_page(
     // ptep_clear_flush, then set_pte_at.
     pte.ptep_get_and_clear(addr);
     flush_tlb_range(mm, FlushRange::page(addr));
-    pte.set_pte(entry);
-    let _ = frame.into_raw();
+    pte.install(frame, vm_pte_flags(vma.flags));
     drop(pte);
     mm.counters.inc(Counter::Rss);
     mm.counters.inc(Counter::CowFaults);

@@ -292,7 +292,8 @@ impl<'p> Mm<'p> {
                 log::error!("mm: bad {v} in teardown");
             }
         }
-        // SAFETY: as above; the caller cleared the PUD entry.
+        // SAFETY: `&mut self`: no walker exists; the caller cleared the PUD
+        // entry pointing to this table.
         unsafe { self.free_table(pa, PtLevel::Pmd) };
     }
 

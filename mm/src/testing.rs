@@ -304,7 +304,8 @@ pub struct TestMachine {
 // SAFETY: the buffer is plain memory owned by the machine; all shared access
 // to it goes through `PhysMem`, which is Sync.
 unsafe impl Sync for TestMachine {}
-// SAFETY: as above.
+// SAFETY: moving the machine moves the buffer's owner; the buffer has no
+// thread affinity and `PhysMem` is Send.
 unsafe impl Send for TestMachine {}
 
 /// The fake kernel PGD entries every test machine has (slot, value).

@@ -375,7 +375,8 @@ impl<'m, 'p> MmuGather<'m, 'p> {
                 phys.free_folio(pfn, order);
             }
         }
-        // SAFETY: as above.
+        // SAFETY: the batch's last frames, each one whose last reference the
+        // gather just dropped (above), freed once.
         unsafe { phys.free_frames_bulk(&batch[..n]) };
     }
 

@@ -67,7 +67,8 @@ impl Buddy {
             unsafe { (*links(page(map, l.prev))).next = l.next };
         }
         if l.next != Links::NONE {
-            // SAFETY: as above.
+            // SAFETY: the next neighbour is on the same buddy list, whose links
+            // the zone lock (held by the caller) protects.
             unsafe { (*links(page(map, l.next))).prev = l.prev };
         }
         p.clear_flag(PG_BUDDY);

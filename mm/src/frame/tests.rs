@@ -144,7 +144,8 @@ fn bulk_free_fills_the_list_trims_to_high_and_loses_nothing() {
     // SAFETY: the frames were allocated above at order 0 and given up here.
     unsafe { p.free_frames_bulk(&pfns[..5]) };
     assert_eq!(p.nr_cached_pages(), 5, "a small batch stays cached");
-    // SAFETY: as above; each frame is freed once.
+    // SAFETY: the rest of the frames allocated above at order 0, not in the
+    // first batch, so each is freed once.
     unsafe { p.free_frames_bulk(&pfns[5..]) };
     assert!(p.nr_cached_pages() <= PCP_HIGH as u64, "the list gives batches back past HIGH");
     assert!(p.nr_cached_pages() > (PCP_HIGH - PCP_BATCH) as u64, "only as many batches as needed");

@@ -2,29 +2,14 @@
 //!
 //! # Protocol
 //!
-//! What each lock protects (the table of DESIGN.md section 5):
-//!
-//! | lock | protects |
-//! | --- | --- |
-//! | `mmap_lock` ([`RwSpinLock`], `Mm::mmap_lock`) | the VMA set; held shared by faults (which keeps page tables from being detached under them), exclusive by mmap/munmap/mprotect |
-//! | `mm.page_table_lock` | PGD, P4D (folded) and PUD entries; 1 GiB hugetlb entries; *every* entry when split locks are off |
-//! | PMD lock (`pmd_lock`, the PMD table's `ptl`) | the entries of that one PMD table; 2 MiB hugetlb/THP entries |
-//! | PTE lock (`pte_offset_map_lock`, the PTE table's `ptl`) | the entries of that one PTE table |
-//! | per-CPU frame cache lock | that CPU's list of cached order-0 frames |
-//! | zone lock | the buddy free lists |
-//!
-//! Order (a CPU may only take a lock of a *higher* level than all it holds):
-//!
-//! ```text
-//! mmap_lock -> mm.page_table_lock -> PMD lock -> PTE lock -> per-CPU frame cache -> zone
-//! ```
-//!
-//! The gigantic-page pool lock sits at the zone's level and nests with
-//! nothing. `hal::flush_tlb` may be called with any of these held;
-//! `hal::synchronize_rcu` is only called with none held.
-//!
-//! Two locks of one level are never held together unless the second is taken
-//! with [`RawSpinLock::lock_nested`], whose caller documents its own order.
+//! What each lock protects and the order they are taken in are written in
+//! one place, `mm/README.md` ("Locks and their order"); every module that
+//! takes locks points there. The levels below ([`LockLevel`]) encode that
+//! order for the checker: a CPU may only take a lock of a *higher* level
+//! than all it holds, except a second lock of one level taken with
+//! [`RawSpinLock::lock_nested`], whose caller documents its own order.
+//! `hal::flush_tlb` may be called with any of these held;
+//! `hal::synchronize_rcu` only with none.
 //!
 //! Which guard proves what:
 //! * a [`PtlGuard`](crate::PtlGuard) returned by `pmd_lock` is the proof needed
@@ -34,16 +19,15 @@
 //!   no further check: the type is the proof;
 //! * `mm.page_table_lock`'s guard is the proof for PGD/P4D/PUD writes.
 //!
-//! Checking:
-//! * at compile time where the call graph allows it: [`ordered`] gives each
-//!   level a zero-sized token, and taking a lock consumes the token of a lower
-//!   level;
-//! * at run time in debug builds (`cfg(debug_assertions)`): [`lockdep`] keeps
-//!   the locks each CPU holds and panics on an out-of-order or recursive
-//!   acquisition, and entry writers assert that the right lock is held.
+//! Checking, at run time in debug builds (`cfg(debug_assertions)`):
+//! [`lockdep`] keeps the locks each CPU holds and panics on an out-of-order
+//! or recursive acquisition, and entry writers assert that the right lock is
+//! held. (An earlier compile-time scheme of zero-sized level tokens was
+//! removed: the real paths take their locks inside helpers and across
+//! nested same-level pairs, which tokens could not follow, so it guarded
+//! only its own tests.)
 
 pub mod lockdep;
-pub mod ordered;
 mod rwlock;
 mod spinlock;
 pub mod stats;

@@ -157,61 +157,54 @@ impl Pgd {
     }
 }
 
-impl Pud {
-    /// An entry pointing at a PMD table.
-    pub fn table(pa: PhysAddr, user: bool) -> Self {
-        Self::new(pa, table_flags(user))
-    }
-    /// A 1 GiB page.
-    pub fn huge(pa: PhysAddr, flags: PteFlags) -> Self {
-        debug_assert!(pa.is_aligned(PUD_SIZE));
-        Self::new(pa, flags | PteFlags::PRESENT | PteFlags::HUGE)
-    }
-    /// Linux `pud_leaf`: maps a 1 GiB page.
-    pub fn is_huge(self) -> bool {
-        self.is_present() && self.flags().contains(PteFlags::HUGE)
-    }
-    /// A 1 GiB leaf, present or `PROT_NONE` (see [`PROTNONE`]).
-    pub fn is_leaf(self) -> bool {
-        self.flags().contains(PteFlags::HUGE) && (self.is_present() || self.flags().contains(PROTNONE))
-    }
-    /// Linux `pud_bad`: present, not huge, and not a well-formed table pointer.
-    pub fn is_bad(self) -> bool {
-        self.is_present() && !self.is_huge() && !table_flags_ok(self.flags())
-    }
-    /// Present and a well-formed PMD-table pointer.
-    pub fn is_table(self) -> bool {
-        self.is_present() && !self.is_huge() && !self.is_bad()
-    }
+/// The entries that point to a table or map a huge page (PS set): PUD
+/// (1 GiB pages) and PMD (2 MiB pages) share one shape.
+macro_rules! table_or_huge_entry {
+    ($name:ident, $size:expr, $table:literal, $leaf_doc:literal, $huge_doc:literal) => {
+        impl $name {
+            #[doc = concat!("An entry pointing at a ", $table, " table.")]
+            pub fn table(pa: PhysAddr, user: bool) -> Self {
+                Self::new(pa, table_flags(user))
+            }
+            #[doc = concat!("A huge page of ", stringify!($size), " bytes.")]
+            pub fn huge(pa: PhysAddr, flags: PteFlags) -> Self {
+                debug_assert!(pa.is_aligned($size));
+                Self::new(pa, flags | PteFlags::PRESENT | PteFlags::HUGE)
+            }
+            #[doc = $huge_doc]
+            pub fn is_huge(self) -> bool {
+                self.is_present() && self.flags().contains(PteFlags::HUGE)
+            }
+            #[doc = $leaf_doc]
+            pub fn is_leaf(self) -> bool {
+                self.flags().contains(PteFlags::HUGE) && (self.is_present() || self.flags().contains(PROTNONE))
+            }
+            /// Linux `p?d_bad`: present, not huge, and not a well-formed table pointer.
+            pub fn is_bad(self) -> bool {
+                self.is_present() && !self.is_huge() && !table_flags_ok(self.flags())
+            }
+            #[doc = concat!("Present and a well-formed ", $table, "-table pointer.")]
+            pub fn is_table(self) -> bool {
+                self.is_present() && !self.is_huge() && !self.is_bad()
+            }
+        }
+    };
 }
 
-impl Pmd {
-    /// An entry pointing at a PTE table (Linux `pmd_populate`'s value).
-    pub fn table(pa: PhysAddr, user: bool) -> Self {
-        Self::new(pa, table_flags(user))
-    }
-    /// A 2 MiB page.
-    pub fn huge(pa: PhysAddr, flags: PteFlags) -> Self {
-        debug_assert!(pa.is_aligned(PMD_SIZE));
-        Self::new(pa, flags | PteFlags::PRESENT | PteFlags::HUGE)
-    }
-    /// Linux `pmd_trans_huge` / `pmd_leaf`: maps a 2 MiB page.
-    pub fn is_huge(self) -> bool {
-        self.is_present() && self.flags().contains(PteFlags::HUGE)
-    }
-    /// A 2 MiB leaf (THP or hugetlb), present or `PROT_NONE` (see [`PROTNONE`]).
-    pub fn is_leaf(self) -> bool {
-        self.flags().contains(PteFlags::HUGE) && (self.is_present() || self.flags().contains(PROTNONE))
-    }
-    /// Linux `pmd_bad`: present, not huge, and not a well-formed table pointer.
-    pub fn is_bad(self) -> bool {
-        self.is_present() && !self.is_huge() && !table_flags_ok(self.flags())
-    }
-    /// Present and a well-formed PTE-table pointer.
-    pub fn is_table(self) -> bool {
-        self.is_present() && !self.is_huge() && !self.is_bad()
-    }
-}
+table_or_huge_entry!(
+    Pud,
+    PUD_SIZE,
+    "PMD",
+    "A 1 GiB leaf, present or `PROT_NONE` (see [`PROTNONE`]).",
+    "Linux `pud_leaf`: maps a 1 GiB page."
+);
+table_or_huge_entry!(
+    Pmd,
+    PMD_SIZE,
+    "PTE",
+    "A 2 MiB leaf (THP or hugetlb), present or `PROT_NONE` (see [`PROTNONE`]).",
+    "Linux `pmd_trans_huge` / `pmd_leaf`: maps a 2 MiB page."
+);
 
 impl Pte {
     /// A 4 KiB page mapping.

@@ -107,7 +107,9 @@ impl PhysMem {
                 // caller holds; `buf` is a distinct kernel buffer.
                 unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
             } else {
-                // SAFETY: as above, reading.
+                // SAFETY: the caller's contract: the range is user memory the
+                // caller holds (pinned or mapped under its lock); `buf` is a
+                // distinct kernel buffer.
                 unsafe { core::ptr::copy_nonoverlapping(p.cast_const(), buf.as_mut_ptr(), buf.len()) };
             }
         }
