@@ -8,7 +8,10 @@ Commands:
                            `page phys ADDR` to force a reading, `page va ADDR`
                            for the frame a virtual address maps to)
     percpu [CPU]           per-CPU state (default: the selected gdb thread's CPU)
-    vmas                   the VMA list of the Mm running on the selected CPU
+    vmas                   the VMA list of the Mm running on the selected CPU,
+                           with each VMA's lock (readers inside, write-locked
+                           in the running write session, detached) and the
+                           address space's mm_lock_seq
     ptlk-break-on-panic [hw]  stop on kernel panics and oopses
 
 Rust layouts these helpers depend on (by name, through DWARF), and what
@@ -25,7 +28,10 @@ they read from them:
         class, [owner_cpu, owner_site with debug-ptlock]}
     mm::lock::rwlock::RwSpinLock {readers: [ReaderShard(AtomicU32)], writer,
         data} (Mm::mmap_lock), whose data is mm::vma::VmaSet {map: BTreeMap<u64,
-        Arc<mm::vma_lock::VmaNode {vma: Vma {start, end, flags}}>>}
+        Arc<mm::vma_lock::VmaNode {vma: Vma {start, end, flags}, lock: VmaLock
+        {state: AtomicU32 (bit 31 writer, low bits readers), lock_seq: AtomicU64,
+        detached: AtomicBool}}>>}; Mm::vma_lookup: VmaLookup {array:
+        AtomicPtr<VmaArray {nodes: Box<[Arc<VmaNode>]>}>, mm_lock_seq: AtomicU64}
     arch::percpu::PERCPU: [PerCpu {cpu_id, apic_id, kernel_rsp, tss, ...}]
     kernel::sched::CPUS: [CpuSched {rq, current: OwnerCell<Arc<Task>>
         (UnsafeCell<Option<Arc<Task>>>), ...}] and kernel::sched::task::Task {tid, name, cpu, state, space}
@@ -563,8 +569,37 @@ class PercpuCmd(gdb.Command):
         print("  context switches  %d" % as_int(field(cs, "switches")))
 
 
+VMA_WRITER = 1 << 31  # mm/src/vma_lock.rs WRITER
+
+
+def vma_lock_state(lock, mm_lock_seq):
+    """Describes a mm::vma_lock::VmaLock: faults inside, and whether a writer
+    holds it or has write-locked it for the running session."""
+    state = as_int(field(lock, "state"))
+    seq = as_int(field(lock, "lock_seq"))
+    readers = state & ~VMA_WRITER & 0xFFFF_FFFF
+    parts = ["%d reader%s" % (readers, "" if readers == 1 else "s")]
+    if state & VMA_WRITER:
+        parts.append("writer in (waiting for the readers to leave)")
+    if seq == mm_lock_seq:
+        parts.append("write-locked this session (lock_seq %d = mm_lock_seq): faults fall back to mmap_lock" % seq)
+    else:
+        parts.append("lock_seq %d" % seq)
+    if as_int(field(lock, "detached")):
+        parts.append("DETACHED (replaced; freed after a grace period)")
+    return ", ".join(parts)
+
+
 class VmasCmd(gdb.Command):
-    """vmas: the VMA list of the Mm running on the selected CPU."""
+    """vmas: the VMA list of the Mm running on the selected CPU.
+
+Each VMA's line ends with its per-VMA lock (`lock:`): the faults inside it
+(readers), a writer waiting for them, whether a write session stamped it
+(lock_seq equal to the address space's mm_lock_seq: faults on it fall back to
+mmap_lock until the session ends) and whether it was detached (replaced,
+waiting for a grace period). Last, the array that faults search under RCU:
+how many nodes it lists, and those that are no longer in the set (a
+writer's session replaced them and has not ended yet)."""
 
     def __init__(self):
         super().__init__("vmas", gdb.COMMAND_DATA)
@@ -575,7 +610,9 @@ class VmasCmd(gdb.Command):
         if mm is None:
             print("CPU %d runs no user address space (kernel task or idle)" % cpu)
             return
-        print("Mm at %#x on CPU %d (mmap_lock: %s)" % (int(mm.address), cpu, rwlock_state(field(mm, "mmap_lock"))))
+        mm_lock_seq = as_int(field(field(mm, "vma_lookup"), "mm_lock_seq"))
+        print("Mm at %#x on CPU %d (mmap_lock: %s; mm_lock_seq %d)" % (
+            int(mm.address), cpu, rwlock_state(field(mm, "mmap_lock")), mm_lock_seq))
         vmaset = unwrap(field(field(mm, "mmap_lock"), "data"))
         tree = field(vmaset, "map")
         # The set is an alloc BTreeMap; the Rust toolchain's pretty-printers
@@ -588,12 +625,35 @@ class VmasCmd(gdb.Command):
         # children() alternates keys and values.
         vmas = items[1::2]
         print("  %d VMAs" % len(vmas))
+        in_set = set()
         for node in vmas:
-            v = field(arc_payload(node), "vma")
-            start, end = as_int(field(v, "start")), as_int(field(v, "end"))
-            flags = as_int(field(v, "flags"))
-            names = [n for bit, n in ((1, "r"), (2, "w"), (4, "x"), (8, "thp"), (16, "hugetlb2M"), (32, "hugetlb1G")) if flags & bit]
-            print("  %#014x-%#014x %8d KiB  %s" % (start, end, (end - start) >> 10, " ".join(names) or "none"))
+            vnode = arc_payload(node)
+            in_set.add(int(vnode.address))
+            print(vma_line(vnode, mm_lock_seq))
+        # The array faults search under RCU (VmaLookup::array): between a
+        # writer's change and the end of its session it still lists the
+        # nodes the writer replaced (detached).
+        array = unwrap(field(field(mm, "vma_lookup"), "array"))
+        if int(array) == 0:
+            return
+        nodes = field(array.dereference(), "nodes")
+        data, length = field(nodes, "data_ptr"), as_int(field(nodes, "length"))
+        stale = [arc_payload(data[i]) for i in range(length)]
+        stale = [n for n in stale if int(n.address) not in in_set]
+        print("  published array (faults search it under RCU): %d nodes, %d not in the set%s" % (
+            length, len(stale), ":" if stale else ""))
+        for vnode in stale:
+            print(vma_line(vnode, mm_lock_seq))
+
+
+def vma_line(vnode, mm_lock_seq):
+    """One line of `vmas` for a mm::vma_lock::VmaNode: range, size, flags, lock."""
+    v = field(vnode, "vma")
+    start, end = as_int(field(v, "start")), as_int(field(v, "end"))
+    flags = as_int(field(v, "flags"))
+    names = [n for bit, n in ((1, "r"), (2, "w"), (4, "x"), (8, "thp"), (16, "hugetlb2M"), (32, "hugetlb1G")) if flags & bit]
+    return "  %#014x-%#014x %8d KiB  %-10s lock: %s" % (
+        start, end, (end - start) >> 10, " ".join(names) or "none", vma_lock_state(field(vnode, "lock"), mm_lock_seq))
 
 
 class BreakOnPanic(gdb.Command):
