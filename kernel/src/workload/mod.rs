@@ -80,6 +80,20 @@ pub fn run() -> ExitCode {
         out.mismatches(),
         out.stats.lost_races,
     );
+    let s = out.stats;
+    let tables = mm::phys().table_rcu_stats();
+    log::info!(
+        "storm locks: {} faults under their VMA's lock, {} under mmap_lock ({} fell back: {} VMA write-locked, {} not found, {} detached); {} walks restarted; {} page tables freed after a grace period ({} grace periods)",
+        s.vma_lock_faults,
+        s.mmap_lock_faults,
+        s.vma_fallback_locked + s.vma_fallback_not_found + s.vma_fallback_detached,
+        s.vma_fallback_locked,
+        s.vma_fallback_not_found,
+        s.vma_fallback_detached,
+        s.retries,
+        tables.freed,
+        crate::rcu::grace_periods(),
+    );
     if out.mismatches() != 0 || out.exit_codes.iter().any(|&c| c != 0) || leaked != 0 {
         log::error!("storm: FAILED");
         status = ExitCode::Failure;
