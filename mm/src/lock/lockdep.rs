@@ -1,12 +1,19 @@
 //! The run-time lock-order checker of debug builds.
 //!
 //! Each CPU keeps the set of locks it holds, with the level each was taken at
-//! (storage provided by the HAL: per-CPU in the kernel, per-thread on the host).
-//! Before a lock is taken we check that every held lock has a lower level
-//! (see the order in [`super`]), that the lock is not already ours (a
-//! self-deadlock, e.g. `pte_offset_map_lock` under `pmd_lock` when both are
-//! `mm.page_table_lock`), and afterwards we record it. In release builds every
-//! function here compiles to nothing.
+//! and its nesting subclass (storage provided by the HAL: per-CPU in the
+//! kernel, per-thread on the host). Before a lock is taken we check that every
+//! held lock comes earlier in the order (see [`super`]): a lower level, or
+//! the same level and a lower subclass. A plain acquisition is subclass 0; a
+//! second lock of a level taken with `lock_nested` (Linux
+//! `spin_lock_nested(lock, SINGLE_DEPTH_NESTING)`: fork copying a parent's
+//! PTE table into a child's, mremap moving entries between two tables) is
+//! subclass 1, so the *outer* lock must be the plain one: taking a plain
+//! PTE lock while holding a nested one is reported as a wrong-order nesting.
+//! We also check that the lock is not already ours (a self-deadlock, e.g.
+//! `pte_offset_map_lock` under `pmd_lock` when both are `mm.page_table_lock`),
+//! and afterwards we record it. In release builds every function here
+//! compiles to nothing.
 //!
 //! Only the owning CPU touches its [`LockdepCpu`], so relaxed atomics suffice:
 //! they are used for interior mutability without `unsafe`, not for ordering.
@@ -24,6 +31,8 @@ pub struct LockdepCpu {
     depth: AtomicUsize,
     addr: [AtomicUsize; MAX_HELD],
     level: [AtomicU8; MAX_HELD],
+    /// Nesting subclass: 0 plain, 1 `lock_nested`.
+    sub: [AtomicU8; MAX_HELD],
 }
 
 impl LockdepCpu {
@@ -33,6 +42,7 @@ impl LockdepCpu {
             depth: AtomicUsize::new(0),
             addr: [const { AtomicUsize::new(0) }; MAX_HELD],
             level: [const { AtomicU8::new(0) }; MAX_HELD],
+            sub: [const { AtomicU8::new(0) }; MAX_HELD],
         }
     }
 
@@ -50,19 +60,23 @@ impl LockdepCpu {
             if held_level == LockLevel::Untracked {
                 continue;
             }
+            let held_sub = self.sub[i].load(Relaxed);
+            let sub = nested as u8;
             assert!(
-                held_level < level || (held_level == level && nested),
-                "lockdep: lock order violation: taking {level:?} lock {addr:#x} while holding {held_level:?} lock {held:#x}"
+                held_level < level || (held_level == level && held_sub < sub),
+                "lockdep: lock order violation: taking {level:?} lock {addr:#x} (subclass {sub}) while holding \
+                 {held_level:?} lock {held:#x} (subclass {held_sub})"
             );
         }
     }
 
     #[track_caller]
-    fn push(&self, addr: usize, level: LockLevel) {
+    fn push(&self, addr: usize, level: LockLevel, nested: bool) {
         let d = self.depth();
         assert!(d < MAX_HELD, "lockdep: more than {MAX_HELD} locks held");
         self.addr[d].store(addr, Relaxed);
         self.level[d].store(level as u8, Relaxed);
+        self.sub[d].store(nested as u8, Relaxed);
         self.depth.store(d + 1, Relaxed);
     }
 
@@ -73,6 +87,7 @@ impl LockdepCpu {
             for j in i..d - 1 {
                 self.addr[j].store(self.addr[j + 1].load(Relaxed), Relaxed);
                 self.level[j].store(self.level[j + 1].load(Relaxed), Relaxed);
+                self.sub[j].store(self.sub[j + 1].load(Relaxed), Relaxed);
             }
             self.depth.store(d - 1, Relaxed);
         }
@@ -105,12 +120,12 @@ pub(crate) fn before_acquire(addr: usize, level: LockLevel, nested: bool) {
     }
 }
 
-/// Records that `addr` is now held.
+/// Records that `addr` is now held (`nested`: taken with `lock_nested`).
 #[track_caller]
 #[inline]
-pub(crate) fn acquired(addr: usize, level: LockLevel) {
+pub(crate) fn acquired(addr: usize, level: LockLevel, nested: bool) {
     if let Some(c) = cpu_state() {
-        c.push(addr, level);
+        c.push(addr, level, nested);
     }
 }
 
@@ -178,6 +193,32 @@ mod tests {
         let _g = a.lock(LockLevel::Pte);
         let _h = b.lock_nested(LockLevel::Pte);
         assert_eq!(held_locks(), 2);
+    }
+
+    /// The nested lock is the inner one: a plain PTE lock taken while a
+    /// nested one is held (the two tables' locks in the wrong order, as if
+    /// fork took the parent's first) is a wrong-order nesting.
+    #[test]
+    #[should_panic(expected = "lock order violation")]
+    fn a_plain_lock_inside_a_nested_one_of_its_level_panics() {
+        let child = RawSpinLock::new(LockClass::PteLock);
+        let parent = RawSpinLock::new(LockClass::PteLock);
+        let _p = parent.lock_nested(LockLevel::Pte);
+        let _c = child.lock(LockLevel::Pte);
+    }
+
+    /// Two nested locks of one level: only one level of nesting exists.
+    #[test]
+    #[should_panic(expected = "lock order violation")]
+    fn two_nested_locks_of_one_level_panic() {
+        let (a, b, c) = (
+            RawSpinLock::new(LockClass::PteLock),
+            RawSpinLock::new(LockClass::PteLock),
+            RawSpinLock::new(LockClass::PteLock),
+        );
+        let _g = a.lock(LockLevel::Pte);
+        let _h = b.lock_nested(LockLevel::Pte);
+        let _i = c.lock_nested(LockLevel::Pte);
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl<T> RwSpinLock<T> {
             }
         }
         self.record(start);
-        lockdep::acquired(self.addr(), LockLevel::AddressSpace);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace, false);
         RwReadGuard { lock: self, shard, _not_send: PhantomData }
     }
 
@@ -201,7 +201,7 @@ impl<T> RwSpinLock<T> {
             hal.spin_wait(spins);
         }
         self.record(start);
-        lockdep::acquired(self.addr(), LockLevel::AddressSpace);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace, false);
         RwWriteGuard { lock: self, ticket, _not_send: PhantomData }
     }
 
@@ -217,7 +217,7 @@ impl<T> RwSpinLock<T> {
             return None;
         }
         self.record(None);
-        lockdep::acquired(self.addr(), LockLevel::AddressSpace);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace, false);
         Some(RwReadGuard { lock: self, shard, _not_send: PhantomData })
     }
 

@@ -113,7 +113,7 @@ impl RawSpinLock {
             }
             stats::record(self.class, true, hal.cycles().wrapping_sub(start));
         }
-        self.acquired(level, ticket)
+        self.acquired(level, ticket, nested)
     }
 
     /// Takes the lock if it is free right now.
@@ -130,12 +130,12 @@ impl RawSpinLock {
         lockdep::before_acquire(self.addr(), level, false);
         self.next.compare_exchange(owner, owner.wrapping_add(1), Acquire, Relaxed).ok()?;
         stats::record(self.class, false, 0);
-        Some(self.acquired(level, owner))
+        Some(self.acquired(level, owner, false))
     }
 
     #[track_caller]
-    fn acquired(&self, level: LockLevel, ticket: u16) -> RawSpinGuard<'_> {
-        lockdep::acquired(self.addr(), level);
+    fn acquired(&self, level: LockLevel, ticket: u16, nested: bool) -> RawSpinGuard<'_> {
+        lockdep::acquired(self.addr(), level, nested);
         #[cfg(feature = "debug-ptlock")]
         {
             self.owner_cpu.store(hal::cpu_id() as u32, Relaxed);
