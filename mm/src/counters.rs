@@ -56,9 +56,13 @@ pub(crate) enum Counter {
     GupFastPages,
     /// Pages pinned by the locked slow path after the lockless walk gave up.
     GupSlowPages,
+    /// Write faults that made a page this mapping owns alone writable.
+    WpReuses,
+    /// Anonymous pages (4 KiB) fork made shared copy-on-write.
+    ForkShared,
 }
 
-const N: usize = Counter::GupSlowPages as usize + 1;
+const N: usize = Counter::ForkShared as usize + 1;
 
 #[repr(align(64))]
 struct Shard {
@@ -114,6 +118,8 @@ impl MmCounters {
             pt_reclaimed: self.sum(Counter::PtReclaimed),
             gup_fast_pages: self.sum(Counter::GupFastPages),
             gup_slow_pages: self.sum(Counter::GupSlowPages),
+            wp_reuses: self.sum(Counter::WpReuses),
+            fork_shared: self.sum(Counter::ForkShared),
         }
     }
 }
@@ -168,6 +174,12 @@ pub struct MmStats {
     pub gup_fast_pages: u64,
     /// Pages pinned by the locked slow path.
     pub gup_slow_pages: u64,
+    /// Write faults that made a page this mapping owns alone writable
+    /// (`wp_page_reuse`), not counting copies.
+    pub wp_reuses: u64,
+    /// Anonymous 4 KiB pages fork left shared copy-on-write (in the parent's
+    /// counters).
+    pub fork_shared: u64,
 }
 
 impl MmStats {

@@ -66,11 +66,12 @@ pub(crate) fn check_consistent(mm: &Mm<'_>) -> Vec<Mapping> {
         let present = m.flags.contains(PteFlags::PRESENT);
         assert_eq!(present, v.flags.is_accessible(), "presence of {m:?} vs {v:?}");
         if present {
-            assert_eq!(
-                m.flags.contains(PteFlags::WRITABLE),
-                v.flags.contains(VmFlags::WRITE) && m.pa != zero,
-                "{m:?} in {v:?}"
-            );
+            // Writable only where the VMA allows it and never the zero page;
+            // a page in a writable VMA may be write-protected (copy-on-write
+            // after fork, until its next write fault).
+            if m.flags.contains(PteFlags::WRITABLE) {
+                assert!(v.flags.contains(VmFlags::WRITE) && m.pa != zero, "{m:?} in {v:?}");
+            }
             assert_eq!(m.flags.contains(PteFlags::NO_EXECUTE), !v.flags.contains(VmFlags::EXEC), "{m:?} in {v:?}");
         }
         if m.pa == zero {

@@ -359,6 +359,22 @@ impl<'a> PteMapNolock<'a, Rw> {
             None
         }
     }
+    /// As [`PteMapNolock::lock_if_pmd_same`], taking the lock as the *second*
+    /// PTE lock of this CPU (Linux `spin_lock_nested(ptl,
+    /// SINGLE_DEPTH_NESTING)`): fork holds the child's table lock and takes
+    /// the parent's, mremap holds the old table's and takes the new one's.
+    /// If both are one lock (split locks off: each address space's
+    /// `page_table_lock`, or two tables of one address space), the caller
+    /// must not call this: it already holds the lock.
+    #[track_caller]
+    pub fn lock_nested_if_pmd_same(self, pmd: PmdRef<'_>) -> Option<PteGuard<'a, Rw>> {
+        let ptl = self.ptl.lock_nested();
+        if pmd_same(self.map.pmdval, pmd.get()) {
+            Some(PteGuard { ptl, map: self.map, _mode: PhantomData })
+        } else {
+            None
+        }
+    }
     /// Takes the lock and checks `pte_same(*pte, expected)` (the other
     /// stability check the document allows). `None` if the PTE changed.
     ///
@@ -475,6 +491,12 @@ impl<'a> PteGuard<'a, Rw> {
     /// (atomically: the CPU may set accessed/dirty concurrently).
     pub fn ptep_get_and_clear(&mut self, addr: VirtAddr) -> Pte {
         Pte::from_raw(self.map.slot_at(addr).swap(0, Release))
+    }
+    /// Linux `ptep_set_wrprotect`: clears the writable bit of an entry
+    /// atomically (the CPU may set accessed/dirty meanwhile); returns the
+    /// entry as it was.
+    pub fn ptep_set_wrprotect(&mut self, addr: VirtAddr) -> Pte {
+        Pte::from_raw(self.map.slot_at(addr).fetch_and(!PteFlags::WRITABLE.bits(), Release))
     }
     /// Linux `pte_clear`.
     pub fn pte_clear(&mut self, addr: VirtAddr) {

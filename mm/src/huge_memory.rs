@@ -138,10 +138,26 @@ pub(crate) fn do_huge_pmd_anonymous_page(
 /// Linux `set_pmd_at` of `mk_huge_pmd(folio)`: maps the 2 MiB block `folio`
 /// at `pmd` with `flags`, under its PMD lock; the entry owns the block from
 /// now on, and the zap that clears it gathers it.
-fn set_pmd_huge(mm: &Mm<'_>, pmd: PmdRef<'_>, folio: crate::Frames<'_>, flags: PteFlags, pl: &PtlGuard<'_>) {
+pub(crate) fn set_pmd_huge(mm: &Mm<'_>, pmd: PmdRef<'_>, folio: crate::Frames<'_>, flags: PteFlags, pl: &PtlGuard<'_>) {
     debug_assert_eq!(folio.order(), HPAGE_PMD_ORDER);
     set_pmd(mm, pmd, Pmd::new(folio.phys_addr(), flags), pl);
     let _owned_by_the_entry = folio.into_raw();
+}
+
+/// Linux `do_huge_pmd_wp_page`, reuse: a write to a THP fork write-protected.
+/// THPs are never shared between address spaces (fork copies them for the
+/// child, `crate::fork`), so the page is this mapping's alone: under the PMD
+/// lock, if the entry is still `orig`, make it writable in place.
+pub(crate) fn do_huge_pmd_wp_page(mm: &Mm<'_>, vma: &Vma, pmd: PmdRef<'_>, orig: Pmd) -> crate::FaultResult {
+    let pl = pmd_lock(mm, pmd);
+    if pmd.get() != orig {
+        mm.counters.inc(Counter::LostRaces);
+        return crate::FaultResult::LostRace;
+    }
+    set_pmd(mm, pmd, Pmd::new(orig.phys(), vm_huge_flags(vma.flags)), &pl);
+    drop(pl);
+    mm.counters.inc(Counter::WpReuses);
+    crate::FaultResult::Reuse
 }
 
 /// Linux `__split_huge_pmd` (+ `split_huge_page`): replaces the huge PMD at

@@ -88,6 +88,7 @@ pub mod addr;
 pub mod bootmem;
 pub mod config;
 pub mod counters;
+pub mod fork;
 pub mod frame;
 pub mod free_pgtables;
 pub mod gigantic;
@@ -134,6 +135,9 @@ mod madvise_tests;
 
 #[cfg(all(test, not(loom)))]
 mod gup_tests;
+
+#[cfg(all(test, not(loom)))]
+mod fork_tests;
 
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;

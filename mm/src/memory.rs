@@ -41,7 +41,7 @@ use core::sync::atomic::Ordering::Relaxed;
 use crate::addr::{Pfn, VirtAddr};
 use crate::counters::Counter;
 use crate::helpers::RcuReadGuard;
-use crate::huge_memory::{ThpOutcome, do_huge_pmd_anonymous_page};
+use crate::huge_memory::{ThpOutcome, do_huge_pmd_anonymous_page, do_huge_pmd_wp_page};
 use crate::hugetlb::hugetlb_fault;
 use crate::memmap::PageKind;
 use crate::mm_struct::Mm;
@@ -100,6 +100,9 @@ pub enum FaultResult {
     /// Another CPU installed the entry while this one prepared it; the
     /// prepared frame was freed.
     LostRace,
+    /// A write to a read-only page this mapping owns alone (after fork, or
+    /// its sharer went away): made writable in place (Linux `wp_page_reuse`).
+    Reuse,
     /// The tables kept changing; the access should simply be retried.
     Retry,
 }
@@ -284,11 +287,11 @@ fn __handle_mm_fault(
     // page_table_lock only if the entry is still empty (pud_alloc/pmd_alloc).
     let pud = pud_alloc(mm, p4d, addr).ok_or(FaultError::Oom)?;
     if vma.flags.contains(VmFlags::HUGETLB_1G) {
-        return hugetlb_fault(mm, vma, HugePte::Pud(pud), addr).map(Some);
+        return hugetlb_fault(mm, vma, HugePte::Pud(pud), addr, access).map(Some);
     }
     let pmd = pmd_alloc(mm, pud, addr).ok_or(FaultError::Oom)?;
     if vma.flags.contains(VmFlags::HUGETLB_2M) {
-        return hugetlb_fault(mm, vma, HugePte::Pmd(pmd), addr).map(Some);
+        return hugetlb_fault(mm, vma, HugePte::Pmd(pmd), addr, access).map(Some);
     }
     let pmdval = pmd.get();
     if pmdval.is_none() && vma.thp_suitable(addr) {
@@ -298,6 +301,11 @@ fn __handle_mm_fault(
             ThpOutcome::Fallback => {}
         }
     } else if pmdval.is_leaf() {
+        if access.write && !pmdval.flags().contains(PteFlags::WRITABLE) && vma.flags.contains(VmFlags::WRITE) {
+            // Write-protected by fork (THPs are never shared: fork copied
+            // it for the child): make it writable in place.
+            return Ok(Some(do_huge_pmd_wp_page(mm, vma, pmd, pmdval)));
+        }
         // A huge page maps it with the VMA's protection, which allows the
         // access (checked): another CPU mapped it, or a stale TLB entry.
         mm.counters.inc(Counter::SpuriousFaults);
@@ -407,6 +415,11 @@ fn do_wp_page(
     force: bool,
 ) -> Result<Option<FaultResult>, FaultError> {
     let zero_pfn = mm.phys().zero_pfn();
+    let phys = mm.phys();
+    // The page the copy is made from: none (zeroing) for the zero page; for
+    // an anonymous page, one we hold a reference on while we copy it
+    // outside the lock (Linux `folio_get` in `do_wp_page`).
+    let mut source = None;
     if orig.pfn() != zero_pfn {
         let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else { return Ok(None) };
         if !pte_same(pte.ptep_get(), orig) {
@@ -414,20 +427,69 @@ fn do_wp_page(
             mm.counters.inc(Counter::LostRaces);
             return Ok(Some(FaultResult::LostRace));
         }
-        if vma.flags.contains(VmFlags::WRITE) {
-            // Upgrading permissions needs no shoot-down: a stale read-only
-            // entry elsewhere only causes a spurious fault.
-            pte.set_pte(mk_pte(mm, orig.pfn(), vma.flags));
-        } else {
+        let exclusive = phys.page(orig.pfn()).is_some_and(|p| p.refcount() == 1);
+        if !vma.flags.contains(VmFlags::WRITE) {
+            // access_remote's FOLL_FORCE write to a read-only mapping: the
+            // entry stays read-only for the user; a page it owns alone is
+            // written through the entry, a shared one is copied first.
             debug_assert!(force, "write fault on a read-only VMA got past access_error");
+            if exclusive {
+                drop(pte);
+                mm.counters.inc(Counter::SpuriousFaults);
+                return Ok(Some(FaultResult::Spurious));
+            }
+        } else if exclusive {
+            // Linux `wp_page_reuse`: the only reference is this mapping's
+            // (fork's sharer went away, or it never had one). Upgrading
+            // permissions needs no shoot-down: a stale read-only entry
+            // elsewhere only causes a spurious fault.
+            pte.set_pte(mk_pte(mm, orig.pfn(), vma.flags));
+            drop(pte);
+            mm.counters.inc(Counter::WpReuses);
+            return Ok(Some(FaultResult::Reuse));
         }
+        // Shared copy-on-write (fork), or pinned: copy it.
+        phys.get_folio(orig.pfn());
+        source = Some(orig.pfn());
         drop(pte);
-        mm.counters.inc(Counter::SpuriousFaults);
-        return Ok(Some(FaultResult::Spurious));
     }
-    // Copying the zero page is zeroing.
-    let frame = mm.phys().alloc_pages_zeroed(0).ok_or(FaultError::Oom)?;
+    // Linux `wp_page_copy`: a new frame, zeroed (the zero page) or a copy.
+    let frame = match source {
+        None => phys.alloc_pages_zeroed(0),
+        Some(src) => phys.alloc_pages(0).inspect(|f| {
+            // SAFETY: `f` is fresh and ours; `src` stays allocated (our
+            // reference) and nobody writes it: every mapping of a shared
+            // page is read-only, and a pin for write is taken only through a
+            // writable entry (which makes the page unshared first).
+            unsafe { phys.copy_frames(f.pfn(), src, 0) };
+        }),
+    };
+    let Some(frame) = frame else {
+        if let Some(src) = source {
+            phys.put_folio(src, 0);
+        }
+        return Err(FaultError::Oom);
+    };
     frame.page().set_kind(PageKind::Anon);
+    let result = wp_install_copy(mm, vma, pmd, addr, orig, frame);
+    if let Some(src) = source {
+        // Our reference for the copy; the mapping's went with the entry.
+        phys.put_folio(src, 0);
+    }
+    result
+}
+
+/// The locked half of `wp_page_copy`: if the entry is still `orig`, clear it,
+/// shoot it down, map `frame` instead, and drop the old mapping's reference.
+fn wp_install_copy(
+    mm: &Mm<'_>,
+    vma: &Vma,
+    pmd: PmdRef<'_>,
+    addr: VirtAddr,
+    orig: Pte,
+    frame: crate::Frames<'_>,
+) -> Result<Option<FaultResult>, FaultError> {
+    let zero_pfn = mm.phys().zero_pfn();
     let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else {
         drop(frame);
         return Ok(None);
@@ -443,7 +505,12 @@ fn do_wp_page(
     flush_tlb_range(mm, FlushRange::page(addr));
     pte.install(frame, vm_pte_flags(vma.flags));
     drop(pte);
-    mm.counters.inc(Counter::Rss);
+    if orig.pfn() == zero_pfn {
+        mm.counters.inc(Counter::Rss);
+    } else {
+        // The old mapping's reference, now that no TLB maps it here.
+        mm.phys().put_folio(orig.pfn(), 0);
+    }
     mm.counters.inc(Counter::CowFaults);
     Ok(Some(FaultResult::Cow))
 }

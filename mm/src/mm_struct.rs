@@ -116,6 +116,15 @@ impl<'p> Mm<'p> {
         Some(Self::make(phys, pgd, false))
     }
 
+    /// A new user address space sharing `self`'s kernel half (fork's child).
+    pub fn new_child_of(&self) -> Option<Self> {
+        // SAFETY: `self.pgd` is this address space's live, page-aligned PGD
+        // frame of `self.phys`; its kernel half (slots 256..512) holds the
+        // kernel's entries, never changed after boot, read atomically.
+        let kernel = unsafe { KernelPgd::new(self.pgd) };
+        Self::new_in(self.phys, kernel)
+    }
+
     /// The kernel's address space (Linux `init_mm`) over the kernel PML4: its
     /// tables get no split locks, every helper hands out its
     /// `page_table_lock`, and dropping it frees nothing.
@@ -231,6 +240,15 @@ impl<'p> Mm<'p> {
     #[track_caller]
     pub fn mmap_write_lock(&self) -> MmapWriteGuard<'_, 'p> {
         let mut guard = self.mmap_lock.write();
+        guard.begin_session(self.vma_lookup.mm_lock_seq.load(Relaxed));
+        MmapWriteGuard { mm: self, guard: Some(guard) }
+    }
+
+    /// [`Mm::mmap_write_lock`] of a second address space while holding the
+    /// first's (Linux `mmap_write_lock_nested`): fork's child.
+    #[track_caller]
+    pub(crate) fn mmap_write_lock_nested(&self) -> MmapWriteGuard<'_, 'p> {
+        let mut guard = self.mmap_lock.write_nested();
         guard.begin_session(self.vma_lookup.mm_lock_seq.load(Relaxed));
         MmapWriteGuard { mm: self, guard: Some(guard) }
     }

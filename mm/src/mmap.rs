@@ -305,6 +305,12 @@ impl<'p> Mm<'p> {
         if !v.maps_frame() || (write && v.pfn() == self.phys().zero_pfn()) {
             return None;
         }
+        // A write goes through a writable entry, or (FOLL_FORCE into a
+        // read-only mapping) into a page this mapping owns alone; a page
+        // fork left shared must be copied first (fault with write).
+        if write && !v.is_writable() && self.phys().page(v.pfn()).is_none_or(|p| p.refcount() != 1) {
+            return None;
+        }
         Some(self.copy_frame(v.phys(), PAGE_SIZE, va, buf, write))
     }
 

@@ -267,6 +267,14 @@ impl PhysMem {
         }
     }
 
+    /// Linux `folio_get`: one more reference on a block the caller holds one
+    /// on already, or that an entry maps while the caller holds that entry's
+    /// lock (fork's second mapping of a page).
+    pub(crate) fn get_folio(&self, pfn: Pfn) {
+        let old = self.page(pfn).expect("get of a frame outside the memmap").refcount.fetch_add(1, Relaxed);
+        assert!(old > 0, "get of frame {pfn:?} with no reference");
+    }
+
     /// Drops a reference; true if it was the last (the caller frees).
     pub(crate) fn put_folio_testzero(&self, pfn: Pfn) -> bool {
         let page = self.page(pfn).expect("put of a frame outside the memmap");

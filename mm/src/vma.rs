@@ -306,6 +306,14 @@ impl VmaSet {
         self.session = session;
     }
 
+    /// Linux `vma_start_write` on every VMA: no fault runs in any of them
+    /// until the session ends (fork copies the page tables of all of them).
+    pub(crate) fn write_lock_all(&self) {
+        for n in self.map.values() {
+            n.lock.start_write(self.session);
+        }
+    }
+
     /// Takes `node` out of service: write-locks it (faults inside finish
     /// first) and marks it detached. The caller removes or replaces it.
     fn retire(&mut self, node: &VmaNode) {

@@ -179,7 +179,20 @@ impl<T> RwSpinLock<T> {
     /// Takes the lock exclusive (Linux `mmap_write_lock`).
     #[track_caller]
     pub fn write(&self) -> RwWriteGuard<'_, T> {
-        lockdep::before_acquire(self.addr(), LockLevel::AddressSpace, false);
+        self.write_inner(false)
+    }
+
+    /// Takes a second lock of this kind exclusive while holding a first
+    /// (Linux `mmap_write_lock_nested(mm, SINGLE_DEPTH_NESTING)`: fork locks
+    /// the new address space while it holds the parent's).
+    #[track_caller]
+    pub fn write_nested(&self) -> RwWriteGuard<'_, T> {
+        self.write_inner(true)
+    }
+
+    #[track_caller]
+    fn write_inner(&self, nested: bool) -> RwWriteGuard<'_, T> {
+        lockdep::before_acquire(self.addr(), LockLevel::AddressSpace, nested);
         let hal = hal::get();
         let mut start = None;
         let mut spins = 0u32;
@@ -201,7 +214,7 @@ impl<T> RwSpinLock<T> {
             hal.spin_wait(spins);
         }
         self.record(start);
-        lockdep::acquired(self.addr(), LockLevel::AddressSpace, false);
+        lockdep::acquired(self.addr(), LockLevel::AddressSpace, nested);
         RwWriteGuard { lock: self, ticket, _not_send: PhantomData }
     }
 

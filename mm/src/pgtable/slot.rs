@@ -42,6 +42,10 @@ impl<'a> EntrySlot<'a> {
         self.cell.swap(v, order)
     }
     #[inline]
+    pub(crate) fn fetch_and(&self, v: u64, order: Ordering) -> u64 {
+        self.cell.fetch_and(v, order)
+    }
+    #[inline]
     pub(crate) fn compare_exchange(&self, old: u64, new: u64) -> Result<u64, u64> {
         self.cell.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
     }
@@ -117,6 +121,38 @@ impl PhysMem {
         {
             let _ = (pa, to_frame);
             buf.fill(0);
+        }
+    }
+
+    /// Copies the contents of 2^`order` frames at `src` into 2^`order` frames
+    /// at `dst` (fork's copy of a huge page, a COW copy, a collapse), 8 bytes
+    /// at a time through atomic loads and stores.
+    ///
+    /// # Safety
+    ///
+    /// `dst` is a block the caller owns (fresh, not yet mapped); `src` is user
+    /// memory the caller holds (a reference, or mapped read-only under locks
+    /// that keep it mapped) and nobody writes during the copy.
+    pub(crate) unsafe fn copy_frames(&self, dst: Pfn, src: Pfn, order: usize) {
+        let words = ((PAGE_SIZE << order) / 8) as usize;
+        #[cfg(not(loom))]
+        {
+            let d = self.window().virt(dst.phys()).cast::<AtomicU64>();
+            let s = self.window().virt(src.phys()).cast::<AtomicU64>();
+            // SAFETY: both blocks are managed RAM mapped for the life of
+            // `self`, aligned, accessed only atomically here; the caller's
+            // contract keeps them allocated and `dst` unshared.
+            let (d, s) = unsafe { (core::slice::from_raw_parts(d, words), core::slice::from_raw_parts(s, words)) };
+            for (dw, sw) in d.chunks_exact(8).zip(s.chunks_exact(8)) {
+                for (a, b) in dw.iter().zip(sw) {
+                    a.store(b.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        }
+        #[cfg(loom)]
+        for i in 0..words as u64 {
+            let v = self.loom_words.get(src.phys().add(8 * i)).load(Ordering::Relaxed);
+            self.loom_words.get(dst.phys().add(8 * i)).store(v, Ordering::Relaxed);
         }
     }
 
