@@ -492,6 +492,25 @@ impl<'a> PteGuard<'a, Rw> {
     pub fn ptep_get_and_clear(&mut self, addr: VirtAddr) -> Pte {
         Pte::from_raw(self.map.slot_at(addr).swap(0, Release))
     }
+    /// Writes an entry of *another* PTE table whose lock is this guard's
+    /// lock too (two tables under one `page_table_lock` when split locks are
+    /// off, or the same table mapped twice): `other` must be that table's
+    /// mapping; `false` (nothing written) if its PMD changed since it was
+    /// mapped. mremap's `move_ptes` when both tables share a lock.
+    pub fn set_pte_in_table_under_this_lock(
+        &mut self,
+        other: &PteMapNolock<'_, Rw>,
+        pmd: PmdRef<'_>,
+        addr: VirtAddr,
+        pte: Pte,
+    ) -> bool {
+        assert!(other.ptl().is_held_by(&self.ptl), "the other table's lock is not this guard's");
+        if !pmd_same(other.map.pmdval, pmd.get()) {
+            return false;
+        }
+        other.map.slot_at(addr).store(pte.raw(), Release);
+        true
+    }
     /// Linux `ptep_set_wrprotect`: clears the writable bit of an entry
     /// atomically (the CPU may set accessed/dirty meanwhile); returns the
     /// entry as it was.

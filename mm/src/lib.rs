@@ -104,6 +104,7 @@ pub mod memory;
 pub mod mm_struct;
 pub mod mmap;
 pub mod mprotect;
+pub mod mremap;
 pub mod pagewalk;
 mod percpu;
 pub mod pgtable;
@@ -138,6 +139,9 @@ mod gup_tests;
 
 #[cfg(all(test, not(loom)))]
 mod fork_tests;
+
+#[cfg(all(test, not(loom)))]
+mod mremap_tests;
 
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;

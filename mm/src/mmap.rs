@@ -45,6 +45,8 @@ pub enum MmapError {
     /// No room: no free range of that size, too many mappings, an empty
     /// gigantic pool; for `mprotect`, a range not fully mapped (`ENOMEM`).
     NoMemory,
+    /// `mremap`'s old range is not all inside one mapping (`EFAULT`).
+    BadAddress,
 }
 
 impl fmt::Display for MmapError {
@@ -52,6 +54,7 @@ impl fmt::Display for MmapError {
         f.write_str(match self {
             MmapError::Invalid => "invalid argument (EINVAL)",
             MmapError::NoMemory => "out of memory or address space (ENOMEM)",
+            MmapError::BadAddress => "address not mapped (EFAULT)",
         })
     }
 }
@@ -102,7 +105,7 @@ pub(crate) fn check_hugetlb_cuts(vmas: &VmaSet, start: u64, end: u64) -> Result<
 
 /// Linux `do_vmi_munmap`: removes `[start, end)` from the VMA set, zaps its
 /// entries into `tlb` and detaches the page tables the gap no longer needs.
-fn do_munmap(vmas: &mut VmaSet, tlb: &mut MmuGather<'_, '_>, start: u64, end: u64) -> Result<(), MmapError> {
+pub(crate) fn do_munmap(vmas: &mut VmaSet, tlb: &mut MmuGather<'_, '_>, start: u64, end: u64) -> Result<(), MmapError> {
     check_hugetlb_cuts(vmas, start, end)?;
     let removed = vmas.remove_range(start, end);
     let (Some(first), Some(last)) = (removed.first(), removed.last()) else { return Ok(()) };

@@ -314,6 +314,15 @@ impl VmaSet {
         }
     }
 
+    /// Linux `vma_start_write` on every VMA meeting `[start, end)`: the
+    /// faults inside finish, later ones wait for the session's end (mremap
+    /// moves the range's entries before it replaces its VMAs).
+    pub(crate) fn write_lock_range(&self, start: u64, end: u64) {
+        for n in self.overlapping_nodes(start, end) {
+            n.lock.start_write(self.session);
+        }
+    }
+
     /// Takes `node` out of service: write-locks it (faults inside finish
     /// first) and marks it detached. The caller removes or replaces it.
     fn retire(&mut self, node: &VmaNode) {
