@@ -60,9 +60,13 @@ pub(crate) enum Counter {
     WpReuses,
     /// Anonymous pages (4 KiB) fork made shared copy-on-write.
     ForkShared,
+    /// 2 MiB blocks `MADV_COLLAPSE` turned into THPs.
+    ThpCollapses,
+    /// Blocks it left alone for shared or pinned pages.
+    ThpCollapseRefused,
 }
 
-const N: usize = Counter::ForkShared as usize + 1;
+const N: usize = Counter::ThpCollapseRefused as usize + 1;
 
 #[repr(align(64))]
 struct Shard {
@@ -120,6 +124,8 @@ impl MmCounters {
             gup_slow_pages: self.sum(Counter::GupSlowPages),
             wp_reuses: self.sum(Counter::WpReuses),
             fork_shared: self.sum(Counter::ForkShared),
+            thp_collapses: self.sum(Counter::ThpCollapses),
+            thp_collapse_refused: self.sum(Counter::ThpCollapseRefused),
         }
     }
 }
@@ -180,6 +186,10 @@ pub struct MmStats {
     /// Anonymous 4 KiB pages fork left shared copy-on-write (in the parent's
     /// counters).
     pub fork_shared: u64,
+    /// 2 MiB blocks `MADV_COLLAPSE` turned into THPs.
+    pub thp_collapses: u64,
+    /// Blocks `MADV_COLLAPSE` refused (shared or pinned pages).
+    pub thp_collapse_refused: u64,
 }
 
 impl MmStats {

@@ -97,6 +97,7 @@ pub mod hal;
 mod helpers;
 pub mod huge_memory;
 pub mod hugetlb;
+pub mod khugepaged;
 pub mod lock;
 pub mod madvise;
 pub mod memmap;
@@ -142,6 +143,9 @@ mod fork_tests;
 
 #[cfg(all(test, not(loom)))]
 mod mremap_tests;
+
+#[cfg(all(test, not(loom)))]
+mod collapse_tests;
 
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;

@@ -32,6 +32,9 @@ pub enum Advice {
     /// `MADV_DONTNEED`: the range reads as zeroes afterwards (private
     /// anonymous memory); its frames and emptied page tables are freed.
     DontNeed,
+    /// `MADV_COLLAPSE`: every 2 MiB block of the range becomes a transparent
+    /// huge page, holes zero-filled ([`crate::khugepaged`]).
+    Collapse,
 }
 
 impl Mm<'_> {
@@ -52,6 +55,7 @@ impl Mm<'_> {
         let (start, end) = user_range(addr, len)?;
         match advice {
             Advice::DontNeed => self.madvise_dontneed(start, end),
+            Advice::Collapse => self.madvise_collapse(start, end),
         }
     }
 

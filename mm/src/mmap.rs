@@ -47,6 +47,9 @@ pub enum MmapError {
     NoMemory,
     /// `mremap`'s old range is not all inside one mapping (`EFAULT`).
     BadAddress,
+    /// Part of the work could not be done now (`EAGAIN`): `MADV_COLLAPSE`
+    /// found shared or pinned pages in a block.
+    Busy,
 }
 
 impl fmt::Display for MmapError {
@@ -55,6 +58,7 @@ impl fmt::Display for MmapError {
             MmapError::Invalid => "invalid argument (EINVAL)",
             MmapError::NoMemory => "out of memory or address space (ENOMEM)",
             MmapError::BadAddress => "address not mapped (EFAULT)",
+            MmapError::Busy => "resource temporarily unavailable (EAGAIN)",
         })
     }
 }
