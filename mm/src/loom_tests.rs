@@ -413,3 +413,81 @@ fn loom_rcu_batch_free_waits_for_a_walker_that_mapped_the_table() {
         f.teardown();
     });
 }
+
+/// fork's `copy_pte_range` (the child's PTE lock, then the parent's nested)
+/// against a write fault in the parent on the same PTE table: either the
+/// fault ran first (the child gets its page shared copy-on-write, one
+/// reference per mapping, read-only in both) or it waited for the fork (the
+/// parent's page is its own); every frame's reference count equals its
+/// mappings, and both address spaces free everything.
+#[test]
+fn loom_fork_copy_races_a_fault_in_the_parent_on_the_same_table() {
+    use crate::{Access, FaultResult, MapFlags, Prot, handle_mm_fault};
+    bounded().check(|| {
+        let f = Fixture::new();
+        let (m, mm) = (f.machine(), f.mm());
+        let start = m.phys.nr_free_pages();
+        mm.mmap(Some(A), 2 * crate::PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED).unwrap();
+        assert_eq!(handle_mm_fault(mm, A, Access::WRITE), Ok(FaultResult::Anon));
+        assert!(mm.follow_pte_lockless(A_NEXT).is_none());
+        let fork = loom::thread::spawn(move || mm.fork().unwrap());
+        let fault = loom::thread::spawn(move || handle_mm_fault(mm, A_NEXT, Access::WRITE).unwrap());
+        let child = fork.join().unwrap();
+        let r = fault.join().unwrap();
+        assert!(matches!(r, FaultResult::Anon | FaultResult::Cow | FaultResult::Reuse), "{r:?}");
+        let p = mm.follow_pte_lockless(A_NEXT).expect("the parent's page is mapped");
+        match child.follow_pte_lockless(A_NEXT) {
+            Some(c) => {
+                assert_eq!(c.pa, p.pa, "shared copy-on-write");
+                assert!(!c.flags.contains(PteFlags::WRITABLE) && !p.flags.contains(PteFlags::WRITABLE));
+                assert_eq!(m.phys.page(p.pa.pfn()).unwrap().refcount(), 2);
+            }
+            None => assert_eq!(m.phys.page(p.pa.pfn()).unwrap().refcount(), 1, "the fault came after the fork"),
+        }
+        let a = mm.follow_pte_lockless(A).unwrap();
+        assert_eq!(child.follow_pte_lockless(A).unwrap().pa, a.pa);
+        assert_eq!(m.phys.page(a.pa.pfn()).unwrap().refcount(), 2);
+        drop(child);
+        mm.munmap(A, 2 * crate::PAGE_SIZE).unwrap();
+        m.phys.rcu_barrier();
+        assert_eq!(m.phys.nr_free_pages(), start, "every page and table of both went back");
+        f.teardown();
+    });
+}
+
+/// mremap's `move_ptes` (the old table's PTE lock, then the new table's
+/// nested) against a fault on the destination table from a neighbouring
+/// VMA: both land in the destination table, the moved page keeps its frame,
+/// the old address is empty.
+#[test]
+fn loom_mremap_move_races_a_fault_on_the_destination_table() {
+    use crate::mremap::MremapFlags;
+    use crate::{Access, FaultResult, MapFlags, Prot, handle_mm_fault};
+    const DST: VirtAddr = VirtAddr::new(0x4020_1000);
+    const NEIGHBOUR: VirtAddr = VirtAddr::new(0x4020_3000);
+    bounded().check(|| {
+        let f = Fixture::new();
+        let mm = f.mm();
+        let rw = Prot::READ | Prot::WRITE;
+        mm.mmap(Some(A), crate::PAGE_SIZE, rw, MapFlags::FIXED).unwrap();
+        mm.mmap(Some(NEIGHBOUR), crate::PAGE_SIZE, Prot::READ, MapFlags::FIXED).unwrap();
+        assert_eq!(handle_mm_fault(mm, A, Access::WRITE), Ok(FaultResult::Anon));
+        let frame = mm.follow_pte_lockless(A).unwrap().pa;
+        // The destination table exists (the neighbour's), empty.
+        let pmd = walk_alloc_pmd(mm, NEIGHBOUR).unwrap();
+        pte_alloc(mm, pmd).unwrap();
+        assert!(mm.follow_pte_lockless(NEIGHBOUR).is_none() && mm.follow_pte_lockless(DST).is_none());
+        let mover = loom::thread::spawn(move || {
+            let flags = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+            mm.mremap(A, crate::PAGE_SIZE, crate::PAGE_SIZE, flags, Some(DST)).unwrap()
+        });
+        let fault = loom::thread::spawn(move || handle_mm_fault(mm, NEIGHBOUR, Access::READ).unwrap());
+        assert_eq!(mover.join().unwrap(), DST);
+        assert_eq!(fault.join().unwrap(), FaultResult::ZeroPage);
+        assert_eq!(mm.follow_pte_lockless(DST).unwrap().pa, frame, "the page moved with its frame");
+        assert!(mm.follow_pte_lockless(NEIGHBOUR).is_some());
+        assert!(mm.follow_pte_lockless(A).is_none());
+        assert_eq!(mm.mappings().len(), 2);
+        f.teardown();
+    });
+}
