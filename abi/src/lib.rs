@@ -19,6 +19,11 @@
 //! | 9  | `cycles`   | -                              | the TSC |
 //! | 10 | `madvise`  | addr, len, advice              | 0 / -EINVAL (unaligned addr, unknown advice) / -ENOMEM (part unmapped) |
 //! | 11 | `checksum` | ptr, len                       | [`checksum`] of the bytes, read through pinned pages / -EFAULT / -EINVAL (len > [`CHECKSUM_MAX`]) |
+//! | 12 | `mremap`   | old, old_len, new_len, flags, new | address / -EINVAL / -EFAULT (old range not in one mapping) / -ENOMEM |
+//! | 13 | `fork`     | -                              | the child's pid in the parent, 0 in the child / -ENOMEM / -EINTR (the process is being killed) |
+//! | 14 | `wait`     | pid, status ptr (0: none)      | pid once that child exited, its exit status stored at ptr as an `i64` / -ECHILD (not a child, or already waited for) / -EFAULT / -EINTR |
+//! | 15 | `exit_group` | code                         | does not return; ends every thread of the process, whose exit status is `code` |
+//! | 16 | `getpid`   | -                              | the process id |
 #![no_std]
 
 /// System-call numbers.
@@ -35,6 +40,19 @@ pub mod nr {
     pub const CYCLES: usize = 9;
     pub const MADVISE: usize = 10;
     pub const CHECKSUM: usize = 11;
+    pub const MREMAP: usize = 12;
+    pub const FORK: usize = 13;
+    pub const WAIT: usize = 14;
+    pub const EXIT_GROUP: usize = 15;
+    pub const GETPID: usize = 16;
+}
+
+/// `flags` of `mremap` (Linux's values).
+pub mod mremap {
+    /// The mapping may move if it cannot grow in place.
+    pub const MAYMOVE: usize = 1;
+    /// Move it to exactly `new` (with `MAYMOVE`).
+    pub const FIXED: usize = 2;
 }
 
 /// `advice` of `madvise` (Linux's numbers).
@@ -42,6 +60,10 @@ pub mod advice {
     /// The range reads as zeroes afterwards; its frames and emptied page
     /// tables are freed (Linux `MADV_DONTNEED`).
     pub const DONTNEED: usize = 4;
+    /// Collapse every 2 MiB block of the range into a transparent huge page
+    /// (Linux `MADV_COLLAPSE`): -EAGAIN if a block holds shared or pinned
+    /// pages (the rest is done).
+    pub const COLLAPSE: usize = 25;
 }
 
 /// Longest range `checksum` accepts (bytes).
@@ -79,6 +101,9 @@ pub const fn checksum_finish(h: u64) -> u64 {
 
 /// Error numbers (returned negated).
 pub mod errno {
+    pub const EINTR: isize = 4;
+    pub const ECHILD: isize = 10;
+    pub const EAGAIN: isize = 11;
     pub const ENOMEM: isize = 12;
     pub const EFAULT: isize = 14;
     pub const EINVAL: isize = 22;
@@ -242,6 +267,17 @@ pub mod storm {
     /// is done before the next round's writes). A `madvise` error counts as
     /// a mismatch. The benchmark's `madvise` workloads.
     pub const MODE_TOUCH_DONTNEED: u64 = 7;
+    /// Writes tags into the first [`MOVER_PAGES`] pages of the region, then
+    /// rounds of `mremap(MAYMOVE | FIXED)` of them to `aux` and back,
+    /// checking every tag after each move (a lost or wrong tag is a
+    /// mismatch). Run by thread 0 with `PATTERN_BLOCKS`, whose block it is.
+    pub const MODE_MREMAP: u64 = 8;
+    /// Rounds of `madvise(MADV_COLLAPSE)` over each 2 MiB of the region
+    /// (`EAGAIN`, a refused block, is fine), and `MADV_DONTNEED` of one 2 MiB
+    /// every third round, while others touch it.
+    pub const MODE_COLLAPSE: u64 = 9;
+    /// Pages `MODE_MREMAP` moves.
+    pub const MOVER_PAGES: u64 = 16;
 
     /// Thread `i` of `n` touches the `i`-th contiguous block of pages.
     pub const PATTERN_BLOCKS: u64 = 0;
@@ -291,6 +327,8 @@ pub mod storm {
         /// single-lock build on many vCPUs), like will-it-scale's
         /// fixed-duration samples.
         pub duration_cycles: u64,
+        /// `MODE_MREMAP`: where the pages move to and back from.
+        pub aux: u64,
     }
 
     /// What one thread reports.

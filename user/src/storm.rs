@@ -172,6 +172,53 @@ pub fn run(index: u64) -> isize {
                     sys::yield_now();
                 }
             }
+            storm::MODE_MREMAP => {
+                let (home, away) = (p.base, p.aux);
+                let len = (storm::MOVER_PAGES * PAGE) as usize;
+                let tag = |k: u64| storm::tag(home + k * PAGE, index, 0);
+                if round == 0 {
+                    for k in 0..storm::MOVER_PAGES {
+                        // SAFETY: the kernel mapped the region read-write;
+                        // these pages are this thread's block.
+                        unsafe { ((home + k * PAGE) as *mut u64).write_volatile(tag(k)) };
+                    }
+                }
+                let flags = abi::mremap::MAYMOVE | abi::mremap::FIXED;
+                for _ in 0..10 {
+                    for (from, to) in [(home, away), (away, home)] {
+                        if sys::mremap(from as usize, len, len, flags, to as usize) != to as isize {
+                            out.mismatches += 1;
+                            continue;
+                        }
+                        for k in 0..storm::MOVER_PAGES {
+                            // SAFETY: just moved here, mapped read-write.
+                            if unsafe { ((to + k * PAGE) as *const u64).read_volatile() } != tag(k) {
+                                out.mismatches += 1;
+                            }
+                        }
+                        out.touched += storm::MOVER_PAGES;
+                    }
+                }
+            }
+            storm::MODE_COLLAPSE => {
+                for step in 0..10u64 {
+                    let mut region = p.base;
+                    while region < p.base + p.len {
+                        let r = sys::madvise(region as usize, HUGE as usize, abi::advice::COLLAPSE);
+                        if r != 0 && r != -abi::errno::EAGAIN {
+                            out.mismatches += 1;
+                        }
+                        region += HUGE;
+                    }
+                    if step % 3 == 2 {
+                        let victim = p.base + (step / 3 % (p.len / HUGE)) * HUGE;
+                        if sys::madvise(victim as usize, HUGE as usize, abi::advice::DONTNEED) != 0 {
+                            out.mismatches += 1;
+                        }
+                    }
+                    sys::yield_now();
+                }
+            }
             storm::MODE_SPLITTER => {
                 // Toggle EXEC on one 4 KiB page per 2 MiB region: a real
                 // protection change (so a huge mapping there must split) that

@@ -111,6 +111,10 @@ pub fn madvise(addr: usize, len: usize, advice: usize) -> isize {
     syscall3(nr::MADVISE, addr, len, advice)
 }
 
+pub fn mremap(old: usize, old_len: usize, new_len: usize, flags: usize, new: usize) -> isize {
+    syscall6(nr::MREMAP, [old, old_len, new_len, flags, new, 0])
+}
+
 /// `abi::checksum` of `[addr, addr + len)`, computed by the kernel through
 /// pinned pages.
 pub fn checksum(addr: usize, len: usize) -> isize {

@@ -48,12 +48,15 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
             0
         }
         nr::CYCLES => arch::time::rdtsc() as isize,
-        nr::MADVISE => match a[2] as usize {
-            abi::advice::DONTNEED => {
-                result(with_space(|s| s.mm.madvise(VirtAddr::new(a[0]), a[1], mm::Advice::DontNeed)).map(|_| 0))
-            }
-            _ => -errno::EINVAL,
-        },
+        nr::MADVISE => {
+            let advice = match a[2] as usize {
+                abi::advice::DONTNEED => mm::Advice::DontNeed,
+                abi::advice::COLLAPSE => mm::Advice::Collapse,
+                _ => return -errno::EINVAL,
+            };
+            result(with_space(|s| s.mm.madvise(VirtAddr::new(a[0]), a[1], advice)).map(|_| 0))
+        }
+        nr::MREMAP => sys_mremap(a[0], a[1], a[2], a[3] as usize, a[4]),
         nr::CHECKSUM => sys_checksum(a[0], a[1]),
         _ => -errno::ENOSYS,
     }
@@ -141,10 +144,23 @@ fn sys_mmap(addr: u64, len: u64, prot: usize, flags: usize) -> isize {
     result(with_space(|s| s.mm.mmap(hint, len, prot, f)).map(|a| a.as_u64() as isize))
 }
 
+fn sys_mremap(old: u64, old_len: u64, new_len: u64, flags: usize, new: u64) -> isize {
+    if flags & !(abi::mremap::MAYMOVE | abi::mremap::FIXED) != 0 {
+        return -errno::EINVAL;
+    }
+    let mut f = mm::mremap::MremapFlags::empty();
+    f.set(mm::mremap::MremapFlags::MAYMOVE, flags & abi::mremap::MAYMOVE != 0);
+    f.set(mm::mremap::MremapFlags::FIXED, flags & abi::mremap::FIXED != 0);
+    let target = (flags & abi::mremap::FIXED != 0).then(|| VirtAddr::new(new));
+    result(with_space(|s| s.mm.mremap(VirtAddr::new(old), old_len, new_len, f, target)).map(|a| a.as_u64() as isize))
+}
+
 fn result(r: Result<isize, MmapError>) -> isize {
     match r {
         Ok(v) => v,
         Err(MmapError::NoMemory) => -errno::ENOMEM,
-        Err(_) => -errno::EINVAL,
+        Err(MmapError::BadAddress) => -errno::EFAULT,
+        Err(MmapError::Busy) => -errno::EAGAIN,
+        Err(MmapError::Invalid) => -errno::EINVAL,
     }
 }

@@ -229,6 +229,8 @@ struct Totals {
     gup_slow_pages: u64,
     gup_checks: u64,
     lost: u64,
+    thp_collapses: u64,
+    thp_collapse_refused: u64,
 }
 
 impl Totals {
@@ -244,6 +246,8 @@ impl Totals {
         self.gup_slow_pages += s.gup_slow_pages;
         self.gup_checks += out.reports.iter().map(|r| r.gup_checks).sum::<u64>();
         self.lost += out.reports.iter().map(|r| r.lost).sum::<u64>();
+        self.thp_collapses += s.thp_collapses;
+        self.thp_collapse_refused += s.thp_collapse_refused;
     }
 }
 
@@ -301,4 +305,70 @@ fn storm_gup_races_munmap_and_reclaim() {
     log::info!("storm_gup_races_munmap_and_reclaim: {t:?}");
     assert!(t.gup_checks > 0 && t.gup_fast_pages > 0, "the lockless walker pinned nothing: {t:?}");
     assert!(t.pt_reclaimed > 0, "no table was reclaimed under the walkers: {t:?}");
+}
+
+/// Cycles during which thread 0 (the special thread) and at least one other
+/// thread were both running their timed part: the race window a storm with
+/// a special thread exists for.
+fn overlap_with_special(out: &Outcome) -> u64 {
+    let s = &out.reports[0];
+    out.reports[1..]
+        .iter()
+        .map(|r| s.end_cycles.min(r.end_cycles).saturating_sub(s.start_cycles.max(r.start_cycles)))
+        .max()
+        .unwrap_or(0)
+}
+
+/// (j) mremap moves racing faults on the source and destination tables:
+/// thread 0 moves its 16 pages back and forth between the first PTE table
+/// and the second (two PTE locks at once, the destination's nested, the old
+/// range shot down before the old lock goes) and checks every page after
+/// every move; the others fault and write their blocks, which share both
+/// tables. Nothing is lost, corrupted or leaked; the moves overlapped the
+/// faults.
+#[ktest]
+fn storm_mremap_moves_race_faults_on_both_tables() {
+    let cpus = online();
+    let n = cpus.len().max(3);
+    let mut p = params(storm::MODE_TOUCH, storm::PATTERN_BLOCKS, 2 * HUGE - 64 * PAGE, n);
+    p.rounds = 4;
+    p.special_threads = 1;
+    p.special_mode = storm::MODE_MREMAP;
+    p.aux = BASE + 2 * HUGE - 32 * PAGE;
+    let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus });
+    let moved = out.reports[0].touched / storm::MOVER_PAGES;
+    let overlap = overlap_with_special(&out);
+    log::info!(
+        "storm_mremap_moves_race_faults_on_both_tables: {moved} moves, {} pages faulted by the others, overlap {overlap} cycles",
+        out.touched() - out.reports[0].touched
+    );
+    assert!(moved >= 40, "the mover did not move: {moved}");
+    assert!(overlap > 0, "the moves never overlapped the faults");
+}
+
+/// (k) MADV_COLLAPSE racing faults and the lockless walker: thread 0
+/// collapses both 2 MiB blocks over and over (and drops one now and then),
+/// the others write their tags and read each back through the kernel's
+/// pinned view (`checksum`, `get_user_pages_fast`), which must show the tag
+/// or zero. Rerun until blocks were collapsed while the walkers pinned.
+#[ktest]
+fn storm_collapse_races_faults_and_the_lockless_walker() {
+    let cpus = online();
+    let n = cpus.len().max(2);
+    let t = until_raced(
+        10,
+        |_| {
+            let mut p = params(storm::MODE_GUP, storm::PATTERN_INTERLEAVED, 2 * HUGE, n);
+            p.rounds = 4;
+            p.tolerate_loss = 1;
+            p.special_threads = 1;
+            p.special_mode = storm::MODE_COLLAPSE;
+            let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus: cpus.clone() });
+            assert!(overlap_with_special(&out) > 0, "the collapses never overlapped the faults");
+            out
+        },
+        |t| t.thp_collapses > 0 && t.gup_fast_pages > 0,
+    );
+    log::info!("storm_collapse_races_faults_and_the_lockless_walker: {t:?}");
+    assert!(t.thp_collapses > 0 && t.gup_checks > 0 && t.gup_fast_pages > 0, "{t:?}");
 }
