@@ -51,8 +51,9 @@ enum Command {
     /// Start QEMU paused with its gdb stub and attach gdb with the kernel's
     /// symbols and the page-table-aware helpers (gdb/ptlk.py).
     Gdb(gdb::GdbArgs),
-    /// Measure fault-storm throughput and scaling, split vs single lock
-    /// (table, target/bench/faultstorm.json and faultstorm.svg).
+    /// Measure fault-storm throughput and scaling, split vs single lock, faults
+    /// under VMA locks vs mmap_lock (table, target/bench/faultstorm.json and
+    /// faultstorm.svg).
     Bench(bench::BenchArgs),
 }
 
