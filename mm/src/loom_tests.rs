@@ -491,3 +491,38 @@ fn loom_mremap_move_races_a_fault_on_the_destination_table() {
         f.teardown();
     });
 }
+
+/// The test-and-set mode of the spinlock (`set_virt_spinlocks`, Linux
+/// `virt_spin_lock`) is mutually exclusive too, alone and mixed with a CPU
+/// still taking a FIFO ticket.
+#[test]
+fn loom_virt_test_and_set_lock_is_mutually_exclusive() {
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    use crate::lock::{LockClass, LockLevel, SpinLock, set_virt_spinlocks};
+    loom::model(|| {
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0u64)));
+        let ts: std::vec::Vec<_> = [true, false]
+            .into_iter()
+            .map(|tas| {
+                let l = l.clone();
+                loom::thread::spawn(move || {
+                    // One thread in each mode: the words are the same, so
+                    // they must exclude each other as well.
+                    set_virt_spinlocks(tas);
+                    let g = l.lock();
+                    // SAFETY: loom's cell access; the guard excludes others.
+                    g.with_mut(|v| unsafe { *v += 1 });
+                })
+            })
+            .collect();
+        for t in ts {
+            t.join().unwrap();
+        }
+        set_virt_spinlocks(false);
+        let g = l.lock();
+        // SAFETY: loom's cell access under the guard.
+        assert_eq!(g.with(|v| unsafe { *v }), 2);
+    });
+}

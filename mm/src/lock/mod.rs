@@ -33,7 +33,7 @@ mod spinlock;
 pub mod stats;
 
 pub use rwlock::{RwReadGuard, RwSpinLock, RwWriteGuard};
-pub use spinlock::{RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard};
+pub use spinlock::{RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard, set_virt_spinlocks, virt_spinlocks};
 pub use stats::{LockStats, lock_stats, reset_lock_stats};
 
 /// What a lock is, for statistics: the benchmark reports contention per class.

@@ -14,6 +14,23 @@
 //! fault takes two locks.) Both halves wrap at 16 bits, which is fine while
 //! fewer than 65536 CPUs wait.
 //!
+//! # Under a hypervisor
+//!
+//! A FIFO lock is at its worst when the host deschedules a vCPU: the lock is
+//! handed to the next ticket even when that vCPU is not running, and every
+//! CPU behind it waits for the host to run it again (lock-*waiter*
+//! preemption, on top of lock-holder preemption). Linux, running as a guest
+//! without paravirtual spinlocks, gives up fairness for exactly this reason
+//! and takes its queued spinlock with test-and-set (`virt_spin_lock`,
+//! arch/x86/include/asm/qspinlock.h). [`set_virt_spinlocks`] does the same
+//! here: a CPU takes the lock only when it is free right now (`next ==
+//! owner`: one compare-exchange that hands it the ticket being served) and
+//! otherwise spins on plain loads; whoever runs when the lock is released
+//! gets it. The words and `unlock` are the same in both modes, so a CPU in
+//! one mode never breaks a CPU in the other. The kernel switches it on at
+//! boot when CPUID says it runs under a hypervisor (QEMU's TCG says so too),
+//! unless `spinlock=ticket` is on its command line.
+//!
 //! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
 //! lives inline in the page descriptor. With the `debug-ptlock` feature the
 //! lock also records its owner CPU and the `#[track_caller]` site that took it;
@@ -30,6 +47,21 @@ use core::{panic::Location, sync::atomic::AtomicPtr};
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
 use crate::sync::AtomicU16;
+
+/// Test-and-set instead of FIFO tickets (module comment). Set once at boot.
+static VIRT_SPINLOCKS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Chooses test-and-set (`true`, for a guest whose vCPUs the host may
+/// deschedule) or FIFO tickets (`false`, the default) for every spinlock
+/// from now on (module comment).
+pub fn set_virt_spinlocks(on: bool) {
+    VIRT_SPINLOCKS.store(on, Relaxed);
+}
+
+/// Whether spinlocks are taken with test-and-set.
+pub fn virt_spinlocks() -> bool {
+    VIRT_SPINLOCKS.load(Relaxed)
+}
 
 /// A ticket spinlock that protects no Rust data: it guards memory the hardware
 /// also reads (page-table entries), so it is a bare lock, like `spinlock_t`.
@@ -101,6 +133,10 @@ impl RawSpinLock {
     fn lock_inner(&self, level: LockLevel, nested: bool) -> RawSpinGuard<'_> {
         let hal = hal::get();
         lockdep::before_acquire(self.addr(), level, nested);
+        if virt_spinlocks() {
+            let ticket = self.lock_test_and_set(hal);
+            return self.acquired(level, ticket, nested);
+        }
         let ticket = self.next.fetch_add(1, Acquire);
         if self.owner.load(Acquire) == ticket {
             stats::record(self.class, false, 0);
@@ -114,6 +150,29 @@ impl RawSpinLock {
             stats::record(self.class, true, hal.cycles().wrapping_sub(start));
         }
         self.acquired(level, ticket, nested)
+    }
+
+    /// Linux `virt_spin_lock`: take the ticket being served when the lock is
+    /// free (one compare-exchange), else spin on loads until it is.
+    #[inline]
+    fn lock_test_and_set(&self, hal: &dyn hal::Hal) -> u16 {
+        let mut start = None;
+        let mut spins = 0u32;
+        loop {
+            let owner = self.owner.load(Acquire);
+            if self.next.load(Relaxed) == owner
+                && self.next.compare_exchange(owner, owner.wrapping_add(1), Acquire, Relaxed).is_ok()
+            {
+                match start {
+                    None => stats::record(self.class, false, 0),
+                    Some(s) => stats::record(self.class, true, hal.cycles().wrapping_sub(s)),
+                }
+                return owner;
+            }
+            start.get_or_insert_with(|| hal.cycles());
+            spins = spins.wrapping_add(1);
+            hal.spin_wait(spins);
+        }
     }
 
     /// Takes the lock if it is free right now.
