@@ -30,6 +30,9 @@ bitflags! {
         const INVARIANT_TSC = 1 << 8;
         /// `rdtscp`.
         const RDTSCP = 1 << 9;
+        /// Running under a hypervisor (CPUID.1:ECX bit 31): vCPUs may be
+        /// descheduled by the host at any moment (QEMU's TCG sets it too).
+        const HYPERVISOR = 1 << 10;
     }
 }
 
@@ -49,6 +52,7 @@ pub fn features() -> Features {
     f.set(Features::PCID, l1.ecx & (1 << 17) != 0);
     f.set(Features::X2APIC, l1.ecx & (1 << 21) != 0);
     f.set(Features::TSC_DEADLINE, l1.ecx & (1 << 24) != 0);
+    f.set(Features::HYPERVISOR, l1.ecx & (1 << 31) != 0);
     if max >= 7 {
         let l7 = cpuid(7, 0);
         f.set(Features::SMEP, l7.ebx & (1 << 7) != 0);
@@ -66,6 +70,33 @@ pub fn features() -> Features {
         f.set(Features::INVARIANT_TSC, cpuid(0x8000_0007, 0).edx & (1 << 8) != 0);
     }
     f
+}
+
+/// What the CPU reports about a performance-monitoring unit whose counters
+/// could raise an overflow NMI (the sampling profiler's preferred clock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Perfmon {
+    /// Intel architectural perfmon version (CPUID.0AH:EAX[7:0]); 0: none.
+    pub version: u8,
+    /// General-purpose counters per logical CPU (CPUID.0AH:EAX[15:8]).
+    pub counters: u8,
+    /// AMD core performance counter extensions (CPUID.80000001H:ECX[23]).
+    pub amd_core_ext: bool,
+}
+
+/// The performance-monitoring unit as CPUID describes it. QEMU's TCG
+/// emulates none: `-cpu max` reports version 0 and no AMD extension.
+pub fn perfmon() -> Perfmon {
+    let mut p = Perfmon::default();
+    if cpuid(0, 0).eax >= 0xa {
+        let a = cpuid(0xa, 0).eax;
+        p.version = a as u8;
+        p.counters = (a >> 8) as u8;
+    }
+    if cpuid(0x8000_0000, 0).eax >= 0x8000_0001 {
+        p.amd_core_ext = cpuid(0x8000_0001, 0).ecx & (1 << 23) != 0;
+    }
+    p
 }
 
 /// The CPU's brand string, e.g. "QEMU TCG CPU version 2.5+".

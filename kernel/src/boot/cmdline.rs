@@ -4,7 +4,9 @@
 //! Words: `mode=run|test|bench`, `filter=SUBSTRING` (tests), `selftests` (also run
 //! the runner's own deliberately failing tests), `log=error|warn|info|debug|trace`,
 //! `fault_lock=vma|mmap` (how page faults lock their VMA: the per-VMA lock,
-//! the default, or `mmap_lock` shared as before Linux 6.4, for comparison).
+//! the default, or `mmap_lock` shared as before Linux 6.4, for comparison),
+//! `spinlock=ticket|tas` (FIFO tickets or test-and-set; the default is
+//! test-and-set under a hypervisor, as Linux's `virt_spin_lock`).
 
 use spin::Once;
 

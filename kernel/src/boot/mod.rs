@@ -73,14 +73,28 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         memmap.overhead_ppm / 10_000,
         memmap.overhead_ppm % 10_000,
     );
+    // Linux `virt_spin_lock`: a guest without paravirtual spinlocks trades
+    // FIFO fairness for test-and-set, so a descheduled vCPU next in line does
+    // not hold up every CPU behind it (mm/src/lock/spinlock.rs).
+    match cmdline.value("spinlock") {
+        None => mm::lock::set_virt_spinlocks(features.contains(arch::cpu::Features::HYPERVISOR)),
+        Some("tas") => mm::lock::set_virt_spinlocks(true),
+        Some("ticket") => mm::lock::set_virt_spinlocks(false),
+        Some(other) => panic!("spinlock={other:?}: expected ticket or tas"),
+    }
     match cmdline.value("fault_lock") {
         None | Some("vma") => mm::memory::set_fault_locking(mm::memory::FaultLocking::PerVma),
         Some("mmap") => mm::memory::set_fault_locking(mm::memory::FaultLocking::MmapLock),
         Some(other) => panic!("fault_lock={other:?}: expected vma or mmap"),
     }
     log::info!(
-        "boot: page-table locks: {}; faults lock {}",
+        "boot: page-table locks: {}; spinlocks {}; faults lock {}",
         mm::describe_config(),
+        if mm::lock::virt_spinlocks() {
+            "test-and-set (hypervisor: a descheduled vCPU must not hold up the line)"
+        } else {
+            "FIFO tickets"
+        },
         match mm::memory::fault_locking() {
             mm::memory::FaultLocking::PerVma => "their VMA (per-VMA locks, mmap_lock only as a fallback)",
             mm::memory::FaultLocking::MmapLock => "mmap_lock shared (fault_lock=mmap)",
