@@ -86,7 +86,9 @@ fn locks_for(ptes: u64, pmds: u64) -> u64 {
 
 #[test]
 fn loom_pte_alloc_map_lock_race_installs_exactly_one_table() {
-    builder().check(|| {
+    // Bounded: the allocation path (frame allocator, constructor, the
+    // allocated ptl's heap) made the unbounded search take minutes.
+    bounded().check(|| {
         let f = Fixture::new();
         let (m, mm) = (f.machine(), f.mm());
         let pmd = walk_alloc_pmd(mm, A).unwrap();
