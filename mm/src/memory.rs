@@ -364,25 +364,17 @@ fn do_anonymous_page(
     addr: VirtAddr,
     access: Access,
 ) -> Result<Option<FaultResult>, FaultError> {
-    if !access.write {
-        let zero = Pte::new(mm.phys().zero_pfn().phys(), zero_pte_flags(vma.flags));
-        let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else { return Ok(None) };
-        if !pte.ptep_get().is_none() {
-            drop(pte);
-            mm.counters.inc(Counter::LostRaces);
-            return Ok(Some(FaultResult::LostRace));
-        }
-        pte.set_pte(zero);
-        drop(pte);
-        mm.counters.inc(Counter::ZeroPageFaults);
-        return Ok(Some(FaultResult::ZeroPage));
-    }
-    let frame = mm.phys().alloc_pages_zeroed(0).ok_or(FaultError::Oom)?;
-    frame.page().set_kind(PageKind::Anon);
-    let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else {
-        drop(frame);
-        return Ok(None);
+    // A write gets a zeroed frame, allocated before the lock; a read maps
+    // the shared zero page.
+    let frame = if access.write {
+        let f = mm.phys().alloc_pages_zeroed(0).ok_or(FaultError::Oom)?;
+        f.page().set_kind(PageKind::Anon);
+        Some(f)
+    } else {
+        None
     };
+    // `None`: the PMD changed; the frame (if any) drops, the walk goes again.
+    let Some(mut pte) = pte_offset_map_lock(mm, pmd, addr) else { return Ok(None) };
     if !pte.ptep_get().is_none() {
         // Another CPU won: unlock first, then free the frame.
         drop(pte);
@@ -390,22 +382,34 @@ fn do_anonymous_page(
         mm.counters.inc(Counter::LostRaces);
         return Ok(Some(FaultResult::LostRace));
     }
-    pte.install(frame, vm_pte_flags(vma.flags));
+    let result = match frame {
+        Some(frame) => {
+            pte.install(frame, vm_pte_flags(vma.flags));
+            mm.counters.inc(Counter::Rss);
+            mm.counters.inc(Counter::AnonFaults);
+            FaultResult::Anon
+        }
+        None => {
+            pte.set_pte(Pte::new(mm.phys().zero_pfn().phys(), zero_pte_flags(vma.flags)));
+            mm.counters.inc(Counter::ZeroPageFaults);
+            FaultResult::ZeroPage
+        }
+    };
     drop(pte);
-    mm.counters.inc(Counter::Rss);
-    mm.counters.inc(Counter::AnonFaults);
-    Ok(Some(FaultResult::Anon))
+    Ok(Some(result))
 }
 
 /// Linux `do_wp_page`: a write to a present read-only entry.
 ///
-/// The zero page is copied (`wp_page_copy`): the new frame is allocated and
-/// filled outside the lock, then under the PTE lock the entry must still be
-/// the one we saw (`pte_same`); the old entry is cleared and shot down on
-/// every CPU of the address space before the new one goes in (Linux
-/// `ptep_clear_flush`), so no CPU keeps reading the zero page after another
-/// wrote the private copy. A private page mapped read-only in a writable VMA
-/// is simply made writable (`wp_page_reuse`).
+/// A page this mapping holds the only reference to is simply made writable
+/// (`wp_page_reuse`). The zero page, and a page fork left shared, are copied
+/// (`wp_page_copy`): the new frame is allocated and filled outside the lock
+/// (a shared page is held by a reference of ours meanwhile), then under the
+/// PTE lock the entry must still be the one we saw (`pte_same`); the old
+/// entry is cleared and shot down on every CPU of the address space before
+/// the new one goes in (Linux `ptep_clear_flush`), so no CPU keeps reading
+/// the old page after another wrote the private copy, and only then does
+/// the old mapping drop its reference.
 fn do_wp_page(
     mm: &Mm<'_>,
     vma: &Vma,
