@@ -76,11 +76,11 @@ pub fn features() -> Features {
 /// could raise an overflow NMI (the sampling profiler's preferred clock).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Perfmon {
-    /// Intel architectural perfmon version (CPUID.0AH:EAX[7:0]); 0: none.
+    /// Intel architectural perfmon version (CPUID.0AH:EAX bits 7..0); 0: none.
     pub version: u8,
-    /// General-purpose counters per logical CPU (CPUID.0AH:EAX[15:8]).
+    /// General-purpose counters per logical CPU (CPUID.0AH:EAX bits 15..8).
     pub counters: u8,
-    /// AMD core performance counter extensions (CPUID.80000001H:ECX[23]).
+    /// AMD core performance counter extensions (CPUID.80000001H:ECX bit 23).
     pub amd_core_ext: bool,
 }
 
