@@ -7,7 +7,8 @@
 //! What the HAL provides:
 //! * the current CPU number (per-CPU frame caches, lock statistics, the lock
 //!   order checker);
-//! * a cycle counter (time spent spinning on contended locks);
+//! * a cycle counter (time spent spinning on contended locks), and a mark
+//!   around each contended wait (the kernel's profiler tags samples with it);
 //! * the read-side critical-section hooks that `pte_offset_map` enters and
 //!   `pte_unmap` leaves (Linux: `rcu_read_lock`), and the grace periods that
 //!   end them: detached page tables and replaced VMA arrays are freed only
@@ -52,6 +53,21 @@ pub trait Hal: Sync {
         let _ = spins;
         crate::sync::spin_loop();
     }
+
+    /// Called when an acquisition of a lock of `class` finds it taken,
+    /// before its wait loop, and paired with [`Hal::lock_wait_end`] once the
+    /// lock is ours. Only the contended path calls the pair, and nothing is
+    /// locked in between but the wait itself. The kernel marks the CPU as
+    /// spinning on `class`, so its sampling profiler can tag the samples
+    /// taken meanwhile. The default does nothing.
+    #[inline]
+    fn lock_wait_begin(&self, class: crate::lock::LockClass) {
+        let _ = class;
+    }
+
+    /// The wait that [`Hal::lock_wait_begin`] announced is over.
+    #[inline]
+    fn lock_wait_end(&self) {}
 
     /// Enter a read-side critical section (Linux `rcu_read_lock`): a page table
     /// reached through it must not be freed until the matching

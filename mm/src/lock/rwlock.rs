@@ -165,7 +165,7 @@ impl<T> RwSpinLock<T> {
         let shard = my_shard();
         while !self.try_enter(shard) {
             // A writer waits or holds: stay out until it leaves.
-            start.get_or_insert_with(|| hal.cycles());
+            start.get_or_insert_with(|| self.wait_begin(hal));
             while self.writer.load(Relaxed) & WRITER != 0 {
                 spins = spins.wrapping_add(1);
                 hal.spin_wait(spins);
@@ -200,7 +200,7 @@ impl<T> RwSpinLock<T> {
         let t = self.writers.fetch_add(TICKET_ONE, Acquire);
         let ticket = (t >> 16) as u16;
         while self.writers.load(Acquire) as u16 != ticket {
-            start.get_or_insert_with(|| hal.cycles());
+            start.get_or_insert_with(|| self.wait_begin(hal));
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
         }
@@ -209,7 +209,7 @@ impl<T> RwSpinLock<T> {
         debug_assert_eq!(s & WRITER, 0, "two writers inside the rwlock");
         // 3. Let the readers inside drain.
         while !self.drained() {
-            start.get_or_insert_with(|| hal.cycles());
+            start.get_or_insert_with(|| self.wait_begin(hal));
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
         }
@@ -234,10 +234,21 @@ impl<T> RwSpinLock<T> {
         Some(RwReadGuard { lock: self, shard, _not_send: PhantomData })
     }
 
+    /// The first turn of a wait: tells the HAL (`Hal::lock_wait_begin`) and
+    /// returns the cycle count the wait started at; `record` ends it.
+    fn wait_begin(&self, hal: &dyn hal::Hal) -> u64 {
+        hal.lock_wait_begin(LockClass::from_u8(self.class));
+        hal.cycles()
+    }
+
     fn record(&self, start: Option<u64>) {
         match start {
             None => stats::record(self.class, false, 0),
-            Some(s) => stats::record(self.class, true, hal::get().cycles().wrapping_sub(s)),
+            Some(s) => {
+                let hal = hal::get();
+                hal.lock_wait_end();
+                stats::record(self.class, true, hal.cycles().wrapping_sub(s))
+            }
         }
     }
 

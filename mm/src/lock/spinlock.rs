@@ -141,12 +141,14 @@ impl RawSpinLock {
         if self.owner.load(Acquire) == ticket {
             stats::record(self.class, false, 0);
         } else {
+            hal.lock_wait_begin(self.class());
             let start = hal.cycles();
             let mut spins = 0u32;
             while self.owner.load(Acquire) != ticket {
                 spins = spins.wrapping_add(1);
                 hal.spin_wait(spins);
             }
+            hal.lock_wait_end();
             stats::record(self.class, true, hal.cycles().wrapping_sub(start));
         }
         self.acquired(level, ticket, nested)
@@ -165,11 +167,17 @@ impl RawSpinLock {
             {
                 match start {
                     None => stats::record(self.class, false, 0),
-                    Some(s) => stats::record(self.class, true, hal.cycles().wrapping_sub(s)),
+                    Some(s) => {
+                        hal.lock_wait_end();
+                        stats::record(self.class, true, hal.cycles().wrapping_sub(s))
+                    }
                 }
                 return owner;
             }
-            start.get_or_insert_with(|| hal.cycles());
+            start.get_or_insert_with(|| {
+                hal.lock_wait_begin(self.class());
+                hal.cycles()
+            });
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
         }
