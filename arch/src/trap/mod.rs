@@ -6,6 +6,7 @@
 //! handler runs).
 
 pub mod backtrace;
+pub mod callchain;
 mod entry;
 pub mod extable;
 mod frame;
