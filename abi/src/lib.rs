@@ -239,8 +239,11 @@ pub mod storm {
     /// Read every assigned page first (each must read zero: the shared zero
     /// page), wait for all threads, then write and verify as `MODE_TOUCH`.
     pub const MODE_COW: u64 = 1;
-    /// Rounds of: map `len` bytes anywhere, write one byte per 4 KiB page,
-    /// unmap (will-it-scale page_fault1, per thread).
+    /// Rounds of: map `len` bytes anywhere, write a tag into the first word
+    /// of each 4 KiB page (with `verify`, also check that the rest of the
+    /// page reads zero), read every tag back, unmap (will-it-scale
+    /// page_fault1, per thread). A failed `mmap` or `munmap`, a wrong tag
+    /// or a nonzero byte counts as a mismatch.
     pub const MODE_CYCLE: u64 = 2;
     /// Rounds of `mmap(MAP_FIXED)` over `[base, base + len)`: replaces the
     /// mapping (unmap + map under the address-space lock) while others touch it.
@@ -329,6 +332,10 @@ pub mod storm {
         pub duration_cycles: u64,
         /// `MODE_MREMAP`: where the pages move to and back from.
         pub aux: u64,
+        /// `MODE_CYCLE`: nonzero: check all 4096 bytes of every page right
+        /// after its first write (a fresh page reads zero but for the tag).
+        /// Off in the benchmark, where it would double the time per page.
+        pub verify: u64,
     }
 
     /// What one thread reports.

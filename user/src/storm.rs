@@ -112,6 +112,15 @@ fn expired(deadline: u64, done: u64) -> bool {
     done.is_multiple_of(64) && past(deadline)
 }
 
+/// Whether every byte of `page` after its first word reads zero (a fresh
+/// anonymous page must, whatever its frame held before).
+fn rest_is_zero(page: u64) -> bool {
+    (1..PAGE / 8).all(|w| {
+        // SAFETY: the caller's page is mapped readable.
+        unsafe { ((page + w * 8) as *const u64).read_volatile() == 0 }
+    })
+}
+
 /// The word of `page` that belongs to thread `i`.
 fn slot(page: u64, i: u64) -> *mut u64 {
     (page + (i % 512) * 8) as *mut u64
@@ -135,17 +144,31 @@ pub fn run(index: u64) -> isize {
                     out.mismatches += 1;
                     break;
                 }
-                let mut a = addr as u64;
-                while a < addr as u64 + p.len {
+                let (start, mut a) = (addr as u64, addr as u64);
+                while a < start + p.len {
                     // SAFETY: we just mapped [addr, addr + len) read-write.
-                    unsafe { (a as *mut u8).write_volatile(1) };
+                    unsafe { (a as *mut u64).write_volatile(storm::tag(a, index, round)) };
+                    if p.verify != 0 && !rest_is_zero(a) {
+                        out.mismatches += 1;
+                    }
                     out.touched += 1;
                     a += PAGE;
                     if expired(deadline, out.touched) {
                         break;
                     }
                 }
-                sys::munmap(addr as usize, len);
+                // Every page touched still holds its tag.
+                let mut b = start;
+                while b < a {
+                    // SAFETY: as above, still mapped.
+                    if unsafe { (b as *const u64).read_volatile() } != storm::tag(b, index, round) {
+                        out.mismatches += 1;
+                    }
+                    b += PAGE;
+                }
+                if sys::munmap(addr as usize, len) != 0 {
+                    out.mismatches += 1;
+                }
                 // No barriers in this mode: past the deadline, stop cycling.
                 if past(deadline) {
                     break;

@@ -199,6 +199,35 @@ fn find_result(log: &std::path::Path) -> Result<Value> {
     serde_json::from_str(&line).with_context(|| format!("bad BENCH-RESULT JSON in {}", log.display()))
 }
 
+/// Faults a window may take beyond one per page touched: each thread's
+/// stack and the program's text and data on first use, and the odd fault
+/// on a page another CPU was installing (counted once per thread at most).
+fn fault_slack(cpus: u32, touched: u64) -> u64 {
+    64 * cpus as u64 + 64 + touched / 100
+}
+
+/// Fails unless a window's fault count fits its pages: at least the
+/// faults the pages need (`min_faults`: every page touched was faulted in
+/// once), at most one per page each thread touched plus [`fault_slack`].
+/// Fewer means faults went uncounted or pages were never faulted (a
+/// mapping that was populated, or a touch loop that skipped pages); more
+/// means faults repeated (a fault that did not make progress, a lost
+/// mapping).
+fn check_fault_count(window: &Value, cpus: u32) -> Result<()> {
+    let get = |k: &str| window[k].as_u64().with_context(|| format!("no `{k}` in the window's result"));
+    let (faults, touched, min) = (get("faults")?, get("touched")?, get("min_faults")?);
+    if touched == 0 {
+        bail!("no page was touched");
+    }
+    let max = touched + fault_slack(cpus, touched);
+    if faults < min || faults > max {
+        bail!(
+            "{faults} faults for {touched} pages touched: expected {min}..={max} (one fault per page, and a few for stacks and text)"
+        );
+    }
+    Ok(())
+}
+
 /// Turns the kernel's raw result into the run record of faultstorm.json.
 fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     let tsc_per_us = raw["tsc_per_us"].as_f64().filter(|&t| t > 0.0).context("no TSC rate")?;
@@ -226,6 +255,20 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     let vma_lock_faults = mm["vma_lock_faults"].as_u64().unwrap_or(0);
     if run.fault_lock == "mmap" && vma_lock_faults > 0 {
         bail!("fault_lock=mmap, but {vma_lock_faults} faults were resolved under a VMA lock");
+    }
+    // The same for the page-table locks: the kernel built for `single`
+    // must not have split PTE locks, nor `split` lack them.
+    match raw["split_pte_ptlocks"].as_bool() {
+        Some(split) if split == (run.lock == "split") => {}
+        Some(split) => bail!(
+            "asked for the {} lock build, but the kernel's result says split PTE locks are {}",
+            run.lock,
+            if split { "on" } else { "off" }
+        ),
+        None => bail!("the kernel's result does not say whether PTE locks are split"),
+    }
+    for (i, w) in windows.iter().enumerate() {
+        check_fault_count(w, run.cpus).with_context(|| format!("window {}", i + 1))?;
     }
     let pt_reclaimed = mm["pt_reclaimed"].as_u64().unwrap_or(0);
     Ok(json!({
@@ -629,8 +672,12 @@ mod tests {
     fn summary_takes_the_median_window() {
         let run = Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2 };
         let raw = json!({
-            "tsc_per_us": 1000,
-            "windows": [{"faults": 1000, "cycles": 1_000_000}, {"faults": 1000, "cycles": 2_000_000}, {"faults": 1000, "cycles": 500_000}],
+            "tsc_per_us": 1000, "split_pte_ptlocks": true,
+            "windows": [
+                {"faults": 1000, "cycles": 1_000_000, "touched": 990, "min_faults": 990},
+                {"faults": 1000, "cycles": 2_000_000, "touched": 990, "min_faults": 990},
+                {"faults": 1000, "cycles": 500_000, "touched": 990, "min_faults": 990}
+            ],
             "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {}
         });
         let r = summarize(&run, &raw).unwrap();
@@ -647,8 +694,11 @@ mod tests {
     fn summary_reports_reclaimed_tables_and_rejects_the_wrong_fault_locking() {
         let raw = |fault_lock: &str, vma_lock_faults: u64| {
             json!({
-                "tsc_per_us": 1000, "fault_lock": fault_lock,
-                "windows": [{"faults": 1000, "cycles": 1_000_000}, {"faults": 1000, "cycles": 1_000_000}],
+                "tsc_per_us": 1000, "fault_lock": fault_lock, "split_pte_ptlocks": true,
+                "windows": [
+                    {"faults": 1000, "cycles": 1_000_000, "touched": 1000, "min_faults": 1000},
+                    {"faults": 1000, "cycles": 1_000_000, "touched": 1000, "min_faults": 1000}
+                ],
                 "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {},
                 "mm": {"vma_lock_faults": vma_lock_faults, "mmap_lock_faults": 7, "pt_reclaimed": 130}
             })
@@ -663,6 +713,40 @@ mod tests {
         assert!(summarize(&mmap, &raw("mmap", 0)).is_ok());
         let err = summarize(&mmap, &raw("mmap", 3)).unwrap_err().to_string();
         assert!(err.contains("3 faults were resolved under a VMA lock"), "{err}");
+    }
+
+    #[test]
+    fn summary_rejects_the_wrong_lock_build_and_faults_that_do_not_fit_the_pages() {
+        let raw = |split: bool, faults: u64, touched: u64, min_faults: u64| {
+            json!({
+                "tsc_per_us": 1000, "fault_lock": "vma", "split_pte_ptlocks": split,
+                "windows": [
+                    {"faults": 5000, "cycles": 1_000_000, "touched": 5000, "min_faults": 5000},
+                    {"faults": faults, "cycles": 1_000_000, "touched": touched, "min_faults": min_faults}
+                ],
+                "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {}, "mm": {}
+            })
+        };
+        let split = Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2 };
+        let single = Run { workload: "disjoint".into(), lock: "single", ..split };
+        assert!(summarize(&split, &raw(true, 5100, 5000, 5000)).is_ok());
+        assert!(summarize(&single, &raw(false, 5000, 5000, 5000)).is_ok());
+        let err = summarize(&single, &raw(true, 5000, 5000, 5000)).unwrap_err().to_string();
+        assert!(err.contains("asked for the single lock build") && err.contains("split PTE locks are on"), "{err}");
+        let err = summarize(&split, &raw(false, 5000, 5000, 5000)).unwrap_err().to_string();
+        assert!(err.contains("split PTE locks are off"), "{err}");
+        // Fewer faults than pages: faults went uncounted or pages were never faulted.
+        let err = format!("{:#}", summarize(&split, &raw(true, 4000, 5000, 5000)).unwrap_err());
+        assert!(err.contains("window 2") && err.contains("4000 faults for 5000 pages"), "{err}");
+        // Far more: faults repeated. A few more (stacks, text) are fine.
+        let slack = fault_slack(2, 5000);
+        assert!(summarize(&split, &raw(true, 5000 + slack, 5000, 5000)).is_ok());
+        assert!(summarize(&split, &raw(true, 5001 + slack, 5000, 5000)).is_err());
+        // Same-page: every thread touches the same pages, one fault each.
+        let same = Run { workload: "same-page".into(), ..split };
+        assert!(summarize(&same, &raw(true, 300, 512, 256)).is_ok());
+        assert!(summarize(&same, &raw(true, 200, 512, 256)).is_err());
+        assert!(summarize(&split, &raw(true, 0, 0, 0)).is_err(), "a window that touched nothing");
     }
 
     #[test]

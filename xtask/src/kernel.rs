@@ -21,6 +21,18 @@ pub struct BuildConfig {
 }
 
 impl BuildConfig {
+    /// Cargo's target directory for this configuration: `target`, or
+    /// `target/kernel-ptl<N>` for a `SPLIT_PTLOCK_CPUS` build. The setting
+    /// is a build-script input of mm (not a feature), so a build of one
+    /// value over another's artifacts rebuilds mm and the kernel each time;
+    /// `cargo xtask test` builds both.
+    pub fn target_dir(&self) -> PathBuf {
+        match self.split_ptlock_cpus {
+            Some(n) => workspace_root().join(format!("target/kernel-ptl{n}")),
+            None => workspace_root().join("target"),
+        }
+    }
+
     /// A short label for log file names, e.g. `debug` or `release-ptl1000000`.
     pub fn label(&self) -> String {
         let mut s = String::from(if self.release { "release" } else { "debug" });
@@ -86,6 +98,7 @@ pub fn kernel_cargo(subcommand: &str, config: &BuildConfig, user: &Path) -> Comm
         Some(n) => cmd.env("SPLIT_PTLOCK_CPUS", n.to_string()),
         None => cmd.env_remove("SPLIT_PTLOCK_CPUS"),
     };
+    cmd.args(["--target-dir", &config.target_dir().to_string_lossy()]);
     cmd
 }
 
@@ -98,7 +111,7 @@ pub fn build(config: &BuildConfig) -> Result<PathBuf> {
         bail!("kernel build failed");
     }
     let profile = if config.release { "release" } else { "debug" };
-    Ok(workspace_root().join("target/x86_64-unknown-none").join(profile).join("kernel"))
+    Ok(config.target_dir().join("x86_64-unknown-none").join(profile).join("kernel"))
 }
 
 /// Copies the kernel cargo just built into a directory of this xtask process

@@ -62,6 +62,9 @@ struct KernelRun {
     name: String,
     /// Extra kernel cargo features (a separate build).
     features: Vec<String>,
+    /// `SPLIT_PTLOCK_CPUS` of this run's kernel (a separate build when it
+    /// differs from the main run's).
+    split_ptlock_cpus: Option<u32>,
     firmware: Firmware,
     smp: u32,
     cmdline: String,
@@ -223,6 +226,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     let mut runs = vec![KernelRun {
         name: format!("kernel tests, -smp {}, BIOS", args.machine.size.smp),
         features: Vec::new(),
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
         firmware: Firmware::Bios,
         smp: args.machine.size.smp,
         cmdline: format!("mode=test expect_cpus={}{filter_word}", args.machine.size.smp),
@@ -236,6 +240,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     runs.push(KernelRun {
         name: "UEFI boot smoke test, -smp 2".into(),
         features: Vec::new(),
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
         firmware: Firmware::Uefi,
         smp: 2,
         cmdline: "mode=test filter=boot_smoke".into(),
@@ -250,6 +255,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         runs.push(KernelRun {
             name: format!("SMP tests, -smp {smp}, BIOS"),
             features: Vec::new(),
+            split_ptlock_cpus: args.kernel.split_ptlock_cpus,
             firmware: Firmware::Bios,
             smp,
             cmdline: format!("mode=test expect_cpus={smp} filter=smp::tests{extra}"),
@@ -261,6 +267,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     let selftest = |name: &str, test: &'static str, expect: Expect, test_secs: Option<u64>| KernelRun {
         name: format!("runner self-test: {name}"),
         features: Vec::new(),
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
         firmware: Firmware::Bios,
         smp: 1,
         cmdline: format!("mode=test selftests filter=selftest::{test}"),
@@ -287,6 +294,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     runs.push(KernelRun {
         name: "runner self-test: panic on another CPU".into(),
         features: Vec::new(),
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
         firmware: Firmware::Bios,
         smp: 3,
         cmdline: "mode=test selftests filter=smp::tests::selftest::".into(),
@@ -301,6 +309,7 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
     runs.push(KernelRun {
         name: "mm and storm tests, debug-ptlock (allocated ptl), -smp 4".into(),
         features: vec!["debug-ptlock".into()],
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
         firmware: Firmware::Bios,
         smp: 4,
         cmdline: "mode=test expect_cpus=4 filter=mmtests,storm,uspace".into(),
@@ -308,8 +317,28 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         test_timeout: None,
         expect: Expect::Pass,
     });
+    // The single `mm.page_table_lock` kernel (SPLIT_PTLOCK_CPUS above
+    // NR_CPUS, what the benchmark compares against): every PTE and PMD
+    // helper hands out the one lock, so the page-table and storm tests run
+    // on that path too. Unless the main run already was that build.
+    if args.kernel.split_ptlock_cpus.is_none() {
+        runs.push(KernelRun {
+            name: "mm and storm tests, single page_table_lock, -smp 4".into(),
+            features: Vec::new(),
+            split_ptlock_cpus: Some(SINGLE_LOCK_CPUS),
+            firmware: Firmware::Bios,
+            smp: 4,
+            cmdline: "mode=test expect_cpus=4 filter=mmtests,storm".into(),
+            timeout: Duration::from_secs(args.machine.timeout.unwrap_or(600)),
+            test_timeout: None,
+            expect: Expect::Pass,
+        });
+    }
     runs
 }
+
+/// `SPLIT_PTLOCK_CPUS` of the single-lock build (above `NR_CPUS`).
+const SINGLE_LOCK_CPUS: u32 = 1_000_000;
 
 /// Runs everything; returns whether all of it passed.
 pub fn run(args: TestArgs) -> Result<bool> {
@@ -336,8 +365,14 @@ pub fn run(args: TestArgs) -> Result<bool> {
         let (accel, why) = qemu::choose_accel(args.machine.accel);
         println!("xtask: accelerator {accel}: {why}");
         let mut gdb_done = args.quick || args.skip_gdb || args.filter.is_some();
+        let main_config = config.clone();
         for run in runs {
-            if !run.features.is_empty() && !gdb_done {
+            let run_config = BuildConfig {
+                features: run.features.clone(),
+                split_ptlock_cpus: run.split_ptlock_cpus,
+                ..main_config.clone()
+            };
+            if run_config != main_config && !gdb_done {
                 // Before the feature builds replace the default kernel.
                 gdb_done = true;
                 let started = Instant::now();
@@ -350,9 +385,9 @@ pub fn run(args: TestArgs) -> Result<bool> {
                     elapsed: started.elapsed(),
                 });
             }
-            if run.features != config.features {
-                // Runs are ordered so that each feature set is built once.
-                config.features = run.features.clone();
+            if run_config != config {
+                // Runs are ordered so that each configuration is built once.
+                config = run_config;
                 (elf, bios) = build_kernel(&config, Firmware::Bios)?;
                 symbols = Symbolizer::new(&elf);
             }
@@ -414,6 +449,7 @@ mod tests {
         KernelRun {
             name: "r".into(),
             features: Vec::new(),
+            split_ptlock_cpus: None,
             firmware: Firmware::Bios,
             smp: 1,
             cmdline: cmdline.into(),

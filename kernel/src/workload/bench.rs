@@ -25,6 +25,9 @@
 //!   region), and between two barriers each thread `MADV_DONTNEED`s every
 //!   n-th 2 MiB region of it.
 //!
+//! Each window also reports the pages its threads touched and the faults
+//! that needs at least, so xtask can check the fault count against them.
+//!
 //! The result also carries the fault-locking mode the kernel runs
 //! (`fault_lock=vma|mmap`) and the address spaces' counters summed over the
 //! timed windows (faults under a VMA lock or `mmap_lock`, fallbacks, pages
@@ -48,6 +51,13 @@ const BASE: u64 = 0x1_0000_0000;
 struct Window {
     faults: u64,
     cycles: u64,
+    /// Pages the threads touched, summed (a page every thread touches
+    /// counts once per thread).
+    touched: u64,
+    /// Faults the window needs at least: every page touched was faulted in
+    /// by some thread (with `PATTERN_SAME`, every thread touches the same
+    /// pages, so the most any thread touched).
+    min_faults: u64,
 }
 
 fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
@@ -169,10 +179,16 @@ pub fn run(c: &Cmdline) -> ExitCode {
         }
         let faults = faultstat::summary(cpus.iter().copied()).faults - before;
         let cycles = out.span_cycles();
+        let touched = out.touched();
+        let min_faults = if spec.params.pattern == storm::PATTERN_SAME {
+            out.reports.iter().map(|r| r.touched).max().unwrap_or(0)
+        } else {
+            touched
+        };
         let label = if w == 0 { String::from("warm-up") } else { format!("window {w}/{windows}") };
         log::info!("bench: {label}: {faults} faults in {} us", arch::time::cycles_to_ns(cycles) / 1000);
         if w > 0 {
-            results.push(Window { faults, cycles });
+            results.push(Window { faults, cycles, touched, min_faults });
             add_counters(&mut mm_sum, &out.stats);
         }
     }
@@ -188,7 +204,14 @@ pub fn run(c: &Cmdline) -> ExitCode {
         }
     );
     for (i, w) in results.iter().enumerate() {
-        json += &format!("{}{{\"faults\":{},\"cycles\":{}}}", if i == 0 { "" } else { "," }, w.faults, w.cycles);
+        json += &format!(
+            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{}}}",
+            if i == 0 { "" } else { "," },
+            w.faults,
+            w.cycles,
+            w.touched,
+            w.min_faults
+        );
     }
     json += &format!(
         "],\"cycles_per_fault_mean\":{},\"cycles_per_fault_p99\":{},\"locks\":{{",
