@@ -223,15 +223,21 @@ pub const TRACE_ADDR: u64 = 0x1000_0000;
 /// touch memory in patterns chosen by a parameter block the kernel writes at
 /// [`storm::PARAMS_ADDR`]; each thread reports into its own result slot.
 pub mod storm {
-    /// Where the kernel maps the parameter block (one page: params, then
-    /// one [`Report`] per thread).
+    /// Where the kernel maps the storm's area ([`AREA_SIZE`] bytes: the
+    /// parameter block, then one [`Report`] per thread).
     pub const PARAMS_ADDR: u64 = 0x2000_0000;
     /// Offset of thread `i`'s report: `REPORTS_OFFSET + i * size_of::<Report>()`.
     pub const REPORTS_OFFSET: u64 = 256;
-    /// Most threads one storm can have (reports must fit in the page).
-    pub const MAX_THREADS: usize = 48;
+    /// Most threads one storm can have: one per CPU of the largest kernel
+    /// (`NR_CPUS` may be built up to 256), whatever the CPU count.
+    pub const MAX_THREADS: usize = 256;
+    /// Bytes mapped at [`PARAMS_ADDR`]: enough pages for [`MAX_THREADS`]
+    /// reports.
+    pub const AREA_SIZE: u64 =
+        (REPORTS_OFFSET + (MAX_THREADS * core::mem::size_of::<Report>()) as u64).next_multiple_of(4096);
 
     const _: () = assert!(core::mem::size_of::<Params>() <= REPORTS_OFFSET as usize, "Params overlaps the reports");
+    const _: () = assert!(MAX_THREADS >= crate::NR_CPUS, "a storm must be able to run a thread on every CPU");
 
     /// Write a tag into this thread's slot of each assigned page, then read
     /// every tag back.

@@ -264,6 +264,19 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
             expect: Expect::Pass,
         });
     }
+    // More CPUs than one page of storm reports once held (48): every CPU
+    // comes up and a storm runs a thread on each of them.
+    runs.push(KernelRun {
+        name: "SMP and storm tests, -smp 50, BIOS".into(),
+        features: Vec::new(),
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
+        firmware: Firmware::Bios,
+        smp: 50,
+        cmdline: "mode=test expect_cpus=50 filter=smp::tests::cpu_count,storm_disjoint_regions".into(),
+        timeout: Duration::from_secs(args.machine.timeout.unwrap_or(300)),
+        test_timeout: None,
+        expect: Expect::Pass,
+    });
     let selftest = |name: &str, test: &'static str, expect: Expect, test_secs: Option<u64>| KernelRun {
         name: format!("runner self-test: {name}"),
         features: Vec::new(),

@@ -3,16 +3,18 @@
 //! #PF path. Used by the storm tests, `cargo xtask run`'s default workload
 //! and the benchmark.
 //!
-//! The kernel maps a parameter page at `abi::storm::PARAMS_ADDR`, writes the
-//! [`Params`], optionally maps the region the threads will touch, starts the
-//! threads (pinned round-robin over the given CPUs), waits for them, and
+//! The kernel maps the storm's area at `abi::storm::PARAMS_ADDR`
+//! (`abi::storm::AREA_SIZE` bytes: as many pages as the reports of
+//! `abi::storm::MAX_THREADS` threads need), writes the [`Params`],
+//! optionally maps the region the threads will touch, starts the threads
+//! (pinned round-robin over the given CPUs), waits for them, and
 //! collects each thread's [`Report`] and exit code, the address space's
 //! counters and page-table contents, before tearing it down.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use abi::storm::{PARAMS_ADDR, Params, REPORTS_OFFSET, Report};
+use abi::storm::{AREA_SIZE, PARAMS_ADDR, Params, REPORTS_OFFSET, Report};
 use mm::{MapFlags, Mapping, MmStats, Prot, VirtAddr};
 
 use crate::uspace::{AddressSpace, spawn_user};
@@ -67,7 +69,7 @@ impl Outcome {
 pub enum StormError {
     /// Out of memory while setting up.
     NoMemory,
-    /// Too many threads for the report page.
+    /// No threads, or more than `abi::storm::MAX_THREADS`.
     TooManyThreads,
 }
 
@@ -81,7 +83,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
     let space: Arc<AddressSpace> = AddressSpace::with_programs().map_err(|_| StormError::NoMemory)?;
     space
         .mm
-        .mmap(Some(VirtAddr::new(PARAMS_ADDR)), 4096, Prot::READ | Prot::WRITE, MapFlags::FIXED)
+        .mmap(Some(VirtAddr::new(PARAMS_ADDR)), AREA_SIZE, Prot::READ | Prot::WRITE, MapFlags::FIXED)
         .map_err(|_| StormError::NoMemory)?;
     // SAFETY: Params is repr(C) plain data; viewing it as bytes is sound.
     let bytes =
