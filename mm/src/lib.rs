@@ -201,12 +201,14 @@ pub fn try_phys() -> Option<&'static PhysMem> {
 
 /// Allocates 2^order contiguous frames from the global allocator.
 #[cfg(not(loom))]
+#[track_caller]
 pub fn alloc_pages(order: usize) -> Option<Frames<'static>> {
     phys().alloc_pages(order)
 }
 
 /// Allocates 2^order zeroed frames from the global allocator.
 #[cfg(not(loom))]
+#[track_caller]
 pub fn alloc_pages_zeroed(order: usize) -> Option<Frames<'static>> {
     phys().alloc_pages_zeroed(order)
 }

@@ -17,6 +17,7 @@
 //! | `flags` `PTL` | owner of the page table (its constructor and destructor) |
 //! | `lru` | whichever free list the frame is on (zone lock or per-CPU list lock) |
 //! | `word` | the frame's owner; for a page table, only through `ptdesc` (`ptl`) |
+//! | `owner` | the allocator, on behalf of the frame's owner at its allocation and free (debug builds' page poisoning) |
 //! | `link` | PMD table: head of its deposited PTE tables (`pmd_huge_pte`), under its PMD lock; deposited PTE table: next in that list, same lock; frame or table waiting in an `MmuGather`: next in the gather's list, owned by the gather |
 
 use core::cell::UnsafeCell;
@@ -53,7 +54,7 @@ pub enum PageKind {
 }
 
 impl PageKind {
-    fn from_u8(v: u8) -> PageKind {
+    pub(crate) fn from_u8(v: u8) -> PageKind {
         match v {
             0 => PageKind::Free,
             1 => PageKind::Reserved,
@@ -114,6 +115,11 @@ pub struct Page {
     /// An owner-private list link (see the module's lock table). An atomic
     /// so that it needs no `unsafe`; each use is serialised by its owner.
     pub(crate) link: AtomicU64,
+    /// Debug builds' page poisoning: the frame's last owner (allocation
+    /// site; kind and CPU once freed), see `frame::poison`. Written by the
+    /// allocator on the owner's behalf at allocation and free; 0 for a
+    /// frame not allocated since boot. Unused in release builds.
+    pub(crate) owner: AtomicU64,
 }
 
 // The struct-page budget: at most 64 bytes per 4 KiB frame (1.5625% of RAM).
@@ -140,6 +146,7 @@ impl Page {
             lru: UnsafeCell::new(Links { prev: Links::NONE, next: Links::NONE }),
             word: UnsafeCell::new(PageWord { private: 0 }),
             link: AtomicU64::new(0),
+            owner: AtomicU64::new(0),
         }
     }
 

@@ -132,13 +132,16 @@ impl PhysMem {
     }
 
     /// Allocates 2^order contiguous frames (Linux `alloc_pages`). Their kind
-    /// is [`PageKind::Kernel`] until the owner says otherwise.
+    /// is [`PageKind::Kernel`] until the owner says otherwise. Debug builds
+    /// record the caller as the frames' owner (`frame::poison`).
+    #[track_caller]
     pub fn alloc_pages(&self, order: usize) -> Option<Frames<'_>> {
         let pfn = self.allocator.alloc(&self.memmap, order)?;
         Some(Frames::new(self, pfn, order))
     }
 
     /// Allocates and zeroes 2^order frames.
+    #[track_caller]
     pub fn alloc_pages_zeroed(&self, order: usize) -> Option<Frames<'_>> {
         let f = self.alloc_pages(order)?;
         self.zero_frames(f.pfn(), order);

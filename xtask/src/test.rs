@@ -295,6 +295,15 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         None,
     ));
     runs.push(selftest("oops in a test", "deliberate_oops", Expect::Oops { test: "deliberate_oops" }, None));
+    if !args.kernel.release {
+        // Page poisoning is a debug-build check.
+        runs.push(selftest(
+            "write after free (page poisoning)",
+            "deliberate_use_after_free",
+            Expect::Fail { test: "deliberate_use_after_free", detail: "was written after it was freed" },
+            None,
+        ));
+    }
     // 15 s from the start of the test (not from QEMU's start: the BIOS
     // stage alone can take 20 s here).
     runs.push(selftest("hanging test", "deliberate_hang", Expect::Timeout { test: "deliberate_hang" }, Some(15)));

@@ -23,8 +23,10 @@
 
 mod buddy;
 mod pcp;
+pub mod poison;
 
 use core::fmt;
+use core::panic::Location;
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering::Relaxed;
 
@@ -40,7 +42,8 @@ use crate::memmap::{MemMap, PG_PTL, Page, PageKind};
 use crate::physmem::PhysMem;
 
 /// Marks a frame that is about to be freed as free in its descriptor,
-/// checking that it was allocated and is not a live page table.
+/// checking that it was allocated and is not a live page table (and, in
+/// debug builds, poisons it: see [`poison`]).
 fn release(map: &MemMap, pfn: Pfn) {
     let p: &Page = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
     let kind = p.kind();
@@ -49,6 +52,9 @@ fn release(map: &MemMap, pfn: Pfn) {
         kind != PageKind::PageTable && !p.has_flag(PG_PTL),
         "page table {pfn:?} freed without pagetable_dtor"
     );
+    if poison::ACTIVE {
+        poison::on_free(map, pfn, p, kind);
+    }
     p.set_kind(PageKind::Free);
     p.refcount.store(0, Relaxed);
 }
@@ -143,7 +149,9 @@ impl FrameAllocator {
 
     /// Allocates a block; on failure drains every per-CPU cache back into the
     /// buddy (merging what it can) and tries once more, so "no memory" means
-    /// no block of that order exists anywhere.
+    /// no block of that order exists anywhere. Debug builds check each frame's
+    /// poison and record the caller as its owner ([`poison`]).
+    #[track_caller]
     pub(crate) fn alloc(&self, map: &MemMap, order: usize) -> Option<Pfn> {
         assert!(order <= MAX_ORDER, "order {order} > MAX_ORDER");
         let pfn = match self.alloc_raw(map, order) {
@@ -156,6 +164,9 @@ impl FrameAllocator {
         for i in 0..1u64 << order {
             let p = map.pfn_to_page(pfn.add(i)).expect("allocated frame outside memmap");
             debug_assert_eq!(p.kind(), PageKind::Free, "allocator handed out a used frame");
+            if poison::ACTIVE {
+                poison::on_alloc(map, pfn.add(i), p, Location::caller());
+            }
             p.set_kind(PageKind::Kernel);
         }
         map.pfn_to_page(pfn).expect("checked above").refcount.store(1, Relaxed);
