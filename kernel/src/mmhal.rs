@@ -29,6 +29,17 @@ impl mm::hal::Hal for KernelHal {
         core::hint::spin_loop();
     }
 
+    /// Marks this CPU as spinning on `class` for the sampling profiler.
+    #[inline]
+    fn lock_wait_begin(&self, class: mm::lock::LockClass) {
+        crate::diag::profile::spin_begin(class);
+    }
+
+    #[inline]
+    fn lock_wait_end(&self) {
+        crate::diag::profile::spin_end();
+    }
+
     fn synchronize_rcu(&self) {
         crate::rcu::synchronize();
     }

@@ -3,9 +3,11 @@
 //! * [`logger`]: the `log` facade on the serial console;
 //! * [`panic`](mod@panic): the panic handler (report, backtrace, test verdict, exit);
 //! * [`faultstat`]: per-CPU page-fault counts and cost histograms;
+//! * [`profile`]: the sampling profiler (`cargo xtask profile`);
 //! * [`debuginfo`]: the block of build facts gdb/ptlk.py reads.
 
 pub mod debuginfo;
 pub mod faultstat;
 pub mod logger;
 mod panic;
+pub mod profile;

@@ -1,4 +1,5 @@
-//! What each interrupt vector does: the timer tick, reschedule IPIs,
+//! What each interrupt vector does: the timer tick (and the profiler's
+//! samples), reschedule IPIs,
 //! cross calls, TLB shoot-downs, APIC errors and spurious interrupts, with
 //! per-CPU counts for the tests.
 
@@ -54,6 +55,11 @@ pub fn handle_irq(vector: u8, frame: &mut TrapFrame) -> bool {
             // EOI first: the handler may switch to another task and not
             // come back here for a long time.
             apic::eoi();
+            // While the profiler samples, the timer runs at its rate and
+            // only every (rate / TICK_HZ)-th interrupt is the tick.
+            if !crate::diag::profile::on_timer(frame) {
+                return true;
+            }
             TICKS[cpu].fetch_add(1, Ordering::Relaxed);
             // Before the handler: it may switch tasks.
             crate::rcu::on_interrupt(frame.from_user());

@@ -28,6 +28,10 @@
 //! Each window also reports the pages its threads touched and the faults
 //! that needs at least, so xtask can check the fault count against them.
 //!
+//! With `profile=HZ` on the command line the sampling profiler
+//! (`diag::profile`) runs during the timed windows and its samples follow
+//! the result line (`cargo xtask profile`).
+//!
 //! The result also carries the fault-locking mode the kernel runs
 //! (`fault_lock=vma|mmap`) and the address spaces' counters summed over the
 //! timed windows (faults under a VMA lock or `mmap_lock`, fallbacks, pages
@@ -133,6 +137,9 @@ pub fn run(c: &Cmdline) -> ExitCode {
     // their whole regions (will-it-scale samples fixed durations); fast runs
     // finish their regions well before it.
     let window_ms = parse(c, "window_ms", 2000);
+    // `profile=HZ` (`cargo xtask profile`): sample the timed windows on every
+    // CPU, and dump the samples after the result.
+    let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
     let tsc_per_ms = arch::time::tsc_per_us().unwrap_or(1000) * 1000;
     let cpus = online();
     let n = cpus.len();
@@ -160,6 +167,12 @@ pub fn run(c: &Cmdline) -> ExitCode {
             faultstat::reset();
             reset_lock_stats();
             stats_start = arch::time::rdtsc();
+            if let Some(rate) = profile_rate
+                && let Err(e) = crate::diag::profile::start(rate)
+            {
+                log::error!("bench: profile={rate}: cannot start the profiler: {e:?}");
+                return ExitCode::Failure;
+            }
         }
         let before = faultstat::summary(cpus.iter().copied()).faults;
         let mut spec = spec.clone();
@@ -192,6 +205,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
             add_counters(&mut mm_sum, &out.stats);
         }
     }
+    let recording = profile_rate.and_then(|_| crate::diag::profile::stop());
     let s = faultstat::summary(cpus.iter().copied());
     let stats_cycles = arch::time::rdtsc().wrapping_sub(stats_start);
     let mut json = format!(
@@ -249,5 +263,8 @@ pub fn run(c: &Cmdline) -> ExitCode {
         m.pt_reclaimed
     );
     arch::println!("BENCH-RESULT {json}");
+    if let Some(r) = recording {
+        r.dump();
+    }
     ExitCode::Success
 }
