@@ -23,11 +23,11 @@ use crate::qemu::{self, Accel, Machine};
 use crate::{build_kernel, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
-const SINGLE_LOCK_CPUS: u32 = 1_000_000;
-const WORKLOADS: [&str; 5] = ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table"];
+pub(crate) const SINGLE_LOCK_CPUS: u32 = 1_000_000;
+pub(crate) const WORKLOADS: [&str; 5] = ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table"];
 /// How faults lock (kernel command line `fault_lock=`): their VMA's lock
 /// (per-VMA locks, the kernel's default) or `mmap_lock` shared.
-const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
+pub(crate) const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -92,11 +92,11 @@ pub struct BenchArgs {
 }
 
 /// One (workload, lock, fault lock, cpus) measurement.
-struct Run {
-    workload: String,
-    lock: &'static str,
-    fault_lock: &'static str,
-    cpus: u32,
+pub(crate) struct Run {
+    pub(crate) workload: String,
+    pub(crate) lock: &'static str,
+    pub(crate) fault_lock: &'static str,
+    pub(crate) cpus: u32,
 }
 
 /// Whether `workload` zaps with `MADV_DONTNEED` (and so reclaims tables).
@@ -190,7 +190,7 @@ fn median(v: &mut [f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-fn find_result(log: &std::path::Path) -> Result<Value> {
+pub(crate) fn find_result(log: &std::path::Path) -> Result<Value> {
     let text = std::fs::read_to_string(log)?;
     let line = text
         .lines()
@@ -229,7 +229,7 @@ fn check_fault_count(window: &Value, cpus: u32) -> Result<()> {
 }
 
 /// Turns the kernel's raw result into the run record of faultstorm.json.
-fn summarize(run: &Run, raw: &Value) -> Result<Value> {
+pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     let tsc_per_us = raw["tsc_per_us"].as_f64().filter(|&t| t > 0.0).context("no TSC rate")?;
     let windows = raw["windows"].as_array().context("no windows")?;
     let mut rates: Vec<f64> = Vec::new();
@@ -294,8 +294,40 @@ fn summarize(run: &Run, raw: &Value) -> Result<Value> {
 
 /// Passes per window for `workload` (see `BenchArgs::rounds`).
 fn rounds_for(args: &BenchArgs, workload: &str) -> u64 {
-    let default = if args.quick || !(workload == "disjoint" || is_madvise(workload)) { 1 } else { 4 };
-    args.rounds.unwrap_or(default).max(1)
+    args.rounds.unwrap_or(default_rounds(workload, args.quick)).max(1)
+}
+
+/// The default passes per window of `workload` (see `BenchArgs::rounds`).
+pub(crate) fn default_rounds(workload: &str, quick: bool) -> u64 {
+    if quick || !(workload == "disjoint" || is_madvise(workload)) { 1 } else { 4 }
+}
+
+/// The shape of a run's windows (the bench's `--windows`, `--mib`,
+/// `--rounds`, `--window-ms`).
+pub(crate) struct Windows {
+    pub(crate) windows: u32,
+    pub(crate) mib: u64,
+    pub(crate) rounds: u64,
+    pub(crate) window_ms: u64,
+}
+
+/// The QEMU machine of one boot of `run` (`cargo xtask profile` boots the
+/// same, with `profile=HZ` added to the command line): BIOS, `-smp` equal
+/// to the CPU count, memory for the workload preallocated, the kernel in
+/// `mode=bench`.
+pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu_args: &[String]) -> Machine {
+    Machine {
+        image,
+        firmware: Firmware::Bios,
+        smp: run.cpus,
+        mem: mem_for(run, w.mib),
+        accel,
+        cmdline: format!(
+            "mode=bench workload={} windows={} mib={} rounds={} window_ms={} fault_lock={}",
+            run.workload, w.windows, w.mib, w.rounds, w.window_ms, run.fault_lock
+        ),
+        extra: ["-mem-prealloc".to_string()].into_iter().chain(qemu_args.iter().cloned()).collect(),
+    }
 }
 
 fn mem_for(run: &Run, mib: u64) -> String {
@@ -336,21 +368,8 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 image
             }
         };
-        let machine = Machine {
-            image,
-            firmware: Firmware::Bios,
-            smp: run.cpus,
-            mem: mem_for(run, mib),
-            accel,
-            cmdline: format!(
-                "mode=bench workload={} windows={windows} mib={mib} rounds={} window_ms={} fault_lock={}",
-                run.workload,
-                rounds_for(&args, &run.workload),
-                args.window_ms,
-                run.fault_lock
-            ),
-            extra: ["-mem-prealloc".to_string()].into_iter().chain(args.qemu_args.iter().cloned()).collect(),
-        };
+        let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
+        let machine = machine(run, &shape, image, accel, &args.qemu_args);
         let name = format!("bench-{}-{}-{}-{}cpu", run.workload, run.lock, run.fault_lock, run.cpus);
         // A boot during which the host was busy is repeated (up to
         // BUSY_RETRIES times); the boot with the freest host is kept.

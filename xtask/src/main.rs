@@ -9,6 +9,7 @@ mod gdb;
 mod hostprobe;
 mod kernel;
 mod lint;
+mod profile;
 mod protocol;
 mod qemu;
 mod setup;
@@ -55,6 +56,10 @@ enum Command {
     /// under VMA locks vs mmap_lock (table, target/bench/faultstorm.json and
     /// faultstorm.svg).
     Bench(bench::BenchArgs),
+    /// Sample every CPU during a fault storm (the bench's kernel mode with the
+    /// in-kernel profiler on): folded stacks, an SVG flame graph and a
+    /// summary in target/profile/.
+    Profile(profile::ProfileArgs),
 }
 
 /// Options that change how the kernel is compiled.
@@ -188,6 +193,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::Gdb(args) => gdb::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

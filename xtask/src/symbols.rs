@@ -9,18 +9,53 @@ use std::path::Path;
 /// Symbol lookup in one kernel ELF.
 pub struct Symbolizer {
     loader: addr2line::Loader,
+    /// Every symbol defined in an executable section, functions and
+    /// assembly labels alike, by address (see [`Symbolizer::functions`]).
+    labels: Vec<(u64, String)>,
+}
+
+/// The symbols of `elf`'s executable sections, sorted by address.
+fn code_labels(elf: &Path) -> Vec<(u64, String)> {
+    use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
+    let Ok(data) = std::fs::read(elf) else { return Vec::new() };
+    let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
+    let mut labels: Vec<(u64, String)> = file
+        .symbols()
+        .filter(|s| s.is_definition() || s.kind() == object::SymbolKind::Unknown)
+        .filter(|s| {
+            s.section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+                .is_some_and(|sec| sec.kind() == SectionKind::Text)
+        })
+        .filter_map(|s| Some((s.address(), s.name().ok().filter(|n| !n.is_empty())?.to_string())))
+        .collect();
+    labels.sort();
+    labels
 }
 
 impl Symbolizer {
     /// Loads the debug info of `elf`; `None` (with a warning) if unreadable.
     pub fn new(elf: &Path) -> Option<Self> {
         match addr2line::Loader::new(elf) {
-            Ok(loader) => Some(Self { loader }),
+            Ok(loader) => Some(Self { loader, labels: code_labels(elf) }),
             Err(e) => {
                 eprintln!("xtask: warning: cannot read symbols from {}: {e}", elf.display());
                 None
             }
         }
+    }
+
+    /// The names (aliases) of the nearest code symbol at or below `addr`,
+    /// demangled.
+    fn labels_at(&self, addr: u64) -> Vec<String> {
+        let end = self.labels.partition_point(|(a, _)| *a <= addr);
+        let Some(&(start, _)) = end.checked_sub(1).map(|i| &self.labels[i]) else { return Vec::new() };
+        self.labels[..end]
+            .iter()
+            .rev()
+            .take_while(|(a, _)| *a == start)
+            .map(|(_, n)| strip_hash(&addr2line::demangle_auto(n.into(), None)).to_string())
+            .collect()
     }
 
     /// `function at file:line` for `addr` (inlined frames joined by ` <- `).
@@ -44,6 +79,30 @@ impl Symbolizer {
             return self.loader.find_symbol(addr).map(str::to_string);
         }
         Some(parts.join(" <- "))
+    }
+
+    /// The functions executing at `addr`, innermost first: the frames DWARF
+    /// records there for inlined calls, then the function they were inlined
+    /// into (the profiler's stacks show each). The nearest code symbol at or
+    /// below `addr` has the last word: assembly (the trap and system-call
+    /// entries) has labels but no DWARF, and a DWARF lookup there lands in
+    /// the preceding Rust function; so where DWARF's outermost function is
+    /// not that symbol, the symbol alone is the answer. Empty if there is
+    /// neither.
+    pub fn functions(&self, addr: u64) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Ok(mut frames) = self.loader.find_frames(addr) {
+            while let Ok(Some(frame)) = frames.next() {
+                if let Some(name) = frame.function.as_ref().and_then(|f| f.demangle().ok()) {
+                    names.push(strip_hash(&name).to_string());
+                }
+            }
+        }
+        let labels = self.labels_at(addr);
+        match (labels.first(), names.last()) {
+            (Some(label), outer) if outer.is_none_or(|o| !labels.contains(o)) => vec![label.clone()],
+            _ => names,
+        }
     }
 
     /// If `line` is a backtrace frame, returns it with the symbol appended.
