@@ -305,6 +305,42 @@ pub fn stopped_count() -> usize {
     STOPPED.load().count()
 }
 
+/// What each stopped CPU prints before it parks, when the stopper asked for
+/// reports ([`stop_other_cpus_reporting`]).
+static STOP_REPORT: spin::Once<fn(&crate::trap::TrapFrame)> = spin::Once::new();
+/// Held by the stopped CPU that is printing its report: one at a time.
+static REPORT_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// As [`stop_other_cpus`], but every CPU the NMI stops first runs `report`
+/// with the state it was interrupted in (one CPU at a time), then parks.
+/// Waits up to `wait_ms` for all of them to have reported and parked. A
+/// lockup watchdog uses it to print what every CPU was doing.
+pub fn stop_other_cpus_reporting(report: fn(&crate::trap::TrapFrame), wait_ms: u64) -> bool {
+    STOP_REPORT.call_once(|| report);
+    if !stop_other_cpus() {
+        return false;
+    }
+    let others = percpu::online_mask().without(percpu::cpu_id());
+    let deadline = crate::time::rdtsc() + crate::time::tsc_per_us().unwrap_or(3000) * 1000 * wait_ms;
+    while !STOPPED.load().is_superset(&others) && crate::time::rdtsc() < deadline {
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// The stop NMI arrived on this CPU (the trap layer's NMI path): print its
+/// report if the stopper asked for one, then [`park`].
+pub fn stopped_by_nmi(frame: &crate::trap::TrapFrame) -> ! {
+    if let Some(report) = STOP_REPORT.get() {
+        while REPORT_LOCK.swap(true, Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        report(frame);
+        REPORT_LOCK.store(false, Ordering::Release);
+    }
+    park()
+}
+
 /// Whether a stop is in progress and this CPU is not the one stopping.
 /// Checked by the NMI handler.
 pub fn stop_requested_for_me() -> bool {

@@ -23,9 +23,11 @@ impl mm::hal::Hal for KernelHal {
     /// A CPU spinning on a page-table lock may have interrupts off while the
     /// lock holder waits for it to acknowledge a TLB shoot-down: servicing
     /// pending flushes here is what makes that wait finish (arch/src/tlb.rs).
+    /// Each turn also feeds the lockup watchdog, which times the wait.
     #[inline]
-    fn spin_wait(&self, _spins: u32) {
+    fn spin_wait(&self, spins: u32) {
         arch::tlb::service_pending();
+        crate::diag::watchdog::spinning(spins);
         core::hint::spin_loop();
     }
 
@@ -104,6 +106,13 @@ impl mm::hal::Hal for KernelHal {
 }
 
 static HAL: KernelHal = KernelHal;
+
+/// `cpu`'s lock-order records (the locks it holds, with where it took them,
+/// and the one it is taking), for the lockup watchdog's report; `None` in
+/// release builds, which keep none.
+pub fn lockdep_of(cpu: usize) -> Option<&'static LockdepCpu> {
+    (cfg!(debug_assertions) && cpu < NR_CPUS).then(|| &LOCKDEP[cpu])
+}
 
 // Per-CPU shards on both sides of the HAL index by the CPU number: the two
 // crates must agree on how many there are (both take `abi::NR_CPUS`).

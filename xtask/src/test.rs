@@ -56,6 +56,10 @@ enum Expect {
     /// A kernel stack overflows into its guard page inside the named test:
     /// a double fault whose oops names the overflow.
     StackOverflow { test: &'static str },
+    /// CPUs deadlock inside the named test: the lockup watchdog stops every
+    /// CPU and each names the lock it waits for and that lock's holder with
+    /// the site that took it; the backtraces are symbolized.
+    Lockup { test: &'static str, cpus: usize },
 }
 
 struct KernelRun {
@@ -211,12 +215,35 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
                 ),
             )
         }
+        Expect::Lockup { test, cpus } => {
+            let log = std::fs::read_to_string(&o.log).unwrap_or_default();
+            let (detected, holders, symbolized) = lockup_report(&log, test);
+            let failed = r.failed.iter().any(|(t, why)| t.ends_with(test) && why.iter().any(|w| w.contains("lockup")));
+            let ok =
+                detected && holders >= *cpus && symbolized && failed && o.ending == Ending::Exit(qemu::STATUS_FAILURE);
+            (
+                ok,
+                format!(
+                    "expected the watchdog to stop every CPU in `{test}` and name each one's lock and its holder: detected {detected}, {holders} of {cpus} CPUs named the holder and its site, backtrace symbolized {symbolized}, FAILED {failed}"
+                ),
+            )
+        }
         Expect::Timeout { test } => {
             let named = o.describe(&run.name).contains(test);
             let ok = matches!(o.ending, Ending::Timeout(Expiry::Run | Expiry::Test)) && named;
             (ok, format!("expected a timeout naming `{test}`: {}", o.describe(&run.name)))
         }
     }
+}
+
+/// What a watchdog report in `log` shows: whether a lockup was detected,
+/// how many CPUs named the holder of the lock they wait for and the site
+/// that took it, and whether a backtrace frame was symbolized to `test`.
+fn lockup_report(log: &str, test: &str) -> (bool, usize, bool) {
+    let detected = log.contains("WATCHDOG: lockup detected on CPU");
+    let holders = log.lines().filter(|l| l.contains("that lock is held by CPU") && l.contains(".rs:")).count();
+    let symbolized = log.lines().any(|l| l.contains(&format!("selftest::{test}")) && l.contains(" at "));
+    (detected, holders, symbolized)
 }
 
 fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
@@ -313,6 +340,17 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         Expect::StackOverflow { test: "deliberate_stack_overflow" },
         None,
     ));
+    // Two CPUs deadlock on two locks taken in opposite orders: the lockup
+    // watchdog (5 s) must catch it and diagnose both CPUs.
+    runs.push(KernelRun {
+        smp: 2,
+        ..selftest(
+            "ABBA deadlock (lockup watchdog)",
+            "deliberate_abba_deadlock",
+            Expect::Lockup { test: "deliberate_abba_deadlock", cpus: 2 },
+            None,
+        )
+    });
     runs.push(KernelRun {
         name: "runner self-test: panic on another CPU".into(),
         features: Vec::new(),
@@ -526,6 +564,36 @@ mod tests {
         assert!(detail.contains("`nosuchtest` matches no kernel test"), "{detail}");
         let o = outcome(Ending::Exit(qemu::STATUS_SUCCESS), "running 1 test\ntest a::b ... ok\n1 passed, 0 failed\n");
         assert!(judge(&run, &o).0);
+    }
+
+    #[test]
+    fn a_lockup_passes_only_with_every_cpu_diagnosed() {
+        let run = run_expecting(Expect::Lockup { test: "deliberate_abba_deadlock", cpus: 2 }, "mode=test");
+        let dir = std::env::temp_dir().join(format!("xtask-lockup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let judge_log = |log: &str, ending: Ending| {
+            let path = dir.join("r.log");
+            std::fs::write(&path, log).unwrap();
+            let mut o = outcome(ending, log);
+            o.log = path;
+            judge(&run, &o)
+        };
+        let cpu = |n: usize, holder: usize| {
+            format!(
+                "watchdog: CPU {n}: interrupted in the kernel at rip 0x1\n  waiting for lock 0x10 (Untracked), taking it at kernel/src/test/selftest.rs:93:30\n  that lock is held by CPU {holder}, taken at kernel/src/test/selftest.rs:88:28\nbacktrace:\n  #0 0xffffffff8002ab88\n        kernel::test::selftest::deliberate_abba_deadlock at kernel/src/test/selftest.rs:99\n"
+            )
+        };
+        let head = "running 1 test\ntest kernel::test::selftest::deliberate_abba_deadlock ... \nWATCHDOG: lockup detected on CPU 0: CPU 0 has been spinning on one lock for 5.0 s\n";
+        let tail = "test kernel::test::selftest::deliberate_abba_deadlock ... FAILED\n    lockup: the watchdog stopped every CPU (see above)\n0 passed, 1 failed\n";
+        let full = format!("{head}{}{}{tail}", cpu(1, 0), cpu(0, 1));
+        let (ok, detail) = judge_log(&full, Ending::Exit(qemu::STATUS_FAILURE));
+        assert!(ok, "{detail}");
+        // One CPU's diagnosis missing, or a hang the run limit caught: not enough.
+        let one = format!("{head}{}{tail}", cpu(1, 0));
+        assert!(!judge_log(&one, Ending::Exit(qemu::STATUS_FAILURE)).0);
+        let hang = "running 1 test\ntest kernel::test::selftest::deliberate_abba_deadlock ... ";
+        assert!(!judge_log(hang, Ending::Timeout(Expiry::Run)).0);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

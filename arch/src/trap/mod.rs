@@ -281,7 +281,8 @@ fn dispatch(frame: &mut TrapFrame) {
         return;
     }
     if vector == vector::NMI && crate::ipi::stop_requested_for_me() {
-        crate::ipi::park(); // Another CPU is dying and asked us to stop.
+        // Another CPU is dying (or reporting a lockup) and asked us to stop.
+        crate::ipi::stopped_by_nmi(frame);
     }
     let fault = (vector == vector::PAGE_FAULT).then(|| PageFault {
         addr: Cr2::read().unwrap_or(VirtAddr::zero()),

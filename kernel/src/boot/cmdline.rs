@@ -6,7 +6,8 @@
 //! `fault_lock=vma|mmap` (how page faults lock their VMA: the per-VMA lock,
 //! the default, or `mmap_lock` shared as before Linux 6.4, for comparison),
 //! `spinlock=ticket|tas` (FIFO tickets or test-and-set; the default is
-//! test-and-set under a hypervisor, as Linux's `virt_spin_lock`).
+//! test-and-set under a hypervisor, as Linux's `virt_spin_lock`),
+//! `watchdog=SECS|off` (the lockup watchdog, `diag::watchdog`).
 
 use spin::Once;
 

@@ -126,7 +126,16 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     sched::init_cpu("init");
     uspace::init_cpu();
     sched::set_kick(smp::kick);
-    smp::set_tick_handler(sched::tick);
+    smp::set_tick_handler(tick);
+    let watchdog = crate::diag::watchdog::init(cmdline);
+    if watchdog == 0 {
+        log::info!("boot: lockup watchdog off");
+    } else {
+        log::info!(
+            "boot: lockup watchdog: {watchdog} s spinning on one lock, or {} s without a timer tick, stops every CPU and reports",
+            watchdog * crate::diag::watchdog::TICK_LIMIT_SECS / crate::diag::watchdog::SPIN_LIMIT_SECS
+        );
+    }
     // Kernel code is not preempted (the tick only preempts ring 3), so the
     // boot task can take interrupts from here on: ticks, IPIs.
     arch::irq::enable();
@@ -137,6 +146,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     };
     log::info!("powering off ({})", if status == ExitCode::Success { "success" } else { "failure" });
     qemu::exit(status)
+}
+
+/// Every CPU's timer tick: the lockup watchdog's stamp, then the scheduler.
+fn tick(from_user: bool) {
+    crate::diag::watchdog::tick();
+    sched::tick(from_user);
 }
 
 #[cfg(target_os = "none")]

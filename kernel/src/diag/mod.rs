@@ -4,6 +4,8 @@
 //! * [`panic`](mod@panic): the panic handler (report, backtrace, test verdict, exit);
 //! * [`faultstat`]: per-CPU page-fault counts and cost histograms;
 //! * [`profile`]: the sampling profiler (`cargo xtask profile`);
+//! * [`watchdog`]: the lockup watchdog (a CPU spinning on one lock, or
+//!   handling no tick, for seconds stops every CPU and reports each);
 //! * [`debuginfo`]: the block of build facts gdb/ptlk.py reads.
 
 pub mod debuginfo;
@@ -11,3 +13,4 @@ pub mod faultstat;
 pub mod logger;
 mod panic;
 pub mod profile;
+pub mod watchdog;

@@ -82,6 +82,11 @@ pub fn on_fatal() {
     fail_current(format_args!("kernel oops (see above)"));
 }
 
+/// Same as [`on_panic`] for a lockup the watchdog reported (above).
+pub fn on_lockup() {
+    fail_current(format_args!("lockup: the watchdog stopped every CPU (see above)"));
+}
+
 fn fail_current(why: core::fmt::Arguments) {
     let current = CURRENT.swap(0, Ordering::SeqCst);
     let Some(tests) = SELECTED.get() else { return };

@@ -68,3 +68,38 @@ fn deliberate_use_after_free() {
     let again = mm::alloc_pages(0).expect("a frame");
     panic!("the write after free went unnoticed (freed {pfn:?}, got {:?} back)", again.pfn());
 }
+
+/// Two CPUs take two locks in opposite orders (ABBA) and wait for each
+/// other for good: the lockup watchdog must stop every CPU and name, for
+/// each, the lock it waits for, its holder and where the holder took it.
+/// The locks are of the untracked level, so the lock-order checker lets
+/// the inversion happen (it only orders the memory manager's levels).
+#[ktest]
+fn deliberate_abba_deadlock() {
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
+    use mm::lock::{LockClass, LockLevel, RawSpinLock};
+    static A: RawSpinLock = RawSpinLock::new(LockClass::Other);
+    static B: RawSpinLock = RawSpinLock::new(LockClass::Other);
+    /// How many of the two CPUs hold their first lock.
+    static HOLDING: AtomicUsize = AtomicUsize::new(0);
+
+    #[track_caller]
+    fn take_both(first: &'static RawSpinLock, second: &'static RawSpinLock) -> ! {
+        let _first = first.lock(LockLevel::Untracked);
+        HOLDING.fetch_add(1, Ordering::SeqCst);
+        while HOLDING.load(Ordering::SeqCst) < 2 {
+            core::hint::spin_loop();
+        }
+        let _second = second.lock(LockLevel::Untracked);
+        panic!("took both locks of an ABBA pair: the other CPU did not hold its first");
+    }
+    extern "C" fn b_then_a(_: usize) -> ! {
+        take_both(&B, &A)
+    }
+    let me = arch::percpu::cpu_id();
+    let other = crate::workload::storm::online().into_iter().find(|&c| c != me).expect("needs two CPUs");
+    let t = crate::sched::Task::new_kernel("abba".into(), other, b_then_a, 0).expect("task");
+    crate::sched::spawn(t);
+    take_both(&A, &B)
+}

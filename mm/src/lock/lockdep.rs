@@ -15,9 +15,17 @@
 //! and afterwards we record it. In release builds every function here
 //! compiles to nothing.
 //!
-//! Only the owning CPU touches its [`LockdepCpu`], so relaxed atomics suffice:
+//! Each entry also keeps the `#[track_caller]` site that took the lock, and
+//! the CPU notes the lock it is about to take (from the check until the
+//! acquisition): the kernel's lockup watchdog reads both from a stopped CPU
+//! to say which lock a spinning CPU waits for, who holds it, and where the
+//! holder took it ([`LockdepCpu::acquiring`], [`LockdepCpu::held`]).
+//!
+//! Only the owning CPU writes its [`LockdepCpu`], so relaxed atomics suffice:
 //! they are used for interior mutability without `unsafe`, not for ordering.
+//! (Other CPUs read them only as a diagnosis, once the owner has stopped.)
 
+use core::panic::Location;
 use core::sync::atomic::Ordering::Relaxed;
 use core::sync::atomic::{AtomicU8, AtomicUsize};
 
@@ -33,6 +41,37 @@ pub struct LockdepCpu {
     level: [AtomicU8; MAX_HELD],
     /// Nesting subclass: 0 plain, 1 `lock_nested`.
     sub: [AtomicU8; MAX_HELD],
+    /// Where each held lock was taken (a `&'static Location`, as an address).
+    site: [AtomicUsize; MAX_HELD],
+    /// The lock this CPU checked last and has not recorded as taken yet: while
+    /// it spins for one, that lock (0: none).
+    acquiring: AtomicUsize,
+    /// The level `acquiring` is being taken at.
+    acquiring_level: AtomicU8,
+    /// Where `acquiring` is being taken.
+    acquiring_site: AtomicUsize,
+}
+
+/// A lock a CPU holds ([`LockdepCpu::held`]) or is taking
+/// ([`LockdepCpu::acquiring`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldLock {
+    /// The lock's address.
+    pub addr: usize,
+    /// The level it was taken at.
+    pub level: LockLevel,
+    /// Where it was taken.
+    pub site: Option<&'static Location<'static>>,
+}
+
+fn site_addr(site: &'static Location<'static>) -> usize {
+    site as *const Location<'static> as usize
+}
+
+fn site_from(addr: usize) -> Option<&'static Location<'static>> {
+    // SAFETY: a nonzero value was stored by `site_addr` from a `&'static
+    // Location` (the only writer of these words), so it is that reference.
+    (addr != 0).then(|| unsafe { &*(addr as *const Location<'static>) })
 }
 
 impl LockdepCpu {
@@ -43,7 +82,33 @@ impl LockdepCpu {
             addr: [const { AtomicUsize::new(0) }; MAX_HELD],
             level: [const { AtomicU8::new(0) }; MAX_HELD],
             sub: [const { AtomicU8::new(0) }; MAX_HELD],
+            site: [const { AtomicUsize::new(0) }; MAX_HELD],
+            acquiring: AtomicUsize::new(0),
+            acquiring_level: AtomicU8::new(0),
+            acquiring_site: AtomicUsize::new(0),
         }
+    }
+
+    /// The lock this CPU is taking (checked, not yet acquired: while it
+    /// spins, the lock it waits for) and where, if any. A `try_lock` that
+    /// lost its compare-exchange leaves its lock here until the next
+    /// acquisition: read it only while the CPU is known to be waiting.
+    pub fn acquiring(&self) -> Option<HeldLock> {
+        let addr = self.acquiring.load(Relaxed);
+        (addr != 0).then(|| HeldLock {
+            addr,
+            level: LockLevel::from_u8(self.acquiring_level.load(Relaxed)),
+            site: site_from(self.acquiring_site.load(Relaxed)),
+        })
+    }
+
+    /// The locks this CPU holds, oldest first.
+    pub fn held(&self) -> impl Iterator<Item = HeldLock> + '_ {
+        (0..self.depth().min(MAX_HELD)).map(|i| HeldLock {
+            addr: self.addr[i].load(Relaxed),
+            level: LockLevel::from_u8(self.level[i].load(Relaxed)),
+            site: site_from(self.site[i].load(Relaxed)),
+        })
     }
 
     /// Number of locks held.
@@ -53,6 +118,9 @@ impl LockdepCpu {
 
     #[track_caller]
     fn check(&self, addr: usize, level: LockLevel, nested: bool) {
+        self.acquiring.store(addr, Relaxed);
+        self.acquiring_level.store(level as u8, Relaxed);
+        self.acquiring_site.store(site_addr(Location::caller()), Relaxed);
         for i in 0..self.depth() {
             let held = self.addr[i].load(Relaxed);
             let held_level = LockLevel::from_u8(self.level[i].load(Relaxed));
@@ -77,7 +145,9 @@ impl LockdepCpu {
         self.addr[d].store(addr, Relaxed);
         self.level[d].store(level as u8, Relaxed);
         self.sub[d].store(nested as u8, Relaxed);
+        self.site[d].store(site_addr(Location::caller()), Relaxed);
         self.depth.store(d + 1, Relaxed);
+        self.acquiring.store(0, Relaxed);
     }
 
     fn remove(&self, addr: usize) {
@@ -88,6 +158,7 @@ impl LockdepCpu {
                 self.addr[j].store(self.addr[j + 1].load(Relaxed), Relaxed);
                 self.level[j].store(self.level[j + 1].load(Relaxed), Relaxed);
                 self.sub[j].store(self.sub[j + 1].load(Relaxed), Relaxed);
+                self.site[j].store(self.site[j + 1].load(Relaxed), Relaxed);
             }
             self.depth.store(d - 1, Relaxed);
         }
@@ -227,6 +298,44 @@ mod tests {
         let a = RawSpinLock::new(LockClass::PageTableLock);
         let _g = a.lock(LockLevel::Pmd);
         let _h = a.lock(LockLevel::Pte);
+    }
+
+    fn addr_of(l: &RawSpinLock) -> usize {
+        l as *const RawSpinLock as usize
+    }
+
+    /// What the lockup watchdog reads: the held locks with the sites that
+    /// took them, and the lock being taken until it is recorded.
+    #[test]
+    fn held_locks_carry_their_sites_and_the_lock_being_taken_is_noted() {
+        let a = RawSpinLock::new(LockClass::PageTableLock);
+        let b = RawSpinLock::new(LockClass::PteLock);
+        let (ga, line_a) = (a.lock(LockLevel::PageTableLock), line!());
+        let (gb, line_b) = (b.lock(LockLevel::Pte), line!());
+        let c = cpu_state().expect("the host HAL keeps lockdep state");
+        let held: std::vec::Vec<_> = c.held().map(|h| (h.addr, h.level, h.site.map(|s| s.line()))).collect();
+        assert_eq!(
+            held,
+            [(addr_of(&a), LockLevel::PageTableLock, Some(line_a)), (addr_of(&b), LockLevel::Pte, Some(line_b))]
+        );
+        assert_eq!(c.acquiring(), None, "nothing is being taken");
+        drop(ga);
+        assert_eq!(c.held().map(|h| h.site.map(|s| s.line())).collect::<std::vec::Vec<_>>(), [Some(line_b)]);
+        drop(gb);
+        // `lock` notes the lock when it checks the order, before it spins
+        // for it, and clears the note once it holds it.
+        let c_lock = RawSpinLock::new(LockClass::PteLock);
+        let check_line = line!() + 1;
+        before_acquire(addr_of(&c_lock), LockLevel::Pte, false);
+        let noted = c.acquiring().expect("the lock being taken is noted");
+        assert_eq!(
+            (noted.addr, noted.level, noted.site.map(|s| s.line())),
+            (addr_of(&c_lock), LockLevel::Pte, Some(check_line))
+        );
+        acquired(addr_of(&c_lock), LockLevel::Pte, false);
+        assert_eq!(c.acquiring(), None);
+        released(addr_of(&c_lock));
+        assert_eq!(held_locks(), 0);
     }
 
     #[test]
