@@ -342,6 +342,10 @@ pub mod storm {
         /// after its first write (a fresh page reads zero but for the tag).
         /// Off in the benchmark, where it would double the time per page.
         pub verify: u64,
+        /// Nonzero: a system call that fails with `-ENOMEM` (failure
+        /// injection, memory pressure) is counted in `Report::oom` and its
+        /// step skipped, not counted as a mismatch.
+        pub tolerate_oom: u64,
     }
 
     /// What one thread reports.
@@ -362,6 +366,8 @@ pub mod storm {
         pub done: u64,
         /// Tags checked through the `checksum` system call (`MODE_GUP`).
         pub gup_checks: u64,
+        /// System calls that failed with `-ENOMEM` (only with `tolerate_oom`).
+        pub oom: u64,
     }
 
     /// The tag a thread writes into a page in a round.

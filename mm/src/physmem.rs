@@ -17,7 +17,7 @@ use crate::bootmem::BootMem;
 use crate::frame::{FrameAllocator, Frames, MAX_ORDER};
 use crate::gigantic::GiganticPool;
 use crate::memmap::{MemMap, MemmapStats, Page, PageKind};
-use crate::ptlock::FaultInject;
+use crate::ptlock::{FailSite, FaultInject};
 use crate::table_rcu::{TableRcu, TableRcuStats};
 
 /// Physical memory: memmap + frame allocator + the gigantic pool + the zero
@@ -136,6 +136,9 @@ impl PhysMem {
     /// record the caller as the frames' owner (`frame::poison`).
     #[track_caller]
     pub fn alloc_pages(&self, order: usize) -> Option<Frames<'_>> {
+        if self.fault.should_fail(FailSite::Frame) {
+            return None;
+        }
         let pfn = self.allocator.alloc(&self.memmap, order)?;
         Some(Frames::new(self, pfn, order))
     }
@@ -205,7 +208,8 @@ impl PhysMem {
         self.allocator.drain_all(&self.memmap);
     }
 
-    /// The page-table constructor failure injector.
+    /// The failure injector: page-table constructors (countdown and random),
+    /// random frame, `ptl` and (asked by the kernel's heap) heap failures.
     pub fn fault_inject(&self) -> &FaultInject {
         &self.fault
     }
@@ -310,6 +314,26 @@ mod tests {
         let memmap_frames = m.phys.memmap().overhead_bytes().div_ceil(PAGE_SIZE);
         // The zero page and the test machine's kernel PML4 take one frame each.
         assert_eq!(m.phys.nr_free_pages(), total - memmap_frames - 2);
+    }
+
+    /// `fail=frame:1/N`: allocations fail at about that rate, each failure
+    /// leaves the allocator as it was, and everything allocated comes back.
+    #[test]
+    fn injected_frame_failures_fail_cleanly() {
+        let m = TestMachine::with_regions(&[(0x10_0000, 0x90_0000)]);
+        let before = m.phys.nr_free_pages();
+        m.phys.fault_inject().set_seed(11);
+        m.phys.fault_inject().configure("frame:1/4").unwrap();
+        let got: std::vec::Vec<_> = (0..400).map(|i| m.phys.alloc_pages(i % 2)).collect();
+        let failed = got.iter().filter(|f| f.is_none()).count() as u64;
+        assert!((60..140).contains(&failed), "{failed} of 400 failed at 1/4");
+        assert_eq!(m.phys.fault_inject().injected_at(FailSite::Frame), failed);
+        let held: u64 = got.iter().flatten().map(|f| 1 << f.order()).sum();
+        assert_eq!(m.phys.nr_free_pages(), before - held);
+        drop(got);
+        assert_eq!(m.phys.nr_free_pages(), before);
+        m.phys.fault_inject().clear_rates();
+        assert!((0..100).all(|_| m.phys.alloc_pages(0).is_some()));
     }
 
     #[test]

@@ -58,6 +58,20 @@ fn for_each_page(p: &Params, i: u64, mut f: impl FnMut(u64)) {
     }
 }
 
+/// Whether a system call's result `r` (expected: `want`) is a failure to
+/// report as a mismatch: `-ENOMEM` is counted in `out.oom` instead when the
+/// storm tolerates it (failure injection).
+fn bad(r: isize, want: isize, p: &Params, out: &mut Report) -> bool {
+    if r == want {
+        return false;
+    }
+    if r == -abi::errno::ENOMEM && p.tolerate_oom != 0 {
+        out.oom += 1;
+        return false;
+    }
+    true
+}
+
 /// `madvise(MADV_DONTNEED)` of `[start, end)` in chunks that end at 2 MiB
 /// boundaries (whole 2 MiB regions where the range is aligned); returns the
 /// number of calls that failed.
@@ -141,8 +155,11 @@ pub fn run(index: u64) -> isize {
                 let len = p.len as usize;
                 let addr = sys::mmap(0, len, abi::prot::READ | abi::prot::WRITE, p.map_flags as usize);
                 if addr < 0 {
-                    out.mismatches += 1;
-                    break;
+                    if bad(addr, 0, &p, &mut out) {
+                        out.mismatches += 1;
+                        break;
+                    }
+                    continue;
                 }
                 let (start, mut a) = (addr as u64, addr as u64);
                 while a < start + p.len {
@@ -166,7 +183,7 @@ pub fn run(index: u64) -> isize {
                     }
                     b += PAGE;
                 }
-                if sys::munmap(addr as usize, len) != 0 {
+                if bad(sys::munmap(addr as usize, len), 0, &p, &mut out) {
                     out.mismatches += 1;
                 }
                 // No barriers in this mode: past the deadline, stop cycling.
@@ -176,9 +193,8 @@ pub fn run(index: u64) -> isize {
             }
             storm::MODE_REMAPPER => {
                 let flags = abi::map::FIXED | p.map_flags as usize;
-                if sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags)
-                    != p.base as isize
-                {
+                let r = sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags);
+                if bad(r, p.base as isize, &p, &mut out) {
                     out.mismatches += 1;
                 }
                 sys::yield_now();
@@ -187,7 +203,7 @@ pub fn run(index: u64) -> isize {
                 for _ in 0..10 {
                     let mut region = p.base;
                     while region < p.base + p.len {
-                        if sys::madvise(region as usize, HUGE as usize, abi::advice::DONTNEED) != 0 {
+                        if bad(sys::madvise(region as usize, HUGE as usize, abi::advice::DONTNEED), 0, &p, &mut out) {
                             out.mismatches += 1;
                         }
                         region += HUGE;
@@ -251,8 +267,8 @@ pub fn run(index: u64) -> isize {
                     let mut region = p.base;
                     while region < p.base + p.len {
                         let page = region + PAGE * (1 + (round * 20 + step) % 500);
-                        if sys::mprotect(page as usize, PAGE as usize, abi::prot::READ | abi::prot::WRITE | extra) != 0
-                        {
+                        let r = sys::mprotect(page as usize, PAGE as usize, abi::prot::READ | abi::prot::WRITE | extra);
+                        if bad(r, 0, &p, &mut out) {
                             out.mismatches += 1;
                         }
                         region += HUGE;

@@ -5,12 +5,57 @@
 //!
 //! Page tables never come from here (DESIGN.md section 4): only ordinary
 //! kernel objects, and the separately allocated `ptl` of the debug-lock build.
+//!
+//! # Failure injection (`fail=heap:1/N`)
+//!
+//! Most of the kernel allocates through Rust's `alloc` collections (`Box`,
+//! `Arc`, `Vec`, `BTreeMap`), whose allocation failure is fatal: it calls
+//! the allocation-error handler, which panics. So the injector
+//! (`mm::FaultInject`, site `Heap`) fails only allocations made inside
+//! [`fallible`], which code enters exactly where it asks with a fallible
+//! API (`try_reserve`, a null check) and reports the error: today the
+//! `log` system call's buffer (`-ENOMEM`). Everything else would still
+//! abort on a real shortage, and is not injected: the tasks, address
+//! spaces, processes and barriers of `sched` and `uspace` (`Arc`/`Box`/
+//! `BTreeMap`), the memory manager's VMA arrays (`Arc`/`Vec` on `mmap`,
+//! `munmap`, `mprotect`, `mremap`), and the debug build's allocated `ptl`,
+//! which has its own site (`ptl`, failed at its constructor). Making those
+//! fallible needs `try_*` constructors (the unstable `allocator_api`)
+//! through every layer that builds them.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
 
+use arch::percpu::NR_CPUS;
 use linked_list_allocator::Heap;
 use spin::Mutex;
+
+/// Per CPU: how deep it is in [`fallible`] sections.
+static FALLIBLE: [AtomicU32; NR_CPUS] = [const { AtomicU32::new(0) }; NR_CPUS];
+
+/// Runs `f`, whose heap allocations the caller handles when they fail, so
+/// that the failure injector may fail them. `f` must not block or switch
+/// tasks (another task on this CPU would inherit the section): wrap the
+/// fallible allocation call itself, nothing more.
+///
+/// Interrupts are off meanwhile, so an interrupt handler's allocations are
+/// never inside the section.
+pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
+    arch::irq::without_interrupts(|| {
+        let cpu = arch::percpu::cpu_id();
+        FALLIBLE[cpu].fetch_add(1, Ordering::Relaxed);
+        let r = f();
+        FALLIBLE[cpu].fetch_sub(1, Ordering::Relaxed);
+        r
+    })
+}
+
+/// Whether an allocation now may be failed by the injector.
+fn inject_failure() -> bool {
+    FALLIBLE[arch::percpu::cpu_id()].load(Ordering::Relaxed) != 0
+        && mm::try_phys().is_some_and(|p| p.fault_inject().should_fail(mm::ptlock::FailSite::Heap))
+}
 
 /// Protects the allocator's free list. Taken with interrupts disabled so an
 /// interrupt handler that allocates cannot deadlock against its own CPU.
@@ -23,6 +68,9 @@ static HEAP: LockedHeap = LockedHeap(Mutex::new(Heap::empty()));
 // properly aligned, non-overlapping blocks from memory it owns.
 unsafe impl GlobalAlloc for LockedHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if inject_failure() {
+            return core::ptr::null_mut();
+        }
         arch::irq::without_interrupts(|| {
             self.0.lock().allocate_first_fit(layout).map_or(core::ptr::null_mut(), |p| p.as_ptr())
         })
@@ -102,6 +150,32 @@ mod tests {
             assert!(!p.is_null() && (p as usize).is_multiple_of(4096));
             alloc::alloc::dealloc(p, aligned);
         }
+        assert_eq!(super::used(), before, "heap usage did not return to its start");
+    }
+
+    /// `fail=heap:1/N` fails allocations inside `fallible` sections only:
+    /// there at about the rate, the failure is an error the caller sees, and
+    /// nothing leaks; outside, never.
+    #[ktest]
+    fn injected_heap_failures_hit_only_fallible_allocations() {
+        use mm::ptlock::FailSite;
+        crate::workload::storm::settle();
+        let inject = mm::phys().fault_inject();
+        let (before, injected) = (super::used(), inject.injected_at(FailSite::Heap));
+        inject.set_rate(FailSite::Heap, 4);
+        let mut failed = 0;
+        for i in 0..400 {
+            let mut v: Vec<u8> = Vec::new();
+            if super::fallible(|| v.try_reserve_exact(64 + i)).is_err() {
+                failed += 1;
+            }
+            // Outside a fallible section nothing fails (this would abort).
+            let b = Box::new([i as u8; 32]);
+            assert_eq!(b[31], i as u8);
+        }
+        inject.set_rate(FailSite::Heap, 0);
+        assert!((60..140).contains(&failed), "{failed} of 400 fallible allocations failed at 1/4");
+        assert_eq!(inject.injected_at(FailSite::Heap) - injected, failed);
         assert_eq!(super::used(), before, "heap usage did not return to its start");
     }
 }

@@ -139,6 +139,11 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     // Kernel code is not preempted (the tick only preempts ring 3), so the
     // boot task can take interrupts from here on: ticks, IPIs.
     arch::irq::enable();
+    // Failure injection: armed now (boot itself runs without), except for
+    // the test runner, whose injection test arms it for itself.
+    if cmdline.mode() != cmdline::Mode::Test {
+        arm_failure_injection(cmdline);
+    }
     let status = match cmdline.mode() {
         cmdline::Mode::Test => runner::run(cmdline),
         cmdline::Mode::Run => workload::run(),
@@ -146,6 +151,21 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     };
     log::info!("powering off ({})", if status == ExitCode::Success { "success" } else { "failure" });
     qemu::exit(status)
+}
+
+/// `fail=SITE:1/N,...` and `fail_seed=S` (`mm::FaultInject::configure`):
+/// frame, page-table, allocated-`ptl` and (fallible) heap allocations fail
+/// at those rates from now on. Returns whether anything was armed.
+pub fn arm_failure_injection(cmdline: &cmdline::Cmdline) -> bool {
+    let Some(spec) = cmdline.value("fail") else { return false };
+    let inject = mm::phys().fault_inject();
+    let seed = cmdline.value("fail_seed").and_then(|s| s.parse().ok()).unwrap_or(1);
+    inject.set_seed(seed);
+    if let Err(e) = inject.configure(spec) {
+        panic!("fail={spec}: {}", e.0);
+    }
+    log::info!("boot: failure injection armed: fail={spec} fail_seed={seed}");
+    true
 }
 
 /// Every CPU's timer tick: the lockup watchdog's stamp, then the scheduler.

@@ -72,7 +72,13 @@ fn sys_log(ptr: u64, len: usize) -> isize {
     if len > abi::LOG_MAX {
         return -errno::EINVAL;
     }
-    let mut buf = alloc::vec![0u8; len];
+    // A failed allocation is this call's error, not the kernel's: the heap's
+    // failure injector may fail it (`boot::heap::fallible`).
+    let mut buf = alloc::vec::Vec::new();
+    if crate::boot::heap::fallible(|| buf.try_reserve_exact(len)).is_err() {
+        return -errno::ENOMEM;
+    }
+    buf.resize(len, 0u8);
     if arch::usercopy::copy_from_user(&mut buf, ptr).is_err() {
         return -errno::EFAULT;
     }

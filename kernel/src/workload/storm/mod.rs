@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 use abi::storm::{AREA_SIZE, PARAMS_ADDR, Params, REPORTS_OFFSET, Report};
 use mm::{MapFlags, Mapping, MmStats, Prot, VirtAddr};
 
-use crate::uspace::{AddressSpace, spawn_user};
+use crate::uspace::{AddressSpace, new_user_thread};
 
 /// One storm to run.
 #[derive(Clone, Debug)]
@@ -97,11 +97,36 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
             .mmap(Some(VirtAddr::new(p.base)), p.len, Prot::READ | Prot::WRITE, flags | MapFlags::FIXED)
             .map_err(|_| StormError::NoMemory)?;
     }
-    let cpus: Vec<usize> = (0..n).map(|i| spec.cpus[i % spec.cpus.len()]).collect();
-    let threads: Vec<_> = (0..n)
-        .map(|i| spawn_user(&space, cpus[i], abi::program::STORM, [i as u64, 0]))
-        .collect::<Result<_, _>>()
-        .map_err(|_| StormError::NoMemory)?;
+    let mut cpus: Vec<usize> = (0..n).map(|i| spec.cpus[i % spec.cpus.len()]).collect();
+    // Every thread is made before any starts: a thread that ran could be
+    // killed (out of memory under failure injection) with its process, and
+    // a thread made after that would belong to a new process and wait at
+    // the first barrier for the dead. Under injection a creation that fails
+    // is retried; if one still fails, the storm runs with the threads made.
+    let tries = if mm::phys().fault_inject().armed() { 64 } else { 1 };
+    let mut threads = Vec::with_capacity(n);
+    for (i, &cpu) in cpus.iter().enumerate() {
+        match (0..tries).find_map(|_| new_user_thread(&space, cpu, abi::program::STORM, [i as u64, 0]).ok()) {
+            Some(t) => threads.push(t),
+            None => break,
+        }
+    }
+    let n = threads.len();
+    if n == 0 {
+        return Err(StormError::NoMemory);
+    }
+    if n < p.threads as usize {
+        let fewer = Params { threads: n as u64, ..p };
+        // SAFETY: as above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(&fewer as *const Params as *const u8, core::mem::size_of::<Params>())
+        };
+        if !space.write(PARAMS_ADDR, bytes) {
+            return Err(StormError::NoMemory);
+        }
+        cpus.truncate(n);
+    }
+    let threads: Vec<_> = threads.into_iter().map(crate::sched::spawn).collect();
     let exit_codes: Vec<i64> = threads.iter().map(|t| t.join()).collect();
     let mut reports = Vec::with_capacity(n);
     for i in 0..n {
