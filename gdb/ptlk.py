@@ -8,10 +8,14 @@ Commands:
                            `page phys ADDR` to force a reading, `page va ADDR`
                            for the frame a virtual address maps to)
     percpu [CPU]           per-CPU state (default: the selected gdb thread's CPU)
-    vmas                   the VMA list of the Mm running on the selected CPU,
-                           with each VMA's lock (readers inside, write-locked
-                           in the running write session, detached) and the
-                           address space's mm_lock_seq
+    vmas [PID]             the VMA list of process PID's Mm (default: the Mm
+                           running on the selected CPU), with each VMA's lock
+                           (readers inside, write-locked in the running write
+                           session, detached) and the address space's
+                           mm_lock_seq
+    procs                  the process table: pid, parent, state, exit status,
+                           threads (tid, CPU, state), the Mm; sets $ptlk_pid to
+                           the pid running on the selected CPU
     ptlk-break-on-panic [hw]  stop on kernel panics and oopses
 
 Rust layouts these helpers depend on (by name, through DWARF), and what
@@ -34,7 +38,11 @@ they read from them:
         AtomicPtr<VmaArray {nodes: Box<[Arc<VmaNode>]>}>, mm_lock_seq: AtomicU64}
     arch::percpu::PERCPU: [PerCpu {cpu_id, apic_id, kernel_rsp, tss, ...}]
     kernel::sched::CPUS: [CpuSched {rq, current: OwnerCell<Arc<Task>>
-        (UnsafeCell<Option<Arc<Task>>>), ...}] and kernel::sched::task::Task {tid, name, cpu, state, space}
+        (UnsafeCell<Option<Arc<Task>>>), ...}] and kernel::sched::task::Task {tid, name, cpu, state, space,
+        process}
+    kernel::uspace::process::PROCESSES: spin::Mutex<BTreeMap<u64, Arc<Process {pid, name, parent,
+        exiting, status, zombie, inner: spin::Mutex<Inner {space: Option<Arc<AddressSpace {mm}>>,
+        threads: Vec<Weak<Task>>, live}>}>>>
 If one of them changes, the command that uses it says which field it could
 not find instead of printing nonsense.
 """
@@ -591,7 +599,8 @@ def vma_lock_state(lock, mm_lock_seq):
 
 
 class VmasCmd(gdb.Command):
-    """vmas: the VMA list of the Mm running on the selected CPU.
+    """vmas [PID]: the VMA list of process PID's Mm (default: the Mm running on
+the selected CPU; `procs` lists the pids).
 
 Each VMA's line ends with its per-VMA lock (`lock:`): the faults inside it
 (readers), a writer waiting for them, whether a write session stamped it
@@ -605,14 +614,31 @@ writer's session replaced them and has not ended yet)."""
         super().__init__("vmas", gdb.COMMAND_DATA)
 
     def invoke(self, arg, from_tty):
-        cpu = current_cpu()
-        mm = current_space(cpu)
-        if mm is None:
-            print("CPU %d runs no user address space (kernel task or idle)" % cpu)
-            return
+        args = gdb.string_to_argv(arg)
+        if len(args) > 1:
+            raise gdb.GdbError("usage: vmas [PID]")
+        if args:
+            pid = parse_int(args[0])
+            proc = find_process(pid)
+            if proc is None:
+                raise gdb.GdbError("vmas: no process %d in the process table (see `procs`)" % pid)
+            space = process_space(proc)
+            if space is None:
+                print("process %d is a zombie: it has no address space any more" % pid)
+                return
+            mm = field(space, "mm")
+            where = "of process %d" % pid
+        else:
+            cpu = current_cpu()
+            mm = current_space(cpu)
+            if mm is None:
+                print("CPU %d runs no user address space (kernel task or idle)" % cpu)
+                return
+            pid = current_pid(cpu)
+            where = "on CPU %d" % cpu + ("" if pid is None else " (process %d)" % pid)
         mm_lock_seq = as_int(field(field(mm, "vma_lookup"), "mm_lock_seq"))
-        print("Mm at %#x on CPU %d (mmap_lock: %s; mm_lock_seq %d)" % (
-            int(mm.address), cpu, rwlock_state(field(mm, "mmap_lock")), mm_lock_seq))
+        print("Mm at %#x %s (mmap_lock: %s; mm_lock_seq %d)" % (
+            int(mm.address), where, rwlock_state(field(mm, "mmap_lock")), mm_lock_seq))
         vmaset = unwrap(field(field(mm, "mmap_lock"), "data"))
         tree = field(vmaset, "map")
         # The set is an alloc BTreeMap; the Rust toolchain's pretty-printers
@@ -644,6 +670,132 @@ writer's session replaced them and has not ended yet)."""
             length, len(stale), ":" if stale else ""))
         for vnode in stale:
             print(vma_line(vnode, mm_lock_seq))
+
+
+# ---------------------------------------------------------------- processes
+
+def mutex_data(value):
+    """The T inside a spin::Mutex<T> (whatever wraps its `data` UnsafeCell)."""
+    def find(v, depth=0):
+        t = v.type.strip_typedefs()
+        if t.code != gdb.TYPE_CODE_STRUCT or depth > 6:
+            return None
+        for f in t.fields():
+            if f.name == "data":
+                return unwrap(v[f])
+        for f in t.fields():
+            r = find(v[f], depth + 1)
+            if r is not None:
+                return r
+        return None
+
+    data = find(value)
+    if data is None:
+        raise LayoutError("ptlk.py: type %s holds no `data` field (not a spin::Mutex?)" % value.type)
+    return data
+
+
+def processes():
+    """(pid, Process gdb.Value) for every entry of the process table."""
+    try:
+        table = gdb.parse_and_eval("kernel::uspace::process::PROCESSES")
+    except gdb.error:
+        raise LayoutError("ptlk.py: static kernel::uspace::process::PROCESSES not found")
+    tree = mutex_data(table)
+    vis = gdb.default_visualizer(tree)
+    if vis is None:
+        raise gdb.GdbError("ptlk.py: the Rust pretty-printers are needed to walk the process table")
+    items = [v for _, v in vis.children()]
+    # children() alternates keys and values.
+    return [(as_int(k), arc_payload(v)) for k, v in zip(items[0::2], items[1::2])]
+
+
+def find_process(pid):
+    for p, proc in processes():
+        if p == pid:
+            return proc
+    return None
+
+
+def process_space(proc):
+    """The AddressSpace of a Process, or None for a zombie."""
+    inner = mutex_data(field(proc, "inner"))
+    return option_arc(field(inner, "space"))
+
+
+def current_pid(cpu):
+    """The pid of the process whose thread runs on CPU, or None."""
+    try:
+        cs = gdb.parse_and_eval("kernel::sched::CPUS")[cpu]
+        task = option_arc(unwrap(field(cs, "current")))
+        if task is None:
+            return None
+        proc = option_arc(task["process"])
+    except (gdb.error, LayoutError):
+        return None
+    return None if proc is None else as_int(field(proc, "pid"))
+
+
+def weak_payload(weak):
+    """The T of a live alloc::sync::Weak<T>, or None (dangling or dropped)."""
+    ptr = unwrap(field(weak, "ptr"))
+    while ptr.type.strip_typedefs().code == gdb.TYPE_CODE_STRUCT:
+        ptr = ptr[ptr.type.fields()[0]]
+    if int(ptr) in (0, 0xFFFF_FFFF_FFFF_FFFF):
+        return None
+    inner = ptr.dereference()
+    if as_int(field(inner, "strong")) == 0:
+        return None
+    return field(inner, "data")
+
+
+TASK_STATES = ["Runnable", "Running", "Blocked", "Exited"]
+
+
+class ProcsCmd(gdb.Command):
+    """procs: the process table.
+
+One line per process (pid, parent pid or -, state: live, exiting (killed,
+its threads leaving on their way back to ring 3) or zombie (waiting for its
+parent's wait), exit status, live threads, name, the Mm), then its threads
+(tid, name, CPU, state). The process running on the selected CPU is marked
+`*` and its pid stored in $ptlk_pid (else the first pid), for `vmas $ptlk_pid`."""
+
+    def __init__(self):
+        super().__init__("procs", gdb.COMMAND_DATA)
+
+    def invoke(self, arg, from_tty):
+        cpu = current_cpu()
+        mine = current_pid(cpu)
+        procs = processes()
+        print("%d processes (selected CPU %d runs %s)" % (
+            len(procs), cpu, "process %d" % mine if mine is not None else "no process"))
+        print("    %5s %5s %-8s %7s %7s  %-14s %s" % ("PID", "PPID", "STATE", "STATUS", "THREADS", "NAME", "MM"))
+        for pid, proc in procs:
+            parent = as_int(field(proc, "parent"))
+            zombie = as_int(field(proc, "zombie")) != 0
+            exiting = as_int(field(proc, "exiting")) != 0
+            state = "zombie" if zombie else ("exiting" if exiting else "live")
+            status = "%d" % as_int(field(proc, "status")) if (zombie or exiting) else "-"
+            inner = mutex_data(field(proc, "inner"))
+            space = option_arc(field(inner, "space"))
+            mm = "Mm at %#x" % int(field(space, "mm").address) if space is not None else "(released)"
+            print("  %s %5d %5s %-8s %7s %7d  %-14s %s" % (
+                "*" if pid == mine else " ", pid, parent if parent else "-", state, status,
+                as_int(field(inner, "live")), rust_str(field(proc, "name")), mm))
+            threads = field(inner, "threads")
+            vis = gdb.default_visualizer(threads)
+            for _, w in (vis.children() if vis is not None else []):
+                task = weak_payload(w)
+                if task is None:
+                    continue
+                st = as_int(task["state"])
+                print("          tid %-5d %-20s cpu %-3d %s" % (
+                    as_int(task["tid"]), rust_str(task["name"]), as_int(task["cpu"]),
+                    TASK_STATES[st] if st < 4 else st))
+        pick = mine if mine is not None else (procs[0][0] if procs else None)
+        if pick is not None:
+            gdb.set_convenience_variable("ptlk_pid", pick)
 
 
 def vma_line(vnode, mm_lock_seq):
@@ -696,5 +848,6 @@ PageCmd()
 PtlCmd()
 PercpuCmd()
 VmasCmd()
+ProcsCmd()
 BreakOnPanic()
-print("ptlk gdb helpers loaded: pt-walk, ptl, page, percpu, vmas, ptlk-break-on-panic")
+print("ptlk gdb helpers loaded: pt-walk, ptl, page, percpu, vmas, procs, ptlk-break-on-panic")

@@ -8,7 +8,7 @@
 //! | nr | name       | arguments                      | result |
 //! |----|------------|--------------------------------|--------|
 //! | 0  | `log`      | ptr, len                       | 0 / -EFAULT / -EINVAL (len > 4096 or not UTF-8) |
-//! | 1  | `exit`     | code                           | does not return; the last thread frees the address space |
+//! | 1  | `exit`     | code                           | does not return; ends the calling thread (the last one ends the process, with exit status `code`) |
 //! | 2  | `yield`    | -                              | 0 |
 //! | 3  | `gettid`   | -                              | thread id |
 //! | 4  | `getcpu`   | -                              | CPU number |
@@ -197,6 +197,33 @@ pub mod program {
     /// The fault storm (see [`crate::storm`]): `arg0` is the thread index;
     /// exits with the number of mismatches.
     pub const STORM: usize = 9;
+    /// `fork` with copy-on-write seen from ring 3 (see [`crate::fork`]):
+    /// maps and fills memory (4 KiB pages, a THP, zero-page reads), forks;
+    /// the child checks it sees the parent's data while the parent
+    /// overwrites part of it, writes its own, and exits with its pid; the
+    /// parent waits, checks the status and that the child's writes stayed
+    /// out of its memory. Exits with 0 or the number of the failed check.
+    pub const FORK_PRIVATE: usize = 10;
+    /// `wait` and `getpid`: children exiting with chosen statuses (one
+    /// killed by a fault), waited for out of order; `-ECHILD` for a pid
+    /// waited for twice, its own pid, a grandchild and a pid that never
+    /// existed. Exits with 0 or the number of the failed check.
+    pub const FORK_WAIT: usize = 11;
+    /// One thread of a multi-thread process for the kill tests: touches
+    /// [`crate::fork::MEMBER_BYTES`] of fresh memory, meets the other
+    /// `arg1` threads in a barrier, then plays role `arg0`
+    /// (`crate::fork::ROLE_*`).
+    pub const PROC_MEMBER: usize = 12;
+    /// The fork storm (see [`crate::fork::StormPage`]): `arg0` is the
+    /// thread index; writers exit 0, the forker with the number of children
+    /// that saw an inconsistent snapshot.
+    pub const FORK_STORM: usize = 13;
+    /// Waits for the kernel's go (`crate::fork::EnomemPage`), forks, and
+    /// reports what `fork` returned; a child exits 0 at once.
+    pub const FORK_ENOMEM: usize = 14;
+    /// The fork benchmark (see [`crate::fork::BenchPage`]): `arg0` is the
+    /// thread index.
+    pub const FORK_BENCH: usize = 15;
 
     /// A short name for task names and logs.
     pub const fn name(program: usize) -> &'static str {
@@ -211,6 +238,12 @@ pub mod program {
             TOUCH_RANGE => "touch-range",
             SPIN => "spin",
             STORM => "storm",
+            FORK_PRIVATE => "fork-private",
+            FORK_WAIT => "fork-wait",
+            PROC_MEMBER => "proc-member",
+            FORK_STORM => "fork-storm",
+            FORK_ENOMEM => "fork-enomem",
+            FORK_BENCH => "fork-bench",
             _ => "unknown",
         }
     }
@@ -374,4 +407,179 @@ pub mod storm {
     pub const fn tag(page_addr: u64, thread: u64, round: u64) -> u64 {
         (page_addr ^ (thread << 48) ^ (round << 40)) | 1
     }
+}
+
+/// Processes, `fork` and the programs that test and measure them
+/// (`program::FORK_*`, `program::PROC_MEMBER`).
+pub mod fork {
+    /// Where the kernel maps the one page the fork storm, the fork bench and
+    /// the process tests share with it (parameters, reports, control words).
+    pub const CONTROL_ADDR: u64 = 0x3000_0000;
+    /// Where `FORK_STORM` and `FORK_BENCH` expect their data region.
+    pub const DATA_ADDR: u64 = 0x1_0000_0000;
+
+    /// The exit status of a process killed for a fault (128 + SIGSEGV,
+    /// negated; the kernel's `uspace::KILLED`).
+    pub const KILLED: i64 = -139;
+
+    /// Memory each `PROC_MEMBER` thread maps and writes before its barrier.
+    pub const MEMBER_BYTES: u64 = 1 << 20;
+    /// `PROC_MEMBER` role: spin in ring 3 (no system calls) for `MEMBER_SPIN_CYCLES`,
+    /// then exit 0. Only a kill ends it sooner.
+    pub const ROLE_SPIN: u64 = 0;
+    /// `PROC_MEMBER` role: block in a barrier nobody else joins.
+    pub const ROLE_BLOCK: u64 = 1;
+    /// `PROC_MEMBER` role: fork a child that blocks in a barrier for ever,
+    /// store its pid at [`MemberPage::child_pid`], then `wait` for it.
+    pub const ROLE_WAITER: u64 = 2;
+    /// `PROC_MEMBER` role: once [`MemberPage::go`] is set, read kernel
+    /// memory (a fatal fault).
+    pub const ROLE_FAULT: u64 = 3;
+    /// `PROC_MEMBER` role: once [`MemberPage::go`] is set,
+    /// `exit_group(EXIT_GROUP_CODE)`.
+    pub const ROLE_EXIT_GROUP: u64 = 4;
+    /// The status `ROLE_EXIT_GROUP` ends its process with.
+    pub const EXIT_GROUP_CODE: i64 = 77;
+    /// How long `ROLE_SPIN` spins (TSC cycles: about 20 s at 3 GHz).
+    pub const MEMBER_SPIN_CYCLES: u64 = 60_000_000_000;
+
+    /// The `PROC_MEMBER` page at [`CONTROL_ADDR`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct MemberPage {
+        /// Threads that have touched their memory and passed the barrier
+        /// (each adds one).
+        pub ready: u64,
+        /// The pid of `ROLE_WAITER`'s child, once forked.
+        pub child_pid: u64,
+        /// Set by the kernel: the `ROLE_FAULT` and `ROLE_EXIT_GROUP` threads
+        /// wait for it (the others are in place by then).
+        pub go: u64,
+    }
+
+    /// The `FORK_ENOMEM` page at [`CONTROL_ADDR`]. The thread sets `ready`,
+    /// waits for `go`, forks, stores the result in `result` and sets `done`;
+    /// then waits for `go2` and exits 0.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct EnomemPage {
+        pub ready: u64,
+        pub go: u64,
+        pub result: i64,
+        pub done: u64,
+        pub go2: u64,
+        /// Pages of memory the thread writes before `ready` (so fork has
+        /// tables and pages to copy).
+        pub pages: u64,
+    }
+
+    /// Most writer threads of the fork storm.
+    pub const MAX_WRITERS: usize = 48;
+    /// The words of a page a storm writer writes, in this order (the
+    /// first, two in the middle, the last).
+    pub const WRITER_WORDS: [u64; 4] = [0, 170, 341, 511];
+    /// The word a storm child writes its own tag into (no writer uses it).
+    pub const CHILD_WORD: u64 = 256;
+
+    /// The fork storm's page at [`CONTROL_ADDR`]: parameters (written by the
+    /// kernel), the writers' control words, the forker's report.
+    ///
+    /// Writer `w` owns pages `w, w + writers, w + 2 * writers, ...` of the
+    /// region at [`DATA_ADDR`] (so every PTE table holds pages of every
+    /// writer). In round `r = 1, 2, ...` it stores `started[w] = r`, then
+    /// [`storm_tag`]`(k, w, j, r)` into word `WRITER_WORDS[j]` of its `k`-th
+    /// page, page by page and word by word, then `done[w] = r`; its stores
+    /// reach memory in that order. A child of `fork` sees its parent's
+    /// memory as it was at one instant (every store before it, none after):
+    /// so for each writer `started` is `done` or `done + 1`, and the
+    /// writer's words read in its order hold round `started` up to some
+    /// point and round `done` from there on (all `done` if the two are
+    /// equal). Anything else (a word of an older or newer round, a round
+    /// `started` after a `done` one, a word that is not a tag of its place)
+    /// is a torn or mixed snapshot.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct StormPage {
+        /// Writer threads (indices `0..writers`); thread `writers` forks,
+        /// once every writer has finished its first round.
+        pub writers: u64,
+        /// Pages each writer owns.
+        pub pages_per_writer: u64,
+        /// Forks the forker makes.
+        pub forks: u64,
+        /// Set by the forker when it is done: writers finish their round and exit.
+        pub stop: u64,
+        /// Forks made, and how many of them returned a child pid.
+        pub forks_done: u64,
+        /// Forks during which the writers stored at least one tag (their
+        /// progress counters moved between just before and just after).
+        pub forks_overlapped: u64,
+        /// Children whose snapshot was consistent, and those whose was not.
+        pub children_ok: u64,
+        pub children_bad: u64,
+        /// Children that found at least one writer in the middle of a round.
+        pub children_mid_round: u64,
+        /// The first bad child's exit status (see `storm_child_status`).
+        pub first_bad_status: i64,
+        /// Forks that failed (`fork` or `wait` returned an error).
+        pub errors: u64,
+        /// Rounds each writer started and finished.
+        pub started: [u64; MAX_WRITERS],
+        pub done: [u64; MAX_WRITERS],
+        /// Pages each writer has written (all rounds).
+        pub progress: [u64; MAX_WRITERS],
+    }
+
+    const _: () = assert!(core::mem::size_of::<StormPage>() <= 4096, "StormPage must fit in a page");
+
+    /// The tag writer `w` stores in word slot `j` of its `k`-th page in round
+    /// `r`: a magic byte, the round, the writer, the slot and the page, so
+    /// that a word out of place or of the wrong round is recognised.
+    pub const fn storm_tag(k: u64, w: u64, j: u64, r: u64) -> u64 {
+        (0xa5 << 56) | ((r & 0xff_ffff) << 32) | ((w & 0xff) << 24) | ((j & 0xf) << 20) | (k & 0xf_ffff)
+    }
+
+    /// The round of a word that should be `storm_tag(k, w, j, _)` or zero
+    /// (round 0: never written), or `None` if it is neither.
+    pub const fn storm_round(v: u64, k: u64, w: u64, j: u64) -> Option<u64> {
+        if v == 0 {
+            return Some(0);
+        }
+        let r = (v >> 32) & 0xff_ffff;
+        if r != 0 && v == storm_tag(k, w, j, r) { Some(r) } else { None }
+    }
+
+    /// A storm child's exit status: `2 * violations + mid_round` (bit 0: it
+    /// found a writer in the middle of a round).
+    pub const fn storm_child_status(violations: u64, mid_round: bool) -> i64 {
+        (2 * violations + mid_round as u64) as i64
+    }
+
+    /// The fork bench's page at [`CONTROL_ADDR`]. Every thread writes one
+    /// byte into each page of its block of the region at [`DATA_ADDR`]
+    /// (populate), all meet, thread 0 forks (timed; the child blocks until
+    /// the kernel kills it), all meet again and write their blocks once more
+    /// (timed: every write is a copy-on-write fault that copies, the child
+    /// still maps every page).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct BenchPage {
+        /// Threads (barrier parties).
+        pub threads: u64,
+        /// Bytes of the region (each thread writes `len / threads`).
+        pub len: u64,
+        /// TSC cycles the `fork` call took, and the child's pid.
+        pub fork_cycles: u64,
+        pub child_pid: u64,
+        /// Per thread: the copy-on-write phase's TSC start and end, and the
+        /// pages written in it.
+        pub start: [u64; MAX_WRITERS],
+        pub end: [u64; MAX_WRITERS],
+        pub written: [u64; MAX_WRITERS],
+        /// Per thread: nonzero if a check failed (a write that did not read back,
+        /// a failed fork).
+        pub failed: [u64; MAX_WRITERS],
+    }
+
+    const _: () = assert!(core::mem::size_of::<BenchPage>() <= 4096, "BenchPage must fit in a page");
 }

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod fork;
 mod storm;
 mod sys;
 
@@ -25,6 +26,12 @@ extern "C" fn _start(program: usize, arg0: usize, arg1: usize) -> ! {
         program::TOUCH_RANGE => touch_range(arg0, arg1),
         program::SPIN => spin(arg0),
         program::STORM => storm::run(arg0 as u64),
+        program::FORK_PRIVATE => fork::private(),
+        program::FORK_WAIT => fork::wait(),
+        program::PROC_MEMBER => fork::member(arg0 as u64, arg1 as u64),
+        program::FORK_STORM => fork::storm(arg0 as u64),
+        program::FORK_ENOMEM => fork::enomem(),
+        program::FORK_BENCH => fork::bench(arg0 as u64),
         _ => {
             sys::log("unknown program");
             -1

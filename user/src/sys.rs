@@ -143,3 +143,34 @@ pub fn syscall6(n: usize, a: [usize; 6]) -> isize {
     }
     ret
 }
+
+/// `fork()`: the child's pid in the parent, 0 in the child, or `-errno`.
+pub fn fork() -> isize {
+    syscall2(nr::FORK, 0, 0)
+}
+
+/// `wait(pid)`: blocks until child `pid` exits; its exit status, or
+/// `Err(-errno)` (`-ECHILD`: not a child of ours, or already waited for).
+pub fn wait(pid: isize) -> Result<i64, isize> {
+    let mut status = 0i64;
+    let r = syscall2(nr::WAIT, pid as usize, &mut status as *mut i64 as usize);
+    if r < 0 { Err(r) } else { Ok(status) }
+}
+
+/// `wait` with a raw status pointer (tests of the pointer checks).
+pub fn wait_raw(pid: isize, status: usize) -> isize {
+    syscall2(nr::WAIT, pid as usize, status)
+}
+
+/// `exit_group(code)`: ends every thread of the process.
+pub fn exit_group(code: isize) -> ! {
+    syscall2(nr::EXIT_GROUP, code as usize, 0);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// `getpid()`.
+pub fn getpid() -> isize {
+    syscall2(nr::GETPID, 0, 0)
+}

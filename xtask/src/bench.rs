@@ -24,7 +24,8 @@ use crate::{build_kernel, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
 pub(crate) const SINGLE_LOCK_CPUS: u32 = 1_000_000;
-pub(crate) const WORKLOADS: [&str; 5] = ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table"];
+pub(crate) const WORKLOADS: [&str; 6] =
+    ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table", "fork"];
 /// How faults lock (kernel command line `fault_lock=`): their VMA's lock
 /// (per-VMA locks, the kernel's default) or `mmap_lock` shared.
 pub(crate) const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
@@ -38,7 +39,10 @@ pub struct BenchArgs {
     /// writes its own 2 MiB-aligned block, then MADV_DONTNEEDs it, which also
     /// reclaims the emptied PTE tables), madvise-same-table (threads write
     /// interleaved pages of one region, then each MADV_DONTNEEDs every n-th
-    /// 2 MiB of it).
+    /// 2 MiB of it), fork (not in the default list: the threads populate
+    /// `--mib` MiB together, one forks (timed: cycles per copied PTE), then
+    /// all write every page again while the child still maps it: the
+    /// faults/s are copy-on-write faults).
     #[arg(long, default_value = "disjoint,same-table,same-page,madvise,madvise-same-table", value_delimiter = ',')]
     workloads: Vec<String>,
     /// Lock builds: split, single.
@@ -97,6 +101,19 @@ pub(crate) struct Run {
     pub(crate) lock: &'static str,
     pub(crate) fault_lock: &'static str,
     pub(crate) cpus: u32,
+}
+
+/// The fork figures of a `fork` run's raw result: the median fork's
+/// milliseconds and cycles per 4 KiB entry it shared, over the windows.
+fn fork_figures(raw: &Value, tsc_per_us: f64) -> Option<(f64, f64, u64)> {
+    let cycles: Vec<f64> = raw["fork"]["cycles"].as_array()?.iter().filter_map(Value::as_f64).collect();
+    let ptes: Vec<f64> = raw["fork"]["ptes"].as_array()?.iter().filter_map(Value::as_f64).collect();
+    if cycles.is_empty() || cycles.len() != ptes.len() || ptes.iter().any(|&p| p <= 0.0) {
+        return None;
+    }
+    let mut per_pte: Vec<f64> = cycles.iter().zip(&ptes).map(|(c, p)| c / p).collect();
+    let ms = median(&mut cycles.iter().map(|c| c / tsc_per_us / 1000.0).collect::<Vec<_>>());
+    Some((ms, median(&mut per_pte), ptes[0] as u64))
 }
 
 /// Whether `workload` zaps with `MADV_DONTNEED` (and so reclaims tables).
@@ -271,6 +288,11 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         check_fault_count(w, run.cpus).with_context(|| format!("window {}", i + 1))?;
     }
     let pt_reclaimed = mm["pt_reclaimed"].as_u64().unwrap_or(0);
+    let fork = match fork_figures(raw, tsc_per_us) {
+        Some((ms, per_pte, ptes)) => json!({"ms": ms, "cycles_per_pte": per_pte, "ptes": ptes}),
+        None if run.workload == "fork" => bail!("a fork run's result has no fork cycles and entries"),
+        None => Value::Null,
+    };
     Ok(json!({
         "workload": run.workload,
         "lock": run.lock,
@@ -289,6 +311,7 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "locks": raw["locks"],
         "mm": mm,
         "pt_reclaimed_per_window": pt_reclaimed as f64 / windows.len().max(1) as f64,
+        "fork": fork,
     }))
 }
 
@@ -405,6 +428,13 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             rec["attempts"] = json!(attempt + 1);
             let reclaimed = if is_madvise(&run.workload) {
                 format!(", {:.0} PTE tables reclaimed/window", rec["pt_reclaimed_per_window"].as_f64().unwrap_or(0.0))
+            } else if run.workload == "fork" {
+                format!(
+                    " (copy-on-write), fork of {} PTEs {:.1} ms = {:.0} cycles/PTE",
+                    rec["fork"]["ptes"],
+                    rec["fork"]["ms"].as_f64().unwrap_or(0.0),
+                    rec["fork"]["cycles_per_pte"].as_f64().unwrap_or(0.0)
+                )
             } else {
                 String::new()
             };
@@ -529,6 +559,26 @@ fn print_table(report: &Value) {
             reclaimed,
             top
         );
+    }
+    let forks: Vec<&Value> =
+        report["runs"].as_array().into_iter().flatten().filter(|r| r["fork"].is_object()).collect();
+    if !forks.is_empty() {
+        println!("\nfork (median of the windows; the faults/s above are the copy-on-write faults after it)");
+        println!(
+            "{:<7} {:<10} {:>4} {:>10} {:>10} {:>12}",
+            "lock", "fault_lock", "cpus", "PTEs", "fork ms", "cycles/PTE"
+        );
+        for r in forks {
+            println!(
+                "{:<7} {:<10} {:>4} {:>10} {:>10.2} {:>12.0}",
+                r["lock"].as_str().unwrap_or(""),
+                r["fault_lock"].as_str().unwrap_or(""),
+                r["cpus"],
+                r["fork"]["ptes"],
+                r["fork"]["ms"].as_f64().unwrap_or(0.0),
+                r["fork"]["cycles_per_pte"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
 }
 
@@ -766,6 +816,37 @@ mod tests {
         assert!(summarize(&same, &raw(true, 300, 512, 256)).is_ok());
         assert!(summarize(&same, &raw(true, 200, 512, 256)).is_err());
         assert!(summarize(&split, &raw(true, 0, 0, 0)).is_err(), "a window that touched nothing");
+    }
+
+    #[test]
+    fn fork_runs_report_the_fork_and_need_its_figures() {
+        let raw = |fork: Value| {
+            json!({
+                "tsc_per_us": 1000, "fault_lock": "vma", "split_pte_ptlocks": true,
+                "windows": [
+                    {"faults": 1000, "cycles": 1_000_000, "touched": 1000, "min_faults": 1000},
+                    {"faults": 1002, "cycles": 2_000_000, "touched": 1000, "min_faults": 1000},
+                    {"faults": 1001, "cycles": 1_000_000, "touched": 1000, "min_faults": 1000}
+                ],
+                "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 0, "locks": {}, "mm": {}, "fork": fork
+            })
+        };
+        let run = Run { workload: "fork".into(), lock: "split", fault_lock: "vma", cpus: 2 };
+        // Forks of 1000 entries in 2, 3 and 4 ms: the median 3 ms, 3000 cycles per entry.
+        let r = summarize(&run, &raw(json!({"cycles": [2_000_000, 4_000_000, 3_000_000], "ptes": [1000, 1000, 1000]})))
+            .unwrap();
+        assert_eq!(r["fork"]["ms"].as_f64().unwrap(), 3.0);
+        assert_eq!(r["fork"]["cycles_per_pte"].as_f64().unwrap(), 3000.0);
+        assert_eq!(r["fork"]["ptes"].as_u64().unwrap(), 1000);
+        assert_eq!(r["faults_per_sec"].as_f64().unwrap(), 1e6);
+        let err = summarize(&run, &raw(Value::Null)).unwrap_err().to_string();
+        assert!(err.contains("no fork cycles"), "{err}");
+        let err = summarize(&run, &raw(json!({"cycles": [1], "ptes": [0]}))).unwrap_err().to_string();
+        assert!(err.contains("no fork cycles"), "{err}");
+        // Not in the default list, but known.
+        let args = parse(&["--workloads", "fork", "--cpus", "1,2", "--locks", "split"]).unwrap();
+        assert_eq!(keys(&plan(&args).unwrap()), [("fork", "split", "vma", 1), ("fork", "split", "vma", 2)]);
+        assert!(!parse(&[]).unwrap().workloads.iter().any(|w| w == "fork"));
     }
 
     #[test]

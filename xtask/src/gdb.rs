@@ -173,6 +173,12 @@ struct GdbFindings {
     walk_table: Option<u64>,
     ptl_line: String,
     vma_listed: bool,
+    /// `procs` marked the faulting thread's process as running ...
+    process_marked: bool,
+    /// ... and listed its threads.
+    process_listed: bool,
+    /// `vmas $ptlk_pid` (that process's VMAs, by pid) listed the region.
+    vma_listed_by_pid: bool,
 }
 
 fn hex_after(line: &str, key: &str) -> Option<u64> {
@@ -195,6 +201,8 @@ fn parse_findings(out: &str) -> GdbFindings {
                 "walk-after" => "walk-after",
                 "page" => "page",
                 "vmas" => "vmas",
+                "procs" => "procs",
+                "vmas-pid" => "vmas-pid",
                 _ => "",
             };
             continue;
@@ -218,6 +226,11 @@ fn parse_findings(out: &str) -> GdbFindings {
             // The storm region of kernel/src/storm/tests.rs (BASE, 2 MiB),
             // with its per-VMA lock state.
             "vmas" if line.contains("0x000100000000-0x000100200000") && line.contains("lock: ") => f.vma_listed = true,
+            "procs" if line.trim_start().starts_with('*') && line.contains("live") => f.process_marked = true,
+            "procs" if line.trim_start().starts_with("tid ") => f.process_listed |= f.process_marked,
+            "vmas-pid" if line.contains("0x000100000000-0x000100200000") && line.contains("lock: ") => {
+                f.vma_listed_by_pid = true
+            }
             _ => {}
         }
     }
@@ -274,6 +287,10 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
         "page va $addr".to_string(),
         "echo === vmas\\n".to_string(),
         "vmas".to_string(),
+        "echo === procs\\n".to_string(),
+        "procs".to_string(),
+        "echo === vmas-pid\\n".to_string(),
+        "vmas $ptlk_pid".to_string(),
         "kill".to_string(),
     ];
     let mut args = gdb_args(elf, port, accel == Accel::Kvm);
@@ -325,6 +342,12 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
     if !f.vma_listed {
         problems.push("vmas did not list the storm region with its VMA lock state");
     }
+    if !f.process_listed {
+        problems.push("procs did not mark the faulting thread's process as the one running, with its threads");
+    }
+    if !f.vma_listed_by_pid {
+        problems.push("vmas $ptlk_pid did not list the storm region");
+    }
     let split = !text.contains("PTE locks mm.page_table_lock");
     if split && (f.ptl_table.is_none() || f.ptl_table != f.walk_table) {
         problems.push("ptl named a PTE table other than the one pt-walk reached");
@@ -354,9 +377,12 @@ mod tests {
                    === walk-before\n  PTE[  5] @phys 0x123 = 0x0  not present -\n  => 0x100005000 is not mapped\n\
                    === ptl\n  PTE entry @phys 0x3d000028: split PTE lock of table pfn 0x3d000, inline in the descriptor at 0xffff: free (next ticket 2, owner 2)\n\
                    === walk-after\n  PMD[  0] @phys 0x1 = 0x3d000067  table 0x3d000000        P W U A D\n  => 0x100005000 maps to phys 0x3e123000 (4K page)\n\
-                   === page\n  kind      Anon\n=== vmas\n  0x000100000000-0x000100200000     2048 KiB  r w        lock: 0 readers, lock_seq 3\n";
+                   === page\n  kind      Anon\n=== vmas\n  0x000100000000-0x000100200000     2048 KiB  r w        lock: 0 readers, lock_seq 3\n\
+                   === procs\n  *     4     - live           -       2  storm          Mm at 0xffff\n          tid 33    storm/0              cpu 0   Running\n\
+                   === vmas-pid\n  0x000100000000-0x000100200000     2048 KiB  r w        lock: 1 reader, lock_seq 3\n";
         let f = parse_findings(out);
         assert!(f.stopped_in_fault_handler && f.unmapped_before && f.page_is_anon && f.vma_listed);
+        assert!(f.process_listed && f.vma_listed_by_pid);
         assert_eq!(f.frame_after, Some(0x3e12_3000));
         assert_eq!(f.ptl_table, Some(0x3d00_0000));
         assert_eq!(f.walk_table, Some(0x3d00_0000));

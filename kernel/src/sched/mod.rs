@@ -8,6 +8,11 @@
 //!   by one CPU only.
 //! - Kernel code is not preempted: kernel tasks yield or block. A task running
 //!   in ring 3 is preempted by the local-APIC timer tick.
+//! - For the same reason no task is stopped from the outside. A process that
+//!   must end (`exit_group`, a fatal fault) sets a flag that each of its
+//!   threads checks on every way back to ring 3, including at the tick and
+//!   at a reschedule IPI ([`kick`]) that interrupted ring 3; see
+//!   `crate::uspace::process` for the protocol.
 //! - A task that exits cannot free the stack it is running on: the CPU parks
 //!   it as a "zombie" and the next task to run on that CPU drops it after the
 //!   switch.
@@ -180,6 +185,19 @@ pub fn with_current_space<R>(f: impl FnOnce(&crate::uspace::AddressSpace) -> R) 
     Some(f(space))
 }
 
+/// Runs `f` on the running task's process, if it is a user thread, without
+/// taking a reference (as [`with_current_space`]).
+pub fn with_current_process<R>(f: impl FnOnce(&Arc<crate::uspace::Process>) -> R) -> Option<R> {
+    let task: *const Task = with_local(|cs, irqs| cs.current.as_ptr(irqs))?;
+    // SAFETY: `task` is the running task, which is executing this call. A
+    // task is kept alive while it runs (by this CPU's `current`) and cannot
+    // exit in the middle of this call, so the pointer stays valid until `f`
+    // returns. Its `process` is set at creation and never changed, and the
+    // `Arc` in it keeps the process alive as long as the task.
+    let process = unsafe { &*task }.process()?;
+    Some(f(process))
+}
+
 extern "C" fn idle_loop(_: usize) -> ! {
     loop {
         // Idle is quiescent, and the time to free what waited for a grace
@@ -205,6 +223,16 @@ extern "C" fn idle_loop(_: usize) -> ! {
 fn enqueue(task: Arc<Task>) {
     let cpu = task.cpu();
     CPUS[cpu].rq.lock().push_back(task);
+    if cpu != arch::percpu::cpu_id()
+        && let Some(kick) = KICK.get()
+    {
+        kick(cpu);
+    }
+}
+
+/// Makes `cpu` notice new work or a killed process (a reschedule IPI; no
+/// effect on this CPU).
+pub fn kick(cpu: usize) {
     if cpu != arch::percpu::cpu_id()
         && let Some(kick) = KICK.get()
     {
@@ -329,10 +357,13 @@ pub(crate) fn task_entry_tail() {
 }
 
 /// Called from the timer interrupt: preempts a task that was running in
-/// ring 3.
+/// ring 3. A user thread whose process is being killed exits here instead
+/// of going back to ring 3 (before the switch, or when it runs again).
 pub fn tick(from_user: bool) {
     if from_user {
+        crate::uspace::exit_if_killed();
         schedule();
+        crate::uspace::exit_if_killed();
     }
 }
 

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use arch::context::Context;
 
 use super::WaitQueue;
-use crate::uspace::AddressSpace;
+use crate::uspace::{AddressSpace, Process};
 
 /// Task identifier, unique for the life of the system.
 pub type Tid = u64;
@@ -64,6 +64,8 @@ pub struct Task {
     /// The address space of a user thread (`None` for kernel tasks, which
     /// run on the kernel's own page tables).
     space: Option<Arc<AddressSpace>>,
+    /// The process of a user thread (`None` for kernel tasks).
+    process: Option<Arc<Process>>,
 }
 
 // SAFETY: `context` is accessed only by the task's own CPU with interrupts
@@ -83,6 +85,7 @@ impl Task {
         stack: Option<KernelStack>,
         context: Context,
         space: Option<Arc<AddressSpace>>,
+        process: Option<Arc<Process>>,
     ) -> Arc<Self> {
         LIVE_TASKS.fetch_add(1, Ordering::Relaxed);
         Arc::new(Self {
@@ -95,12 +98,13 @@ impl Task {
             exit_code: AtomicI64::new(0),
             exited: WaitQueue::new(),
             space,
+            process,
         })
     }
 
     /// Wraps the code already running on this CPU (its boot stack).
     pub(super) fn adopt_current(name: &str, cpu: usize) -> Arc<Self> {
-        Self::alloc(String::from(name), cpu, None, Context::default(), None)
+        Self::alloc(String::from(name), cpu, None, Context::default(), None, None)
     }
 
     /// A kernel task that will run `entry(arg)` on `cpu` once spawned.
@@ -109,16 +113,18 @@ impl Task {
         Self::with_stack(name, cpu, entry, arg, None)
     }
 
-    /// A user thread of `space`: starts like a kernel task running `entry`
-    /// (which enters ring 3), and runs on `space`'s page tables.
+    /// A user thread of `process`, in its address space `space`: starts
+    /// like a kernel task running `entry` (which enters ring 3), and runs on
+    /// `space`'s page tables.
     pub fn new_user(
         name: String,
         cpu: usize,
         space: Arc<AddressSpace>,
+        process: Arc<Process>,
         entry: extern "C" fn(usize) -> !,
         arg: usize,
     ) -> Option<Arc<Self>> {
-        Self::with_stack(name, cpu, entry, arg, Some(space))
+        Self::with_stack(name, cpu, entry, arg, Some((space, process)))
     }
 
     fn with_stack(
@@ -126,7 +132,7 @@ impl Task {
         cpu: usize,
         entry: extern "C" fn(usize) -> !,
         arg: usize,
-        space: Option<Arc<AddressSpace>>,
+        user: Option<(Arc<AddressSpace>, Arc<Process>)>,
     ) -> Option<Arc<Self>> {
         let stack = KernelStack::new()?;
         // The task's code starts below a slot the size of a trap frame at the
@@ -137,12 +143,18 @@ impl Task {
         // SAFETY: the stack is fresh, aligned (the frame size is a multiple
         // of 16) and owned by the task.
         let ctx = unsafe { Context::new_thread(start, trampoline, [entry as *const () as usize, arg]) };
-        Some(Self::alloc(name, cpu, Some(stack), ctx, space))
+        let (space, process) = user.unzip();
+        Some(Self::alloc(name, cpu, Some(stack), ctx, space, process))
     }
 
     /// The address space of a user thread, borrowed.
     pub fn space_ref(&self) -> Option<&AddressSpace> {
         self.space.as_deref()
+    }
+
+    /// The process of a user thread.
+    pub fn process(&self) -> Option<&Arc<Process>> {
+        self.process.as_ref()
     }
 
     /// Identifier.

@@ -74,6 +74,11 @@ pub fn handle_irq(vector: u8, frame: &mut TrapFrame) -> bool {
             RESCHEDULES[cpu].fetch_add(1, Ordering::Relaxed);
             // An expedited grace period kicks CPUs to report at once.
             crate::rcu::on_interrupt(frame.from_user());
+            // So does a process being killed: its thread in ring 3 here
+            // exits instead of going back (`uspace::process`).
+            if frame.from_user() {
+                crate::uspace::exit_if_killed();
+            }
         }
         vectors::CALL_FUNCTION => {
             arch::ipi::handle_call_function_ipi();

@@ -7,7 +7,7 @@ use mm::{Access, FaultError, VirtAddr};
 use crate::sched;
 
 /// Exit code of a task killed for a fault (128 + SIGSEGV, negated).
-pub const KILLED: i64 = -139;
+pub const KILLED: i64 = abi::fork::KILLED;
 
 /// The #PF policy: user addresses go to the memory manager (from ring 3, or
 /// from a kernel user-copy instruction); everything else is for the
@@ -36,6 +36,11 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
     match r {
         Some(Ok(_)) => {
             crate::diag::faultstat::record(arch::time::rdtsc().wrapping_sub(start));
+            if frame.from_user() {
+                // Back to ring 3, interrupts off: a killed process's thread
+                // leaves here (see `process`).
+                super::process::exit_if_killed();
+            }
             FaultOutcome::Handled
         }
         Some(Err(e)) => FaultOutcome::Unhandled(reason(e)),
@@ -68,13 +73,15 @@ fn why(reason: FaultReason, access: FaultAccess) -> &'static str {
     }
 }
 
-/// A ring-3 exception nobody resolved: end the task with one log line, keep
-/// the kernel and the other tasks running.
+/// A ring-3 exception nobody resolved: end the task's process (all its
+/// threads, as Linux's SIGSEGV does) with one log line, keep the kernel and
+/// the other processes running.
 pub fn user_exception(frame: &mut TrapFrame, fault: Option<(PageFault, FaultReason)>) {
     let me = sched::current();
+    let pid = me.process().map_or(0, |p| p.pid());
     match fault {
         Some((pf, reason)) => log::warn!(
-            "task {} ({}) killed: {}: address {:#x}, rip {:#x}, error code {:#x} ({})",
+            "task {} ({}, pid {pid}) killed: {}: address {:#x}, rip {:#x}, error code {:#x} ({})",
             me.tid(),
             me.name(),
             why(reason, pf.access()),
@@ -84,7 +91,7 @@ pub fn user_exception(frame: &mut TrapFrame, fault: Option<(PageFault, FaultReas
             pf.access().describe()
         ),
         None => log::warn!(
-            "task {} ({}) killed: {} (vector {}) at rip {:#x}, error code {:#x}",
+            "task {} ({}, pid {pid}) killed: {} (vector {}) at rip {:#x}, error code {:#x}",
             me.tid(),
             me.name(),
             arch::trap::vector_name(frame.vector as u8),
@@ -93,6 +100,9 @@ pub fn user_exception(frame: &mut TrapFrame, fault: Option<(PageFault, FaultReas
             frame.error_code
         ),
     }
+    if let Some(p) = me.process() {
+        p.kill(KILLED);
+    }
     drop(me);
-    sched::exit_current(KILLED)
+    super::process::exit_thread(KILLED)
 }

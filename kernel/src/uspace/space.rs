@@ -1,12 +1,13 @@
 //! `AddressSpace`: an Mm and the kernel's bookkeeping around it.
 
 use alloc::collections::BTreeMap;
-use alloc::sync::Arc;
+use alloc::sync::{Arc, Weak};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use mm::{MapFlags, Mm, Prot, VirtAddr};
 use spin::Mutex;
 
+use super::process::Process;
 use crate::binfmt::elf::Elf;
 use crate::sched::WaitQueue;
 
@@ -34,6 +35,9 @@ pub struct AddressSpace {
     /// map; waiters sleep on `barrier_wq`.
     barriers: Mutex<BTreeMap<u64, BarrierState>>,
     barrier_wq: WaitQueue,
+    /// The process that owns this space (set when the process is made; a
+    /// space made for `spawn_user` gets one with its first thread).
+    process: Mutex<Weak<Process>>,
 }
 
 /// Why an address space could not be set up.
@@ -48,14 +52,64 @@ pub enum SpaceError {
 impl AddressSpace {
     /// A new, empty address space sharing the kernel's upper half.
     pub fn new() -> Result<Arc<Self>, SpaceError> {
-        let mm = Mm::new(crate::pgd::kernel_pgd()).ok_or(SpaceError::NoMemory)?;
+        Self::build(Mm::new(crate::pgd::kernel_pgd()).ok_or(()), 0)
+    }
+
+    /// A copy of this space for `fork` (`Mm::fork`: the VMAs, and the pages
+    /// shared copy-on-write), with the same image entry and no barriers.
+    pub fn fork(&self) -> Result<Arc<Self>, SpaceError> {
+        Self::build(self.mm.fork(), self.entry())
+    }
+
+    /// A space around the `Mm` in `made`, built in its heap allocation
+    /// field by field, the `Mm` moved there straight out of `made`. An `Mm`
+    /// is several KiB (per-CPU reader and counter shards), and a debug build
+    /// copies every binding and struct literal that holds one through the
+    /// frame: `fork` runs deep on a 32 KiB kernel stack, and with the debug
+    /// page-table lock this frame (four copies) and `Mm::fork`'s overflowed
+    /// it. `#[inline(always)]`: `made` is the caller's return slot.
+    #[inline(always)]
+    fn build<E>(made: Result<Mm<'static>, E>, entry: u64) -> Result<Arc<Self>, SpaceError> {
+        let Ok(mm) = &made else { return Err(SpaceError::NoMemory) };
+        let mut slot = Arc::<Self>::new_uninit();
+        let p = Arc::get_mut(&mut slot).expect("a new Arc is unique").as_mut_ptr();
+        // SAFETY: `p` points to the allocation of `slot`, which nothing else
+        // references (it was just made), sized and aligned for `Self`; each
+        // field is written once, through a raw pointer, without reading or
+        // dropping the uninitialised memory. The `Mm` is moved bitwise out
+        // of `made`, which is forgotten right after, so it is not dropped
+        // twice (nothing between can unwind: no panic unwinds here).
+        unsafe {
+            core::ptr::copy_nonoverlapping(mm, core::ptr::addr_of_mut!((*p).mm), 1);
+            core::mem::forget(made);
+            core::ptr::addr_of_mut!((*p).entry).write(AtomicU64::new(entry));
+            core::ptr::addr_of_mut!((*p).barriers).write(Mutex::new(BTreeMap::new()));
+            core::ptr::addr_of_mut!((*p).barrier_wq).write(WaitQueue::new());
+            core::ptr::addr_of_mut!((*p).process).write(Mutex::new(Weak::new()));
+        }
         LIVE_SPACES.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(Self {
-            mm,
-            entry: AtomicU64::new(0),
-            barriers: Mutex::new(BTreeMap::new()),
-            barrier_wq: WaitQueue::new(),
-        }))
+        // SAFETY: every field of `Self` was written above.
+        Ok(unsafe { slot.assume_init() })
+    }
+
+    /// Records the process that owns this space.
+    pub(super) fn set_process(&self, p: &Arc<Process>) {
+        *self.process.lock() = Arc::downgrade(p);
+    }
+
+    /// The process that owns this space, if it is alive and takes new
+    /// threads; else a new parentless process for it (for `spawn_user`).
+    pub(super) fn process_for_new_thread(self: &Arc<Self>, name: &str) -> Arc<Process> {
+        let mut slot = self.process.lock();
+        if let Some(p) = slot.upgrade()
+            && !p.exiting()
+            && !p.is_zombie()
+        {
+            return p;
+        }
+        let p = Process::new_unlinked(self.clone(), name);
+        *slot = Arc::downgrade(&p);
+        p
     }
 
     /// A new address space with the user programs (`crate::binfmt::IMAGE`) loaded.
@@ -135,7 +189,10 @@ impl AddressSpace {
 
     /// The `barrier` system call: blocks until `parties` threads called it
     /// with `id`, then releases them all. Reusable round after round.
-    pub fn barrier(&self, id: u64, parties: usize) {
+    ///
+    /// A thread whose process is being killed leaves early (its arrival
+    /// withdrawn); returns whether the barrier completed.
+    pub fn barrier(&self, id: u64, parties: usize) -> bool {
         let my_generation;
         {
             let mut barriers = self.barriers.lock();
@@ -147,10 +204,25 @@ impl AddressSpace {
                 b.generation += 1;
                 drop(barriers);
                 self.barrier_wq.wake_all();
-                return;
+                return true;
             }
         }
-        self.barrier_wq.wait_until(|| self.barriers.lock().get(&id).is_some_and(|b| b.generation != my_generation));
+        let done = || self.barriers.lock().get(&id).is_some_and(|b| b.generation != my_generation);
+        self.barrier_wq.wait_until(|| done() || super::process::current_exiting());
+        let mut barriers = self.barriers.lock();
+        match barriers.get_mut(&id) {
+            Some(b) if b.generation == my_generation => {
+                b.arrived -= 1;
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Wakes every thread sleeping in `barrier` (they re-check; those of a
+    /// process being killed leave).
+    pub(super) fn wake_barrier_waiters(&self) {
+        self.barrier_wq.wake_all();
     }
 }
 

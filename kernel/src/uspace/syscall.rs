@@ -8,6 +8,7 @@ use abi::{errno, nr};
 use arch::trap::TrapFrame;
 use mm::{MapFlags, MmapError, Prot, VirtAddr};
 
+use super::process::{self, ForkError, WaitError};
 use crate::sched;
 
 /// Entered from `arch::syscall` with interrupts disabled, on the thread's
@@ -17,17 +18,29 @@ pub fn handle(frame: &mut TrapFrame) {
     // return path needs interrupts off again before it swaps GS back.
     arch::irq::enable();
     let args = [frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9];
-    let ret = dispatch(frame.rax as usize, args);
+    let ret = match frame.rax as usize {
+        // The child resumes from a copy of this frame.
+        nr::FORK => sys_fork(frame),
+        number => dispatch(number, args),
+    };
     // The way back to user mode is a quiescent state.
     crate::rcu::quiescent();
     arch::irq::disable();
+    // With interrupts off until `iretq`: a kick after this check is taken
+    // in ring 3 (see `process`).
+    super::process::exit_if_killed();
     frame.rax = ret as u64;
 }
 
 fn dispatch(number: usize, a: [u64; 6]) -> isize {
     match number {
         nr::LOG => sys_log(a[0], a[1] as usize),
-        nr::EXIT => sched::exit_current(a[0] as i64),
+        nr::EXIT => process::exit_thread(a[0] as i64),
+        nr::EXIT_GROUP => process::exit_group(a[0] as i64),
+        nr::GETPID => {
+            sched::with_current_process(|p| p.pid()).expect("system call from a task without a process") as isize
+        }
+        nr::WAIT => sys_wait(a[0], a[1]),
         nr::YIELD => {
             sched::yield_now();
             0
@@ -44,6 +57,8 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
             if a[1] == 0 || a[1] > 4096 {
                 return -errno::EINVAL;
             }
+            // Interrupted only when the process is being killed: the thread
+            // never sees the result.
             with_space(|s| s.barrier(a[0], a[1] as usize));
             0
         }
@@ -66,6 +81,37 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
 /// [`sched::with_current_space`]). Only user threads make system calls.
 fn with_space<R>(f: impl FnOnce(&super::AddressSpace) -> R) -> R {
     sched::with_current_space(f).expect("system call from a task without an address space")
+}
+
+/// `fork()`: the calling thread, duplicated into a new process with a
+/// copy-on-write copy of the address space; the child resumes from a copy
+/// of `frame` with RAX 0 (see `Process::fork`).
+fn sys_fork(frame: &TrapFrame) -> isize {
+    let me = sched::current();
+    let (Some(p), Some(space)) = (me.process(), me.space_ref()) else { return -errno::ENOSYS };
+    match p.fork(space, me.name(), frame) {
+        Ok(pid) => pid as isize,
+        Err(ForkError::NoMemory) => -errno::ENOMEM,
+        Err(ForkError::Exiting) => -errno::EINTR,
+    }
+}
+
+/// `wait(pid, status)`: blocks until child `pid` exits, reaps it, stores
+/// its exit status (an `i64`) at `status` unless that is 0, and returns
+/// `pid`. (The status is not the result: a status may be any `i64`, and
+/// -1..-4095 would read as an error.)
+fn sys_wait(pid: u64, status: u64) -> isize {
+    let Some(p) = process::current() else { return -errno::ECHILD };
+    match p.wait_child(pid) {
+        Ok(code) => {
+            if status != 0 && arch::usercopy::copy_to_user(status, &code.to_le_bytes()).is_err() {
+                return -errno::EFAULT;
+            }
+            pid as isize
+        }
+        Err(WaitError::NotAChild) => -errno::ECHILD,
+        Err(WaitError::Exiting) => -errno::EINTR,
+    }
 }
 
 fn sys_log(ptr: u64, len: usize) -> isize {

@@ -67,19 +67,24 @@ fn spinning_user_thread_is_preempted() {
     assert_eq!(spinner.join(), 0);
 }
 
-/// Bad accesses end only the offending thread, with the right outcome:
+/// Bad accesses end only the offending process, with the right outcome:
 /// touching kernel memory, executing a no-exec page and writing read-only
-/// text are fatal; bad system-call pointers get error codes.
+/// text are fatal; bad system-call pointers get error codes. Each offender
+/// is a process of its own (a fatal fault ends every thread of its process:
+/// see `process_tests`); the bystander process runs on undisturbed.
 #[ktest]
 fn bad_user_accesses_kill_only_the_offender() {
-    let space = AddressSpace::with_programs().expect("address space");
     let cpus = cpus();
     let cpu = |i: usize| cpus[i % cpus.len()];
-    let bystander = spawn_user(&space, cpu(0), program::REPORT_CPU, [20_000, 0]).unwrap();
-    let kernel = spawn_user(&space, cpu(1), program::TOUCH_KERNEL, [0, 0]).unwrap();
-    let nx = spawn_user(&space, cpu(2), program::EXEC_NX, [0, 0]).unwrap();
-    let text = spawn_user(&space, cpu(3), program::WRITE_TEXT, [0, 0]).unwrap();
-    let pointers = spawn_user(&space, cpu(4), program::BAD_POINTERS, [0, 0]).unwrap();
+    let own = |i: usize, program: usize, arg: u64| {
+        let space = AddressSpace::with_programs().expect("address space");
+        spawn_user(&space, cpu(i), program, [arg, 0]).unwrap()
+    };
+    let bystander = own(0, program::REPORT_CPU, 20_000);
+    let kernel = own(1, program::TOUCH_KERNEL, 0);
+    let nx = own(2, program::EXEC_NX, 0);
+    let text = own(3, program::WRITE_TEXT, 0);
+    let pointers = own(4, program::BAD_POINTERS, 0);
     assert_eq!(kernel.join(), KILLED, "touching kernel memory must kill");
     assert_eq!(nx.join(), KILLED, "executing the stack must kill");
     assert_eq!(text.join(), KILLED, "writing text must kill");
@@ -88,7 +93,8 @@ fn bad_user_accesses_kill_only_the_offender() {
 }
 
 /// Thousands of address spaces and threads come and go: tasks, kernel
-/// stacks, address spaces and frames all return to their starting counts.
+/// stacks, address spaces, processes and frames all return to their
+/// starting counts.
 #[ktest]
 fn thread_and_space_churn_leaks_nothing() {
     let cpus = cpus();
@@ -109,6 +115,7 @@ fn thread_and_space_churn_leaks_nothing() {
         LIVE_TASKS.load(Ordering::SeqCst),
         LIVE_STACKS.load(Ordering::SeqCst),
         LIVE_SPACES.load(Ordering::SeqCst),
+        super::process::LIVE_PROCESSES.load(Ordering::SeqCst),
     );
     for i in 1..500 {
         round(i);
@@ -119,8 +126,9 @@ fn thread_and_space_churn_leaks_nothing() {
         LIVE_TASKS.load(Ordering::SeqCst),
         LIVE_STACKS.load(Ordering::SeqCst),
         LIVE_SPACES.load(Ordering::SeqCst),
+        super::process::LIVE_PROCESSES.load(Ordering::SeqCst),
     );
-    assert_eq!(after, before, "(free frames, tasks, kernel stacks, address spaces) changed");
+    assert_eq!(after, before, "(free frames, tasks, kernel stacks, address spaces, processes) changed");
 }
 
 use crate::workload::storm::settle;

@@ -3,18 +3,17 @@
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 
+use arch::trap::TrapFrame;
+
+use super::process::ThreadError;
 use super::space::{AddressSpace, SpaceError};
 use crate::sched::{self, Task};
 
-/// Where and how a user thread starts.
-struct UserStart {
-    entry: u64,
-    stack_top: u64,
-    args: [u64; 3],
-}
-
 /// Starts a ring-3 thread of `space` on `cpu`, running user program `program`
-/// with two arguments (see `abi::program`).
+/// with two arguments (see `abi::program`). The thread joins the process
+/// that owns `space`, or, if it has none that is alive (a space from
+/// `AddressSpace::new`, or one whose process has exited), a new parentless
+/// process; see `Process::spawn_thread` to choose.
 pub fn spawn_user(
     space: &Arc<AddressSpace>,
     cpu: usize,
@@ -26,37 +25,40 @@ pub fn spawn_user(
 
 /// Creates the thread [`spawn_user`] would start, without starting it (a
 /// test can then take memory away before it runs). Start it with
-/// `sched::spawn`.
+/// `sched::spawn`: it counts as a thread of its process from now on.
 pub fn new_user_thread(
     space: &Arc<AddressSpace>,
     cpu: usize,
     program: usize,
     args: [u64; 2],
 ) -> Result<Arc<Task>, SpaceError> {
-    let stack_top = space.map_stack()?;
-    let start = Box::new(UserStart { entry: space.entry(), stack_top, args: [program as u64, args[0], args[1]] });
-    let name = alloc::format!("{}/{cpu}", abi::program::name(program));
-    let arg = Box::into_raw(start) as usize;
-    match Task::new_user(name, cpu, space.clone(), user_thread_entry, arg) {
-        Some(task) => Ok(task),
-        None => {
-            // SAFETY: the task was not created, so nothing else owns `arg`.
-            drop(unsafe { Box::from_raw(arg as *mut UserStart) });
-            Err(SpaceError::NoMemory)
+    loop {
+        let process = space.process_for_new_thread(abi::program::name(program));
+        match process.new_thread(cpu, program, args) {
+            Ok(task) => return Ok(task),
+            // It began to exit after we found it: the next look makes a
+            // new process.
+            Err(ThreadError::Exiting) => continue,
+            Err(ThreadError::NoMemory) => return Err(SpaceError::NoMemory),
         }
     }
 }
 
-/// First code of a user thread, in its kernel task: leave for ring 3.
-extern "C" fn user_thread_entry(arg: usize) -> ! {
-    // SAFETY: `spawn_user` passed a leaked Box<UserStart>; we own it now.
-    let start = unsafe { Box::from_raw(arg as *mut UserStart) };
-    let frame = arch::syscall::user_frame(start.entry, start.stack_top, start.args);
+/// First code of a user thread, in its kernel task: leave for ring 3 with
+/// the register state in the leaked `Box<TrapFrame>` at `arg` (a fresh
+/// thread's start, or a forked child's copy of its parent's system call).
+pub(super) extern "C" fn user_thread_entry(arg: usize) -> ! {
+    // SAFETY: `Process::make_thread` passed a leaked Box<TrapFrame>, and
+    // this task is its only user; we own it now.
+    let frame: Box<TrapFrame> = unsafe { Box::from_raw(arg as *mut TrapFrame) };
+    let frame = *frame;
     let kernel_top = sched::current().stack_top().expect("user thread without a kernel stack");
-    drop(start);
     arch::irq::disable();
+    // Killed before it ever ran (module comment of `process`).
+    super::process::exit_if_killed();
     // SAFETY: `kernel_top` is this task's own kernel stack, nothing on it is
     // needed any more (we never return), and the scheduler loaded this
-    // thread's address space (which maps entry and stack) when it switched in.
+    // thread's address space (which maps its code and stack) when it
+    // switched in.
     unsafe { arch::syscall::enter_user(&frame, kernel_top) }
 }

@@ -32,6 +32,10 @@
 //! (`diag::profile`) runs during the timed windows and its samples follow
 //! the result line (`cargo xtask profile`).
 //!
+//! * `fork`: each thread populates its share of `mib` MiB, one forks
+//!   (timed), and all write their shares again while the child still maps
+//!   them (copy-on-write faults that copy); see [`super::fork::bench`].
+//!
 //! The result also carries the fault-locking mode the kernel runs
 //! (`fault_lock=vma|mmap`) and the address spaces' counters summed over the
 //! timed windows (faults under a VMA lock or `mmap_lock`, fallbacks, pages
@@ -132,6 +136,10 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let workload = c.value("workload").unwrap_or("disjoint");
     let windows = parse(c, "windows", 5).max(1);
     let mib = parse(c, "mib", 128);
+    if workload == "fork" {
+        // Its own driver: a fork and copy-on-write after it (`super::fork`).
+        return super::fork::bench(windows, mib);
+    }
     let rounds = parse(c, "rounds", 1).max(1);
     // A window ends after this long even if the threads have not touched
     // their whole regions (will-it-scale samples fixed durations); fast runs

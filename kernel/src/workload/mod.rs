@@ -4,6 +4,7 @@
 //! a short fault storm on every CPU with one line per CPU and the totals.
 
 pub mod bench;
+pub mod fork;
 pub mod storm;
 
 use abi::storm::{MODE_TOUCH, PATTERN_BLOCKS, Params};
