@@ -198,7 +198,13 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
         plan.cpus,
         run.lock,
         if plan.fault_lock == "vma" { "their VMA's" } else { "mmap_lock" },
-        if elf.to_string_lossy().contains("/release/") { "release" } else { "debug" },
+        // The private copy's directory is named after the build (`release`,
+        // `debug-ptl1000000`, ...; `kernel::private_copy`).
+        if elf.parent().and_then(Path::file_name).and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("release")) {
+            "release"
+        } else {
+            "debug"
+        },
         recording.rate,
         recording.perfmon,
     );
