@@ -455,6 +455,11 @@ pub mod fork {
         /// Set by the kernel: the `ROLE_FAULT` and `ROLE_EXIT_GROUP` threads
         /// wait for it (the others are in place by then).
         pub go: u64,
+        /// Threads that got past the point where a kill must stop them (the
+        /// end of `ROLE_SPIN`'s spin, `ROLE_BLOCK`'s barrier, `ROLE_WAITER`'s
+        /// wait): a thread that then exits on its own gets the process's
+        /// exit status all the same, so only this tells.
+        pub escaped: u64,
     }
 
     /// The `FORK_ENOMEM` page at [`CONTROL_ADDR`]. The thread sets `ready`,

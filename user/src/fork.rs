@@ -278,10 +278,12 @@ pub fn member(role: u64, parties: u64) -> isize {
             while tsc() < end {
                 core::hint::spin_loop();
             }
+            control_word(&page.escaped).fetch_add(1, Ordering::AcqRel);
             0
         }
         f::ROLE_BLOCK => {
             sys::barrier(51, 1 << 12);
+            control_word(&page.escaped).fetch_add(1, Ordering::AcqRel);
             2
         }
         f::ROLE_WAITER => {
@@ -296,6 +298,7 @@ pub fn member(role: u64, parties: u64) -> isize {
             }
             control_word(&page.child_pid).store(pid as u64, Ordering::Release);
             let _ = sys::wait(pid);
+            control_word(&page.escaped).fetch_add(1, Ordering::AcqRel);
             5
         }
         f::ROLE_FAULT => {

@@ -164,8 +164,16 @@ fn kill_every_thread(killer_role: u64, expect: i64) {
     assert_eq!(p.wait_exit(), expect, "the process's exit status");
     let us = arch::time::rdtsc().wrapping_sub(start) / arch::time::tsc_per_us().unwrap_or(1).max(1);
     for (i, t) in threads.iter().enumerate() {
-        assert_eq!(t.join(), expect, "thread {i} ({}, role {}) was not ended by the kill", t.name(), roles[i].1);
+        assert_eq!(
+            t.join(),
+            expect,
+            "thread {i} ({}, role {}) did not end with the process's status",
+            t.name(),
+            roles[i].1
+        );
     }
+    let escaped = read_u64(&space, control_field::<MemberPage>(core::mem::offset_of!(MemberPage, escaped)));
+    assert_eq!(escaped, 0, "threads got past their spin, barrier or wait: the kill did not stop them there");
     log::info!("kill: {} threads ({} spinning in ring 3, 2 asleep) ended in {us} us", threads.len(), n);
     // A parent's end does not end its children (Linux): orphaned, alive.
     wait_for("the child to be orphaned", || child.parent() == 0);
