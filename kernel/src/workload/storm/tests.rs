@@ -62,15 +62,17 @@ fn storm_disjoint_regions() {
     assert!(out.stats.anon_faults >= pages, "one first-touch fault per page at least");
     assert_distinct_frames(&out, pages);
     // Nothing changes the region's VMA while the threads fault: every fault
-    // in it ran under that VMA's lock. The only faults that took mmap_lock
-    // are stack faults of threads that started while a later thread's stack
-    // was being mapped next to theirs (the merge write-locks their VMA).
+    // in it ran under that VMA's lock. The few that took mmap_lock are the
+    // threads' first stack faults racing the set-up's mappings (a merge
+    // write-locks the neighbour VMA, or replaces the node a lookup found),
+    // and each has its fallback counted.
     if mm::memory::fault_locking() == mm::memory::FaultLocking::PerVma {
         let s = out.stats;
         assert!(s.vma_lock_faults >= pages, "faults in the region took mmap_lock: {s:?}");
+        let explained = s.vma_fallback_locked + s.vma_fallback_detached + s.vma_fallback_not_found;
         assert!(
-            s.mmap_lock_faults == s.vma_fallback_locked && s.mmap_lock_faults <= n as u64,
-            "faults took mmap_lock for another reason than a VMA being changed: {s:?}"
+            s.mmap_lock_faults == explained && s.mmap_lock_faults <= 4 * n as u64,
+            "faults took mmap_lock beyond the set-up's races: {s:?}"
         );
     }
 }
