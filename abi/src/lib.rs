@@ -224,6 +224,10 @@ pub mod program {
     /// The fork benchmark (see [`crate::fork::BenchPage`]): `arg0` is the
     /// thread index.
     pub const FORK_BENCH: usize = 15;
+    /// The system-call fuzzer (see [`crate::fuzz`]): `arg0` is the seed,
+    /// `arg1` the number of calls. Exits 0 after its calls, or with the
+    /// number of calls that succeeded where they must fail.
+    pub const FUZZ: usize = 32;
 
     /// A short name for task names and logs.
     pub const fn name(program: usize) -> &'static str {
@@ -244,8 +248,75 @@ pub mod program {
             FORK_STORM => "fork-storm",
             FORK_ENOMEM => "fork-enomem",
             FORK_BENCH => "fork-bench",
+            FUZZ => "fuzz",
             _ => "unknown",
         }
+    }
+}
+
+/// The system-call fuzzer (`program::FUZZ`): one thread per process calls
+/// every system call with hostile arguments and counts the results in a
+/// [`fuzz::Report`] the kernel maps at [`fuzz::REPORT_ADDR`].
+pub mod fuzz {
+    /// Where the kernel maps the report page.
+    pub const REPORT_ADDR: u64 = 0x2100_0000;
+    /// Where the fuzzer keeps its own mappings (read-write, `PROT_NONE`,
+    /// transparent-huge): every address it passes to a call that changes
+    /// mappings lies here or is one the kernel must refuse (kernel,
+    /// non-canonical, beyond the user half), so it never unmaps its own
+    /// code or stack by design; a call that does so anyway is a kernel bug
+    /// the fuzzer sees as its own death.
+    pub const ARENA: u64 = 0x40_0000_0000;
+    /// Bytes of the arena (1 GiB aligned).
+    pub const ARENA_LEN: u64 = 64 << 20;
+    /// Most `fork`s one fuzzer makes (each child exits at once and is
+    /// waited for).
+    pub const MAX_FORKS: u64 = 8;
+
+    /// Result classes the fuzzer counts, indexes of `Report::results`.
+    pub const OK: usize = 0;
+    /// `-EINVAL`.
+    pub const EINVAL: usize = 1;
+    /// `-EFAULT`.
+    pub const EFAULT: usize = 2;
+    /// `-ENOMEM`.
+    pub const ENOMEM: usize = 3;
+    /// `-ENOSYS`.
+    pub const ENOSYS: usize = 4;
+    /// `-EAGAIN`.
+    pub const EAGAIN: usize = 5;
+    /// `-ECHILD`.
+    pub const ECHILD: usize = 6;
+    /// `-EINTR`.
+    pub const EINTR: usize = 7;
+    /// Any other negative result.
+    pub const OTHER: usize = 8;
+    /// Number of classes.
+    pub const CLASSES: usize = 9;
+    /// Their names, in index order.
+    pub const CLASS_NAMES: [&str; CLASSES] =
+        ["ok", "EINVAL", "EFAULT", "ENOMEM", "ENOSYS", "EAGAIN", "ECHILD", "EINTR", "other"];
+
+    /// What a fuzzer reports (written as it goes, so a fuzzer that is
+    /// killed leaves its counts so far).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Report {
+        /// System calls made.
+        pub calls: u64,
+        /// Results by class (`OK`, `EINVAL`, ...).
+        pub results: [u64; CLASSES],
+        /// Calls that succeeded where they must fail (a bad address,
+        /// length, flag or number the kernel accepted).
+        pub unexpected_ok: u64,
+        /// The first such call: number and arguments.
+        pub first_unexpected: [u64; 7],
+        /// `fork`s made.
+        pub forks: u64,
+        /// The system call in progress (number), for a fuzzer that died.
+        pub last_nr: u64,
+        /// 1 once the fuzzer finished its calls.
+        pub done: u64,
     }
 }
 

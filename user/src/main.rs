@@ -8,6 +8,7 @@
 #![no_main]
 
 mod fork;
+mod fuzz;
 mod storm;
 mod sys;
 
@@ -26,6 +27,7 @@ extern "C" fn _start(program: usize, arg0: usize, arg1: usize) -> ! {
         program::TOUCH_RANGE => touch_range(arg0, arg1),
         program::SPIN => spin(arg0),
         program::STORM => storm::run(arg0 as u64),
+        program::FUZZ => fuzz::run(arg0 as u64, arg1 as u64),
         program::FORK_PRIVATE => fork::private(),
         program::FORK_WAIT => fork::wait(),
         program::PROC_MEMBER => fork::member(arg0 as u64, arg1 as u64),

@@ -49,9 +49,10 @@ pub fn new_user_thread(
 /// thread's start, or a forked child's copy of its parent's system call).
 pub(super) extern "C" fn user_thread_entry(arg: usize) -> ! {
     // SAFETY: `Process::make_thread` passed a leaked Box<TrapFrame>, and
-    // this task is its only user; we own it now.
-    let frame: Box<TrapFrame> = unsafe { Box::from_raw(arg as *mut TrapFrame) };
-    let frame = *frame;
+    // this task is its only user; we own it now. The frame is moved out of
+    // a temporary Box, freed at the end of this statement: a Box bound to a
+    // name would be freed at the end of the function, which never comes.
+    let frame: TrapFrame = *unsafe { Box::from_raw(arg as *mut TrapFrame) };
     let kernel_top = sched::current().stack_top().expect("user thread without a kernel stack");
     arch::irq::disable();
     // Killed before it ever ran (module comment of `process`).

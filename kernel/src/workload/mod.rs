@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod fork;
+pub mod fuzz;
 pub mod storm;
 
 use abi::storm::{MODE_TOUCH, PATTERN_BLOCKS, Params};

@@ -174,10 +174,28 @@ pub fn settle() {
     mm::phys().rcu_barrier();
 }
 
+/// [`settle`]s until the heap is back to `baseline` bytes in use, or a
+/// second has passed; returns the bytes in use then. Exited tasks release
+/// what they held (their process, its zombie record) as their CPUs switch
+/// away, which can come after one `settle`; a leak stays.
+pub fn settle_heap(baseline: usize) -> usize {
+    let start = arch::time::now_ns();
+    loop {
+        settle();
+        let used = crate::boot::heap::used();
+        if used == baseline || arch::time::now_ns() - start > 1_000_000_000 {
+            return used;
+        }
+        arch::time::delay_us(10_000);
+    }
+}
+
 /// The CPUs online now.
 pub fn online() -> Vec<usize> {
     arch::percpu::online_cpus().collect()
 }
 
+#[cfg(target_os = "none")]
+mod inject_tests;
 #[cfg(target_os = "none")]
 mod tests;
