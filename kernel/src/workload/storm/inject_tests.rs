@@ -99,7 +99,8 @@ fn run_one(spec: &Spec, ends: &mut Ends) {
     }
 }
 
-/// Every kind of storm, four times over, on every CPU with
+/// Every kind of storm, four times over (or until every site has failed),
+/// on every CPU with
 /// `fail=frame:1/200,table:1/50,ptl:1/20,heap:1/1000` (or the command
 /// line's `fail=` and `fail_seed=`): storms end in completed threads, OOM
 /// kills and tolerated `-ENOMEM`s, never in corruption or another error;
@@ -124,7 +125,16 @@ fn storms_under_failure_injection_end_in_oom_kills_and_leak_nothing() {
     inject.set_seed(seed);
     inject.configure(spec).expect("a valid fail= spec");
     let mut ends = Ends::default();
-    for _ in 0..4 {
+    // Four rounds, more (up to 16) until every site failed at least once:
+    // few page tables are made per storm, and storms die early.
+    let sites_hit = || {
+        let hit = |s: FailSite| inject.injected_at(s) > injected_before[s as usize];
+        hit(FailSite::Frame) && hit(FailSite::Table) && (!mm::ALLOC_SPLIT_PTLOCKS || hit(FailSite::Ptl))
+    };
+    for round in 0..16 {
+        if round >= 4 && sites_hit() {
+            break;
+        }
         for s in specs(&cpus) {
             run_one(&s, &mut ends);
         }
