@@ -502,7 +502,7 @@ fn loom_virt_test_and_set_lock_is_mutually_exclusive() {
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
 
-    use crate::lock::{LockClass, LockLevel, SpinLock, set_virt_spinlocks};
+    use crate::lock::{LockClass, LockLevel, SpinLock};
     loom::model(|| {
         let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0u64)));
         let ts: std::vec::Vec<_> = [true, false]
@@ -512,8 +512,7 @@ fn loom_virt_test_and_set_lock_is_mutually_exclusive() {
                 loom::thread::spawn(move || {
                     // One thread in each mode: the words are the same, so
                     // they must exclude each other as well.
-                    set_virt_spinlocks(tas);
-                    let g = l.lock();
+                    let g = l.lock_in_mode(tas);
                     // SAFETY: loom's cell access; the guard excludes others.
                     g.with_mut(|v| unsafe { *v += 1 });
                 })
@@ -522,7 +521,6 @@ fn loom_virt_test_and_set_lock_is_mutually_exclusive() {
         for t in ts {
             t.join().unwrap();
         }
-        set_virt_spinlocks(false);
         let g = l.lock();
         // SAFETY: loom's cell access under the guard.
         assert_eq!(g.with(|v| unsafe { *v }), 2);

@@ -13,6 +13,16 @@ fn params() -> Params {
     unsafe { (storm::PARAMS_ADDR as *const Params).read_volatile() }
 }
 
+/// Whether every thread but the special ones (`index < special_threads`,
+/// this one among them) has finished its report.
+fn others_done(p: &Params, index: u64) -> bool {
+    (p.special_threads..p.threads).filter(|&i| i != index).all(|i| {
+        // SAFETY: the report area is mapped for every thread; another
+        // thread's slot is written by it, read here with a volatile load.
+        unsafe { core::ptr::addr_of!((*report(i)).done).read_volatile() == 1 }
+    })
+}
+
 fn report(index: u64) -> *mut Report {
     (storm::PARAMS_ADDR + storm::REPORTS_OFFSET + index * core::mem::size_of::<Report>() as u64) as *mut Report
 }
@@ -223,10 +233,18 @@ pub fn run(index: u64) -> isize {
                     }
                 }
                 let flags = abi::mremap::MAYMOVE | abi::mremap::FIXED;
-                for _ in 0..10 {
+                let mut moves = 0u64;
+                // At least ten round trips, and on while the others still run:
+                // the moves must overlap their faults, however the host
+                // schedules the vCPUs.
+                while moves < 10 || (round + 1 == p.rounds.max(1) && moves < 100_000 && !others_done(&p, index)) {
+                    moves += 1;
                     for (from, to) in [(home, away), (away, home)] {
-                        if sys::mremap(from as usize, len, len, flags, to as usize) != to as isize {
-                            out.mismatches += 1;
+                        let r = sys::mremap(from as usize, len, len, flags, to as usize);
+                        if r != to as isize {
+                            if bad(r, to as isize, &p, &mut out) {
+                                out.mismatches += 1;
+                            }
                             continue;
                         }
                         for k in 0..storm::MOVER_PAGES {
@@ -240,18 +258,21 @@ pub fn run(index: u64) -> isize {
                 }
             }
             storm::MODE_COLLAPSE => {
-                for step in 0..10u64 {
+                let mut step = 0u64;
+                // At least ten passes, and on while the others still run.
+                while step < 10 || (round + 1 == p.rounds.max(1) && step < 100_000 && !others_done(&p, index)) {
+                    step += 1;
                     let mut region = p.base;
                     while region < p.base + p.len {
                         let r = sys::madvise(region as usize, HUGE as usize, abi::advice::COLLAPSE);
-                        if r != 0 && r != -abi::errno::EAGAIN {
+                        if r != -abi::errno::EAGAIN && bad(r, 0, &p, &mut out) {
                             out.mismatches += 1;
                         }
                         region += HUGE;
                     }
                     if step % 3 == 2 {
                         let victim = p.base + (step / 3 % (p.len / HUGE)) * HUGE;
-                        if sys::madvise(victim as usize, HUGE as usize, abi::advice::DONTNEED) != 0 {
+                        if bad(sys::madvise(victim as usize, HUGE as usize, abi::advice::DONTNEED), 0, &p, &mut out) {
                             out.mismatches += 1;
                         }
                     }

@@ -119,22 +119,22 @@ impl RawSpinLock {
     #[track_caller]
     #[inline]
     pub fn lock(&self, level: LockLevel) -> RawSpinGuard<'_> {
-        self.lock_inner(level, false)
+        self.lock_inner(level, false, virt_spinlocks())
     }
 
     /// Takes a second lock of a level already held (Linux
     /// `spin_lock_nested`). The caller documents why its order is safe.
     #[track_caller]
     pub fn lock_nested(&self, level: LockLevel) -> RawSpinGuard<'_> {
-        self.lock_inner(level, true)
+        self.lock_inner(level, true, virt_spinlocks())
     }
 
     #[track_caller]
     #[inline]
-    fn lock_inner(&self, level: LockLevel, nested: bool) -> RawSpinGuard<'_> {
+    fn lock_inner(&self, level: LockLevel, nested: bool, test_and_set: bool) -> RawSpinGuard<'_> {
         let hal = hal::get();
         lockdep::before_acquire(self.addr(), level, nested);
-        if virt_spinlocks() {
+        if test_and_set {
             let ticket = self.lock_test_and_set(hal);
             return self.acquired(level, ticket, nested);
         }
@@ -339,6 +339,16 @@ impl<T> SpinLock<T> {
     #[inline]
     pub fn lock(&self) -> SpinLockGuard<'_, T> {
         let raw = self.raw.lock(LockLevel::from_u8(self.level));
+        SpinLockGuard { raw, data: &self.data }
+    }
+
+    /// [`SpinLock::lock`] in the given mode regardless of the global one
+    /// (`test_and_set`: as `set_virt_spinlocks(true)`), for the loom model
+    /// that mixes both: a model must not flip the process-wide mode under
+    /// the models running beside it.
+    #[cfg(loom)]
+    pub(crate) fn lock_in_mode(&self, test_and_set: bool) -> SpinLockGuard<'_, T> {
+        let raw = self.raw.lock_inner(LockLevel::from_u8(self.level), false, test_and_set);
         SpinLockGuard { raw, data: &self.data }
     }
 
