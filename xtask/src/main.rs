@@ -13,6 +13,7 @@ mod profile;
 mod protocol;
 mod qemu;
 mod setup;
+mod soak;
 mod symbols;
 mod test;
 
@@ -56,6 +57,10 @@ enum Command {
     /// under VMA locks vs mmap_lock (table, target/bench/faultstorm.json and
     /// faultstorm.svg).
     Bench(bench::BenchArgs),
+    /// Soak the kernel: a seeded random mix of fault storms, system-call
+    /// fuzzers, process churn and out-of-memory pressure on every CPU for
+    /// minutes, each lock build, with invariants checked after every phase.
+    Soak(soak::SoakArgs),
     /// Sample every CPU during a fault storm (the bench's kernel mode with the
     /// in-kernel profiler on): folded stacks, an SVG flame graph and a
     /// summary in target/profile/.
@@ -193,6 +198,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::Gdb(args) => gdb::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Soak(args) => soak::run(args),
         Command::Profile(args) => profile::run(args),
     };
     match result {

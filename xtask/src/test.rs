@@ -60,6 +60,8 @@ enum Expect {
     /// CPU and each names the lock it waits for and that lock's holder with
     /// the site that took it; the backtraces are symbolized.
     Lockup { test: &'static str, cpus: usize },
+    /// A soak (`mode=soak`) that ends with its result line saying ok.
+    Soak,
 }
 
 struct KernelRun {
@@ -228,6 +230,20 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
                 ),
             )
         }
+        Expect::Soak => {
+            let log = std::fs::read_to_string(&o.log).unwrap_or_default();
+            let res = crate::soak::result(&log);
+            let ok = o.kernel_succeeded() && res.as_ref().is_some_and(|r| r["ok"] == true);
+            let detail = match (&res, ok) {
+                (Some(r), true) => crate::soak::describe(r),
+                _ => format!(
+                    "soak FAILED in phase {}: {}",
+                    crate::soak::last_phase(&log).map_or(String::from("?"), |p| p.to_string()),
+                    crate::soak::failure(&log).map(str::to_string).unwrap_or_else(|| o.describe(&run.name))
+                ),
+            };
+            (ok, detail)
+        }
         Expect::Timeout { test } => {
             let named = o.describe(&run.name).contains(test);
             let ok = matches!(o.ending, Ending::Timeout(Expiry::Run | Expiry::Test)) && named;
@@ -361,6 +377,20 @@ fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
         timeout: Duration::from_secs(300),
         test_timeout: None,
         expect: Expect::Fail { test: "panic_on_another_cpu", detail: "deliberate panic on CPU" },
+    });
+    // A short soak: storms, fuzzers, churn and failure injection at random
+    // for 30 s, invariants after every phase (`cargo xtask soak` runs long
+    // ones).
+    runs.push(KernelRun {
+        name: "soak, 30 s, -smp 4".into(),
+        features: Vec::new(),
+        split_ptlock_cpus: args.kernel.split_ptlock_cpus,
+        firmware: Firmware::Bios,
+        smp: 4,
+        cmdline: crate::soak::cmdline(30, 1, 3000),
+        timeout: Duration::from_secs(args.machine.timeout.unwrap_or(300)),
+        test_timeout: None,
+        expect: Expect::Soak,
     });
     // The other ptl variant: the debug lock (owner CPU + site) no longer
     // fits in a word, so every PTE/PMD table's lock is allocated by its

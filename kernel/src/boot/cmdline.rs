@@ -1,7 +1,7 @@
 //! The kernel command line, passed by xtask through QEMU's fw_cfg
 //! (`-fw_cfg name=opt/ptlk/cmdline,string=...`).
 //!
-//! Words: `mode=run|test|bench`, `filter=SUBSTRING` (tests), `selftests` (also run
+//! Words: `mode=run|test|bench|soak`, `filter=SUBSTRING` (tests), `selftests` (also run
 //! the runner's own deliberately failing tests), `log=error|warn|info|debug|trace`,
 //! `fault_lock=vma|mmap` (how page faults lock their VMA: the per-VMA lock,
 //! the default, or `mmap_lock` shared as before Linux 6.4, for comparison),
@@ -26,6 +26,8 @@ pub enum Mode {
     Test,
     /// The fault-storm benchmark (`workload=`, `windows=`, `mib=`, `rounds=`).
     Bench,
+    /// The soak (`soak_secs=`, `soak_seed=`, `soak_phase_ms=`; `workload::soak`).
+    Soak,
 }
 
 /// The parsed command line.
@@ -61,6 +63,7 @@ impl Cmdline {
         match self.value("mode") {
             Some("test") => Mode::Test,
             Some("bench") => Mode::Bench,
+            Some("soak") => Mode::Soak,
             _ => Mode::Run,
         }
     }

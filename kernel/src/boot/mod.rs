@@ -141,14 +141,16 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     // boot task can take interrupts from here on: ticks, IPIs.
     arch::irq::enable();
     // Failure injection: armed now (boot itself runs without), except for
-    // the test runner, whose injection test arms it for itself.
-    if cmdline.mode() != cmdline::Mode::Test {
+    // the test runner, whose injection test arms it for itself, and the
+    // soak, which arms it for some phases.
+    if !matches!(cmdline.mode(), cmdline::Mode::Test | cmdline::Mode::Soak) {
         arm_failure_injection(cmdline);
     }
     let status = match cmdline.mode() {
         cmdline::Mode::Test => runner::run(cmdline),
         cmdline::Mode::Run => workload::run(),
         cmdline::Mode::Bench => bench::run(cmdline),
+        cmdline::Mode::Soak => workload::soak::run(cmdline),
     };
     log::info!("powering off ({})", if status == ExitCode::Success { "success" } else { "failure" });
     qemu::exit(status)

@@ -1,4 +1,5 @@
 //! What the kernel runs when it is not testing: the fault storms ([`storm`]),
+//! the system-call fuzzer ([`fuzz`]), the soak (`mode=soak`, [`soak`]),
 //! the benchmark built on them (`mode=bench`, [`bench`](mod@bench)), and here the
 //! default workload of `cargo xtask run` (`mode=run`): the self-checks, then
 //! a short fault storm on every CPU with one line per CPU and the totals.
@@ -6,6 +7,7 @@
 pub mod bench;
 pub mod fork;
 pub mod fuzz;
+pub mod soak;
 pub mod storm;
 
 use abi::storm::{MODE_TOUCH, PATTERN_BLOCKS, Params};

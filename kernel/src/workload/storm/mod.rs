@@ -43,6 +43,10 @@ pub struct Outcome {
     pub mappings: Vec<Mapping>,
     /// The CPU each thread ran on.
     pub cpus: Vec<usize>,
+    /// Pages the address space's page tables map at the end (all of them,
+    /// not only the region's; the shared zero page not counted), to check
+    /// against its RSS counter (`stats.rss_pages`).
+    pub mapped_pages: u64,
 }
 
 impl Outcome {
@@ -143,10 +147,13 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
     }
     let stats = space.mm.stats();
     let region = p.base..p.base + p.len;
-    let mappings = space.mm.mappings().into_iter().filter(|m| region.contains(&m.va.as_u64())).collect();
+    let all = space.mm.mappings();
+    let zero = mm::phys().zero_pfn();
+    let mapped_pages = all.iter().filter(|m| m.pa.pfn() != zero).map(|m| m.size / mm::PAGE_SIZE).sum();
+    let mappings = all.into_iter().filter(|m| region.contains(&m.va.as_u64())).collect();
     drop(threads);
     drop(space);
-    Ok(Outcome { exit_codes, reports, stats, mappings, cpus })
+    Ok(Outcome { exit_codes, reports, stats, mappings, cpus, mapped_pages })
 }
 
 /// Lets every CPU switch once, so exited tasks (and the address space they

@@ -28,6 +28,7 @@ fn storm(spec: Spec) -> Outcome {
     }
     assert_eq!(out.mismatches(), 0, "data corruption");
     assert!(out.reports.iter().all(|r| r.done == 1), "a thread did not finish its report");
+    assert_eq!(out.stats.rss_pages, out.mapped_pages, "the address space's RSS counter disagrees with its page tables");
     assert_eq!(after, before, "frames leaked: {} before, {} after the address space was freed", before, after);
     out
 }
