@@ -97,20 +97,24 @@ fn storm_same_pte_table() {
 /// one frame gets installed for each page, the losers find it under the
 /// lock (a lost race: their frame goes back) or find it mapped when they
 /// look (a spurious fault). The threads that do not fault catch up with
-/// the one that does, so they meet at its frontier; rerun until a race was
-/// counted (it needs two CPUs).
+/// the one that does, so they meet at its frontier; four rounds per storm,
+/// each after a remap and a barrier; rerun until a race was counted (it
+/// needs two CPUs).
 #[ktest]
 fn storm_same_page() {
     let cpus = online();
     let n = cpus.len();
     let pages = 64;
     let (mut races, mut storms) = (0, 0);
-    while storms < 10 && (races == 0 || storms < 2) {
-        let out = storm(Spec {
-            params: params(storm::MODE_TOUCH, storm::PATTERN_SAME, pages * PAGE, n),
-            premap: Some(MapFlags::empty()),
-            cpus: cpus.clone(),
-        });
+    while storms < 20 && (races == 0 || storms < 2) {
+        // Four rounds, the region re-mapped between them: all threads leave
+        // the barrier after each remap and fault the same fresh pages.
+        let p = Params {
+            rounds: 4,
+            remap_between_rounds: 1,
+            ..params(storm::MODE_TOUCH, storm::PATTERN_SAME, pages * PAGE, n)
+        };
+        let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus: cpus.clone() });
         // One entry maps each page (a second frame would be a second entry
         // or a leak, which `storm` checks through the free-frame count).
         assert_distinct_frames(&out, pages);
