@@ -41,7 +41,8 @@ const KERNEL_START: u64 = 0xffff_8000_0000_0000;
 pub struct ProfileArgs {
     /// Workload, as `cargo xtask bench` runs it: disjoint (each thread maps,
     /// touches and unmaps its own region), same-table, same-page, madvise,
-    /// madvise-same-table.
+    /// madvise-same-table, fork (the timed part: the copy-on-write faults
+    /// after a fork).
     #[arg(long, default_value = "disjoint")]
     workload: String,
     /// vCPUs, one pinned ring-3 thread on each.

@@ -138,7 +138,8 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let mib = parse(c, "mib", 128);
     if workload == "fork" {
         // Its own driver: a fork and copy-on-write after it (`super::fork`).
-        return super::fork::bench(windows, mib);
+        let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
+        return super::fork::bench(windows, mib, profile_rate);
     }
     let rounds = parse(c, "rounds", 1).max(1);
     // A window ends after this long even if the threads have not touched

@@ -214,8 +214,10 @@ fn bench_window(n: usize, len: u64) -> Result<BenchWindow, String> {
 /// and writes every page again while the child still maps them (every write
 /// a copy-on-write fault that copies: faults/s over the span from the first
 /// thread's start to the last one's end). Prints one `BENCH-RESULT` line in
-/// the format of the fault-storm bench, with a `fork` object added.
-pub fn bench(windows: u64, mib: u64) -> ExitCode {
+/// the format of the fault-storm bench, with a `fork` object added. With
+/// `profile` (`profile=HZ`), the sampling profiler runs during the timed
+/// windows and its samples follow the result line (`cargo xtask profile`).
+pub fn bench(windows: u64, mib: u64, profile: Option<u32>) -> ExitCode {
     let cpus = online();
     let n = cpus.len();
     let len = (mib << 20) / n as u64 / 4096 * 4096 * n as u64;
@@ -229,6 +231,12 @@ pub fn bench(windows: u64, mib: u64) -> ExitCode {
         if w == 1 {
             reset_lock_stats();
             stats_start = arch::time::rdtsc();
+            if let Some(rate) = profile
+                && let Err(e) = crate::diag::profile::start(rate)
+            {
+                log::error!("bench: profile={rate}: cannot start the profiler: {e:?}");
+                return ExitCode::Failure;
+            }
         }
         let win = match bench_window(n, len) {
             Ok(win) => win,
@@ -258,6 +266,7 @@ pub fn bench(windows: u64, mib: u64) -> ExitCode {
             results.push(win);
         }
     }
+    let recording = profile.and_then(|_| crate::diag::profile::stop());
     let stats_cycles = arch::time::rdtsc().wrapping_sub(stats_start);
     let faults: u64 = results.iter().map(|w| w.written).sum();
     let thread_cycles: u64 = results.iter().map(|w| w.thread_cycles).sum();
@@ -316,6 +325,9 @@ pub fn bench(windows: u64, mib: u64) -> ExitCode {
     }
     json += "]}}";
     arch::println!("BENCH-RESULT {json}");
+    if let Some(r) = recording {
+        r.dump();
+    }
     ExitCode::Success
 }
 
