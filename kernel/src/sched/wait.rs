@@ -31,7 +31,13 @@ impl WaitQueue {
             me.prepare_block();
             if cond() {
                 me.cancel_block();
-                self.waiters.lock().retain(|t| !Arc::ptr_eq(t, &me));
+                let mut waiters = self.waiters.lock();
+                waiters.retain(|t| !Arc::ptr_eq(t, &me));
+                if waiters.is_empty() {
+                    // Give the buffer back, as `wake_all` does: an idle
+                    // queue holds no heap (the leak checks count bytes).
+                    *waiters = Vec::new();
+                }
                 return;
             }
             drop(me);
