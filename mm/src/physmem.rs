@@ -188,14 +188,16 @@ impl PhysMem {
         self.allocator.drain_local(&self.memmap);
     }
 
-    /// Lets each per-CPU list cache up to `frames` frames (never fewer than
-    /// the default [`crate::PCP_HIGH`]). The kernel sizes it from
-    /// memory and CPU count at boot: a CPU that unmaps a large region and
-    /// maps the next one then recycles its frames without visiting the
-    /// zone. Cached frames still count as free, and an allocation that finds
-    /// no block drains every list and retries.
-    pub fn set_pcp_high(&self, frames: usize) {
-        self.allocator.set_pcp_high(frames);
+    /// Lets each per-CPU list cache up to `high` frames (never fewer than
+    /// the default [`crate::PCP_HIGH`]), and a list whose CPU keeps
+    /// refilling and overflowing it grow its own limit up to `high_max`.
+    /// The kernel sizes both from memory and CPU count at boot: a CPU that
+    /// unmaps a large region and maps the next one then recycles its frames
+    /// without visiting the zone. Cached frames still count as free, and an
+    /// allocation that finds no block drains every list (setting each
+    /// limit back to `high`) and retries.
+    pub fn set_pcp_limits(&self, high: usize, high_max: usize) {
+        self.allocator.set_pcp_limits(high, high_max);
     }
 
     /// The per-CPU list limit in force.

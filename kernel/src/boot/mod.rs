@@ -57,7 +57,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let enabled = arch::cpu::enable_protection(features);
     let cmdline = cmdline::read();
     smp::init(boot_info.rsdp_addr.into_option(), &boot_info.memory_regions, phys_offset);
-    let pcp_high = mem_init::size_pcp_caches(arch::percpu::online_count());
+    let pcp = mem_init::size_pcp_caches(arch::percpu::online_count());
 
     let mut brand = [0u8; 48];
     let memmap = mm::memmap_stats();
@@ -102,12 +102,14 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         }
     );
     log::info!(
-        "boot: kernel stacks {} KiB + {} KiB guard (up to {}); per-CPU frame caches up to {} frames ({} MiB) each",
+        "boot: kernel stacks {} KiB + {} KiB guard (up to {}); per-CPU frame caches of {} frames ({} MiB) each, growing to {} ({} MiB) for a CPU that recycles more",
         kstack::STACK_SIZE >> 10,
         kstack::GUARD_SIZE >> 10,
         kstack::MAX_STACKS,
-        pcp_high,
-        pcp_high >> 8,
+        pcp.high,
+        pcp.high >> 8,
+        pcp.high_max,
+        pcp.high_max >> 8,
     );
     log::info!(
         "boot: CPU \"{}\", TSC {} MHz, features {:?}, enabled {:?}",

@@ -81,8 +81,10 @@ pub(crate) struct FrameAllocator {
     zone_free: AtomicU64,
     pcp: [PcpSlot; NR_PCP],
     /// A list longer than this gives a batch back to the zone (see
-    /// [`FrameAllocator::set_pcp_high`]). Tuning, not protocol: read relaxed.
+    /// [`FrameAllocator::set_pcp_limits`]). Tuning, not protocol: read relaxed.
     pcp_high: core::sync::atomic::AtomicUsize,
+    /// How far one list's own limit may grow (see [`FrameAllocator::trim`]).
+    pcp_high_max: core::sync::atomic::AtomicUsize,
 }
 
 impl FrameAllocator {
@@ -95,14 +97,18 @@ impl FrameAllocator {
                 count: AtomicU64::new(0),
             }),
             pcp_high: core::sync::atomic::AtomicUsize::new(pcp::HIGH),
+            pcp_high_max: core::sync::atomic::AtomicUsize::new(pcp::HIGH),
         }
     }
 
     /// Sets how many frames each per-CPU list may hold before it gives a
-    /// batch back (at least [`pcp::HIGH`]). Lists already longer shrink on
-    /// their next free.
-    pub(crate) fn set_pcp_high(&self, high: usize) {
-        self.pcp_high.store(high.max(pcp::HIGH), Relaxed);
+    /// batch back (`high`, at least [`pcp::HIGH`]), and how far a list that
+    /// recycles more than that may raise its own limit (`high_max`, at least
+    /// `high`). Lists already longer shrink on their next free.
+    pub(crate) fn set_pcp_limits(&self, high: usize, high_max: usize) {
+        let high = high.max(pcp::HIGH);
+        self.pcp_high.store(high, Relaxed);
+        self.pcp_high_max.store(high_max.max(high), Relaxed);
     }
 
     pub(crate) fn pcp_high(&self) -> usize {
@@ -130,6 +136,7 @@ impl FrameAllocator {
             let slot = self.local();
             let mut list = slot.list.lock();
             if list.count() == 0 {
+                list.refilled = true;
                 let mut zone = self.zone.lock();
                 for _ in 0..pcp::BATCH {
                     let Some(pfn) = zone.alloc(map, 0) else { break };
@@ -217,12 +224,33 @@ impl FrameAllocator {
     }
 
     /// Gives batches back to the zone while `list` is above its limit.
+    ///
+    /// The limit adapts (as Linux 6.7's automatic `pcp->high` tuning does,
+    /// by a simpler rule): a list that overflows after it had to refill
+    /// from the zone belongs to a CPU that frees about as much as it
+    /// allocates (a thread that unmaps a region and maps the next one), and
+    /// every frame it gives back now it would fetch again soon, each trip
+    /// under the one zone lock that every CPU shares. So it doubles its own
+    /// limit, up to `pcp_high_max`, instead. A CPU that only frees (or only
+    /// allocates) never grows its list. An allocation that finds no block
+    /// anywhere drains every list and sets every limit back to the base
+    /// ([`FrameAllocator::drain_all`]).
     fn trim(&self, map: &MemMap, slot: &PcpSlot, list: &mut PcpList) {
-        if list.count() <= self.pcp_high.load(Relaxed) {
+        let base = self.pcp_high.load(Relaxed);
+        let mut high = list.high.max(base);
+        if list.count() <= high {
             return;
         }
+        if list.refilled {
+            list.refilled = false;
+            high = (high * 2).min(self.pcp_high_max.load(Relaxed)).max(base);
+            list.high = high;
+            if list.count() <= high {
+                return;
+            }
+        }
         let mut zone = self.zone.lock();
-        while list.count() > self.pcp_high.load(Relaxed) {
+        while list.count() > high {
             for _ in 0..pcp::BATCH {
                 let Some(p) = list.pop(map, &slot.count) else { break };
                 // SAFETY: the frame was free on our list; now the zone's.
@@ -234,6 +262,8 @@ impl FrameAllocator {
 
     fn drain_slot(&self, map: &MemMap, slot: &PcpSlot) {
         let mut list = slot.list.lock();
+        list.high = 0;
+        list.refilled = false;
         if list.count() == 0 {
             return;
         }

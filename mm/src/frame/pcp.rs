@@ -20,7 +20,7 @@ use crate::memmap::{Links, MemMap, PG_PCP, Page};
 /// `pcp->batch`).
 pub const BATCH: usize = 63;
 /// Above this many frames (16 MiB) a list gives a batch back to the zone,
-/// unless the kernel raised the limit ([`crate::PhysMem::set_pcp_high`]).
+/// unless the kernel raised the limit ([`crate::PhysMem::set_pcp_limits`]).
 ///
 /// Large on purpose: a thread that unmaps a big region and maps the next one
 /// (will-it-scale's `page_fault1`, `cargo xtask bench`) recycles its frames
@@ -36,6 +36,14 @@ pub const HIGH: usize = 64 * BATCH;
 pub(crate) struct PcpList {
     head: u64,
     count: usize,
+    /// This list's own limit, raised while its CPU recycles more frames
+    /// than the base limit (0: the allocator's base limit). See
+    /// [`super::FrameAllocator::trim`].
+    pub(crate) high: usize,
+    /// The list refilled from the zone since it last gave frames back: its
+    /// CPU allocates as much as it frees, so a larger list would have kept
+    /// both trips to the zone.
+    pub(crate) refilled: bool,
 }
 
 /// The links of a page on a per-CPU list. Dereferencing the pointer is only
@@ -46,7 +54,7 @@ fn links(p: &Page) -> *mut Links {
 
 impl PcpList {
     pub(crate) const fn new() -> Self {
-        Self { head: Links::NONE, count: 0 }
+        Self { head: Links::NONE, count: 0, high: 0, refilled: false }
     }
 
     pub(crate) fn count(&self) -> usize {

@@ -155,6 +155,50 @@ fn bulk_free_fills_the_list_trims_to_high_and_loses_nothing() {
     }
 }
 
+/// Allocates `n` frames and frees them one by one, as a thread that maps,
+/// touches and unmaps a region does.
+fn cycle(p: &PhysMem, n: usize) {
+    let frames: Vec<_> = (0..n).map(|_| p.alloc_pages(0).unwrap()).collect();
+    drop(frames);
+}
+
+#[test]
+fn a_recycling_cpu_grows_its_list_up_to_the_maximum_and_a_drain_resets_it() {
+    let m = TestMachine::with_regions(&[(0x200_0000, 0x800_0000)]);
+    let p = &m.phys;
+    p.drain_all_pcp();
+    p.set_pcp_limits(PCP_HIGH, 3 * PCP_HIGH);
+    let before = p.nr_free_pages();
+    let n = 3 * PCP_HIGH;
+    let near = |limit: usize| {
+        let cached = p.nr_cached_pages();
+        assert!(cached <= limit as u64 && cached > (limit - PCP_BATCH) as u64, "cached {cached}, limit {limit}");
+    };
+    // A CPU that only frees keeps the base limit: nothing came back from
+    // the zone since the drain.
+    let frames: Vec<_> = (0..n).map(|_| p.alloc_pages(0).unwrap()).collect();
+    p.drain_all_pcp();
+    drop(frames);
+    near(PCP_HIGH);
+    // One that refilled and overflows doubles its limit, once per overflow
+    // after a refill, up to the maximum.
+    p.drain_all_pcp();
+    cycle(p, n);
+    near(2 * PCP_HIGH);
+    cycle(p, n);
+    near(3 * PCP_HIGH);
+    cycle(p, n);
+    near(3 * PCP_HIGH);
+    // Pressure (the drain an allocation failure does) resets it.
+    p.drain_all_pcp();
+    let frames: Vec<_> = (0..n).map(|_| p.alloc_pages(0).unwrap()).collect();
+    p.drain_all_pcp();
+    drop(frames);
+    near(PCP_HIGH);
+    p.drain_all_pcp();
+    assert_eq!(p.nr_free_pages(), before, "nothing lost");
+}
+
 #[test]
 #[should_panic(expected = "double free")]
 fn bulk_double_free_is_caught() {
