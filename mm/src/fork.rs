@@ -135,6 +135,14 @@ fn copy_pmd_range(
             let dpmd = pmd_alloc(dst, dpud, va).ok_or(FaultError::Oom)?;
             if v.is_leaf() {
                 let haddr = VirtAddr::new(a & !(PMD_SIZE - 1));
+                // Linux `VM_BUG_ON_VMA(next-addr != HPAGE_PMD_SIZE)`: a huge
+                // PMD is copied whole, so it must lie inside this one VMA
+                // (else the next VMA meets it again). Whoever cuts a VMA
+                // inside a THP splits the THP first.
+                debug_assert!(
+                    haddr >= vma.start && haddr.add(PMD_SIZE) <= vma.end,
+                    "a huge PMD at {haddr:?} crosses the bounds of {vma:?}"
+                );
                 if vma.flags.is_hugetlb() {
                     copy_hugetlb_page(dst, src, vma, HugePte::Pmd(dpmd), HugePte::Pmd(spmd), haddr)?;
                 } else if !copy_huge_pmd(dst, src, vma, dpmd, spmd, haddr)? {

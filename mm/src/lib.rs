@@ -147,6 +147,9 @@ mod mremap_tests;
 #[cfg(all(test, not(loom)))]
 mod collapse_tests;
 
+#[cfg(all(test, not(loom)))]
+mod vma_thp_tests;
+
 pub use addr::{DirectMap, PAGE_SIZE, PMD_SIZE, PUD_SIZE, Pfn, PhysAddr, TASK_SIZE_MAX, VirtAddr};
 pub use bootmem::BootMem;
 pub use config::{MmConfig, describe_config};

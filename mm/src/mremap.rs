@@ -102,8 +102,13 @@ impl<'p> Mm<'p> {
             crate::mmap::do_munmap(&mut vmas, &mut tlb, n, n + new_len)?;
             self.move_vma(&mut vmas, &mut tlb, vma, old, old_len, n, new_len)
         } else if new_len <= old_len {
-            // Shrink (or same size) in place: unmap the tail.
-            crate::mmap::do_munmap(&mut vmas, &mut tlb, old + new_len, old_end)?;
+            // Shrink in place: unmap the tail. The same size changes nothing
+            // (Linux: `do_vmi_munmap` of nothing, its error ignored); an
+            // empty unmap must not cut the VMA at `old_end`, which may lie
+            // inside a THP.
+            if new_len < old_len {
+                crate::mmap::do_munmap(&mut vmas, &mut tlb, old + new_len, old_end)?;
+            }
             Ok(old)
         } else if old_end == vma.end.as_u64()
             && old.checked_add(new_len).is_some_and(|e| e <= TASK_SIZE_MAX && !vmas.intersects(old_end, e))
@@ -166,12 +171,16 @@ impl<'p> Mm<'p> {
         }
         move_page_tables(self, old, new, len);
         // What is left of the old range (if it shrank) goes; its tables too.
-        let removed = vmas.remove_range(old, old + old_len);
-        for v in &removed {
-            unmap_page_range(tlb, v, v.start.as_u64(), v.end.as_u64(), ZapDetails::default());
+        // An empty old range (`old_len` 0: only a new mapping with the old
+        // one's flags) removes nothing, and leaves no gap to free.
+        if old_len > 0 {
+            let removed = vmas.remove_range(old, old + old_len);
+            for v in &removed {
+                unmap_page_range(tlb, v, v.start.as_u64(), v.end.as_u64(), ZapDetails::default());
+            }
+            let (floor, ceiling) = vmas.gap_around(old, old + old_len);
+            free_pgtables(tlb, floor, ceiling, old, old + old_len);
         }
-        let (floor, ceiling) = vmas.gap_around(old, old + old_len);
-        free_pgtables(tlb, floor, ceiling, old, old + old_len);
         Ok(new)
     }
 }

@@ -346,8 +346,15 @@ impl VmaSet {
     }
 
     /// Cuts the VMAs meeting `[start, end)` so that no VMA straddles `start`
-    /// or `end` (Linux `split_vma` at both ends).
+    /// or `end` (Linux `split_vma` at both ends). An empty range cuts
+    /// nothing: nothing is removed or changed there, so a cut would only
+    /// leave two equal neighbours unmerged (and the caller, which splits the
+    /// THPs at the cuts of the ranges it changes, would not split one cut
+    /// there: a THP spanning two VMAs, which fork would copy twice).
     pub(crate) fn split_at_bounds(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
         for cut in [start, end] {
             let hit = self.map.range(..cut).next_back().map(|(_, v)| v.vma).filter(|v| v.end.as_u64() > cut);
             if let Some(v) = hit {
