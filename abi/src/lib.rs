@@ -450,6 +450,15 @@ pub mod storm {
         /// injection, memory pressure) is counted in `Report::oom` and its
         /// step skipped, not counted as a mismatch.
         pub tolerate_oom: u64,
+        /// Nonzero (`MODE_TOUCH` on a region the kernel mapped): every round
+        /// ends with a barrier, then thread 0 unmaps the whole region (and,
+        /// before every round but the last, maps it again, `MAP_FIXED`),
+        /// then another barrier; each thread's end time is taken after the
+        /// last round's, so the unmaps and re-maps fall inside the timed
+        /// span (will-it-scale's shared `page_fault1`, whose loop includes
+        /// the munmap). A failed `munmap` or `mmap` is a mismatch. Takes
+        /// the place of `remap_between_rounds`.
+        pub unmap_each_round: u64,
     }
 
     /// What one thread reports.

@@ -358,7 +358,22 @@ pub fn run(index: u64) -> isize {
                 }
             }
         }
-        if p.remap_between_rounds != 0 && round + 1 < p.rounds {
+        if p.unmap_each_round != 0 {
+            sys::barrier(2, p.threads);
+            if index == 0 {
+                if bad(sys::munmap(p.base as usize, p.len as usize), 0, &p, &mut out) {
+                    out.mismatches += 1;
+                }
+                if round + 1 < p.rounds {
+                    let flags = abi::map::FIXED | p.map_flags as usize;
+                    let r = sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags);
+                    if bad(r, p.base as isize, &p, &mut out) {
+                        out.mismatches += 1;
+                    }
+                }
+            }
+            sys::barrier(3, p.threads);
+        } else if p.remap_between_rounds != 0 && round + 1 < p.rounds {
             sys::barrier(2, p.threads);
             if index == 0 {
                 let flags = abi::map::FIXED | p.map_flags as usize;

@@ -39,6 +39,9 @@ pub struct Outcome {
     pub reports: Vec<Report>,
     /// The address space's counters at the end.
     pub stats: MmStats,
+    /// Its counters when the threads were about to start (the storm's area
+    /// and the threads' initial stacks set up, the region mapped but empty).
+    pub stats_before: MmStats,
     /// Every page-table entry mapping user memory in the region at the end.
     pub mappings: Vec<Mapping>,
     /// The CPU each thread ran on.
@@ -58,6 +61,22 @@ impl Outcome {
     /// Total mismatches (data corruption) over all threads.
     pub fn mismatches(&self) -> u64 {
         self.reports.iter().map(|r| r.mismatches).sum()
+    }
+
+    /// 4 KiB pages of `[params.base, params.base + params.len)` the threads'
+    /// faults made present (were not mapped, became mapped), over all
+    /// rounds: the pages made present while they ran (fresh anonymous
+    /// pages, zero-page copies, THPs), less those made present outside the
+    /// region (their stacks, the program's data), which stay mapped until
+    /// the end: the RSS gained outside the region.
+    pub fn region_made_present(&self) -> u64 {
+        let made = |s: &MmStats| s.anon_faults + s.cow_faults + s.thp_faults * 512;
+        let zero = mm::phys().zero_pfn();
+        let region_mapped: u64 =
+            self.mappings.iter().filter(|m| m.pa.pfn() != zero).map(|m| m.size / mm::PAGE_SIZE).sum();
+        // The region was empty at the start: all RSS then was outside it.
+        let outside = (self.stats.rss_pages.saturating_sub(region_mapped)).saturating_sub(self.stats_before.rss_pages);
+        (made(&self.stats) - made(&self.stats_before)).saturating_sub(outside)
     }
 
     /// Cycles from the first thread's start to the last thread's end.
@@ -130,6 +149,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
         }
         cpus.truncate(n);
     }
+    let stats_before = space.mm.stats();
     let threads: Vec<_> = threads.into_iter().map(crate::sched::spawn).collect();
     let exit_codes: Vec<i64> = threads.iter().map(|t| t.join()).collect();
     let mut reports = Vec::with_capacity(n);
@@ -153,7 +173,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, StormError> {
     let mappings = all.into_iter().filter(|m| region.contains(&m.va.as_u64())).collect();
     drop(threads);
     drop(space);
-    Ok(Outcome { exit_codes, reports, stats, mappings, cpus, mapped_pages })
+    Ok(Outcome { exit_codes, reports, stats, stats_before, mappings, cpus, mapped_pages })
 }
 
 /// Lets every CPU switch once, so exited tasks (and the address space they

@@ -127,6 +127,44 @@ fn storm_same_page() {
     }
 }
 
+/// The bench's `same-table` shape (will-it-scale's shared case): threads
+/// touch interleaved pages of one region of `threads x len`, and every round
+/// ends with a barrier, thread 0's munmap of the region (and its re-mmap
+/// before the next round) and another barrier. Every round faults every page
+/// afresh, the region is gone at the end, every thread's end time comes
+/// after the last munmap, and the pages made present in the region are
+/// exactly the pages touched (so `same-page`'s count of them is right too).
+#[ktest]
+fn storm_bench_same_table_unmaps_each_round() {
+    let cpus = online();
+    let n = cpus.len() as u64;
+    let (per_thread, rounds) = (96, 3);
+    let p = Params {
+        rounds,
+        unmap_each_round: 1,
+        ..params(storm::MODE_TOUCH, storm::PATTERN_INTERLEAVED, n * per_thread * PAGE, n as usize)
+    };
+    let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus: cpus.clone() });
+    assert_eq!(out.touched(), n * per_thread * rounds, "pages touched");
+    assert!(out.reports.iter().all(|r| r.touched == per_thread * rounds), "each thread its share every round");
+    assert!(
+        out.mappings.is_empty(),
+        "thread 0 unmapped the region after the last round: {} entries left",
+        out.mappings.len()
+    );
+    assert_eq!(out.region_made_present(), out.touched(), "every page touched was made present once per round");
+    // Same pages, every thread: each page made present once per round, however
+    // many threads raced for it.
+    let pages = 40;
+    let p = Params {
+        rounds: 2,
+        remap_between_rounds: 1,
+        ..params(storm::MODE_TOUCH, storm::PATTERN_SAME, pages * PAGE, n as usize)
+    };
+    let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus });
+    assert_eq!(out.region_made_present(), 2 * pages, "{:?}", out.stats);
+}
+
 /// (d) Faults race MAP_FIXED re-mapping (unmap + map) of the same range:
 /// touchers may lose a tag to a remap (it reads back zero) but never read a
 /// wrong value, nobody is killed, and nothing leaks. Rerun until a remap
