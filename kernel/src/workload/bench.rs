@@ -15,9 +15,14 @@
 //! Workloads (modelled on will-it-scale's page_fault1, threads variant):
 //! * `disjoint`: each thread repeatedly maps its own region (`mib` MiB),
 //!   writes one byte per 4 KiB page, unmaps it;
-//! * `same-table`: one shared region; threads write interleaved pages, so
-//!   all of them fault into the same PTE tables; re-mapped between rounds;
-//! * `same-page`: all threads first-touch the same pages at once;
+//! * `same-table` (will-it-scale's shared case): one region of `threads x
+//!   mib` MiB; thread `t` of `n` writes pages `t, t + n, t + 2n, ...` (`mib`
+//!   MiB worth), so all of them fault into the same PTE tables; every round
+//!   ends with a barrier, thread 0's munmap of the region (and its re-mmap
+//!   for the next round) and another barrier, all inside the timed span;
+//! * `same-page`: all threads first-touch the same pages at once; its work
+//!   is the pages made present, not the faults (a lost race or a spurious
+//!   fault makes nothing present);
 //! * `madvise`: each thread writes its own block (`mib` MiB, 2 MiB aligned)
 //!   of one mapping, then `MADV_DONTNEED`s it in whole 2 MiB regions, which
 //!   frees the frames and reclaims the emptied PTE tables, and repeats;
@@ -26,7 +31,10 @@
 //!   n-th 2 MiB region of it.
 //!
 //! Each window also reports the pages its threads touched and the faults
-//! that needs at least, so xtask can check the fault count against them.
+//! that needs at least, so xtask can check the fault count against them,
+//! and from its address space's counters the pages its faults made present
+//! (fresh anonymous pages, copies, THPs in 4 KiB pages), the faults that
+//! lost a race to another CPU and the spurious ones.
 //!
 //! With `profile=HZ` on the command line the sampling profiler
 //! (`diag::profile`) runs during the timed windows and its samples follow
@@ -66,6 +74,14 @@ struct Window {
     /// by some thread (with `PATTERN_SAME`, every thread touches the same
     /// pages, so the most any thread touched).
     min_faults: u64,
+    /// Pages of the region the window's faults made present: were not
+    /// mapped, and became mapped (4 KiB units; the useful work of
+    /// `same-page`; see `Outcome::region_made_present`).
+    present: u64,
+    /// Faults that prepared a page and found another CPU had installed one.
+    lost_races: u64,
+    /// Faults that found the access already allowed.
+    spurious_faults: u64,
 }
 
 fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
@@ -76,10 +92,10 @@ fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
             mode: storm::MODE_TOUCH,
             pattern: storm::PATTERN_INTERLEAVED,
             base: BASE,
-            len,
+            len: len * n as u64,
             threads: n as u64,
             rounds,
-            remap_between_rounds: 1,
+            unmap_each_round: 1,
             ..Params::default()
         },
         "same-page" => Params {
@@ -160,7 +176,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
     };
     log::info!(
         "bench: {workload} on {n} CPUs, {mib} MiB per {} x {rounds} rounds, 1 warm-up + {windows} windows{}",
-        if workload == "disjoint" || workload == "madvise" { "thread" } else { "region" },
+        if matches!(workload, "disjoint" | "madvise" | "same-table") { "thread" } else { "region" },
         if window_ms > 0 { alloc::format!(" of at most {window_ms} ms") } else { String::new() },
     );
     let mut results = Vec::new();
@@ -208,9 +224,17 @@ pub fn run(c: &Cmdline) -> ExitCode {
             touched
         };
         let label = if w == 0 { String::from("warm-up") } else { format!("window {w}/{windows}") };
-        log::info!("bench: {label}: {faults} faults in {} us", arch::time::cycles_to_ns(cycles) / 1000);
+        let (present, lost_races, spurious_faults) = (
+            out.region_made_present(),
+            out.stats.lost_races - out.stats_before.lost_races,
+            out.stats.spurious_faults - out.stats_before.spurious_faults,
+        );
+        log::info!(
+            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us",
+            arch::time::cycles_to_ns(cycles) / 1000
+        );
         if w > 0 {
-            results.push(Window { faults, cycles, touched, min_faults });
+            results.push(Window { faults, cycles, touched, min_faults, present, lost_races, spurious_faults });
             add_counters(&mut mm_sum, &out.stats);
         }
     }
@@ -228,12 +252,15 @@ pub fn run(c: &Cmdline) -> ExitCode {
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(
-            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{}}}",
+            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{}}}",
             if i == 0 { "" } else { "," },
             w.faults,
             w.cycles,
             w.touched,
-            w.min_faults
+            w.min_faults,
+            w.present,
+            w.lost_races,
+            w.spurious_faults
         );
     }
     json += &format!(
