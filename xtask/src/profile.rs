@@ -161,7 +161,13 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
     let user_elf = elf.with_file_name("user");
     std::fs::copy(workspace_root().join("target/user/x86_64-unknown-none/release/user"), &user_elf)
         .context("copying the user programs' ELF")?;
-    let mut run = Run { workload: plan.workload.clone(), lock: "split", fault_lock: plan.fault_lock, cpus: plan.cpus };
+    let mut run = Run {
+        workload: plan.workload.clone(),
+        lock: "split",
+        fault_lock: plan.fault_lock,
+        cpus: plan.cpus,
+        pair: None,
+    };
     let mut machine = bench::machine(&run, &plan.windows, image.to_path_buf(), accel, &plan.qemu_args);
     machine.cmdline.push_str(&format!(" profile={}", plan.rate));
     let name = format!("{}profile-{}-{}cpu", plan.prefix, plan.workload, plan.cpus);
