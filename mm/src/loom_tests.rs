@@ -494,6 +494,39 @@ fn loom_mremap_move_races_a_fault_on_the_destination_table() {
     });
 }
 
+/// Test-and-set on two CPUs: a waiter that keeps losing queues for a FIFO
+/// ticket (after two spins under loom), which shuts the compare-exchange to
+/// the other; every interleaving of competing, queueing and unlocking stays
+/// mutually exclusive, and both get the lock twice.
+#[test]
+fn loom_a_starved_test_and_set_waiter_queues_for_a_ticket() {
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    use crate::lock::{LockClass, LockLevel, SpinLock};
+    bounded().check(|| {
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0u64)));
+        let ts: std::vec::Vec<_> = (0..2)
+            .map(|_| {
+                let l = l.clone();
+                loom::thread::spawn(move || {
+                    for _ in 0..2 {
+                        let g = l.lock_in_mode(true);
+                        // SAFETY: loom's cell access; the guard excludes others.
+                        g.with_mut(|v| unsafe { *v += 1 });
+                    }
+                })
+            })
+            .collect();
+        for t in ts {
+            t.join().unwrap();
+        }
+        let g = l.lock();
+        // SAFETY: loom's cell access under the guard.
+        assert_eq!(g.with(|v| unsafe { *v }), 4);
+    });
+}
+
 /// The test-and-set mode of the spinlock (`set_virt_spinlocks`, Linux
 /// `virt_spin_lock`) is mutually exclusive too, alone and mixed with a CPU
 /// still taking a FIFO ticket.

@@ -75,13 +75,14 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     );
     // Linux `virt_spin_lock` trades FIFO fairness for test-and-set in a guest,
     // so a descheduled vCPU next in line does not hold up every CPU behind it
-    // (mm/src/lock/spinlock.rs). Opt-in here: under TCG with more vCPUs than
-    // host cores an unfair lock starved one CPU for over 5 s in a storm on
-    // the single page_table_lock (the lockup watchdog's limit).
+    // (mm/src/lock/spinlock.rs: a waiter starved for a millisecond queues
+    // for a ticket, which bounds the unfairness). On bare metal, FIFO.
+    let hypervisor = features.contains(arch::cpu::Features::HYPERVISOR);
     match cmdline.value("spinlock") {
-        None | Some("ticket") => mm::lock::set_virt_spinlocks(false),
+        None | Some("auto") => mm::lock::set_virt_spinlocks(hypervisor),
+        Some("ticket") => mm::lock::set_virt_spinlocks(false),
         Some("tas") => mm::lock::set_virt_spinlocks(true),
-        Some(other) => panic!("spinlock={other:?}: expected ticket or tas"),
+        Some(other) => panic!("spinlock={other:?}: expected auto, ticket or tas"),
     }
     match cmdline.value("fault_lock") {
         None | Some("vma") => mm::memory::set_fault_locking(mm::memory::FaultLocking::PerVma),
@@ -92,7 +93,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         "boot: page-table locks: {}; spinlocks {}; faults lock {}",
         mm::describe_config(),
         if mm::lock::virt_spinlocks() {
-            "test-and-set (spinlock=tas: a descheduled vCPU does not hold up the line)"
+            "test-and-set, a ticket after 1 ms of losing (under a hypervisor: a descheduled vCPU does not hold up the line)"
         } else {
             "FIFO tickets"
         },

@@ -1,4 +1,5 @@
-//! The hand-written spinlock: a ticket lock.
+//! The hand-written spinlock: a ticket lock, taken by bounded test-and-set
+//! under a hypervisor.
 //!
 //! A ticket lock is FIFO-fair: under a fault storm every CPU waiting on a PTE
 //! lock gets it in arrival order, so no CPU starves and the spin-time
@@ -27,10 +28,21 @@
 //! owner`: one compare-exchange that hands it the ticket being served) and
 //! otherwise spins on plain loads; whoever runs when the lock is released
 //! gets it. The words and `unlock` are the same in both modes, so a CPU in
-//! one mode never breaks a CPU in the other. The kernel switches it on with
-//! `spinlock=tas` on its command line. It is not the default: test-and-set
-//! is unfair, and under TCG with four vCPUs on two host cores one CPU of a
-//! storm on the single `page_table_lock` waited over 5 s for it.
+//! one mode never breaks a CPU in the other.
+//!
+//! Plain test-and-set is unfair without bound: under TCG with four vCPUs on
+//! two host cores one CPU of a storm on the single `page_table_lock` waited
+//! over 5 s for it (the lockup watchdog's limit). So a test-and-set waiter
+//! that has competed for [`STARVE_CYCLES`] stops competing and takes a FIFO
+//! ticket instead: from then on `next != owner` until its ticket is served,
+//! so no newcomer can take the lock by compare-exchange, and it is served
+//! after the holders queued before it. Under contention that is short
+//! (which is all of it on bare metal) the lock is plain test-and-set; only
+//! a waiter the others have starved for about a millisecond, about one
+//! host scheduling slice, pays for fairness with the FIFO's exposure to a
+//! descheduled vCPU. The kernel takes this mode when CPUID says it runs
+//! under a hypervisor, and FIFO tickets on bare metal; `spinlock=tas` or
+//! `spinlock=ticket` on its command line forces one.
 //!
 //! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
 //! lives inline in the page descriptor. With the `debug-ptlock` feature the
@@ -48,6 +60,16 @@ use core::{panic::Location, sync::atomic::AtomicPtr};
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
 use crate::sync::AtomicU16;
+
+/// How long, in TSC cycles, a test-and-set waiter competes for the lock
+/// before it queues for a FIFO ticket (module comment): about a millisecond,
+/// a host scheduling slice, so queueing happens only when the host's
+/// descheduling (not the lock's traffic) starved the waiter.
+pub const STARVE_CYCLES: u64 = 1 << 21;
+
+/// The loom models' bound, in spins (their HAL has no clock): small, so
+/// they explore the hand-over from competing to queueing.
+const LOOM_STARVE_SPINS: u32 = 2;
 
 /// Test-and-set instead of FIFO tickets (module comment). Set once at boot.
 static VIRT_SPINLOCKS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
@@ -156,12 +178,28 @@ impl RawSpinLock {
     }
 
     /// Linux `virt_spin_lock`: take the ticket being served when the lock is
-    /// free (one compare-exchange), else spin on loads until it is.
+    /// free (one compare-exchange), else spin on loads until it is; after
+    /// [`STARVE_CYCLES`] of losing, queue for a FIFO ticket (module comment).
     #[inline]
     fn lock_test_and_set(&self, hal: &dyn hal::Hal) -> u16 {
         let mut start = None;
         let mut spins = 0u32;
         loop {
+            if let Some(s) = start
+                && ((cfg!(loom) && spins >= LOOM_STARVE_SPINS) || hal.cycles().wrapping_sub(s) >= STARVE_CYCLES)
+            {
+                // Starved: stop competing. Our ticket makes `next != owner`
+                // until it is served, which shuts the compare-exchange below
+                // to every newcomer.
+                let ticket = self.next.fetch_add(1, Acquire);
+                while self.owner.load(Acquire) != ticket {
+                    spins = spins.wrapping_add(1);
+                    hal.spin_wait(spins);
+                }
+                hal.lock_wait_end();
+                stats::record(self.class, true, hal.cycles().wrapping_sub(s));
+                return ticket;
+            }
             let owner = self.owner.load(Acquire);
             if self.next.load(Relaxed) == owner
                 && self.next.compare_exchange(owner, owner.wrapping_add(1), Acquire, Relaxed).is_ok()
