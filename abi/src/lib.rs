@@ -18,7 +18,7 @@
 //! | 8  | `barrier`  | id, parties                    | 0 once `parties` threads of the address space arrived |
 //! | 9  | `cycles`   | -                              | the TSC |
 //! | 10 | `madvise`  | addr, len, advice              | 0 / -EINVAL (unaligned addr, unknown advice) / -ENOMEM (part unmapped) |
-//! | 11 | `checksum` | ptr, len                       | [`checksum`] of the bytes, read through pinned pages / -EFAULT / -EINVAL (len > [`CHECKSUM_MAX`]) |
+//! | 11 | `checksum` | ptr, len                       | [`checksum`] of the bytes, read through pinned pages / -EFAULT / -ENOMEM (no memory to fault a page in) / -EINVAL (len > [`CHECKSUM_MAX`]) |
 //! | 12 | `mremap`   | old, old_len, new_len, flags, new | address / -EINVAL / -EFAULT (old range not in one mapping) / -ENOMEM |
 //! | 13 | `fork`     | -                              | the child's pid in the parent, 0 in the child / -ENOMEM / -EINTR (the process is being killed) |
 //! | 14 | `wait`     | pid, status ptr (0: none)      | pid once that child exited, its exit status stored at ptr as an `i64` / -ECHILD (not a child, or already waited for) / -EFAULT / -EINTR |

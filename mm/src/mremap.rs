@@ -54,7 +54,7 @@ bitflags::bitflags! {
 
 impl<'p> Mm<'p> {
     /// Linux `mremap(old_addr, old_len, new_len, flags, new_addr)`. Errors as
-    /// Linux: `Invalid` for an unaligned address, a zero `new_len`, `FIXED`
+    /// Linux: `Invalid` for an unaligned address, a zero `old_len` (no shared mappings here) or `new_len`, `FIXED`
     /// without `MAYMOVE`, overlapping old and new ranges, a hugetlb mapping;
     /// `BadAddress` (`EFAULT`) if `[old_addr, old_addr + old_len)` is not all
     /// inside one VMA; `NoMemory` if it can neither grow in place nor move,
@@ -76,6 +76,11 @@ impl<'p> Mm<'p> {
         }
         let round = |l: u64| l.checked_add(PAGE_SIZE - 1).map(|l| l & !(PAGE_SIZE - 1)).ok_or(MmapError::Invalid);
         let (old_len, new_len) = (round(old_len)?, round(new_len)?);
+        // Linux accepts an empty old range only for shared mappings (to map
+        // the same pages twice); every mapping here is private.
+        if old_len == 0 {
+            return Err(MmapError::Invalid);
+        }
         let old_end = old.checked_add(old_len).filter(|&e| e <= TASK_SIZE_MAX).ok_or(MmapError::Invalid)?;
         let mut tlb = MmuGather::new(self);
         let mut vmas = self.mmap_write_lock();

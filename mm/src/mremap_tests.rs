@@ -135,6 +135,7 @@ fn mremap_errors() {
     let none = MremapFlags::empty();
     assert_eq!(remap(&mm, a + 1, PAGE_SIZE, PAGE_SIZE, none, None), Err(MmapError::Invalid));
     assert_eq!(remap(&mm, a, PAGE_SIZE, 0, none, None), Err(MmapError::Invalid));
+    assert_eq!(remap(&mm, a, 0, PAGE_SIZE, MremapFlags::MAYMOVE, None), Err(MmapError::Invalid), "empty old range");
     assert_eq!(remap(&mm, a, PAGE_SIZE, PAGE_SIZE, MremapFlags::FIXED, Some(0x5000_0000)), Err(MmapError::Invalid));
     assert_eq!(remap(&mm, a, 8 * PAGE_SIZE, PAGE_SIZE, none, None), Err(MmapError::BadAddress), "beyond the VMA");
     assert_eq!(remap(&mm, 0x7000_0000, PAGE_SIZE, PAGE_SIZE, none, None), Err(MmapError::BadAddress), "no VMA");

@@ -269,7 +269,8 @@ impl Fuzzer {
                 let (new_len, _) = len(r, old.va);
                 let flags = r.pick(&[0, 1, 3, 2, 4, 0x100, u64::MAX]);
                 let new = addr(r, false);
-                let must = old.invalid && old_len != 0
+                let must = old_len == 0
+                    || old.invalid
                     || leaves
                     || flags & !3 != 0
                     || !old.va.is_multiple_of(PAGE)

@@ -341,7 +341,13 @@ pub fn run(index: u64) -> isize {
                         let got = sys::checksum(slot(page, index) as usize, 8);
                         let tag = abi::checksum(&storm::tag(page, index, round).to_le_bytes());
                         let zero = abi::checksum(&[0; 8]);
-                        if got != tag as isize && !(p.tolerate_loss != 0 && got == zero as isize) {
+                        let lost = p.tolerate_loss != 0 && got == zero as isize;
+                        // Under failure injection the slow path may find no
+                        // memory to fault the page back in (after a DONTNEED).
+                        let oom = got == -abi::errno::ENOMEM && p.tolerate_oom != 0;
+                        if oom {
+                            out.oom += 1;
+                        } else if got != tag as isize && !lost {
                             out.mismatches += 1;
                         }
                         out.gup_checks += 1;

@@ -153,8 +153,12 @@ fn sys_checksum(ptr: u64, len: u64) -> isize {
     let first = ptr & !(mm::PAGE_SIZE - 1);
     let nr = (end - first).div_ceil(mm::PAGE_SIZE) as usize;
     with_space(|s| {
-        let Ok(pins) = mm::gup::get_user_pages_fast(&s.mm, VirtAddr::new(ptr), nr, false) else {
-            return -errno::EFAULT;
+        let pins = match mm::gup::get_user_pages_fast(&s.mm, VirtAddr::new(ptr), nr, false) {
+            Ok(pins) => pins,
+            // As Linux's gup: no memory to fault a page in is ENOMEM, the
+            // rest (no VMA, no access) EFAULT.
+            Err(mm::memory::FaultError::Oom) => return -errno::ENOMEM,
+            Err(_) => return -errno::EFAULT,
         };
         let mut h = abi::checksum_seed();
         let mut buf = [0u8; 512];
