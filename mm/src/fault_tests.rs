@@ -645,11 +645,15 @@ fn faults_race_munmap_and_fixed_remap() {
                 }
             });
         }
-        let (mm, stop) = (&mm, &stop);
+        let (mm, stop, faults) = (&mm, &stop, &faults);
         s.spawn(move || {
             let _stop = StopOnDrop(stop);
             on_cpu(mm);
-            for round in 0..200u64 {
+            // 200 rounds, and on until the faulting threads have faulted (a
+            // loaded host may not run them during the first 200).
+            let mut round = 0u64;
+            while round < 200 || (faults.load(SeqCst) == 0 && round < 2_000_000) {
+                round += 1;
                 let off = (round * 13 % PAGES) * PAGE_SIZE;
                 match round % 3 {
                     0 => mm.munmap(VirtAddr::new(a + off), 20 * PAGE_SIZE).unwrap(),
@@ -657,7 +661,7 @@ fn faults_race_munmap_and_fixed_remap() {
                         mm.mmap(Some(VirtAddr::new(a)), PAGES * PAGE_SIZE, RW, MapFlags::FIXED).unwrap();
                     }
                     _ => {
-                        let p = if round % 2 == 0 { Prot::READ } else { RW };
+                        let p = if round.is_multiple_of(2) { Prot::READ } else { RW };
                         mm.mmap(Some(VirtAddr::new(a + off)), 8 * PAGE_SIZE, p, MapFlags::FIXED).unwrap();
                     }
                 }
