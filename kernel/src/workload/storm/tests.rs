@@ -216,9 +216,14 @@ fn storm_thp_races_4k_and_splits() {
         let s = out.stats;
         // Every page some thread touched is mapped (by a 4 KiB or a 2 MiB entry).
         let mapped: u64 = out.mappings.iter().map(|m| m.size / PAGE).sum();
+        let touched: Vec<u64> = out.reports[1..].iter().map(|r| r.touched).collect();
         assert!(
-            mapped >= out.reports[1..].iter().map(|r| r.touched).sum::<u64>() / p.rounds,
-            "touched pages are not mapped"
+            mapped >= touched.iter().sum::<u64>() / p.rounds,
+            "touched pages are not mapped: {mapped} pages mapped ({} entries, {} huge), touched per thread over \
+             {} rounds {touched:?}, stats {s:?}",
+            out.mappings.len(),
+            out.mappings.iter().filter(|m| m.size > PAGE).count(),
+            p.rounds
         );
         log::info!(
             "storm_thp_races_4k_and_splits: {} THP faults, {} 4K faults, {} splits, {} fallbacks",
