@@ -26,6 +26,8 @@
 //! | 16 | `getpid`   | -                              | the process id |
 #![no_std]
 
+pub mod rng;
+
 /// System-call numbers.
 pub mod nr {
     pub const LOG: usize = 0;

@@ -127,8 +127,12 @@ fn host_tests(args: &TestArgs) -> Result<Vec<StepResult>> {
     if let Some(n) = args.kernel.split_ptlock_cpus {
         env.push(("SPLIT_PTLOCK_CPUS", n.to_string()));
     }
-    let mut results =
-        vec![host_step("host: xtask + boot", &["test", "-p", "xtask", "-p", "boot", "-p", "ktest"], &env, filter)?];
+    let mut results = vec![host_step(
+        "host: xtask + boot + abi",
+        &["test", "-p", "xtask", "-p", "boot", "-p", "ktest", "-p", "abi"],
+        &env,
+        filter,
+    )?];
     results.push(host_step("host: mm", &["test", "-p", "mm"], &env, filter)?);
     results.push(host_step(
         "host: mm, debug-ptlock (allocated ptl)",

@@ -34,6 +34,7 @@ use alloc::format;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+use abi::rng::Rng;
 use abi::storm::{self, Params};
 use arch::qemu::ExitCode;
 use mm::MapFlags;
@@ -48,24 +49,6 @@ use crate::uspace::{AddressSpace, KILLED, spawn_user};
 const BASE: u64 = 0x1_0000_0000;
 const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
-
-/// xorshift64* (the same generator the fuzzer uses).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-}
 
 /// What the soak has done so far.
 #[derive(Default, Debug)]
@@ -239,7 +222,7 @@ fn phase(r: &mut Rng, cpus: &[usize], phase_ms: u64, t: &mut Totals) -> Result<(
     let mut fuzzers: Vec<fuzz::Fuzzer> = Vec::new();
     for &c in cpus {
         if r.chance(3)
-            && let Some(f) = fuzz::start(c, r.next() | 1, 100 + r.below(400))
+            && let Some(f) = fuzz::start(c, r.next_u64() | 1, 100 + r.below(400))
         {
             fuzzers.push(f);
         }
@@ -337,13 +320,13 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let seed = parse("soak_seed", 1);
     let phase_ms = parse("soak_phase_ms", 3000);
     let cpus = online();
-    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let tsc_per_s = arch::time::tsc_per_us().unwrap_or(1000) * 1_000_000;
     log::info!("soak: {secs} s on {} CPUs, seed {seed}, phases of about {phase_ms} ms", cpus.len());
     // A short phase first, not counted: what the kernel allocates once, on
     // first use, is not a leak.
     let mut warm = Totals::default();
-    if let Err(e) = phase(&mut Rng(!seed | 1), &cpus, 300, &mut warm) {
+    if let Err(e) = phase(&mut Rng::new(!seed), &cpus, 300, &mut warm) {
         log::error!("SOAK FAILED: seed {seed}, warm-up phase: {e}");
         return ExitCode::Failure;
     }
