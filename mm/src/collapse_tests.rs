@@ -59,6 +59,35 @@ fn collapse_turns_a_block_with_holes_into_a_thp() {
     assert_eq!(m.settled_free_pages(), start);
 }
 
+/// Blocks with nothing mapped cost no 2 MiB frame: with no free 2 MiB
+/// block left anywhere, collapsing a large empty mapping (and one populated
+/// block in it) still succeeds for the empty part and reports `ENOMEM` only
+/// because the populated block needed a frame.
+#[test]
+fn collapse_allocates_nothing_for_empty_blocks() {
+    let m = big();
+    let start = m.phys.nr_free_pages();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    on_cpu(&mm);
+    let len = 64 * PMD_SIZE;
+    let a = mm.mmap(None, len + PMD_SIZE, RW, MapFlags::empty()).unwrap().as_u64().next_multiple_of(PMD_SIZE);
+    let mut hog = std::vec::Vec::new();
+    while let Some(f) = m.phys.alloc_pages(9) {
+        hog.push(f);
+    }
+    assert_eq!(collapse(&mm, a, len), Ok(()), "no block is populated: nothing to allocate");
+    assert_eq!(collapse(&mm, a + PAGE_SIZE, PAGE_SIZE), Ok(()), "a range inside one block holds no whole block");
+    write_u64(&mm, a + 7 * PMD_SIZE, 5);
+    assert_eq!(collapse(&mm, a, len), Err(MmapError::NoMemory), "the one populated block needs a frame");
+    drop(hog);
+    collapse(&mm, a, len).unwrap();
+    assert_eq!(mm.stats().thp_collapses, 1);
+    assert_eq!(read_u64(&mm, a + 7 * PMD_SIZE), 5);
+    check_consistent(&mm);
+    drop(mm);
+    assert_eq!(m.settled_free_pages(), start);
+}
+
 /// A block with a page shared by fork, or pinned, is refused (`EAGAIN`) and
 /// left exactly as it was; unpinned, it collapses.
 #[test]

@@ -4,9 +4,10 @@
 //!
 //! # Protocol
 //!
-//! For each 2 MiB-aligned block of the range that a PTE table maps:
+//! For each 2 MiB-aligned block of the range that a PTE table maps (found
+//! under `mmap_lock` shared first, so holes and empty blocks cost nothing):
 //!
-//! 1. A zeroed 2 MiB frame is allocated before any lock.
+//! 1. A zeroed 2 MiB frame is allocated before any exclusive lock.
 //! 2. `mmap_lock` exclusive, and the block's VMA write-locked: no fault runs
 //!    in it, `madvise` and munmap wait.
 //! 3. `pmdp_collapse_flush`: under the PMD lock the PMD is cleared, and the
@@ -32,7 +33,7 @@
 //! or pinned pages is refused and the call reports `EAGAIN` (`Busy`) after
 //! doing the rest.
 
-use crate::addr::{PMD_SIZE, PTRS_PER_TABLE, VirtAddr};
+use crate::addr::{PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, VirtAddr};
 use crate::counters::Counter;
 use crate::huge_memory::{HPAGE_PMD_ORDER, pgtable_trans_huge_deposit, set_pmd_huge};
 use crate::memmap::PageKind;
@@ -74,12 +75,12 @@ impl Mm<'_> {
             let vmas = self.mmap_lock.read();
             hole |= !vmas.covers(start, end);
         }
-        while a + PMD_SIZE <= end {
-            match self.collapse_block(a)? {
+        while let Some(block) = self.next_collapse_candidate(a, end) {
+            match self.collapse_block(block)? {
                 Collapse::Refused => refused = true,
                 Collapse::Done | Collapse::Skipped => {}
             }
-            a += PMD_SIZE;
+            a = block + PMD_SIZE;
         }
         if hole {
             Err(MmapError::NoMemory)
@@ -88,6 +89,37 @@ impl Mm<'_> {
         } else {
             Ok(())
         }
+    }
+
+    /// The first 2 MiB block at or after the aligned `from` that ends by
+    /// `end`, lies in an eligible VMA and is mapped by a PTE table: the only
+    /// blocks worth a 2 MiB frame. Looked up under `mmap_lock` shared, so
+    /// holes between VMAs and unpopulated gigabytes cost no allocation and no
+    /// exclusive lock; [`Self::collapse_block`] checks it all again.
+    fn next_collapse_candidate(&self, from: u64, end: u64) -> Option<u64> {
+        if from >= end {
+            return None;
+        }
+        let vmas = self.mmap_lock.read();
+        for vma in vmas.overlapping(from, end) {
+            let first = from.max(vma.start.as_u64().next_multiple_of(PMD_SIZE));
+            let mut block = first;
+            while block.checked_add(PMD_SIZE).is_some_and(|e| e <= end.min(vma.end.as_u64())) {
+                if !eligible(vma, block) {
+                    break;
+                }
+                // The PMD table cannot be freed under `mmap_lock` (only
+                // munmap frees it, exclusive); its entry is read once, as a
+                // hint.
+                match walk_pmd(self, VirtAddr::new(block)) {
+                    Some(pmd) if pmd.get().is_table() => return Some(block),
+                    Some(_) => block += PMD_SIZE,
+                    // No PMD table: nothing mapped up to the next PUD.
+                    None => block = (block + 1).next_multiple_of(PUD_SIZE),
+                }
+            }
+        }
+        None
     }
 
     /// Linux `collapse_huge_page` for the block at `haddr` (module comment).

@@ -18,6 +18,7 @@
 //! never made.
 
 use abi::fuzz::{self, ARENA, ARENA_LEN, Report};
+use abi::rng::Rng;
 use abi::{errno, nr};
 
 use crate::sys;
@@ -26,27 +27,6 @@ const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
 /// The top of the user half (exclusive).
 const USER_END: u64 = abi::TASK_SIZE_MAX;
-
-/// xorshift64*: small, fast, good enough to pick arguments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-}
 
 /// An address and whether the kernel must refuse any call that uses it as
 /// the start of a range with a nonzero length.
@@ -190,7 +170,7 @@ impl Fuzzer {
     /// One random call.
     fn step(&mut self) {
         let r = &mut self.rng;
-        let junk = [r.next(), r.next(), r.next(), r.next(), r.next(), r.next()];
+        let junk = [r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64()];
         match r.below(20) {
             0 => {
                 // log: hostile pointers, too-long lengths, invalid UTF-8
@@ -249,11 +229,6 @@ impl Fuzzer {
                     r.pick(&[abi::advice::DONTNEED as u64, abi::advice::COLLAPSE as u64, 0, 1, 3, 99, u64::MAX]);
                 let known = advice == abi::advice::DONTNEED as u64 || advice == abi::advice::COLLAPSE as u64;
                 let must = !known || (l != 0 && (a.invalid || leaves)) || !a.va.is_multiple_of(PAGE);
-                // Known limitation (reported to mm): MADV_COLLAPSE takes a
-                // zeroed 2 MiB frame for every 2 MiB block of the range
-                // before it looks for a VMA, so a valid range of terabytes
-                // runs for hours in one call. Keep valid collapses short.
-                let l = if advice == abi::advice::COLLAPSE as u64 && !must { l.min(8 * HUGE) } else { l };
                 self.call(nr::MADVISE, [a.va, l, advice, junk[3], junk[4], junk[5]], must);
             }
             10 | 11 => {
@@ -327,7 +302,7 @@ impl Fuzzer {
 /// successes (0: every call that had to fail failed).
 pub fn run(seed: u64, calls: u64) -> isize {
     let mut f =
-        Fuzzer { rng: Rng(seed | 1), report: fuzz::REPORT_ADDR as *mut Report, out: Report::default(), populated: 0 };
+        Fuzzer { rng: Rng::new(seed), report: fuzz::REPORT_ADDR as *mut Report, out: Report::default(), populated: 0 };
     build_arena();
     for i in 0..calls {
         if i % 256 == 0 {
