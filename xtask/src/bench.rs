@@ -128,6 +128,20 @@ pub struct BenchArgs {
     /// parallel mode (a later `-smp` overrides the bench's).
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     qemu_args: Vec<String>,
+    /// A kernel command-line option for every boot (repeatable), for A/B
+    /// experiments in one session: e.g. `--kernel-arg spinlock=tas` against
+    /// the default (README, "Kernel command line").
+    #[arg(long = "kernel-arg", value_name = "KEY=VALUE", value_parser = kernel_arg)]
+    kernel_args: Vec<String>,
+}
+
+/// A `KEY=VALUE` kernel option: one word, since the command line is split
+/// at spaces.
+fn kernel_arg(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() && !s.contains(char::is_whitespace) => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not KEY=VALUE (one word, e.g. spinlock=tas)")),
+    }
 }
 
 /// One (workload, lock, fault lock, cpus) measurement.
@@ -410,6 +424,8 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "cycles_per_fault_p99": raw["cycles_per_fault_p99"],
         "windows": windows,
         "locks": raw["locks"],
+        "lock_halts": raw["lock_halts"],
+        "lock_kicks": raw["lock_kicks"],
         "mm": mm,
         "pt_reclaimed_per_window": pt_reclaimed as f64 / windows.len().max(1) as f64,
         "fork": fork,
@@ -493,7 +509,11 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             }
         };
         let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
-        let machine = machine(run, &shape, image, accel, &args.qemu_args);
+        let mut machine = machine(run, &shape, image, accel, &args.qemu_args);
+        for a in &args.kernel_args {
+            machine.cmdline.push(' ');
+            machine.cmdline.push_str(a);
+        }
         let pair = run.pair.map(|k| format!("-pair{k}")).unwrap_or_default();
         let name = format!("bench-{}-{}-{}-{}cpu{pair}", run.workload, run.lock, run.fault_lock, run.cpus);
         // A boot during which the host was busy is repeated (up to
@@ -577,6 +597,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         "accel": accel.to_string(),
         "accel_reason": why,
         "qemu_args": args.qemu_args,
+        "kernel_args": args.kernel_args,
         "fault_locks": runs.iter().map(|r| r.fault_lock).fold(Vec::new(), |mut v, f| {
             if !v.contains(&f) {
                 v.push(f);
@@ -1186,6 +1207,15 @@ mod tests {
 
     fn keys(runs: &[Run]) -> Vec<(&str, &str, &str, u32)> {
         runs.iter().map(|r| (r.workload.as_str(), r.lock, r.fault_lock, r.cpus)).collect()
+    }
+
+    #[test]
+    fn kernel_args_must_be_one_key_value_word() {
+        assert_eq!(parse(&["--kernel-arg", "spinlock=tas"]).unwrap().kernel_args, ["spinlock=tas"]);
+        for bad in ["spinlock", "=tas", "spinlock=", "a=b c"] {
+            let e = parse(&["--kernel-arg", bad]).err().expect(bad).to_string();
+            assert!(e.contains("is not KEY=VALUE"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -263,8 +263,9 @@ pub fn run(c: &Cmdline) -> ExitCode {
             w.spurious_faults
         );
     }
+    let (halts, kicks) = mm::lock::halt_counts();
     json += &format!(
-        "],\"cycles_per_fault_mean\":{},\"cycles_per_fault_p99\":{},\"locks\":{{",
+        "],\"lock_halts\":{halts},\"lock_kicks\":{kicks},\"cycles_per_fault_mean\":{},\"cycles_per_fault_p99\":{},\"locks\":{{",
         s.mean_cycles, s.p99_cycles
     );
     for (i, class) in [
