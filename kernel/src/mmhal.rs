@@ -31,6 +31,25 @@ impl mm::hal::Hal for KernelHal {
         core::hint::spin_loop();
     }
 
+    /// A lock waiter halts only with interrupts on: the unlocker's kick is
+    /// an IPI, and the timer tick ends any halt in any case.
+    #[inline]
+    fn can_halt(&self) -> bool {
+        arch::irq::enabled()
+    }
+
+    fn halt(&self) {
+        // `sti; hlt` is atomic with respect to interrupts: a kick that
+        // arrives after the waiter's last look at the lock ends the halt.
+        // Interrupts were on (`can_halt`), so `sti` changes nothing else.
+        x86_64::instructions::interrupts::enable_and_hlt();
+    }
+
+    /// The reschedule IPI: its handler does nothing a lock waiter minds.
+    fn kick(&self, cpu: usize) {
+        crate::smp::kick(cpu);
+    }
+
     /// Marks this CPU as spinning on `class` for the sampling profiler.
     #[inline]
     fn lock_wait_begin(&self, class: mm::lock::LockClass) {
@@ -121,4 +140,58 @@ const _: () = assert!(arch::percpu::NR_CPUS == mm::config::NR_CPUS, "arch and mm
 /// Registers the HAL. Call on the boot CPU before `mm::init`.
 pub fn install() {
     assert!(mm::hal::set(&HAL), "mm HAL registered twice");
+}
+
+#[cfg(target_os = "none")]
+mod tests {
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    use ktest::ktest;
+    use mm::lock::{LockClass, LockLevel, SpinLock};
+
+    use crate::sched::{self, Task};
+
+    static LOCK: SpinLock<u64> = SpinLock::new(LockClass::Other, LockLevel::Untracked, 0);
+    static GOT: AtomicU64 = AtomicU64::new(0);
+
+    extern "C" fn take_the_lock(_: usize) -> ! {
+        // A kernel task runs with interrupts on: it may halt.
+        let v = *LOCK.lock();
+        GOT.store(v, Ordering::Release);
+        sched::exit_current(0)
+    }
+
+    /// Halting waiters (mm/src/lock/spinlock.rs): a test-and-set waiter with
+    /// interrupts on that spins past `HALT_AFTER_CYCLES` halts its CPU, and
+    /// the unlock kicks it awake (without the kick only the timer would
+    /// wake it, and the kick count would not move).
+    #[ktest]
+    fn a_halted_lock_waiter_is_kicked_by_the_unlock() {
+        let Some(cpu) = arch::percpu::online_cpus().find(|&c| c != arch::percpu::cpu_id()) else {
+            log::info!("one CPU: no second CPU to wait on the lock");
+            return;
+        };
+        let mode = (mm::lock::virt_spinlocks(), mm::lock::halting_waiters());
+        mm::lock::set_virt_spinlocks(true);
+        mm::lock::set_halting_waiters(true);
+        GOT.store(0, Ordering::Release);
+        let (halts, kicks) = mm::lock::halt_counts();
+        let mut g = LOCK.lock();
+        *g = 7;
+        let waiter =
+            sched::spawn(Task::new_kernel("halt-waiter".into(), cpu, take_the_lock, 0).expect("out of memory"));
+        // The waiter's halt, however long the host takes to get there
+        // (the run's timeout bounds it).
+        while mm::lock::halt_counts().0 == halts {
+            core::hint::spin_loop();
+        }
+        drop(g);
+        assert_eq!(waiter.join(), 0);
+        let (halts_now, kicks_now) = mm::lock::halt_counts();
+        mm::lock::set_virt_spinlocks(mode.0);
+        mm::lock::set_halting_waiters(mode.1);
+        assert_eq!(GOT.load(Ordering::Acquire), 7, "the waiter got the lock after the holder's update");
+        assert!(halts_now > halts);
+        assert!(kicks_now > kicks, "the unlock kicked no halted waiter ({kicks} kicks before, {kicks_now} after)");
+    }
 }

@@ -54,6 +54,25 @@ pub trait Hal: Sync {
         crate::sync::spin_loop();
     }
 
+    /// Whether a lock waiter on this CPU may halt now (the spinlock's
+    /// "Halting waiters"): the kernel says yes with interrupts on, so the
+    /// unlocker's kick (or the timer) can end the halt. The default, for
+    /// HALs whose CPUs cannot halt, is no: waiters spin.
+    #[inline]
+    fn can_halt(&self) -> bool {
+        false
+    }
+
+    /// Halts this CPU until an interrupt arrives (`sti; hlt`); called only
+    /// after [`Hal::can_halt`] said yes, with nothing locked but the wait.
+    fn halt(&self) {}
+
+    /// Wakes `cpu` from [`Hal::halt`] (an IPI). May be called for a CPU that
+    /// is not halted, or for this one (then it does nothing).
+    fn kick(&self, cpu: usize) {
+        let _ = cpu;
+    }
+
     /// Called when an acquisition of a lock of `class` finds it taken,
     /// before its wait loop, and paired with [`Hal::lock_wait_end`] once the
     /// lock is ours. Only the contended path calls the pair, and nothing is

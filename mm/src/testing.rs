@@ -145,9 +145,61 @@ pub fn thread_flushes() -> u64 {
     THREAD_FLUSHES.with(|c| c.get())
 }
 
+/// Threads that called [`halting_cpu`]: the thread halted as each CPU,
+/// so a kick can unpark it.
+#[cfg(not(loom))]
+static HALTING_CPUS: Mutex<Vec<Option<std::thread::Thread>>> = Mutex::new(Vec::new());
+
+#[cfg(not(loom))]
+std::thread_local! {
+    static HALTING_CPU: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// How long a halted host "CPU" waits for its kick before the test fails
+/// with a lost wake-up (a real CPU would sleep until its next timer tick).
+#[cfg(not(loom))]
+pub const LOST_KICK: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Makes this thread CPU `cpu` (below `NR_CPUS`, not used by another
+/// thread at the same time) and lets its lock waits halt: a halt parks the
+/// thread until a kick unparks it, and fails the test after [`LOST_KICK`]
+/// without one.
+#[cfg(not(loom))]
+pub fn halting_cpu(cpu: usize) {
+    assert!(cpu < crate::config::NR_CPUS);
+    HALTING_CPU.with(|c| c.set(Some(cpu)));
+    let mut cpus = HALTING_CPUS.lock().unwrap();
+    if cpus.len() <= cpu {
+        cpus.resize(cpu + 1, None);
+    }
+    cpus[cpu] = Some(std::thread::current());
+}
+
 impl Hal for HostHal {
     fn cpu_id(&self) -> usize {
+        #[cfg(not(loom))]
+        if let Some(cpu) = HALTING_CPU.with(|c| c.get()) {
+            return cpu;
+        }
         CPU.with(|c| *c)
+    }
+    #[cfg(not(loom))]
+    fn can_halt(&self) -> bool {
+        HALTING_CPU.with(|c| c.get()).is_some()
+    }
+    #[cfg(not(loom))]
+    fn halt(&self) {
+        // A kick before the park leaves a token: the park returns at once,
+        // as `sti; hlt` does with an IPI pending.
+        let start = std::time::Instant::now();
+        std::thread::park_timeout(LOST_KICK);
+        assert!(start.elapsed() < LOST_KICK, "a halted lock waiter was never kicked (lost wake-up)");
+    }
+    #[cfg(not(loom))]
+    fn kick(&self, cpu: usize) {
+        if let Some(Some(t)) = HALTING_CPUS.lock().unwrap().get(cpu) {
+            t.unpark();
+        }
     }
     fn cycles(&self) -> u64 {
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

@@ -5,8 +5,9 @@
 //! the runner's own deliberately failing tests), `log=error|warn|info|debug|trace`,
 //! `fault_lock=vma|mmap` (how page faults lock their VMA: the per-VMA lock,
 //! the default, or `mmap_lock` shared as before Linux 6.4, for comparison),
-//! `spinlock=ticket|tas` (FIFO tickets, the default, or test-and-set as
-//! Linux's `virt_spin_lock` in a guest),
+//! `spinlock=auto|ticket|tas|tas-halt` (FIFO tickets; test-and-set as
+//! Linux's `virt_spin_lock` in a guest; the same with waiters that halt
+//! until kicked; auto: `tas-halt` under a hypervisor, else tickets),
 //! `fail=frame:1/200,table:1/50,ptl:1/20,heap:1/1000` and `fail_seed=N`
 //! (failure injection, see `boot::arm_failure_injection`), `watchdog=SECS|off`
 //! (the lockup watchdog, `diag::watchdog`).

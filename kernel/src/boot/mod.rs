@@ -78,12 +78,18 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     // (mm/src/lock/spinlock.rs: a waiter starved for a millisecond queues
     // for a ticket, which bounds the unfairness). On bare metal, FIFO.
     let hypervisor = features.contains(arch::cpu::Features::HYPERVISOR);
-    match cmdline.value("spinlock") {
-        None | Some("auto") => mm::lock::set_virt_spinlocks(hypervisor),
-        Some("ticket") => mm::lock::set_virt_spinlocks(false),
-        Some("tas") => mm::lock::set_virt_spinlocks(true),
-        Some(other) => panic!("spinlock={other:?}: expected auto, ticket or tas"),
-    }
+    // Under a hypervisor, a waiter that spun for a while also halts its vCPU
+    // until the unlocker kicks it, giving the host core to the holder
+    // (mm/src/lock/spinlock.rs, "Halting waiters").
+    let (test_and_set, halt) = match cmdline.value("spinlock") {
+        None | Some("auto") => (hypervisor, hypervisor),
+        Some("ticket") => (false, false),
+        Some("tas") => (true, false),
+        Some("tas-halt") => (true, true),
+        Some(other) => panic!("spinlock={other:?}: expected auto, ticket, tas or tas-halt"),
+    };
+    mm::lock::set_virt_spinlocks(test_and_set);
+    mm::lock::set_halting_waiters(halt);
     match cmdline.value("fault_lock") {
         None | Some("vma") => mm::memory::set_fault_locking(mm::memory::FaultLocking::PerVma),
         Some("mmap") => mm::memory::set_fault_locking(mm::memory::FaultLocking::MmapLock),
@@ -92,7 +98,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     log::info!(
         "boot: page-table locks: {}; spinlocks {}; faults lock {}",
         mm::describe_config(),
-        if mm::lock::virt_spinlocks() {
+        if mm::lock::virt_spinlocks() && mm::lock::halting_waiters() {
+            "test-and-set, a ticket after 1 ms of losing, waiters halt after 25 µs until kicked (under a hypervisor: a descheduled vCPU does not hold up the line, and waiters give the host core back)"
+        } else if mm::lock::virt_spinlocks() {
             "test-and-set, a ticket after 1 ms of losing (under a hypervisor: a descheduled vCPU does not hold up the line)"
         } else {
             "FIFO tickets"

@@ -33,7 +33,10 @@ mod spinlock;
 pub mod stats;
 
 pub use rwlock::{RwReadGuard, RwSpinLock, RwWriteGuard};
-pub use spinlock::{RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard, set_virt_spinlocks, virt_spinlocks};
+pub use spinlock::{
+    HALT_AFTER_CYCLES, RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard, halt_counts, halting_waiters,
+    set_halting_waiters, set_virt_spinlocks, virt_spinlocks,
+};
 pub use stats::{LockStats, lock_stats, reset_lock_stats};
 
 /// What a lock is, for statistics: the benchmark reports contention per class.

@@ -44,6 +44,34 @@
 //! under a hypervisor, and FIFO tickets on bare metal; `spinlock=tas` or
 //! `spinlock=ticket` on its command line forces one.
 //!
+//! # Halting waiters
+//!
+//! Test-and-set stops a descheduled vCPU from holding up a queue, but a
+//! waiter still burns its host core while the holder waits for one: with
+//! eight vCPUs on two host cores, six spinning waiters are six host threads
+//! the host runs in turn with the one that would release the lock. So, as
+//! Linux's paravirtual spinlocks do (`pv_wait`/`pv_kick`,
+//! kernel/locking/qspinlock_paravirt.h, there with a hypercall), a waiter
+//! that has spun for [`HALT_AFTER_CYCLES`] with interrupts on halts its vCPU
+//! (`sti; hlt`), which gives the host core back, and the unlocker wakes it
+//! with an IPI. The handshake is Dekker's, and a lost wake-up is impossible:
+//!
+//! * the waiter publishes the lock it waits for in its CPU's slot of
+//!   [`WAITING_ON`], then sets the lock's `halted` flag, then (all
+//!   sequentially consistent) looks at the lock once more and halts only
+//!   if it is still taken;
+//! * the unlocker releases the lock, then (a full fence) looks at `halted`;
+//!   if set, it clears it and kicks every CPU whose slot names this lock.
+//!
+//! Either the unlocker sees the flag (and, since the slot was written
+//! first, the slot), or the waiter's last look sees the lock released. A
+//! flag cleared by one unlocker while a second waiter is setting it up is
+//! set again by that waiter after its slot, so the next unlocker kicks it.
+//! `sti; hlt` takes the kick even when it arrives between the two
+//! instructions, and the timer tick wakes the halt in any case. The cost
+//! for an unlocker is the fence and one load, and only with halting on
+//! (`set_halting_waiters`, the kernel's `spinlock=auto` under a hypervisor).
+//!
 //! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
 //! lives inline in the page descriptor. With the `debug-ptlock` feature the
 //! lock also records its owner CPU and the `#[track_caller]` site that took it;
@@ -53,13 +81,13 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 #[cfg(feature = "debug-ptlock")]
 use core::{panic::Location, sync::atomic::AtomicPtr};
 
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
-use crate::sync::AtomicU16;
+use crate::sync::{AtomicBool, AtomicU16};
 
 /// How long, in TSC cycles, a test-and-set waiter competes for the lock
 /// before it queues for a FIFO ticket (module comment): about a millisecond,
@@ -70,6 +98,41 @@ pub const STARVE_CYCLES: u64 = 1 << 21;
 /// The loom models' bound, in spins (their HAL has no clock): small, so
 /// they explore the hand-over from competing to queueing.
 const LOOM_STARVE_SPINS: u32 = 2;
+
+/// How long, in TSC cycles, a test-and-set waiter with interrupts on spins
+/// before it halts its CPU until the unlocker kicks it (module comment,
+/// "Halting waiters"): about 25 µs, longer than any critical section that
+/// is not stretched by the host descheduling its holder.
+pub const HALT_AFTER_CYCLES: u64 = 1 << 16;
+
+/// Halting waiters on (module comment). Set once at boot.
+static HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Per CPU: the address of the lock its halted waiter waits for, 0 when
+/// none. Written by its CPU, read by unlockers (module comment).
+static WAITING_ON: [core::sync::atomic::AtomicUsize; crate::config::NR_CPUS] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; crate::config::NR_CPUS];
+
+/// Waits ended by a halt, and kicks sent by unlockers, since boot.
+static HALTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static KICKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Makes test-and-set waiters halt instead of spinning past
+/// [`HALT_AFTER_CYCLES`] (module comment). Only test-and-set waits halt, and
+/// only where [`hal::Hal::can_halt`] allows it.
+pub fn set_halting_waiters(on: bool) {
+    HALT_WAITERS.store(on, Relaxed);
+}
+
+/// Whether waiters halt (module comment).
+pub fn halting_waiters() -> bool {
+    HALT_WAITERS.load(Relaxed)
+}
+
+/// Halts taken by lock waiters and kicks sent by unlockers since boot.
+pub fn halt_counts() -> (u64, u64) {
+    (HALTS.load(Relaxed), KICKS.load(Relaxed))
+}
 
 /// Test-and-set instead of FIFO tickets (module comment). Set once at boot.
 static VIRT_SPINLOCKS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
@@ -95,6 +158,9 @@ pub struct RawSpinLock {
     owner: AtomicU16,
     /// `LockClass as u8`, for statistics.
     class: u8,
+    /// Some waiter may be halted on this lock: the unlocker must kick
+    /// (module comment, "Halting waiters").
+    halted: AtomicBool,
     /// Debug lock only: the CPU holding the lock, `u32::MAX` when free.
     #[cfg(feature = "debug-ptlock")]
     owner_cpu: core::sync::atomic::AtomicU32,
@@ -111,6 +177,7 @@ impl RawSpinLock {
             next: AtomicU16::new(0),
             owner: AtomicU16::new(0),
             class: class as u8,
+            halted: AtomicBool::new(false),
             #[cfg(feature = "debug-ptlock")]
             owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
             #[cfg(feature = "debug-ptlock")]
@@ -125,6 +192,7 @@ impl RawSpinLock {
             next: AtomicU16::new(0),
             owner: AtomicU16::new(0),
             class: class as u8,
+            halted: AtomicBool::new(false),
             #[cfg(feature = "debug-ptlock")]
             owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
             #[cfg(feature = "debug-ptlock")]
@@ -184,6 +252,8 @@ impl RawSpinLock {
     fn lock_test_and_set(&self, hal: &dyn hal::Hal) -> u16 {
         let mut start = None;
         let mut spins = 0u32;
+        // Since when this wait spins without a halt.
+        let mut spinning_since = 0;
         loop {
             if let Some(s) = start
                 && ((cfg!(loom) && spins >= LOOM_STARVE_SPINS) || hal.cycles().wrapping_sub(s) >= STARVE_CYCLES)
@@ -195,6 +265,9 @@ impl RawSpinLock {
                 while self.owner.load(Acquire) != ticket {
                     spins = spins.wrapping_add(1);
                     hal.spin_wait(spins);
+                    if self.should_halt(hal, &mut spinning_since) {
+                        self.halt_while(hal, || self.owner.load(SeqCst) != ticket);
+                    }
                 }
                 hal.lock_wait_end();
                 stats::record(self.class, true, hal.cycles().wrapping_sub(s));
@@ -219,6 +292,62 @@ impl RawSpinLock {
             });
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
+            if self.should_halt(hal, &mut spinning_since) {
+                self.halt_while(hal, || self.next.load(SeqCst) != self.owner.load(SeqCst));
+            }
+        }
+    }
+
+    /// Whether a test-and-set wait that has spun since `*since` (0: from
+    /// now on) should halt (module comment, "Halting waiters").
+    #[inline]
+    fn should_halt(&self, hal: &dyn hal::Hal, since: &mut u64) -> bool {
+        if !halting_waiters() {
+            return false;
+        }
+        let now = hal.cycles();
+        if *since == 0 {
+            *since = now;
+            return false;
+        }
+        if now.wrapping_sub(*since) < HALT_AFTER_CYCLES || !hal.can_halt() {
+            return false;
+        }
+        *since = 0;
+        true
+    }
+
+    /// Halts this CPU while `taken()` says the lock is not ours to take,
+    /// until an unlocker kicks it (or any interrupt arrives). The
+    /// handshake with [`Self::kick_halted`] is in the module comment; every
+    /// access in it is sequentially consistent.
+    #[cold]
+    fn halt_while(&self, hal: &dyn hal::Hal, taken: impl Fn() -> bool) {
+        // The kernel's CPUs are all below NR_CPUS; a host test's thread
+        // may not be, and then spins on.
+        let Some(slot) = WAITING_ON.get(hal.cpu_id()) else { return };
+        slot.store(self.addr(), SeqCst);
+        self.halted.store(true, SeqCst);
+        if taken() {
+            HALTS.fetch_add(1, Relaxed);
+            hal.halt();
+        }
+        slot.store(0, SeqCst);
+    }
+
+    /// The unlocker's half of the handshake: the lock is released; if a
+    /// waiter may be halted on it, wake every CPU halted on it.
+    #[inline]
+    fn kick_halted(&self) {
+        core::sync::atomic::fence(SeqCst);
+        if self.halted.load(SeqCst) && self.halted.swap(false, SeqCst) {
+            let hal = hal::get();
+            for (cpu, slot) in WAITING_ON.iter().enumerate() {
+                if slot.load(SeqCst) == self.addr() {
+                    KICKS.fetch_add(1, Relaxed);
+                    hal.kick(cpu);
+                }
+            }
         }
     }
 
@@ -259,6 +388,9 @@ impl RawSpinLock {
         }
         lockdep::released(self.addr());
         self.owner.store(ticket.wrapping_add(1), Release);
+        if halting_waiters() {
+            self.kick_halted();
+        }
     }
 
     /// Whether some CPU holds the lock (a snapshot: only meaningful to assert
@@ -383,8 +515,9 @@ impl<T> SpinLock<T> {
     /// [`SpinLock::lock`] in the given mode regardless of the global one
     /// (`test_and_set`: as `set_virt_spinlocks(true)`), for the loom model
     /// that mixes both: a model must not flip the process-wide mode under
-    /// the models running beside it.
-    #[cfg(loom)]
+    /// the models running beside it (and a host test must not flip it under
+    /// the tests beside it).
+    #[cfg(any(loom, test))]
     pub(crate) fn lock_in_mode(&self, test_and_set: bool) -> SpinLockGuard<'_, T> {
         let raw = self.raw.lock_inner(LockLevel::from_u8(self.level), false, test_and_set);
         SpinLockGuard { raw, data: &self.data }
@@ -432,6 +565,42 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// Halting waiters: four threads, as CPUs 60 to 63 that may halt, take
+    /// a test-and-set lock whose holder keeps it for 200 µs at a time, longer
+    /// than `HALT_AFTER_CYCLES` (ns on the host): waiters halt, unlocks kick
+    /// them, and a lost wake-up fails the halt after `LOST_KICK`.
+    #[test]
+    fn halted_waiters_are_always_kicked() {
+        set_halting_waiters(true);
+        let (halts, kicks) = halt_counts();
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, 0u64));
+        let threads: std::vec::Vec<_> = (60..64)
+            .map(|cpu| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    crate::testing::halting_cpu(cpu);
+                    for _ in 0..100 {
+                        let mut g = l.lock_in_mode(true);
+                        *g += 1;
+                        let t = std::time::Instant::now();
+                        while t.elapsed() < std::time::Duration::from_micros(200) {
+                            core::hint::spin_loop();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*l.lock(), 400);
+        let (halts_now, kicks_now) = halt_counts();
+        assert!(
+            halts_now > halts && kicks_now > kicks,
+            "no waiter halted or was kicked: {halts_now} halts, {kicks_now} kicks"
+        );
+    }
 
     #[test]
     fn tickets_wrap_at_16_bits() {
