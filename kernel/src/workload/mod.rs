@@ -13,11 +13,10 @@ pub mod storm;
 use abi::storm::{MODE_TOUCH, PATTERN_BLOCKS, Params};
 use arch::qemu::ExitCode;
 
-use self::storm::{Spec, online, run as run_storm};
+use self::storm::{BASE, Spec, online, run as run_storm};
 use crate::boot::selfcheck;
 use crate::diag::faultstat;
 
-const BASE: u64 = 0x1_0000_0000;
 /// Per CPU and round: 4 MiB (1024 first-touch faults).
 const PER_CPU: u64 = 4 << 20;
 const ROUNDS: u64 = 4;

@@ -41,14 +41,12 @@ use mm::MapFlags;
 use mm::ptlock::FailSite;
 
 use super::fuzz;
-use super::storm::{Spec, StormError, online, run as run_storm, settle, settle_heap};
+use super::storm::{
+    BASE, HUGE, PAGE, Spec, StormError, online, params as storm_params, run as run_storm, settle, settle_heap,
+};
 use crate::boot::cmdline::Cmdline;
 use crate::sched::Task;
 use crate::uspace::{AddressSpace, KILLED, spawn_user};
-
-const BASE: u64 = 0x1_0000_0000;
-const PAGE: u64 = 4096;
-const HUGE: u64 = 2 << 20;
 
 /// What the soak has done so far.
 #[derive(Default, Debug)]
@@ -86,16 +84,8 @@ fn random_storm(r: &mut Rng, cpus: &[usize], pressure: bool) -> (&'static str, S
     }
     let n = (use_cpus.len() as u64).max(2);
     let rounds = 1 + r.below(3);
-    let base = |mode, pattern, len| Params {
-        mode,
-        pattern,
-        base: BASE,
-        len,
-        threads: n,
-        rounds,
-        tolerate_oom: pressure as u64,
-        ..Params::default()
-    };
+    let base =
+        |mode, pattern, len| Params { tolerate_oom: pressure as u64, ..storm_params(mode, pattern, len, n, rounds) };
     let special = |mode| Params { special_threads: 1, special_mode: mode, tolerate_loss: 1, ..Params::default() };
     let pages = 16 + r.below(256);
     // The mremap mover expects each move to work: not under pressure. And

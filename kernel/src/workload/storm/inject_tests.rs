@@ -16,10 +16,6 @@ use mm::ptlock::FailSite;
 
 use super::*;
 
-const BASE: u64 = 0x1_0000_0000;
-const PAGE: u64 = 4096;
-const HUGE: u64 = 2 << 20;
-
 /// What the storms under injection ended in.
 #[derive(Default, Debug)]
 struct Ends {
@@ -36,16 +32,7 @@ struct Ends {
 /// splits.
 fn specs(cpus: &[usize]) -> Vec<Spec> {
     let n = cpus.len().max(2) as u64;
-    let base = |mode, pattern, len| Params {
-        mode,
-        pattern,
-        base: BASE,
-        len,
-        threads: n,
-        rounds: 2,
-        tolerate_oom: 1,
-        ..Params::default()
-    };
+    let base = |mode, pattern, len| Params { tolerate_oom: 1, ..params(mode, pattern, len, n, 2) };
     let spec = |params, premap| Spec { params, premap, cpus: cpus.to_vec() };
     alloc::vec![
         spec(base(storm::MODE_TOUCH, storm::PATTERN_BLOCKS, n * 64 * PAGE), Some(MapFlags::empty())),

@@ -19,6 +19,21 @@ use mm::{MapFlags, Mapping, MmStats, Prot, VirtAddr};
 
 use crate::uspace::{AddressSpace, new_user_thread};
 
+/// Where storms put their region: 4 GiB, 1 GiB aligned, far from the
+/// program image.
+pub const BASE: u64 = 0x1_0000_0000;
+/// A small page.
+pub const PAGE: u64 = 4096;
+/// A PMD-sized (transparent huge) page.
+pub const HUGE: u64 = 2 << 20;
+
+/// The parameters every storm sets: `threads` threads doing `mode` on `len`
+/// bytes at [`BASE`] in `pattern`, `rounds` times; the rest as
+/// `Params::default()` (callers add their own with struct-update syntax).
+pub fn params(mode: u64, pattern: u64, len: u64, threads: u64, rounds: u64) -> Params {
+    Params { mode, pattern, base: BASE, len, threads, rounds, ..Params::default() }
+}
+
 /// One storm to run.
 #[derive(Clone, Debug)]
 pub struct Spec {

@@ -11,10 +11,6 @@ use mm::MapFlags;
 
 use super::*;
 
-const BASE: u64 = 0x1_0000_0000; // 4 GiB: 1 GiB aligned, far from the image
-const PAGE: u64 = 4096;
-const HUGE: u64 = 2 << 20;
-
 /// Runs `spec` and checks what every storm must satisfy: threads exit 0,
 /// no mismatches, and the frames all come back.
 fn storm(spec: Spec) -> Outcome {
@@ -34,7 +30,7 @@ fn storm(spec: Spec) -> Outcome {
 }
 
 fn params(mode: u64, pattern: u64, len: u64, threads: usize) -> Params {
-    Params { mode, pattern, base: BASE, len, threads: threads as u64, rounds: 1, ..Params::default() }
+    super::params(mode, pattern, len, threads as u64, 1)
 }
 
 /// Every 4 KiB mapping in the region maps a distinct frame: no page is
