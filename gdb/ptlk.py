@@ -28,7 +28,8 @@ they read from them:
         {sections: [Section {base: Pfn, nr, pages: *const Page}], nr_sections}
     mm::memmap::Page {kind, flags, order, pt_level, refcount, lru,
         word: UnsafeCell<PageWord {ptl, private}>}
-    mm::lock::spinlock::RawSpinLock {next: AtomicU16, owner: AtomicU16,
+    mm::lock::spinlock::RawSpinLock {owner: AtomicU32 (bits 0..16 the
+        ticket served, bit 16 a waiter may be halted), next: AtomicU16,
         class, [owner_cpu, owner_site with debug-ptlock]}
     mm::lock::rwlock::RwSpinLock {readers: [ReaderShard(AtomicU32)], writer,
         data} (Mm::mmap_lock), whose data is mm::vma::VmaSet {map: BTreeMap<u64,
@@ -315,7 +316,7 @@ def max_pfn():
 
 def lock_state(lock):
     """Describes a mm::lock::spinlock::RawSpinLock value."""
-    nxt, owner = as_int(field(lock, "next")), as_int(field(lock, "owner"))
+    nxt, owner = as_int(field(lock, "next")), as_int(field(lock, "owner")) & 0xFFFF
     held = nxt != owner
     text = "held" if held else "free"
     if held:

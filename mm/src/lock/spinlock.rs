@@ -57,20 +57,25 @@
 //! with an IPI. The handshake is Dekker's, and a lost wake-up is impossible:
 //!
 //! * the waiter publishes the lock it waits for in its CPU's slot of
-//!   [`WAITING_ON`], then sets the lock's `halted` flag, then (all
-//!   sequentially consistent) looks at the lock once more and halts only
-//!   if it is still taken;
-//! * the unlocker releases the lock, then (a full fence) looks at `halted`;
-//!   if set, it clears it and kicks every CPU whose slot names this lock.
+//!   [`WAITING_ON`], then sets the `HALTED` bit of the lock's `owner` word
+//!   with one `fetch_or`, whose old value is the ticket served at that
+//!   moment: it halts only if the lock was still not its to take then;
+//! * the unlocker releases the lock with one `swap` of the `owner` word
+//!   (the next ticket, `HALTED` clear); if the old word had `HALTED`, it
+//!   kicks every CPU whose slot names this lock's address.
 //!
-//! Either the unlocker sees the flag (and, since the slot was written
-//! first, the slot), or the waiter's last look sees the lock released. A
-//! flag cleared by one unlocker while a second waiter is setting it up is
-//! set again by that waiter after its slot, so the next unlocker kicks it.
-//! `sti; hlt` takes the kick even when it arrives between the two
-//! instructions, and the timer tick wakes the halt in any case. The cost
-//! for an unlocker is the fence and one load, and only with halting on
-//! (`set_halting_waiters`, the kernel's `spinlock=auto` under a hypervisor).
+//! The two read-modify-writes are ordered in the word's modification
+//! order: either the waiter's `fetch_or` came first (the unlock sees the
+//! bit and, synchronising with it, the slot written before it), or the
+//! `fetch_or` returns the released value and the waiter does not halt. A
+//! waiter whose bit an unlock just cleared sets it again on its next halt.
+//! The unlock never touches the lock after its `swap`: the next holder may
+//! free it at once (a PTE table's lock shares its word with the page's
+//! `private` once the table is freed). `sti; hlt` takes the kick even when
+//! it arrives between the two instructions, and the timer tick wakes the
+//! halt in any case. The cost: an unlock is an exchange instead of a store,
+//! and only with halting on (`set_halting_waiters`, the kernel's
+//! `spinlock=auto` under a hypervisor).
 //!
 //! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
 //! lives inline in the page descriptor. With the `debug-ptlock` feature the
@@ -81,13 +86,13 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 #[cfg(feature = "debug-ptlock")]
 use core::{panic::Location, sync::atomic::AtomicPtr};
 
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
-use crate::sync::{AtomicBool, AtomicU16};
+use crate::sync::{AtomicU16, AtomicU32};
 
 /// How long, in TSC cycles, a test-and-set waiter competes for the lock
 /// before it queues for a FIFO ticket (module comment): about a millisecond,
@@ -104,6 +109,9 @@ const LOOM_STARVE_SPINS: u32 = 2;
 /// "Halting waiters"): about 25 µs, longer than any critical section that
 /// is not stretched by the host descheduling its holder.
 pub const HALT_AFTER_CYCLES: u64 = 1 << 16;
+
+/// The `owner` word's flag: a waiter may be halted on this lock.
+const HALTED: u32 = 1 << 16;
 
 /// Halting waiters on (module comment). Set once at boot.
 static HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
@@ -134,6 +142,19 @@ pub fn halt_counts() -> (u64, u64) {
     (HALTS.load(Relaxed), KICKS.load(Relaxed))
 }
 
+/// Wakes every CPU halted on the lock at `addr` (already released: its
+/// memory is not touched).
+#[cold]
+fn kick_halted(addr: usize) {
+    let hal = hal::get();
+    for (cpu, slot) in WAITING_ON.iter().enumerate() {
+        if slot.load(SeqCst) == addr {
+            KICKS.fetch_add(1, Relaxed);
+            hal.kick(cpu);
+        }
+    }
+}
+
 /// Test-and-set instead of FIFO tickets (module comment). Set once at boot.
 static VIRT_SPINLOCKS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
@@ -152,15 +173,18 @@ pub fn virt_spinlocks() -> bool {
 /// A ticket spinlock that protects no Rust data: it guards memory the hardware
 /// also reads (page-table entries), so it is a bare lock, like `spinlock_t`.
 pub struct RawSpinLock {
+    /// Bits 0..16: the ticket now served, written only by the holder. Bit
+    /// `HALTED`: some waiter may be halted on this lock, so its unlock must
+    /// kick (module comment, "Halting waiters"). One word, so that the
+    /// unlock releases and learns of halted waiters in one exchange and
+    /// never touches the lock again: once released, the lock's memory may
+    /// be freed and reused at once (a page table's `ptl` shares its word
+    /// with the page's `private`).
+    owner: AtomicU32,
     /// The next ticket to hand out (see the module comment).
     next: AtomicU16,
-    /// The ticket now served; written only by the holder.
-    owner: AtomicU16,
     /// `LockClass as u8`, for statistics.
     class: u8,
-    /// Some waiter may be halted on this lock: the unlocker must kick
-    /// (module comment, "Halting waiters").
-    halted: AtomicBool,
     /// Debug lock only: the CPU holding the lock, `u32::MAX` when free.
     #[cfg(feature = "debug-ptlock")]
     owner_cpu: core::sync::atomic::AtomicU32,
@@ -174,10 +198,9 @@ impl RawSpinLock {
     #[cfg(not(loom))]
     pub const fn new(class: LockClass) -> Self {
         Self {
+            owner: AtomicU32::new(0),
             next: AtomicU16::new(0),
-            owner: AtomicU16::new(0),
             class: class as u8,
-            halted: AtomicBool::new(false),
             #[cfg(feature = "debug-ptlock")]
             owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
             #[cfg(feature = "debug-ptlock")]
@@ -189,10 +212,9 @@ impl RawSpinLock {
     #[cfg(loom)]
     pub fn new(class: LockClass) -> Self {
         Self {
+            owner: AtomicU32::new(0),
             next: AtomicU16::new(0),
-            owner: AtomicU16::new(0),
             class: class as u8,
-            halted: AtomicBool::new(false),
             #[cfg(feature = "debug-ptlock")]
             owner_cpu: core::sync::atomic::AtomicU32::new(u32::MAX),
             #[cfg(feature = "debug-ptlock")]
@@ -229,13 +251,13 @@ impl RawSpinLock {
             return self.acquired(level, ticket, nested);
         }
         let ticket = self.next.fetch_add(1, Acquire);
-        if self.owner.load(Acquire) == ticket {
+        if self.serving(Acquire) == ticket {
             stats::record(self.class, false, 0);
         } else {
             hal.lock_wait_begin(self.class());
             let start = hal.cycles();
             let mut spins = 0u32;
-            while self.owner.load(Acquire) != ticket {
+            while self.serving(Acquire) != ticket {
                 spins = spins.wrapping_add(1);
                 hal.spin_wait(spins);
             }
@@ -262,18 +284,18 @@ impl RawSpinLock {
                 // until it is served, which shuts the compare-exchange below
                 // to every newcomer.
                 let ticket = self.next.fetch_add(1, Acquire);
-                while self.owner.load(Acquire) != ticket {
+                while self.serving(Acquire) != ticket {
                     spins = spins.wrapping_add(1);
                     hal.spin_wait(spins);
                     if self.should_halt(hal, &mut spinning_since) {
-                        self.halt_while(hal, || self.owner.load(SeqCst) != ticket);
+                        self.halt_while(hal, |serving| serving != ticket);
                     }
                 }
                 hal.lock_wait_end();
                 stats::record(self.class, true, hal.cycles().wrapping_sub(s));
                 return ticket;
             }
-            let owner = self.owner.load(Acquire);
+            let owner = self.serving(Acquire);
             if self.next.load(Relaxed) == owner
                 && self.next.compare_exchange(owner, owner.wrapping_add(1), Acquire, Relaxed).is_ok()
             {
@@ -293,7 +315,7 @@ impl RawSpinLock {
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
             if self.should_halt(hal, &mut spinning_since) {
-                self.halt_while(hal, || self.next.load(SeqCst) != self.owner.load(SeqCst));
+                self.halt_while(hal, |serving| self.next.load(SeqCst) != serving);
             }
         }
     }
@@ -317,38 +339,31 @@ impl RawSpinLock {
         true
     }
 
-    /// Halts this CPU while `taken()` says the lock is not ours to take,
-    /// until an unlocker kicks it (or any interrupt arrives). The
-    /// handshake with [`Self::kick_halted`] is in the module comment; every
-    /// access in it is sequentially consistent.
+    /// Halts this CPU while `taken(serving)` says the lock is not ours to
+    /// take, until an unlocker kicks it (or any interrupt arrives). The
+    /// handshake with [`Self::unlock`] is in the module comment: the slot is
+    /// published first, then `HALTED` is set with one read-modify-write of
+    /// the `owner` word, whose old value says whether the lock was released
+    /// meanwhile; an unlock that comes later in that word's order sees the
+    /// flag.
     #[cold]
-    fn halt_while(&self, hal: &dyn hal::Hal, taken: impl Fn() -> bool) {
+    fn halt_while(&self, hal: &dyn hal::Hal, taken: impl Fn(u16) -> bool) {
         // The kernel's CPUs are all below NR_CPUS; a host test's thread
         // may not be, and then spins on.
         let Some(slot) = WAITING_ON.get(hal.cpu_id()) else { return };
         slot.store(self.addr(), SeqCst);
-        self.halted.store(true, SeqCst);
-        if taken() {
+        let serving = self.owner.fetch_or(HALTED, SeqCst) as u16;
+        if taken(serving) {
             HALTS.fetch_add(1, Relaxed);
             hal.halt();
         }
         slot.store(0, SeqCst);
     }
 
-    /// The unlocker's half of the handshake: the lock is released; if a
-    /// waiter may be halted on it, wake every CPU halted on it.
+    /// The ticket now served.
     #[inline]
-    fn kick_halted(&self) {
-        core::sync::atomic::fence(SeqCst);
-        if self.halted.load(SeqCst) && self.halted.swap(false, SeqCst) {
-            let hal = hal::get();
-            for (cpu, slot) in WAITING_ON.iter().enumerate() {
-                if slot.load(SeqCst) == self.addr() {
-                    KICKS.fetch_add(1, Relaxed);
-                    hal.kick(cpu);
-                }
-            }
-        }
+    fn serving(&self, order: core::sync::atomic::Ordering) -> u16 {
+        self.owner.load(order) as u16
     }
 
     /// Takes the lock if it is free right now.
@@ -358,7 +373,7 @@ impl RawSpinLock {
         // `next` equal to the `owner` we loaded, every ticket handed out has
         // been served, so `owner` has not moved and the ticket is ours at
         // once. The acquire load of `owner` pairs with the last unlock.
-        let owner = self.owner.load(Acquire);
+        let owner = self.serving(Acquire);
         if self.next.load(Relaxed) != owner {
             return None;
         }
@@ -387,16 +402,23 @@ impl RawSpinLock {
             self.owner_site.store(core::ptr::null_mut(), Relaxed);
         }
         lockdep::released(self.addr());
-        self.owner.store(ticket.wrapping_add(1), Release);
-        if halting_waiters() {
-            self.kick_halted();
+        let next = u32::from(ticket.wrapping_add(1));
+        if !halting_waiters() {
+            // No waiter halts: a plain store (one locked instruction per
+            // lock/unlock pair, module comment).
+            self.owner.store(next, Release);
+        } else if self.owner.swap(next, AcqRel) & HALTED != 0 {
+            // Released: from here on only the lock's address is used, never
+            // its memory. Acquire pairs with the waiter's `fetch_or`, so its
+            // slot is seen.
+            kick_halted(self.addr());
         }
     }
 
     /// Whether some CPU holds the lock (a snapshot: only meaningful to assert
     /// that *we* hold it).
     pub fn is_locked(&self) -> bool {
-        self.owner.load(Relaxed) != self.next.load(Relaxed)
+        self.serving(Relaxed) != self.next.load(Relaxed)
     }
 
     /// Debug lock: the CPU that holds the lock.
