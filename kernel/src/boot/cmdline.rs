@@ -10,7 +10,9 @@
 //! until kicked; auto: `tas-halt` under a hypervisor, else tickets),
 //! `fail=frame:1/200,table:1/50,ptl:1/20,heap:1/1000` and `fail_seed=N`
 //! (failure injection, see `boot::arm_failure_injection`), `watchdog=SECS|off`
-//! (the lockup watchdog, `diag::watchdog`).
+//! (the lockup watchdog, `diag::watchdog`), `fault_time_every=N` (time one
+//! page fault in N for the fault-latency statistics, default 8; 1: all of
+//! them, `diag::faultstat`).
 
 use spin::Once;
 
@@ -25,7 +27,8 @@ pub enum Mode {
     Run,
     /// The in-kernel test runner.
     Test,
-    /// The fault-storm benchmark (`workload=`, `windows=`, `mib=`, `rounds=`).
+    /// The fault-storm benchmark (`workload=`, `windows=`, `mib=`, `rounds=`,
+    /// `threads=`).
     Bench,
     /// The soak (`soak_secs=`, `soak_seed=`, `soak_phase_ms=`; `workload::soak`).
     Soak,

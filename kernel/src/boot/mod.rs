@@ -95,6 +95,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         Some("mmap") => mm::memory::set_fault_locking(mm::memory::FaultLocking::MmapLock),
         Some(other) => panic!("fault_lock={other:?}: expected vma or mmap"),
     }
+    if let Some(v) = cmdline.value("fault_time_every") {
+        match v.parse::<u64>() {
+            Ok(n) if n >= 1 => crate::diag::faultstat::set_time_every(n),
+            _ => panic!("fault_time_every={v:?}: expected a count of 1 or more"),
+        }
+    }
     log::info!(
         "boot: page-table locks: {}; spinlocks {}; faults lock {}",
         mm::describe_config(),

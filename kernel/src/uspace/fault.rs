@@ -30,12 +30,12 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
     if frame.interrupts_were_enabled() {
         arch::irq::enable();
     }
-    let start = arch::time::rdtsc();
+    let start = crate::diag::faultstat::start();
     let r = sched::with_current_space(|space| mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access));
     arch::irq::disable();
     match r {
         Some(Ok(_)) => {
-            crate::diag::faultstat::record(arch::time::rdtsc().wrapping_sub(start));
+            crate::diag::faultstat::record(start);
             if frame.from_user() {
                 // Back to ring 3, interrupts off: a killed process's thread
                 // leaves here (see `process`).

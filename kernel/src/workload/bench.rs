@@ -84,7 +84,8 @@ struct Window {
     spurious_faults: u64,
 }
 
-fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
+fn spec(workload: &str, cpus: &[usize], mib: u64, rounds: u64) -> Option<Spec> {
+    let n = cpus.len();
     let len = mib << 20;
     let params = match workload {
         "disjoint" => Params { mode: storm::MODE_CYCLE, len, threads: n as u64, rounds, ..Params::default() },
@@ -129,7 +130,7 @@ fn spec(workload: &str, n: usize, mib: u64, rounds: u64) -> Option<Spec> {
         _ => return None,
     };
     let premap = (workload != "disjoint").then_some(mm::MapFlags::empty());
-    Some(Spec { params, premap, cpus: online() })
+    Some(Spec { params, premap, cpus: cpus.to_vec() })
 }
 
 /// Adds the counters the JSON reports of one window's address space.
@@ -166,9 +167,14 @@ pub fn run(c: &Cmdline) -> ExitCode {
     // CPU, and dump the samples after the result.
     let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
     let tsc_per_ms = arch::time::tsc_per_us().unwrap_or(1000) * 1000;
-    let cpus = online();
+    // `threads=N`: run on the first N online CPUs only, the others idle
+    // (an experiment: one working vCPU in a 2-vCPU QEMU against a 1-vCPU
+    // one separates what a second vCPU costs by being there from what it
+    // costs by working).
+    let mut cpus = online();
+    cpus.truncate(parse(c, "threads", cpus.len() as u64).clamp(1, cpus.len() as u64) as usize);
     let n = cpus.len();
-    let Some(spec) = spec(workload, n, mib, rounds) else {
+    let Some(spec) = spec(workload, &cpus, mib, rounds) else {
         log::error!(
             "bench: unknown workload {workload:?} (disjoint, same-table, same-page, madvise, madvise-same-table)"
         );
