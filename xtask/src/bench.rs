@@ -107,15 +107,6 @@ pub struct BenchArgs {
     /// counts still run once each.
     #[arg(long, value_name = "N")]
     pairs: Option<u32>,
-    /// Also measure 1 -> 2 scaling inside one 2-vCPU boot per workload
-    /// (split locks): 2N windows alternating one thread and two, each pair
-    /// a 1-thread window and the 2-thread window right after it. The two
-    /// halves of a pair run seconds apart, so the host's drift (1-vCPU boots
-    /// of one hour here range over 1.7x) cancels; an idle second vCPU costs
-    /// the 1-thread windows nothing measurable. Reported beside the boot
-    /// pairs; the targets stay on the boot pairs.
-    #[arg(long, value_name = "N")]
-    in_boot_pairs: Option<u32>,
     /// Exit non-zero if a target is missed, or if a run a target needs is
     /// missing (each is named). The targets (split locks): 1 -> 2 vCPUs,
     /// median of the pairs, at least 1.85x for disjoint and 1.75x for
@@ -161,9 +152,6 @@ pub(crate) struct Run {
     pub(crate) cpus: u32,
     /// With `--pairs`: which 1 -> 2 vCPU pair (from 1) this boot belongs to.
     pub(crate) pair: Option<u32>,
-    /// With `--in-boot-pairs`: a 2-vCPU boot whose windows alternate one
-    /// and two threads (`alternate=1,2`).
-    pub(crate) in_boot: bool,
 }
 
 /// The fork figures of a `fork` run's raw result: the median fork's
@@ -198,13 +186,8 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     if args.quick && args.pairs.is_some() {
         bail!("--pairs with --quick: --quick has its own fixed runs; use --pairs with --cpus/--workloads instead");
     }
-    if args.pairs == Some(0) || args.in_boot_pairs == Some(0) {
-        bail!("--pairs and --in-boot-pairs take a count of 1 or more");
-    }
-    if args.quick && args.in_boot_pairs.is_some() {
-        bail!(
-            "--in-boot-pairs with --quick: --quick has its own fixed runs; use --in-boot-pairs with --workloads instead"
-        );
+    if args.pairs == Some(0) {
+        bail!("--pairs takes a count of 1 or more");
     }
     let default_locks =
         if args.pairs.is_some() { vec!["split".to_string()] } else { vec!["split".into(), "single".into()] };
@@ -239,7 +222,7 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     if args.quick {
         for &fault_lock in &fault_locks {
             for (lock, cpus) in [("split", 1), ("split", 2), ("split", 8), ("single", 8)] {
-                runs.push(Run { workload: "disjoint".into(), lock, fault_lock, cpus, pair: None, in_boot: false });
+                runs.push(Run { workload: "disjoint".into(), lock, fault_lock, cpus, pair: None });
             }
         }
         return Ok(runs);
@@ -259,21 +242,11 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
                 // The pairs first, interleaved: 1, 2, 1, 2, ...
                 for k in 1..=args.pairs.unwrap_or(0) {
                     for c in [1, 2] {
-                        runs.push(Run {
-                            workload: w.clone(),
-                            lock,
-                            fault_lock,
-                            cpus: c,
-                            pair: Some(k),
-                            in_boot: false,
-                        });
+                        runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c, pair: Some(k) });
                     }
                 }
                 for c in cpus {
-                    runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c, pair: None, in_boot: false });
-                }
-                if lock == "split" && args.in_boot_pairs.is_some() {
-                    runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: 2, pair: None, in_boot: true });
+                    runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c, pair: None });
                 }
             }
         }
@@ -520,8 +493,6 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     }
     let probe = HostProbe::calibrate(host_cpus);
     let mut records = Vec::new();
-    // The `--in-boot-pairs` boots' pair statistics (not runs of the table).
-    let mut in_boot = Vec::new();
     let mut built: Option<(&str, PathBuf)> = None;
     for (i, run) in runs.iter().enumerate() {
         let image = match &built {
@@ -537,25 +508,13 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 image
             }
         };
-        let n_windows = match (run.in_boot, args.in_boot_pairs) {
-            (true, Some(n)) => 2 * n,
-            _ => windows,
-        };
-        let shape =
-            Windows { windows: n_windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
+        let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
         let mut machine = machine(run, &shape, image, accel, &args.qemu_args);
         for a in &args.kernel_args {
             machine.cmdline.push(' ');
             machine.cmdline.push_str(a);
         }
-        if run.in_boot {
-            machine.cmdline.push_str(" alternate=1,2");
-        }
-        let pair = match (run.pair, run.in_boot) {
-            (Some(k), _) => format!("-pair{k}"),
-            (None, true) => "-in-boot-pairs".into(),
-            (None, false) => String::new(),
-        };
+        let pair = run.pair.map(|k| format!("-pair{k}")).unwrap_or_default();
         let name = format!("bench-{}-{}-{}-{}cpu{pair}", run.workload, run.lock, run.fault_lock, run.cpus);
         // A boot during which the host was busy is repeated (up to
         // BUSY_RETRIES times); the boot with the freest host is kept.
@@ -569,11 +528,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 run.lock,
                 run.fault_lock,
                 run.cpus,
-                match (run.pair, run.in_boot) {
-                    (Some(k), _) => format!(" pair {k}"),
-                    (None, true) => " windows of 1 and 2 threads".into(),
-                    (None, false) => String::new(),
-                }
+                run.pair.map(|k| format!(" pair {k}")).unwrap_or_default()
             );
             use std::io::Write as _;
             std::io::stdout().flush().ok();
@@ -590,18 +545,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 println!("FAILED");
                 bail!("{name}: {e} (serial log: {})", out.log.display());
             }
-            let raw = find_result(&out.log)?;
-            let mut rec = summarize(run, &raw)?;
-            if run.in_boot {
-                let pairs = in_boot_pairs(run, &raw)?;
-                println!(
-                    "1 -> 2 threads in one boot: median {:.2}x, spread {:.2} over {} pairs",
-                    pairs.median(),
-                    pairs.spread(),
-                    pairs.pairs.len()
-                );
-                rec["in_boot_pairs"] = pairs.to_json();
-            }
+            let mut rec = summarize(run, &find_result(&out.log)?)?;
             rec["rounds"] = json!(rounds_for(&args, &run.workload));
             rec["host_capacity"] = json!((host * 1000.0).round() / 1000.0);
             rec["attempts"] = json!(attempt + 1);
@@ -647,11 +591,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             }
         }
         let (_, rec) = kept.expect("at least one attempt");
-        if run.in_boot {
-            in_boot.push(rec["in_boot_pairs"].clone());
-        } else {
-            records.push(rec);
-        }
+        records.push(rec);
     }
     let report = json!({
         "accel": accel.to_string(),
@@ -672,7 +612,6 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         "mib": mib,
         "window_ms": args.window_ms,
         "runs": records,
-        "in_boot_pairs": in_boot,
     });
     let mut report = report;
     let pairs = pair_stats(&report);
@@ -685,7 +624,6 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     print_table(&report);
     print_pairs(&pairs);
-    print_in_boot_pairs(&report);
     let svg = dir.join("faultstorm.svg");
     plot(&report, &svg)?;
     println!("xtask: wrote {} and {}", json_path.display(), svg.display());
@@ -887,7 +825,7 @@ impl PairStats {
         self.pairs.iter().filter(|p| p.host < BUSY_HOST).count()
     }
 
-    pub(crate) fn to_json(&self) -> Value {
+    fn to_json(&self) -> Value {
         json!({
             "workload": self.workload,
             "lock": self.lock,
@@ -952,76 +890,6 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
         }
     }
     out
-}
-
-/// The 1 -> 2 pairs of an `--in-boot-pairs` boot: its windows alternate
-/// one thread and two (`alternate=1,2`); pair k is window 2k - 1 (one
-/// thread) and window 2k (two). Rates as [`summarize`] counts them.
-pub(crate) fn in_boot_pairs(run: &Run, raw: &Value) -> Result<PairStats> {
-    let tsc_per_us = raw["tsc_per_us"].as_f64().filter(|&t| t > 0.0).context("no TSC rate")?;
-    let windows = raw["windows"].as_array().context("no windows")?;
-    let rate = |i: usize, threads: u64| -> Result<f64> {
-        let w = &windows[i];
-        let got = w["threads"].as_u64().with_context(|| format!("window {}: no `threads`", i + 1))?;
-        if got != threads {
-            bail!("window {}: ran {got} threads, expected {threads} (windows alternate 1 and 2)", i + 1);
-        }
-        let work = if counts_present(&run.workload) { &w["present"] } else { &w["faults"] };
-        let secs = w["cycles"].as_u64().unwrap_or(0).max(1) as f64 / tsc_per_us / 1e6;
-        Ok(work.as_u64().unwrap_or(0) as f64 / secs)
-    };
-    if windows.len() < 2 || windows.len() % 2 != 0 {
-        bail!("{} windows: an in-boot pair needs a 1-thread and a 2-thread window", windows.len());
-    }
-    let mut pairs = Vec::new();
-    for k in 0..windows.len() / 2 {
-        let (one, two) = (rate(2 * k, 1)?, rate(2 * k + 1, 2)?);
-        if one <= 0.0 {
-            bail!("window {}: no work done", 2 * k + 1);
-        }
-        pairs.push(Pair { index: k as u32 + 1, one, two, host: 1.0 });
-    }
-    Ok(PairStats {
-        workload: run.workload.clone(),
-        lock: run.lock.to_string(),
-        fault_lock: run.fault_lock.to_string(),
-        interleaved: true,
-        pairs,
-    })
-}
-
-fn print_in_boot_pairs(report: &Value) {
-    let Some(all) = report["in_boot_pairs"].as_array().filter(|a| !a.is_empty()) else {
-        return;
-    };
-    println!("\n1 -> 2 threads in one 2-vCPU boot (windows alternating 1 and 2 threads; faults/s per pair of windows)");
-    for s in all {
-        let f = |k: &str| s[k].as_array().cloned().unwrap_or_default();
-        let (ones, twos, ratios) = (f("faults_per_sec_1"), f("faults_per_sec_2"), f("ratios"));
-        let list: Vec<String> = ones
-            .iter()
-            .zip(&twos)
-            .zip(&ratios)
-            .map(|((a, b), r)| {
-                format!(
-                    "{:.0}/{:.0} = {:.2}x",
-                    a.as_f64().unwrap_or(0.0),
-                    b.as_f64().unwrap_or(0.0),
-                    r.as_f64().unwrap_or(0.0)
-                )
-            })
-            .collect();
-        println!(
-            "{:<18} {:<7} {:<10} median {:.2}x, spread {:.2} over {} pairs: {}",
-            s["workload"].as_str().unwrap_or(""),
-            s["lock"].as_str().unwrap_or(""),
-            s["fault_lock"].as_str().unwrap_or(""),
-            s["median"].as_f64().unwrap_or(0.0),
-            s["spread"].as_f64().unwrap_or(0.0),
-            ratios.len(),
-            list.join(", ")
-        );
-    }
 }
 
 /// The run of `runs` in pair `pair` (`None`: in no pair).
@@ -1352,8 +1220,7 @@ mod tests {
 
     #[test]
     fn summary_takes_the_median_window() {
-        let run =
-            Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None, in_boot: false };
+        let run = Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
         let raw = json!({
             "tsc_per_us": 1000, "split_pte_ptlocks": true,
             "windows": [
@@ -1386,15 +1253,13 @@ mod tests {
                 "mm": {"vma_lock_faults": vma_lock_faults, "mmap_lock_faults": 7, "pt_reclaimed": 130}
             })
         };
-        let vma =
-            Run { workload: "madvise".into(), lock: "split", fault_lock: "vma", cpus: 1, pair: None, in_boot: false };
+        let vma = Run { workload: "madvise".into(), lock: "split", fault_lock: "vma", cpus: 1, pair: None };
         let r = summarize(&vma, &raw("vma", 2000)).unwrap();
         assert_eq!(r["pt_reclaimed_per_window"].as_f64().unwrap(), 65.0);
         assert_eq!(r["mm"]["mmap_lock_faults"].as_u64().unwrap(), 7);
         let err = summarize(&vma, &raw("mmap", 0)).unwrap_err().to_string();
         assert!(err.contains("asked for fault_lock=vma") && err.contains("fault_lock=mmap"), "{err}");
-        let mmap =
-            Run { workload: "madvise".into(), lock: "split", fault_lock: "mmap", cpus: 1, pair: None, in_boot: false };
+        let mmap = Run { workload: "madvise".into(), lock: "split", fault_lock: "mmap", cpus: 1, pair: None };
         assert!(summarize(&mmap, &raw("mmap", 0)).is_ok());
         let err = summarize(&mmap, &raw("mmap", 3)).unwrap_err().to_string();
         assert!(err.contains("3 faults were resolved under a VMA lock"), "{err}");
@@ -1412,8 +1277,7 @@ mod tests {
                 "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {}, "mm": {}
             })
         };
-        let split =
-            Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None, in_boot: false };
+        let split = Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
         let single = Run { workload: "disjoint".into(), lock: "single", ..split };
         assert!(summarize(&split, &raw(true, 5100, 5000, 5000)).is_ok());
         assert!(summarize(&single, &raw(false, 5000, 5000, 5000)).is_ok());
@@ -1448,8 +1312,7 @@ mod tests {
                 "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 0, "locks": {}, "mm": {}, "fork": fork
             })
         };
-        let run =
-            Run { workload: "fork".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None, in_boot: false };
+        let run = Run { workload: "fork".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
         // Forks of 1000 entries in 2, 3 and 4 ms: the median 3 ms, 3000 cycles per entry.
         let r = summarize(&run, &raw(json!({"cycles": [2_000_000, 4_000_000, 3_000_000], "ptes": [1000, 1000, 1000]})))
             .unwrap();
@@ -1511,8 +1374,7 @@ mod tests {
         );
         assert_eq!(rounds_for(&args, "madvise"), 4);
         assert_eq!(rounds_for(&args, "madvise-same-table"), 4);
-        let run =
-            |w: &str| Run { workload: w.into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None, in_boot: false };
+        let run = |w: &str| Run { workload: w.into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
         // 2 threads x 1024 MiB of their own, against one shared 1024 MiB.
         assert_eq!(mem_for(&run("madvise"), 1024), "3584M");
         assert_eq!(mem_for(&run("madvise-same-table"), 1024), "3072M");
@@ -1587,14 +1449,7 @@ mod tests {
 
     #[test]
     fn same_table_holds_a_region_of_mib_per_thread() {
-        let run = |w: &str, cpus: u32| Run {
-            workload: w.into(),
-            lock: "split",
-            fault_lock: "vma",
-            cpus,
-            pair: None,
-            in_boot: false,
-        };
+        let run = |w: &str, cpus: u32| Run { workload: w.into(), lock: "split", fault_lock: "vma", cpus, pair: None };
         // 8 threads x 128 MiB of one region, as disjoint's 8 regions.
         assert_eq!(mem_for(&run("same-table", 8), 128), mem_for(&run("disjoint", 8), 128));
         assert_eq!(mem_for(&run("same-table", 8), 1024), "11264M");
@@ -1617,8 +1472,7 @@ mod tests {
 
     #[test]
     fn same_page_counts_pages_made_present_and_reports_races_beside() {
-        let same =
-            Run { workload: "same-page".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None, in_boot: false };
+        let same = Run { workload: "same-page".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
         // 300 fault returns a window, 256 of them made a page present, 30
         // lost a race, 14 were spurious.
         let r = summarize(&same, &raw_windows(300, 256, 30, 14)).unwrap();
@@ -1647,47 +1501,6 @@ mod tests {
         old["windows"][1].as_object_mut().unwrap().remove("present");
         let err = format!("{:#}", summarize(&same, &old).unwrap_err());
         assert!(err.contains("window 2: no `present`"), "{err}");
-    }
-
-    #[test]
-    fn in_boot_pairs_add_one_alternating_2_vcpu_boot_per_workload_with_split_locks() {
-        let args =
-            parse(&["--in-boot-pairs", "3", "--workloads", "disjoint", "--cpus", "8", "--locks", "split,single"])
-                .unwrap();
-        let runs = plan(&args).unwrap();
-        let in_boot: Vec<(&str, u32)> = runs.iter().filter(|r| r.in_boot).map(|r| (r.lock, r.cpus)).collect();
-        assert_eq!(in_boot, [("split", 2)]);
-        assert_eq!(runs.len(), 3, "split 8, the in-boot boot, single 8");
-        assert!(parse(&["--in-boot-pairs", "0"]).is_ok_and(|a| plan(&a).is_err()));
-        assert!(parse(&["--in-boot-pairs", "2", "--quick"]).is_ok_and(|a| plan(&a).is_err()));
-    }
-
-    #[test]
-    fn in_boot_pairs_pair_each_1_thread_window_with_the_next_2_thread_window() {
-        let run =
-            Run { workload: "disjoint".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None, in_boot: true };
-        // 1 TSC cycle per us: `cycles` are microseconds.
-        let w = |threads: u64, faults: u64, us: u64| json!({"threads": threads, "faults": faults, "cycles": us});
-        let raw = |ws: Vec<Value>| json!({"tsc_per_us": 1, "windows": ws});
-        let s = in_boot_pairs(
-            &run,
-            &raw(vec![
-                w(1, 100_000, 1_000_000),
-                w(2, 180_000, 1_000_000),
-                w(1, 50_000, 500_000),
-                w(2, 90_000, 450_000),
-            ]),
-        )
-        .unwrap();
-        let r: Vec<f64> = s.pairs.iter().map(|p| (p.ratio() * 100.0).round() / 100.0).collect();
-        assert_eq!(r, [1.8, 2.0]);
-        assert_eq!(s.pairs[0].one, 100_000.0);
-        assert!((s.median() - 1.9).abs() < 1e-9 && (s.spread() - 0.2).abs() < 1e-9);
-        // Windows out of order, odd counts, or without `threads` are errors.
-        let err = in_boot_pairs(&run, &raw(vec![w(2, 1, 1), w(1, 1, 1)])).unwrap_err().to_string();
-        assert!(err.contains("ran 2 threads, expected 1"), "{err}");
-        assert!(in_boot_pairs(&run, &raw(vec![w(1, 1, 1)])).is_err());
-        assert!(in_boot_pairs(&run, &raw(vec![json!({"faults": 1, "cycles": 1}), w(2, 1, 1)])).is_err());
     }
 
     #[test]

@@ -167,7 +167,6 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
         fault_lock: plan.fault_lock,
         cpus: plan.cpus,
         pair: None,
-        in_boot: false,
     };
     let mut machine = bench::machine(&run, &plan.windows, image.to_path_buf(), accel, &plan.qemu_args);
     machine.cmdline.push_str(&format!(" profile={}", plan.rate));

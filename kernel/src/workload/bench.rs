@@ -65,8 +65,6 @@ use crate::diag::faultstat;
 const BASE: u64 = 0x1_0000_0000;
 
 struct Window {
-    /// Threads (one per CPU) that ran it.
-    threads: usize,
     faults: u64,
     cycles: u64,
     /// Pages the threads touched, summed (a page every thread touches
@@ -175,20 +173,6 @@ pub fn run(c: &Cmdline) -> ExitCode {
     // costs by working).
     let mut cpus = online();
     cpus.truncate(parse(c, "threads", cpus.len() as u64).clamp(1, cpus.len() as u64) as usize);
-    // `alternate=1,2`: window k runs on the first `counts[(k - 1) % len]`
-    // CPUs (the warm-up on all of them), so a 1- and a 2-thread window sit
-    // seconds apart in one boot, where the host's speed has had no time to
-    // drift (`cargo xtask bench --in-boot-pairs`).
-    let counts: Vec<usize> = match c.value("alternate") {
-        None => alloc::vec![cpus.len()],
-        Some(v) => match v.split(',').map(|t| t.parse::<usize>()).collect::<Result<Vec<_>, _>>() {
-            Ok(counts) if !counts.is_empty() && counts.iter().all(|&k| (1..=cpus.len()).contains(&k)) => counts,
-            _ => {
-                log::error!("bench: alternate={v:?}: expected thread counts from 1 to {}, e.g. 1,2", cpus.len());
-                return ExitCode::Failure;
-            }
-        },
-    };
     let n = cpus.len();
     let Some(spec) = spec(workload, &cpus, mib, rounds) else {
         log::error!(
@@ -222,12 +206,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
             }
         }
         let before = faultstat::summary(cpus.iter().copied()).faults;
-        let threads = if w == 0 { n } else { counts[(w as usize - 1) % counts.len()] };
-        let mut spec = if threads == n {
-            spec.clone()
-        } else {
-            self::spec(workload, &cpus[..threads], mib, rounds).expect("the workload was checked above")
-        };
+        let mut spec = spec.clone();
         if window_ms > 0 {
             spec.params.duration_cycles = window_ms * tsc_per_ms;
         }
@@ -250,11 +229,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
         } else {
             touched
         };
-        let label = match w {
-            0 => String::from("warm-up"),
-            _ if counts.len() > 1 => format!("window {w}/{windows} ({threads} threads)"),
-            _ => format!("window {w}/{windows}"),
-        };
+        let label = if w == 0 { String::from("warm-up") } else { format!("window {w}/{windows}") };
         let (present, lost_races, spurious_faults) = (
             out.region_made_present(),
             out.stats.lost_races - out.stats_before.lost_races,
@@ -265,7 +240,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
             arch::time::cycles_to_ns(cycles) / 1000
         );
         if w > 0 {
-            results.push(Window { threads, faults, cycles, touched, min_faults, present, lost_races, spurious_faults });
+            results.push(Window { faults, cycles, touched, min_faults, present, lost_races, spurious_faults });
             add_counters(&mut mm_sum, &out.stats);
         }
     }
@@ -283,9 +258,8 @@ pub fn run(c: &Cmdline) -> ExitCode {
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(
-            "{}{{\"threads\":{},\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{}}}",
+            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{}}}",
             if i == 0 { "" } else { "," },
-            w.threads,
             w.faults,
             w.cycles,
             w.touched,
