@@ -559,3 +559,59 @@ fn loom_virt_test_and_set_lock_is_mutually_exclusive() {
         assert_eq!(g.with(|v| unsafe { *v }), 2);
     });
 }
+
+/// Halting waiters (`set_halting_waiters`, mm/src/lock/spinlock.rs
+/// "Halting waiters"): CPUs that may halt take one lock; a waiter halts
+/// at the second turn of its wait, and under loom a halt is a park that
+/// only a kick ends. In every interleaving of the waiter's slot store and
+/// `fetch_or(HALTED)` with the unlock's `swap` and slot scan, every halted
+/// waiter is kicked (else loom reports the parked thread as a deadlock),
+/// and the lock stays mutually exclusive. `threads` CPUs take it `times`
+/// times each.
+fn halting_model(threads: usize, times: usize) {
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    use crate::lock::{LockClass, LockLevel, SpinLock, set_halting_waiters};
+    bounded().check(move || {
+        // Per execution under loom (not the other models' mode).
+        set_halting_waiters(true);
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0usize)));
+        let ts: std::vec::Vec<_> = (0..threads)
+            .map(|cpu| {
+                let l = l.clone();
+                loom::thread::spawn(move || {
+                    crate::testing::halting_cpu(cpu);
+                    for _ in 0..times {
+                        let g = l.lock_in_mode(true);
+                        // SAFETY: loom's cell access; the guard excludes others.
+                        g.with_mut(|v| unsafe { *v += 1 });
+                    }
+                })
+            })
+            .collect();
+        for t in ts {
+            t.join().unwrap();
+        }
+        let g = l.lock();
+        // SAFETY: loom's cell access under the guard.
+        assert_eq!(g.with(|v| unsafe { *v }), threads * times);
+    });
+}
+
+/// Two CPUs taking the lock twice each, then three taking it once (two
+/// waiters halted on one lock: the unlock kicks both, the loser halts again
+/// and the next unlock kicks it). One test, so that no other model runs
+/// halting CPUs meanwhile and the halt counters show that these halted.
+#[test]
+fn loom_halted_waiters_are_always_kicked() {
+    for (threads, times) in [(2, 2), (3, 1)] {
+        let (halts, kicks) = crate::lock::halt_counts();
+        halting_model(threads, times);
+        let (halts_now, kicks_now) = crate::lock::halt_counts();
+        assert!(
+            halts_now > halts && kicks_now > kicks,
+            "{threads} CPUs: no waiter halted or was kicked in any execution"
+        );
+    }
+}

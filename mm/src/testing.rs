@@ -155,6 +155,19 @@ std::thread_local! {
     static HALTING_CPU: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+// Under loom: per loom thread and per execution (loom's threads share one
+// OS thread, and each execution starts afresh). The std mutex is never held
+// across a loom operation.
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref HALTING_CPUS: Mutex<Vec<Option<loom::thread::Thread>>> = Mutex::new(Vec::new());
+}
+
+#[cfg(loom)]
+loom::thread_local! {
+    static HALTING_CPU: Cell<Option<usize>> = Cell::new(None);
+}
+
 /// How long a halted host "CPU" waits for its kick before the test fails
 /// with a lost wake-up (a real CPU would sleep until its next timer tick).
 #[cfg(not(loom))]
@@ -164,26 +177,35 @@ pub const LOST_KICK: std::time::Duration = std::time::Duration::from_secs(20);
 /// thread at the same time) and lets its lock waits halt: a halt parks the
 /// thread until a kick unparks it, and fails the test after [`LOST_KICK`]
 /// without one.
-#[cfg(not(loom))]
+///
+/// Under loom a halt parks the loom thread: one nobody kicks is a deadlock,
+/// which loom reports, so a model fails on a lost wake-up in every
+/// interleaving that has one. (A real halt also ends at the next timer
+/// tick; the models hold the handshake to the stricter rule.)
 pub fn halting_cpu(cpu: usize) {
+    #[cfg(not(loom))]
     assert!(cpu < crate::config::NR_CPUS);
+    #[cfg(loom)]
+    assert!(cpu < crate::lock::LOOM_HALTING_CPUS);
     HALTING_CPU.with(|c| c.set(Some(cpu)));
     let mut cpus = HALTING_CPUS.lock().unwrap();
     if cpus.len() <= cpu {
         cpus.resize(cpu + 1, None);
     }
-    cpus[cpu] = Some(std::thread::current());
+    #[cfg(not(loom))]
+    let me = std::thread::current();
+    #[cfg(loom)]
+    let me = loom::thread::current();
+    cpus[cpu] = Some(me);
 }
 
 impl Hal for HostHal {
     fn cpu_id(&self) -> usize {
-        #[cfg(not(loom))]
         if let Some(cpu) = HALTING_CPU.with(|c| c.get()) {
             return cpu;
         }
         CPU.with(|c| *c)
     }
-    #[cfg(not(loom))]
     fn can_halt(&self) -> bool {
         HALTING_CPU.with(|c| c.get()).is_some()
     }
@@ -195,9 +217,15 @@ impl Hal for HostHal {
         std::thread::park_timeout(LOST_KICK);
         assert!(start.elapsed() < LOST_KICK, "a halted lock waiter was never kicked (lost wake-up)");
     }
-    #[cfg(not(loom))]
+    #[cfg(loom)]
+    fn halt(&self) {
+        // Returns at once if a kick came first (the park token), as
+        // `sti; hlt` does with the IPI pending.
+        loom::thread::park();
+    }
     fn kick(&self, cpu: usize) {
-        if let Some(Some(t)) = HALTING_CPUS.lock().unwrap().get(cpu) {
+        let t = HALTING_CPUS.lock().unwrap().get(cpu).cloned().flatten();
+        if let Some(t) = t {
             t.unpark();
         }
     }

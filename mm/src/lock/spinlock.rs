@@ -75,7 +75,9 @@
 //! it arrives between the two instructions, and the timer tick wakes the
 //! halt in any case. The cost: an unlock is an exchange instead of a store,
 //! and only with halting on (`set_halting_waiters`, the kernel's
-//! `spinlock=auto` under a hypervisor).
+//! `spinlock=auto` under a hypervisor). The loom model
+//! `loom_halted_waiters_are_always_kicked` checks the handshake in every
+//! interleaving, with halts that only a kick ends.
 //!
 //! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
 //! lives inline in the page descriptor. With the `debug-ptlock` feature the
@@ -114,12 +116,36 @@ pub const HALT_AFTER_CYCLES: u64 = 1 << 16;
 const HALTED: u32 = 1 << 16;
 
 /// Halting waiters on (module comment). Set once at boot.
+#[cfg(not(loom))]
 static HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+// Under loom, per model execution: a model that halts must not switch the
+// mode of the models running beside it in the same test process (their
+// unlocks would change from a store to a swap between two of their
+// executions, which loom cannot replay). Bookkeeping, so a core atomic.
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+}
 
 /// Per CPU: the address of the lock its halted waiter waits for, 0 when
 /// none. Written by its CPU, read by unlockers (module comment).
+#[cfg(not(loom))]
 static WAITING_ON: [core::sync::atomic::AtomicUsize; crate::config::NR_CPUS] =
     [const { core::sync::atomic::AtomicUsize::new(0) }; crate::config::NR_CPUS];
+
+/// CPUs that may halt in the loom models (few, so an unlock's scan of the
+/// slots stays a few atomic loads to explore).
+#[cfg(loom)]
+pub(crate) const LOOM_HALTING_CPUS: usize = 3;
+
+// Under loom the slots are loom atomics, fresh for each execution, so the
+// model explores every order of the handshake's four accesses.
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref WAITING_ON: [loom::sync::atomic::AtomicUsize; LOOM_HALTING_CPUS] =
+        core::array::from_fn(|_| loom::sync::atomic::AtomicUsize::new(0));
+}
 
 /// Waits ended by a halt, and kicks sent by unlockers, since boot.
 static HALTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
@@ -278,7 +304,13 @@ impl RawSpinLock {
         let mut spinning_since = 0;
         loop {
             if let Some(s) = start
-                && ((cfg!(loom) && spins >= LOOM_STARVE_SPINS) || hal.cycles().wrapping_sub(s) >= STARVE_CYCLES)
+                && if cfg!(loom) {
+                    // No clock under loom: time would make the model's
+                    // choices differ between its executions.
+                    spins >= LOOM_STARVE_SPINS
+                } else {
+                    hal.cycles().wrapping_sub(s) >= STARVE_CYCLES
+                }
             {
                 // Starved: stop competing. Our ticket makes `next != owner`
                 // until it is served, which shuts the compare-exchange below
@@ -286,9 +318,10 @@ impl RawSpinLock {
                 let ticket = self.next.fetch_add(1, Acquire);
                 while self.serving(Acquire) != ticket {
                     spins = spins.wrapping_add(1);
-                    hal.spin_wait(spins);
                     if self.should_halt(hal, &mut spinning_since) {
                         self.halt_while(hal, |serving| serving != ticket);
+                    } else {
+                        hal.spin_wait(spins);
                     }
                 }
                 hal.lock_wait_end();
@@ -313,9 +346,10 @@ impl RawSpinLock {
                 hal.cycles()
             });
             spins = spins.wrapping_add(1);
-            hal.spin_wait(spins);
             if self.should_halt(hal, &mut spinning_since) {
                 self.halt_while(hal, |serving| self.next.load(SeqCst) != serving);
+            } else {
+                hal.spin_wait(spins);
             }
         }
     }
@@ -326,6 +360,13 @@ impl RawSpinLock {
     fn should_halt(&self, hal: &dyn hal::Hal, since: &mut u64) -> bool {
         if !halting_waiters() {
             return false;
+        }
+        if cfg!(loom) {
+            // No clock under loom (it would make the model's choices differ
+            // between executions), and a loom spin yields to the other
+            // threads until they block: a waiter that may halt halts at
+            // its first lost turn, so the models explore the handshake.
+            return hal.can_halt();
         }
         let now = hal.cycles();
         if *since == 0 {
