@@ -95,8 +95,12 @@ fn thousands_of_tasks_leave_nothing_behind() {
     }
     assert_eq!(task::LIVE_TASKS.load(Ordering::SeqCst), tasks_before, "task objects leaked");
     assert_eq!(task::LIVE_STACKS.load(Ordering::SeqCst), stacks_before, "kernel stacks leaked");
-    // Every CPU idles once, so a run queue the batches grew shrinks back to
-    // its reserve (`RQ_RESERVE`), as it did before `heap_before`.
-    crate::workload::storm::settle();
-    assert_eq!(crate::boot::heap::used(), heap_before, "heap usage grew");
+    // Every CPU idles, so a run queue the batches grew shrinks back to its
+    // reserve (`RQ_RESERVE`), as it did before `heap_before`; what an exited
+    // task held goes as its CPU switches away, which may take more than one
+    // settle under a loaded host (a fresh-clone run beside other work saw
+    // 384 bytes still held after one), so settle until the heap is back or
+    // a second has passed. A leak stays and fails.
+    let used = crate::workload::storm::settle_heap(heap_before);
+    assert_eq!(used, heap_before, "heap usage grew");
 }
