@@ -500,17 +500,30 @@ fn loom_mremap_move_races_a_fault_on_the_destination_table() {
 /// mutually exclusive, and both get the lock twice.
 #[test]
 fn loom_a_starved_test_and_set_waiter_queues_for_a_ticket() {
+    tas_lock_model(2, 2, false);
+}
+
+/// `threads` loom threads take one spinlock in test-and-set mode `times`
+/// times each and count under it; the count must come out exact. With
+/// `halting`, each thread is a CPU whose waits may halt
+/// (`testing::halting_cpu`), with the halting mode on for the execution.
+fn tas_lock_model(threads: usize, times: usize, halting: bool) {
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
 
-    use crate::lock::{LockClass, LockLevel, SpinLock};
-    bounded().check(|| {
-        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0u64)));
-        let ts: std::vec::Vec<_> = (0..2)
-            .map(|_| {
+    use crate::lock::{LockClass, LockLevel, SpinLock, set_halting_waiters};
+    bounded().check(move || {
+        // Per execution under loom (not the other models' mode).
+        set_halting_waiters(halting);
+        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0usize)));
+        let ts: std::vec::Vec<_> = (0..threads)
+            .map(|cpu| {
                 let l = l.clone();
                 loom::thread::spawn(move || {
-                    for _ in 0..2 {
+                    if halting {
+                        crate::testing::halting_cpu(cpu);
+                    }
+                    for _ in 0..times {
                         let g = l.lock_in_mode(true);
                         // SAFETY: loom's cell access; the guard excludes others.
                         g.with_mut(|v| unsafe { *v += 1 });
@@ -523,7 +536,7 @@ fn loom_a_starved_test_and_set_waiter_queues_for_a_ticket() {
         }
         let g = l.lock();
         // SAFETY: loom's cell access under the guard.
-        assert_eq!(g.with(|v| unsafe { *v }), 4);
+        assert_eq!(g.with(|v| unsafe { *v }), threads * times);
     });
 }
 
@@ -561,44 +574,13 @@ fn loom_virt_test_and_set_lock_is_mutually_exclusive() {
 }
 
 /// Halting waiters (`set_halting_waiters`, mm/src/lock/spinlock.rs
-/// "Halting waiters"): CPUs that may halt take one lock; a waiter halts
-/// at the second turn of its wait, and under loom a halt is a park that
-/// only a kick ends. In every interleaving of the waiter's slot store and
+/// "Halting waiters"): CPUs that may halt take one lock; a waiter halts at
+/// its first lost turn, and under loom a halt is a park that only a kick
+/// ends. In every interleaving of the waiter's slot store and
 /// `fetch_or(HALTED)` with the unlock's `swap` and slot scan, every halted
 /// waiter is kicked (else loom reports the parked thread as a deadlock),
-/// and the lock stays mutually exclusive. `threads` CPUs take it `times`
-/// times each.
-fn halting_model(threads: usize, times: usize) {
-    use loom::cell::UnsafeCell;
-    use loom::sync::Arc;
-
-    use crate::lock::{LockClass, LockLevel, SpinLock, set_halting_waiters};
-    bounded().check(move || {
-        // Per execution under loom (not the other models' mode).
-        set_halting_waiters(true);
-        let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, UnsafeCell::new(0usize)));
-        let ts: std::vec::Vec<_> = (0..threads)
-            .map(|cpu| {
-                let l = l.clone();
-                loom::thread::spawn(move || {
-                    crate::testing::halting_cpu(cpu);
-                    for _ in 0..times {
-                        let g = l.lock_in_mode(true);
-                        // SAFETY: loom's cell access; the guard excludes others.
-                        g.with_mut(|v| unsafe { *v += 1 });
-                    }
-                })
-            })
-            .collect();
-        for t in ts {
-            t.join().unwrap();
-        }
-        let g = l.lock();
-        // SAFETY: loom's cell access under the guard.
-        assert_eq!(g.with(|v| unsafe { *v }), threads * times);
-    });
-}
-
+/// and the lock stays mutually exclusive.
+///
 /// Two CPUs taking the lock twice each, then three taking it once (two
 /// waiters halted on one lock: the unlock kicks both, the loser halts again
 /// and the next unlock kicks it). One test, so that no other model runs
@@ -607,7 +589,7 @@ fn halting_model(threads: usize, times: usize) {
 fn loom_halted_waiters_are_always_kicked() {
     for (threads, times) in [(2, 2), (3, 1)] {
         let (halts, kicks) = crate::lock::halt_counts();
-        halting_model(threads, times);
+        tas_lock_model(threads, times, true);
         let (halts_now, kicks_now) = crate::lock::halt_counts();
         assert!(
             halts_now > halts && kicks_now > kicks,
