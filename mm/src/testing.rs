@@ -183,10 +183,7 @@ pub const LOST_KICK: std::time::Duration = std::time::Duration::from_secs(20);
 /// interleaving that has one. (A real halt also ends at the next timer
 /// tick; the models hold the handshake to the stricter rule.)
 pub fn halting_cpu(cpu: usize) {
-    #[cfg(not(loom))]
-    assert!(cpu < crate::config::NR_CPUS);
-    #[cfg(loom)]
-    assert!(cpu < crate::lock::LOOM_HALTING_CPUS);
+    assert!(cpu < crate::lock::HALTING_CPUS);
     HALTING_CPU.with(|c| c.set(Some(cpu)));
     let mut cpus = HALTING_CPUS.lock().unwrap();
     if cpus.len() <= cpu {
@@ -232,6 +229,16 @@ impl Hal for HostHal {
     fn cycles(&self) -> u64 {
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
         START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+    }
+    #[cfg(loom)]
+    fn spin_wait(&self, _spins: u32) {
+        // A loom spin yields to the other threads until they block, so a
+        // waiter would only look again once the holder had run to its end;
+        // a CPU that may halt goes straight to its halt instead, which
+        // lets the halting models interleave it with the unlock.
+        if !self.can_halt() {
+            crate::sync::spin_loop();
+        }
     }
     #[cfg(not(loom))]
     fn spin_wait(&self, spins: u32) {

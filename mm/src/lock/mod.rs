@@ -30,8 +30,8 @@
 pub mod lockdep;
 mod rwlock;
 mod spinlock;
-#[cfg(all(loom, test))]
-pub(crate) use spinlock::LOOM_HALTING_CPUS;
+#[cfg(test)]
+pub(crate) use spinlock::HALTING_CPUS;
 pub mod stats;
 
 pub use rwlock::{RwReadGuard, RwSpinLock, RwWriteGuard};

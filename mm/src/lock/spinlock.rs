@@ -128,22 +128,21 @@ loom::lazy_static! {
     static ref HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 }
 
+/// CPUs that may halt: every CPU, and in the loom models three (so an
+/// unlock's scan of the slots stays a few atomic loads to explore).
+pub(crate) const HALTING_CPUS: usize = if cfg!(loom) { 3 } else { crate::config::NR_CPUS };
+
 /// Per CPU: the address of the lock its halted waiter waits for, 0 when
 /// none. Written by its CPU, read by unlockers (module comment).
 #[cfg(not(loom))]
-static WAITING_ON: [core::sync::atomic::AtomicUsize; crate::config::NR_CPUS] =
-    [const { core::sync::atomic::AtomicUsize::new(0) }; crate::config::NR_CPUS];
-
-/// CPUs that may halt in the loom models (few, so an unlock's scan of the
-/// slots stays a few atomic loads to explore).
-#[cfg(loom)]
-pub(crate) const LOOM_HALTING_CPUS: usize = 3;
+static WAITING_ON: [core::sync::atomic::AtomicUsize; HALTING_CPUS] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; HALTING_CPUS];
 
 // Under loom the slots are loom atomics, fresh for each execution, so the
 // model explores every order of the handshake's four accesses.
 #[cfg(loom)]
 loom::lazy_static! {
-    static ref WAITING_ON: [loom::sync::atomic::AtomicUsize; LOOM_HALTING_CPUS] =
+    static ref WAITING_ON: [loom::sync::atomic::AtomicUsize; HALTING_CPUS] =
         core::array::from_fn(|_| loom::sync::atomic::AtomicUsize::new(0));
 }
 
@@ -318,10 +317,9 @@ impl RawSpinLock {
                 let ticket = self.next.fetch_add(1, Acquire);
                 while self.serving(Acquire) != ticket {
                     spins = spins.wrapping_add(1);
+                    hal.spin_wait(spins);
                     if self.should_halt(hal, &mut spinning_since) {
                         self.halt_while(hal, |serving| serving != ticket);
-                    } else {
-                        hal.spin_wait(spins);
                     }
                 }
                 hal.lock_wait_end();
@@ -346,10 +344,9 @@ impl RawSpinLock {
                 hal.cycles()
             });
             spins = spins.wrapping_add(1);
+            hal.spin_wait(spins);
             if self.should_halt(hal, &mut spinning_since) {
                 self.halt_while(hal, |serving| self.next.load(SeqCst) != serving);
-            } else {
-                hal.spin_wait(spins);
             }
         }
     }
@@ -363,9 +360,9 @@ impl RawSpinLock {
         }
         if cfg!(loom) {
             // No clock under loom (it would make the model's choices differ
-            // between executions), and a loom spin yields to the other
-            // threads until they block: a waiter that may halt halts at
-            // its first lost turn, so the models explore the handshake.
+            // between executions): a waiter that may halt halts at its
+            // first lost turn (its `spin_wait` does not yield, see the host
+            // HAL), so the models explore the handshake.
             return hal.can_halt();
         }
         let now = hal.cycles();
