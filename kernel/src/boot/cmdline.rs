@@ -11,8 +11,8 @@
 //! `fail=frame:1/200,table:1/50,ptl:1/20,heap:1/1000` and `fail_seed=N`
 //! (failure injection, see `boot::arm_failure_injection`), `watchdog=SECS|off`
 //! (the lockup watchdog, `diag::watchdog`), `fault_time_every=N` (time one
-//! page fault in N for the fault-latency statistics, default 8; 1: all of
-//! them, `diag::faultstat`).
+//! page fault in N, a power of two, for the fault-latency statistics,
+//! default 8; 1: all of them, `diag::faultstat`).
 
 use spin::Once;
 

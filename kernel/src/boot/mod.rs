@@ -97,8 +97,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
     if let Some(v) = cmdline.value("fault_time_every") {
         match v.parse::<u64>() {
-            Ok(n) if n >= 1 => crate::diag::faultstat::set_time_every(n),
-            _ => panic!("fault_time_every={v:?}: expected a count of 1 or more"),
+            Ok(n) if n.is_power_of_two() => crate::diag::faultstat::set_time_every(n),
+            _ => panic!("fault_time_every={v:?}: expected a power of two (1, 2, 4, 8, ...)"),
         }
     }
     log::info!(
