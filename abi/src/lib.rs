@@ -485,6 +485,53 @@ pub mod storm {
         pub oom: u64,
     }
 
+    /// Calls `f` with the address of every page thread `i` touches in
+    /// `[p.base, p.base + p.len)` under `p.pattern`, in order. The storm
+    /// program follows it; the kernel's tests use it to know which pages
+    /// the threads made present (with `PATTERN_SAME` and the even threads
+    /// of `PATTERN_HUGE_MIX`, threads share pages).
+    pub fn for_each_page(p: &Params, i: u64, mut f: impl FnMut(u64)) {
+        const PAGE: u64 = 4096;
+        const HUGE: u64 = 2 << 20;
+        let pages = p.len / PAGE;
+        let n = p.threads.max(1);
+        match p.pattern {
+            PATTERN_BLOCKS => {
+                let per = pages / n;
+                for k in i * per..(i + 1) * per {
+                    f(p.base + k * PAGE);
+                }
+            }
+            PATTERN_INTERLEAVED => {
+                let mut k = i;
+                while k < pages {
+                    f(p.base + k * PAGE);
+                    k += n;
+                }
+            }
+            PATTERN_SAME => {
+                for k in 0..pages {
+                    f(p.base + k * PAGE);
+                }
+            }
+            _ /* HUGE_MIX */ => {
+                let mut region = p.base;
+                while region < p.base + p.len {
+                    if i.is_multiple_of(2) {
+                        f(region);
+                    } else {
+                        let mut k = 1 + i;
+                        while k < HUGE / PAGE {
+                            f(region + k * PAGE);
+                            k += 64;
+                        }
+                    }
+                    region += HUGE;
+                }
+            }
+        }
+    }
+
     /// The tag a thread writes into a page in a round.
     pub const fn tag(page_addr: u64, thread: u64, round: u64) -> u64 {
         (page_addr ^ (thread << 48) ^ (round << 40)) | 1

@@ -1,6 +1,6 @@
 //! The fault-storm program: see `abi::storm` for the protocol.
 
-use abi::storm::{self, Params, Report};
+use abi::storm::{self, Params, Report, for_each_page};
 
 use crate::sys;
 
@@ -25,47 +25,6 @@ fn others_done(p: &Params, index: u64) -> bool {
 
 fn report(index: u64) -> *mut Report {
     (storm::PARAMS_ADDR + storm::REPORTS_OFFSET + index * core::mem::size_of::<Report>() as u64) as *mut Report
-}
-
-/// Pages (addresses) thread `i` of `n` touches in `[base, base + len)`.
-fn for_each_page(p: &Params, i: u64, mut f: impl FnMut(u64)) {
-    let pages = p.len / PAGE;
-    let n = p.threads.max(1);
-    match p.pattern {
-        storm::PATTERN_BLOCKS => {
-            let per = pages / n;
-            for k in i * per..(i + 1) * per {
-                f(p.base + k * PAGE);
-            }
-        }
-        storm::PATTERN_INTERLEAVED => {
-            let mut k = i;
-            while k < pages {
-                f(p.base + k * PAGE);
-                k += n;
-            }
-        }
-        storm::PATTERN_SAME => {
-            for k in 0..pages {
-                f(p.base + k * PAGE);
-            }
-        }
-        _ /* HUGE_MIX */ => {
-            let mut region = p.base;
-            while region < p.base + p.len {
-                if i.is_multiple_of(2) {
-                    f(region);
-                } else {
-                    let mut k = 1 + i;
-                    while k < HUGE / PAGE {
-                        f(region + k * PAGE);
-                        k += 64;
-                    }
-                }
-                region += HUGE;
-            }
-        }
-    }
 }
 
 /// Whether a system call's result `r` (expected: `want`) is a failure to
