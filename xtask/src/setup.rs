@@ -4,10 +4,14 @@
 //!   `rustfmt` and the target `x86_64-unknown-none` of the pinned toolchain
 //!   (rust-toolchain.toml does not install them by itself on these machines).
 //! - Debian packages `qemu-system-x86` and `ovmf`, installed with apt-get
-//!   when running as root; otherwise the exact command is printed. apt-get
-//!   runs with `--no-remove`: installing never removes a package (on a fresh
-//!   machine a plain install once removed `qemu-utils`); when apt would have
-//!   to, xtask lists the packages in the way and stops.
+//!   when running as root. apt-get runs with `--no-remove`: installing never
+//!   removes a package. When apt would have to (these machines carry
+//!   `qemu-utils` 10 from bookworm-backports, which breaks bookworm's
+//!   `qemu-system-common` 7.2), or when not running as root, xtask instead
+//!   downloads the same Debian packages with `apt-get download` and unpacks
+//!   them with `dpkg-deb -x` into `target/xtask/qemu-debian/` of this
+//!   checkout, behind a wrapper script that points QEMU at its libraries,
+//!   modules and firmware there. Nothing outside the checkout changes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,79 +74,168 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Candidate OVMF firmware files (code, variables template), Debian first.
+/// Candidate OVMF firmware files (code, variables template), Debian first,
+/// relative to a root (`/`, or the unpacked packages' tree).
 const OVMF_PAIRS: [(&str, &str); 3] = [
-    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
-    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+    ("usr/share/OVMF/OVMF_CODE_4M.fd", "usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("usr/share/OVMF/OVMF_CODE.fd", "usr/share/OVMF/OVMF_VARS.fd"),
+    ("usr/share/edk2/ovmf/OVMF_CODE.fd", "usr/share/edk2/ovmf/OVMF_VARS.fd"),
 ];
 
-/// The UEFI firmware: code (read-only) and a variables template.
+/// The UEFI firmware: code (read-only) and a variables template; the
+/// system's first, then the one unpacked into this checkout.
 pub fn ovmf() -> Option<(PathBuf, PathBuf)> {
-    OVMF_PAIRS
+    [PathBuf::from("/"), local_tree()]
         .iter()
-        .find(|(c, v)| Path::new(c).is_file() && Path::new(v).is_file())
-        .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
+        .flat_map(|root| OVMF_PAIRS.iter().map(move |(c, v)| (root.join(c), root.join(v))))
+        .find(|(c, v)| c.is_file() && v.is_file())
 }
 
-/// Ensures `qemu-system-x86_64` (and OVMF when `uefi`), installing the Debian
-/// packages as root. Returns the QEMU binary.
+/// The Debian packages QEMU and its UEFI firmware come in.
+const PACKAGES: [&str; 2] = ["qemu-system-x86", "ovmf"];
+
+/// Where Debian's QEMU is unpacked when apt cannot install it (see the
+/// module comment).
+fn local_dir() -> PathBuf {
+    workspace_root().join("target/xtask/qemu-debian")
+}
+
+/// The unpacked packages' file tree.
+fn local_tree() -> PathBuf {
+    local_dir().join("root")
+}
+
+/// The wrapper script that runs the unpacked QEMU, once the unpacking has
+/// finished and the wrapper printed QEMU's version.
+fn local_qemu() -> Option<PathBuf> {
+    let dir = local_dir();
+    dir.join("complete").is_file().then(|| dir.join("qemu-system-x86_64"))
+}
+
+/// Ensures `qemu-system-x86_64` (and OVMF when `uefi`): the system's, else
+/// one unpacked here before; else installs Debian's packages as root, or
+/// unpacks them into the checkout (see the module comment). Returns the
+/// QEMU to run.
 pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
-    let mut missing = Vec::new();
-    if on_path("qemu-system-x86_64").is_none() {
-        missing.push("qemu-system-x86");
+    let have_ovmf = || !uefi || ovmf().is_some();
+    if let Some(qemu) = on_path("qemu-system-x86_64").or_else(local_qemu)
+        && have_ovmf()
+    {
+        return Ok(qemu);
     }
-    if uefi && ovmf().is_none() {
-        missing.push("ovmf");
+    let what = if uefi { "QEMU and its UEFI firmware (OVMF)" } else { "QEMU" };
+    let command = format!("apt-get update && apt-get install -y --no-remove {}", PACKAGES.join(" "));
+    if on_path("apt-get").is_none() {
+        bail!(
+            "{what} not found, and this is not a Debian-based system: install QEMU (x86_64 system emulator) and \
+             OVMF with your package manager"
+        );
     }
-    if !missing.is_empty() {
-        // Install both together when either is missing: one apt run.
-        let packages = ["qemu-system-x86", "ovmf"];
-        let command = format!("apt-get update && apt-get install -y --no-remove {}", packages.join(" "));
-        if !is_root() {
-            bail!(
-                "missing {} (QEMU{}); install with:\n    sudo sh -c '{command}'\n\
-                 (or your distribution's QEMU x86 system emulator and OVMF packages)",
-                missing.join(", "),
-                if uefi { " and its UEFI firmware" } else { "" }
-            );
-        }
-        if on_path("apt-get").is_none() {
-            bail!(
-                "missing {}; this is not a Debian-based system: install QEMU (x86_64 system emulator) and OVMF with your package manager",
-                missing.join(", ")
-            );
-        }
-        println!("xtask: {} not installed; running as root: {command}", missing.join(", "));
-        apt_get(&["update"], &command)?;
-        let install: Vec<&str> = ["install", "-y", "--no-remove"].iter().chain(packages.iter()).copied().collect();
-        if let Err(e) = apt_get(&install, &command) {
-            // Ask apt what it wanted to remove (a simulation changes nothing).
-            let simulated = Command::new("apt-get")
-                .args(["install", "-s", "-y"])
-                .args(packages)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            let removals = apt_removals(&simulated);
-            if removals.is_empty() {
-                return Err(e);
-            }
-            bail!(
-                "installing {} would make apt remove {}, and xtask never removes packages.\n\
-                 Check what needs them (`apt-cache rdepends --installed {}`); if they can go, run\n    \
-                 apt-get install {}\n\
-                 yourself (apt lists what it removes and asks first), or install QEMU and OVMF some other way.",
-                packages.join(" "),
-                removals.join(", "),
-                removals.join(" "),
-                packages.join(" ")
-            );
-        }
-        println!("xtask: installed {}", packages.join(" "));
+    if !is_root() {
+        println!(
+            "xtask: {what} not found and not running as root: unpacking Debian's packages into {}",
+            local_dir().display()
+        );
+        return unpack_locally().with_context(|| {
+            format!("could not unpack Debian's QEMU into the checkout; install it with:\n    sudo sh -c '{command}'")
+        });
     }
-    on_path("qemu-system-x86_64").context("qemu-system-x86_64 still not on PATH after installing qemu-system-x86")
+    println!("xtask: {what} not found; running as root: {command}");
+    apt_get(&["update"], &command)?;
+    let install: Vec<&str> = ["install", "-y", "--no-remove"].iter().chain(PACKAGES.iter()).copied().collect();
+    if let Err(e) = apt_get(&install, &command) {
+        // Ask apt what it wanted to remove (a simulation changes nothing).
+        let removals = apt_removals(&simulate_install()?);
+        if removals.is_empty() {
+            return Err(e);
+        }
+        println!(
+            "xtask: apt would have to remove {} to install {}, and xtask never removes a package: unpacking \
+             the same Debian packages into {} instead (nothing outside this checkout changes)",
+            removals.join(", "),
+            PACKAGES.join(" "),
+            local_dir().display()
+        );
+        return unpack_locally();
+    }
+    println!("xtask: installed {}", PACKAGES.join(" "));
+    if let Some(qemu) = on_path("qemu-system-x86_64")
+        && have_ovmf()
+    {
+        return Ok(qemu);
+    }
+    bail!("{what} still not found after installing {}", PACKAGES.join(" "))
+}
+
+/// What `apt-get install` of [`PACKAGES`] would do (`-s`: a simulation,
+/// which needs no root and changes nothing).
+fn simulate_install() -> Result<String> {
+    output(Command::new("apt-get").args(["install", "-s", "-y", "--no-install-recommends"]).args(PACKAGES))
+        .context("asking apt what installing QEMU takes")
+}
+
+/// Downloads the packages apt would install for [`PACKAGES`] (those not
+/// installed yet, at the versions apt picked), unpacks them into
+/// [`local_tree`] and writes the wrapper script. Returns the wrapper.
+fn unpack_locally() -> Result<PathBuf> {
+    let dir = local_dir();
+    let (debs, tree) = (dir.join("debs"), local_tree());
+    for d in [&debs, &tree] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing the unfinished {}", d.display()))?;
+        }
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let wanted: Vec<String> = apt_installs(&simulate_install()?).iter().map(|(n, v)| format!("{n}={v}")).collect();
+    if wanted.is_empty() {
+        bail!("apt plans to install nothing for {}, yet QEMU is not on PATH", PACKAGES.join(" "));
+    }
+    println!("xtask: downloading {} Debian packages into {}", wanted.len(), debs.display());
+    let mut download = Command::new("apt-get");
+    download.current_dir(&debs).arg("download").args(&wanted);
+    if is_root() {
+        // apt drops to its `_apt` user to download, which cannot write here.
+        download.args(["-o", "APT::Sandbox::User=root"]);
+    }
+    output(&mut download)
+        .context("downloading QEMU's Debian packages (a fresh machine needs `apt-get update` first)")?;
+    for entry in std::fs::read_dir(&debs)? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))
+                .with_context(|| format!("unpacking {}", deb.display()))?;
+        }
+    }
+    let wrapper = dir.join("qemu-system-x86_64");
+    std::fs::write(&wrapper, wrapper_script(&tree)).with_context(|| format!("writing {}", wrapper.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let version = output(Command::new(&wrapper).arg("--version")).context("the unpacked QEMU does not start")?;
+    let version = version.lines().next().unwrap_or_default().to_string();
+    if !version.starts_with("QEMU emulator version") {
+        bail!("the unpacked QEMU printed {version:?} for --version");
+    }
+    std::fs::write(dir.join("complete"), &version)?;
+    println!("xtask: unpacked {version} into {}; runs go through {}", tree.display(), wrapper.display());
+    Ok(wrapper)
+}
+
+/// A shell script that runs the QEMU unpacked at `tree` with its libraries
+/// (`LD_LIBRARY_PATH`), its modules (the TCG accelerator is one:
+/// `QEMU_MODULE_DIR`) and its firmware directories (`-L`; Debian's QEMU
+/// looks for SeaBIOS and iPXE in their own packages' directories).
+fn wrapper_script(tree: &Path) -> String {
+    let t = tree.display();
+    format!(
+        "#!/bin/sh\n\
+         # Debian's QEMU, unpacked into this checkout by `cargo xtask` (xtask/src/setup.rs)\n\
+         # because apt could not install it here without removing a package.\n\
+         T='{t}'\n\
+         export LD_LIBRARY_PATH=\"$T/usr/lib/x86_64-linux-gnu:$T/lib/x86_64-linux-gnu${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\"\n\
+         export QEMU_MODULE_DIR=\"$T/usr/lib/x86_64-linux-gnu/qemu\"\n\
+         case \"$1\" in --version|--help|-h) exec \"$T/usr/bin/qemu-system-x86_64\" \"$@\";; esac\n\
+         exec \"$T/usr/bin/qemu-system-x86_64\" -L \"$T/usr/share/qemu\" -L \"$T/usr/share/seabios\" -L \"$T/usr/lib/ipxe/qemu\" \"$@\"\n"
+    )
 }
 
 /// Runs `apt-get ARGS` non-interactively; `whole` is the command to tell the
@@ -157,6 +250,20 @@ fn apt_get(args: &[&str], whole: &str) -> Result<()> {
         bail!("`apt-get {}` failed (exit {status}); run `{whole}` yourself", args.join(" "));
     }
     Ok(())
+}
+
+/// The packages (name, version) an `apt-get -s` (simulated) run would
+/// install (its `Inst NAME [OLD] (VERSION SOURCE [ARCH])` lines).
+fn apt_installs(simulated: &str) -> Vec<(String, String)> {
+    simulated
+        .lines()
+        .filter_map(|l| l.strip_prefix("Inst "))
+        .filter_map(|rest| {
+            let name = rest.split_whitespace().next()?;
+            let version = rest.split_once('(')?.1.split_whitespace().next()?;
+            Some((name.to_string(), version.to_string()))
+        })
+        .collect()
 }
 
 /// The packages an `apt-get -s` (simulated) run would remove (its `Remv
@@ -189,5 +296,29 @@ mod tests {
                    Conf qemu-system-x86 (1:8.2.2+ds-0ubuntu1.4 Ubuntu:24.04/noble-updates [amd64])\n";
         assert_eq!(apt_removals(sim), ["qemu-utils", "qemu-block-extra"]);
         assert!(apt_removals("Inst ovmf (2024.02-2 Debian:12 [all])\n").is_empty());
+    }
+
+    #[test]
+    fn installs_are_read_from_an_apt_simulation() {
+        let sim = "Remv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\n\
+                   Inst ipxe-qemu (1.0.0+git-20190125.36a4c85-5.1 Debian:12.15/oldstable [all])\n\
+                   Inst libgstreamer-plugins-base1.0-0 [1.22.0-3] (1.22.0-3+deb12u7 Debian-Security:12/oldstable-security [amd64])\n\
+                   Conf ipxe-qemu (1.0.0+git-20190125.36a4c85-5.1 Debian:12.15/oldstable [all])\n";
+        assert_eq!(
+            apt_installs(sim),
+            [
+                ("ipxe-qemu".to_string(), "1.0.0+git-20190125.36a4c85-5.1".to_string()),
+                ("libgstreamer-plugins-base1.0-0".to_string(), "1.22.0-3+deb12u7".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn the_wrapper_points_qemu_at_the_unpacked_tree() {
+        let w = wrapper_script(Path::new("/x/root"));
+        assert!(w.starts_with("#!/bin/sh\n"));
+        assert!(w.contains("T='/x/root'"));
+        assert!(w.contains("QEMU_MODULE_DIR=\"$T/usr/lib/x86_64-linux-gnu/qemu\""));
+        assert!(w.contains("-L \"$T/usr/share/seabios\""));
     }
 }
