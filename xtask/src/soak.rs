@@ -77,7 +77,7 @@ pub fn last_phase(log: &str) -> Option<u64> {
 pub fn describe(r: &Value) -> String {
     let n = |k: &str| r[k].as_u64().unwrap_or(0);
     format!(
-        "{} s on {} CPUs, seed {}: {} phases, {} storms ({} threads, {} killed out of memory), {} system calls fuzzed, {} processes, {} threads churned, {} injected failures, {} faults, frames lost: {}",
+        "{} s on {} CPUs, seed {}: {} phases, {} storms ({} threads, {} killed out of memory), {} system calls fuzzed, {} processes, {} threads churned, {} injected failures in {} phases, {} faults, frames lost: {}",
         n("seconds"),
         n("cpus"),
         n("seed"),
@@ -89,6 +89,7 @@ pub fn describe(r: &Value) -> String {
         n("processes"),
         n("threads"),
         n("injected_failures"),
+        n("injected_phases"),
         n("faults"),
         r["frames_lost"].as_i64().unwrap_or(0),
     )

@@ -238,7 +238,16 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
             let log = std::fs::read_to_string(&o.log).unwrap_or_default();
             let res = crate::soak::result(&log);
             let ok = o.kernel_succeeded() && res.as_ref().is_some_and(|r| r["ok"] == true);
+            // The short soak must have run a phase under failure injection
+            // (phases draw it from the seed and their number, one in four).
+            let injected = res.as_ref().is_some_and(|r| r["injected_phases"].as_u64().unwrap_or(0) > 0);
             let detail = match (&res, ok) {
+                (Some(r), true) if !injected => {
+                    format!(
+                        "no phase ran under failure injection (pick a seed that draws one): {}",
+                        crate::soak::describe(r)
+                    )
+                }
                 (Some(r), true) => crate::soak::describe(r),
                 _ => format!(
                     "soak FAILED in phase {}: {}",
@@ -246,7 +255,7 @@ fn judge(run: &KernelRun, o: &Outcome) -> (bool, String) {
                     crate::soak::failure(&log).map(str::to_string).unwrap_or_else(|| o.describe(&run.name))
                 ),
             };
-            (ok, detail)
+            (ok && injected, detail)
         }
         Expect::Timeout { test } => {
             let named = o.describe(&run.name).contains(test);

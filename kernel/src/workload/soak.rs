@@ -5,7 +5,7 @@
 //! Command line: `soak_secs=N` (default 30), `soak_seed=S` (default 1),
 //! `soak_phase_ms=M` (about how long a phase runs, default 3000).
 //!
-//! A phase draws, from the seed, what runs at once:
+//! A phase draws, from the seed and its number, what runs at once:
 //! * fault storms of every kind in turn (disjoint, one shared PTE table,
 //!   one shared page, the map/touch/unmap cycle with its zero check, faults
 //!   racing DONTNEED with table reclaim, MAP_FIXED remaps, THP splits,
@@ -309,7 +309,6 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let seed = parse("soak_seed", 1);
     let phase_ms = parse("soak_phase_ms", 3000);
     let cpus = online();
-    let mut r = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let tsc_per_s = arch::time::tsc_per_us().unwrap_or(1000) * 1_000_000;
     log::info!("soak: {secs} s on {} CPUs, seed {seed}, phases of about {phase_ms} ms", cpus.len());
     // A short phase first, not counted: what the kernel allocates once, on
@@ -328,6 +327,10 @@ pub fn run(c: &Cmdline) -> ExitCode {
     while arch::time::rdtsc() - start < secs * tsc_per_s {
         t.phases += 1;
         log::info!("soak: phase {} (seed {seed})", t.phases);
+        // Each phase draws from a stream of its own (seed, phase): what
+        // phase P runs is the same whatever earlier phases fitted in their
+        // time, so `seed S, phase P` names it on any machine.
+        let mut r = Rng::new((seed ^ t.phases.wrapping_mul(0xd1b5_4a32_d192_ed03)).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         if let Err(e) = phase(&mut r, &cpus, phase_ms, &mut t).and_then(|()| check(&base)) {
             failure = Some(e);
             break;
