@@ -106,10 +106,10 @@ fn local_tree() -> PathBuf {
 }
 
 /// The wrapper script that runs the unpacked QEMU, once the unpacking has
-/// finished and the wrapper printed QEMU's version.
+/// finished (and the wrapper printed QEMU's version).
 fn local_qemu() -> Option<PathBuf> {
-    let dir = local_dir();
-    dir.join("complete").is_file().then(|| dir.join("qemu-system-x86_64"))
+    let (dir, wrapper) = (local_dir(), local_dir().join("qemu-system-x86_64"));
+    (dir.join("complete").is_file() && wrapper.is_file()).then_some(wrapper)
 }
 
 /// Ensures `qemu-system-x86_64` (and OVMF when `uefi`): the system's, else
@@ -117,10 +117,8 @@ fn local_qemu() -> Option<PathBuf> {
 /// unpacks them into the checkout (see the module comment). Returns the
 /// QEMU to run.
 pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
-    let have_ovmf = || !uefi || ovmf().is_some();
-    if let Some(qemu) = on_path("qemu-system-x86_64").or_else(local_qemu)
-        && have_ovmf()
-    {
+    let found = || on_path("qemu-system-x86_64").or_else(local_qemu).filter(|_| !uefi || ovmf().is_some());
+    if let Some(qemu) = found() {
         return Ok(qemu);
     }
     let what = if uefi { "QEMU and its UEFI firmware (OVMF)" } else { "QEMU" };
@@ -136,9 +134,10 @@ pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
             "xtask: {what} not found and not running as root: unpacking Debian's packages into {}",
             local_dir().display()
         );
-        return unpack_locally().with_context(|| {
+        unpack_locally().with_context(|| {
             format!("could not unpack Debian's QEMU into the checkout; install it with:\n    sudo sh -c '{command}'")
-        });
+        })?;
+        return found().with_context(|| format!("{what} still not found after unpacking Debian's packages"));
     }
     println!("xtask: {what} not found; running as root: {command}");
     apt_get(&["update"], &command)?;
@@ -156,15 +155,11 @@ pub fn ensure_qemu(uefi: bool) -> Result<PathBuf> {
             PACKAGES.join(" "),
             local_dir().display()
         );
-        return unpack_locally();
+        unpack_locally()?;
+    } else {
+        println!("xtask: installed {}", PACKAGES.join(" "));
     }
-    println!("xtask: installed {}", PACKAGES.join(" "));
-    if let Some(qemu) = on_path("qemu-system-x86_64")
-        && have_ovmf()
-    {
-        return Ok(qemu);
-    }
-    bail!("{what} still not found after installing {}", PACKAGES.join(" "))
+    found().with_context(|| format!("{what} still not found after installing {}", PACKAGES.join(" ")))
 }
 
 /// What `apt-get install` of [`PACKAGES`] would do (`-s`: a simulation,
@@ -176,8 +171,9 @@ fn simulate_install() -> Result<String> {
 
 /// Downloads the packages apt would install for [`PACKAGES`] (those not
 /// installed yet, at the versions apt picked), unpacks them into
-/// [`local_tree`] and writes the wrapper script. Returns the wrapper.
-fn unpack_locally() -> Result<PathBuf> {
+/// [`local_tree`] and, when QEMU was among them (not only OVMF), writes
+/// the wrapper script and checks that it starts.
+fn unpack_locally() -> Result<()> {
     let dir = local_dir();
     let (debs, tree) = (dir.join("debs"), local_tree());
     for d in [&debs, &tree] {
@@ -207,17 +203,21 @@ fn unpack_locally() -> Result<PathBuf> {
         }
     }
     let wrapper = dir.join("qemu-system-x86_64");
-    std::fs::write(&wrapper, wrapper_script(&tree)).with_context(|| format!("writing {}", wrapper.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-    let version = output(Command::new(&wrapper).arg("--version")).context("the unpacked QEMU does not start")?;
-    let version = version.lines().next().unwrap_or_default().to_string();
-    if !version.starts_with("QEMU emulator version") {
-        bail!("the unpacked QEMU printed {version:?} for --version");
+    let mut what = String::from("OVMF");
+    if tree.join("usr/bin/qemu-system-x86_64").is_file() {
+        std::fs::write(&wrapper, wrapper_script(&tree)).with_context(|| format!("writing {}", wrapper.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        let version = output(Command::new(&wrapper).arg("--version")).context("the unpacked QEMU does not start")?;
+        what = version.lines().next().unwrap_or_default().to_string();
+        if !what.starts_with("QEMU emulator version") {
+            bail!("the unpacked QEMU printed {what:?} for --version");
+        }
+        println!("xtask: runs go through {}", wrapper.display());
     }
-    std::fs::write(dir.join("complete"), &version)?;
-    println!("xtask: unpacked {version} into {}; runs go through {}", tree.display(), wrapper.display());
-    Ok(wrapper)
+    std::fs::write(dir.join("complete"), &what)?;
+    println!("xtask: unpacked {what} into {}", tree.display());
+    Ok(())
 }
 
 /// A shell script that runs the QEMU unpacked at `tree` with its libraries
@@ -229,11 +229,10 @@ fn wrapper_script(tree: &Path) -> String {
     format!(
         "#!/bin/sh\n\
          # Debian's QEMU, unpacked into this checkout by `cargo xtask` (xtask/src/setup.rs)\n\
-         # because apt could not install it here without removing a package.\n\
+         # because apt could not install it system-wide (not root, or not without removing a package).\n\
          T='{t}'\n\
          export LD_LIBRARY_PATH=\"$T/usr/lib/x86_64-linux-gnu:$T/lib/x86_64-linux-gnu${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\"\n\
          export QEMU_MODULE_DIR=\"$T/usr/lib/x86_64-linux-gnu/qemu\"\n\
-         case \"$1\" in --version|--help|-h) exec \"$T/usr/bin/qemu-system-x86_64\" \"$@\";; esac\n\
          exec \"$T/usr/bin/qemu-system-x86_64\" -L \"$T/usr/share/qemu\" -L \"$T/usr/share/seabios\" -L \"$T/usr/lib/ipxe/qemu\" \"$@\"\n"
     )
 }
