@@ -471,7 +471,10 @@ fn overlap_with_special(out: &Outcome) -> u64 {
 /// range shot down before the old lock goes) and checks every page after
 /// every move; the others fault and write their blocks, which share both
 /// tables. Nothing is lost, corrupted or leaked; the moves overlapped the
-/// faults.
+/// faults. Rerun until they did: with more vCPUs than host cores, the
+/// mover can be descheduled between the start barrier and its first move
+/// for as long as the others take to finish (seen once in a fresh-clone
+/// run at -smp 8).
 #[ktest]
 fn storm_mremap_moves_race_faults_on_both_tables() {
     let cpus = online();
@@ -481,15 +484,19 @@ fn storm_mremap_moves_race_faults_on_both_tables() {
     p.special_threads = 1;
     p.special_mode = storm::MODE_MREMAP;
     p.aux = BASE + 2 * HUGE - 32 * PAGE;
-    let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus });
-    let moved = out.reports[0].touched / storm::MOVER_PAGES;
-    let overlap = overlap_with_special(&out);
-    log::info!(
-        "storm_mremap_moves_race_faults_on_both_tables: {moved} moves, {} pages faulted by the others, overlap {overlap} cycles",
-        out.touched() - out.reports[0].touched
-    );
-    assert!(moved >= 40, "the mover did not move: {moved}");
-    assert!(overlap > 0, "the moves never overlapped the faults");
+    let (mut overlap, mut storms) = (0, 0);
+    while storms < 10 && overlap == 0 {
+        let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus: cpus.clone() });
+        let moved = out.reports[0].touched / storm::MOVER_PAGES;
+        overlap = overlap_with_special(&out);
+        storms += 1;
+        log::info!(
+            "storm_mremap_moves_race_faults_on_both_tables: {moved} moves, {} pages faulted by the others, overlap {overlap} cycles",
+            out.touched() - out.reports[0].touched
+        );
+        assert!(moved >= 40, "the mover did not move: {moved}");
+    }
+    assert!(overlap > 0, "the moves never overlapped the faults in {storms} storms");
 }
 
 /// (k) MADV_COLLAPSE racing faults and the lockless walker: thread 0
