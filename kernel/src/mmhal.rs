@@ -38,11 +38,19 @@ impl mm::hal::Hal for KernelHal {
         arch::irq::enabled()
     }
 
-    fn halt(&self) {
-        // `sti; hlt` is atomic with respect to interrupts: a kick that
-        // arrives after the waiter's last look at the lock ends the halt.
-        // Interrupts were on (`can_halt`), so `sti` changes nothing else.
-        x86_64::instructions::interrupts::enable_and_hlt();
+    fn halt_if(&self, announce: &mut dyn FnMut() -> bool) {
+        // Interrupts off from the announcement to the halt: a kick sent
+        // after the announcement stays pending, and `sti; hlt` (atomic with
+        // respect to interrupts) takes it and ends the halt at once. With
+        // interrupts on it could be taken before the `hlt`, which would
+        // then sleep until the next timer tick.
+        arch::irq::disable();
+        if announce() {
+            x86_64::instructions::interrupts::enable_and_hlt();
+        } else {
+            // Interrupts were on (`can_halt`).
+            arch::irq::enable();
+        }
     }
 
     /// The reschedule IPI: its handler does nothing a lock waiter minds.
@@ -147,11 +155,12 @@ mod tests {
     use core::sync::atomic::{AtomicU64, Ordering};
 
     use ktest::ktest;
-    use mm::lock::{LockClass, LockLevel, SpinLock};
+    use mm::lock::{LockClass, LockLevel, RwSpinLock, SpinLock};
 
     use crate::sched::{self, Task};
 
     static LOCK: SpinLock<u64> = SpinLock::new(LockClass::Other, LockLevel::Untracked, 0);
+    static RWLOCK: RwSpinLock<u64> = RwSpinLock::new(LockClass::Other, 0);
     static GOT: AtomicU64 = AtomicU64::new(0);
 
     extern "C" fn take_the_lock(_: usize) -> ! {
@@ -161,15 +170,20 @@ mod tests {
         sched::exit_current(0)
     }
 
-    /// Halting waiters (mm/src/lock/spinlock.rs): a test-and-set waiter with
-    /// interrupts on that spins past `HALT_AFTER_CYCLES` halts its CPU, and
-    /// the unlock kicks it awake (without the kick only the timer would
-    /// wake it, and the kick count would not move). A timer tick may also
-    /// end the halt before the unlock, which then has no one to kick (the
-    /// waiter spins again), so the test tries up to `ROUNDS` times and asks
-    /// for a kick in one of them.
-    #[ktest]
-    fn a_halted_lock_waiter_is_kicked_by_the_unlock() {
+    extern "C" fn read_the_rwlock(_: usize) -> ! {
+        let v = *RWLOCK.read();
+        GOT.store(v, Ordering::Release);
+        sched::exit_current(0)
+    }
+
+    /// A task on another CPU waits, with `waiter`, for a lock that this CPU
+    /// holds through `hold` (which stores its argument under the lock and
+    /// returns the guard): once the waiter has halted, the guard drops. A
+    /// timer tick may also end the halt before the unlock, which then has no
+    /// one to kick (the waiter spins again), so this tries up to `ROUNDS`
+    /// times and asks for a kick in one of them, and for the value stored
+    /// under the lock in each.
+    fn a_halted_waiter_is_kicked<G>(hold: impl Fn(u64) -> G, waiter: extern "C" fn(usize) -> !) {
         const ROUNDS: usize = 10;
         let Some(cpu) = arch::percpu::online_cpus().find(|&c| c != arch::percpu::cpu_id()) else {
             log::info!("one CPU: no second CPU to wait on the lock");
@@ -184,17 +198,15 @@ mod tests {
             rounds += 1;
             GOT.store(0, Ordering::Release);
             let (halts, _) = mm::lock::halt_counts();
-            let mut g = LOCK.lock();
-            *g = 7 + rounds as u64;
-            let waiter =
-                sched::spawn(Task::new_kernel("halt-waiter".into(), cpu, take_the_lock, 0).expect("out of memory"));
+            let g = hold(7 + rounds as u64);
+            let task = sched::spawn(Task::new_kernel("halt-waiter".into(), cpu, waiter, 0).expect("out of memory"));
             // The waiter's halt, however long the host takes to get there
             // (the run's timeout bounds it).
             while mm::lock::halt_counts().0 == halts {
                 core::hint::spin_loop();
             }
             drop(g);
-            assert_eq!(waiter.join(), 0);
+            assert_eq!(task.join(), 0);
             assert_eq!(
                 GOT.load(Ordering::Acquire),
                 7 + rounds as u64,
@@ -207,6 +219,36 @@ mod tests {
         assert!(
             kicks_now > kicks,
             "in {rounds} rounds the unlock kicked no halted waiter ({kicks} kicks before, {kicks_now} after)"
+        );
+    }
+
+    /// Halting waiters (mm/src/lock/halt.rs): a test-and-set waiter with
+    /// interrupts on that spins past `HALT_AFTER_CYCLES` halts its CPU, and
+    /// the unlock kicks it awake (without the kick only the timer would
+    /// wake it, and the kick count would not move).
+    #[ktest]
+    fn a_halted_lock_waiter_is_kicked_by_the_unlock() {
+        a_halted_waiter_is_kicked(
+            |v| {
+                let mut g = LOCK.lock();
+                *g = v;
+                g
+            },
+            take_the_lock,
+        );
+    }
+
+    /// The same for `mmap_lock`'s kind of lock: a reader that waits for a
+    /// writer halts, and the writer's release kicks it.
+    #[ktest]
+    fn a_halted_mmap_lock_reader_is_kicked_by_the_writer() {
+        a_halted_waiter_is_kicked(
+            |v| {
+                let mut g = RWLOCK.write();
+                *g = v;
+                g
+            },
+            read_the_rwlock,
         );
     }
 }

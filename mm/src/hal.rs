@@ -63,11 +63,19 @@ pub trait Hal: Sync {
         false
     }
 
-    /// Halts this CPU until an interrupt arrives (`sti; hlt`); called only
-    /// after [`Hal::can_halt`] said yes, with nothing locked but the wait.
-    fn halt(&self) {}
+    /// Runs `announce` (a lock waiter's announcement, which returns whether
+    /// its wait must go on) and, if it says so, halts this CPU until an
+    /// interrupt arrives (`sti; hlt`). Called only after [`Hal::can_halt`]
+    /// said yes, with nothing locked but the wait. No interrupt may be taken
+    /// between `announce` and the halt: a kick sent after the announcement
+    /// must end the halt, not be taken just before it (the kernel runs
+    /// `announce` with interrupts off). The default, for HALs whose CPUs
+    /// cannot halt, announces and returns: the waiter spins on.
+    fn halt_if(&self, announce: &mut dyn FnMut() -> bool) {
+        announce();
+    }
 
-    /// Wakes `cpu` from [`Hal::halt`] (an IPI). May be called for a CPU that
+    /// Wakes `cpu` from [`Hal::halt_if`] (an IPI). May be called for a CPU that
     /// is not halted, or for this one (then it does nothing).
     fn kick(&self, cpu: usize) {
         let _ = cpu;

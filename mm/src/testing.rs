@@ -168,6 +168,13 @@ loom::thread_local! {
     static HALTING_CPU: Cell<Option<usize>> = Cell::new(None);
 }
 
+/// Held by a host test that runs halting CPUs ([`halting_cpu`]) for its
+/// whole run: tests run in parallel, and two tests playing the same CPU
+/// would send each other's kicks to the wrong thread (and each one's halt
+/// counts would include the other's).
+#[cfg(not(loom))]
+pub static HALTING_TEST: Mutex<()> = Mutex::new(());
+
 /// How long a halted host "CPU" waits for its kick before the test fails
 /// with a lost wake-up (a real CPU would sleep until its next timer tick).
 #[cfg(not(loom))]
@@ -207,18 +214,23 @@ impl Hal for HostHal {
         HALTING_CPU.with(|c| c.get()).is_some()
     }
     #[cfg(not(loom))]
-    fn halt(&self) {
-        // A kick before the park leaves a token: the park returns at once,
-        // as `sti; hlt` does with an IPI pending.
+    fn halt_if(&self, announce: &mut dyn FnMut() -> bool) {
+        if !announce() {
+            return;
+        }
+        // A kick after the announcement leaves a token: the park returns at
+        // once, as `sti; hlt` does with the IPI pending.
         let start = std::time::Instant::now();
         std::thread::park_timeout(LOST_KICK);
         assert!(start.elapsed() < LOST_KICK, "a halted lock waiter was never kicked (lost wake-up)");
     }
     #[cfg(loom)]
-    fn halt(&self) {
+    fn halt_if(&self, announce: &mut dyn FnMut() -> bool) {
         // Returns at once if a kick came first (the park token), as
         // `sti; hlt` does with the IPI pending.
-        loom::thread::park();
+        if announce() {
+            loom::thread::park();
+        }
     }
     fn kick(&self, cpu: usize) {
         let t = HALTING_CPUS.lock().unwrap().get(cpu).cloned().flatten();

@@ -27,18 +27,17 @@
 //! nested same-level pairs, which tokens could not follow, so it guarded
 //! only its own tests.)
 
+mod halt;
 pub mod lockdep;
 mod rwlock;
 mod spinlock;
 #[cfg(test)]
-pub(crate) use spinlock::HALTING_CPUS;
+pub(crate) use halt::HALTING_CPUS;
 pub mod stats;
 
+pub use halt::{HALT_AFTER_CYCLES, halt_counts, halting_waiters, set_halting_waiters};
 pub use rwlock::{RwReadGuard, RwSpinLock, RwWriteGuard};
-pub use spinlock::{
-    HALT_AFTER_CYCLES, RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard, halt_counts, halting_waiters,
-    set_halting_waiters, set_virt_spinlocks, virt_spinlocks,
-};
+pub use spinlock::{RawSpinGuard, RawSpinLock, SpinLock, SpinLockGuard, set_virt_spinlocks, virt_spinlocks};
 pub use stats::{LockStats, lock_stats, reset_lock_stats};
 
 /// What a lock is, for statistics: the benchmark reports contention per class.

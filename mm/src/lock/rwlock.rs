@@ -54,6 +54,25 @@
 //! the writer word, which stays shared in every cache until a writer comes.
 //! Writers pay instead: they scan every shard. They are rare.
 //!
+//! # Halting waiters
+//!
+//! Under a hypervisor every wait here may be long: a writer waits for a
+//! `munmap` that zaps hundreds of megabytes under its downgraded hold, and
+//! the next writers queue behind it. Spinning through that burns the host
+//! core the zapping vCPU needs (with eight vCPUs on two host cores, most of
+//! a `disjoint` storm's `mmap_lock` waiting was such spinning), where Linux's
+//! rwsem puts the waiter to sleep. So with halting waiters on (the spinlock's
+//! mode, `set_halting_waiters`) each of the three waits (a reader for the
+//! writer to leave, a writer for its ticket, a writer for the readers to
+//! drain) halts its CPU after [`HALT_AFTER_CYCLES`](super::HALT_AFTER_CYCLES)
+//! of spinning, and whoever ends a wait kicks it, by the handshake of
+//! `lock/halt.rs`: the flag is `halted`, set by a waiter with `fetch_or`
+//! before it rereads the word its wait depends on with a read-modify-write,
+//! and every change that can end a wait (the writer's `swap` of `writer`,
+//! the `fetch_add` of `writers`, a reader's decrement of its shard) is a
+//! read-modify-write followed by a look at `halted`. That costs a reader's
+//! release a locked decrement instead of a plain one, only in this mode.
+//!
 //! # Words and the handshake
 //!
 //! `writer`: `WRITER` while a writer waits for readers to drain or holds the
@@ -81,6 +100,7 @@ use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
+use super::halt::{self, SpinTimer, halting_waiters};
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
 use crate::percpu::this_cpu_dec_release;
@@ -117,6 +137,9 @@ pub struct RwSpinLock<T> {
     /// Readers that found a writer in and wait for it to leave (module
     /// comment, "Readers' turn after a writer").
     waiting: AtomicU32,
+    /// Nonzero when a waiter may be halted on this lock (module comment,
+    /// "Halting waiters"): set by waiters, cleared by whoever kicks them.
+    halted: AtomicU32,
     class: u8,
     data: UnsafeCell<T>,
 }
@@ -141,6 +164,7 @@ impl<T> RwSpinLock<T> {
             writer: AtomicU32::new(0),
             writers: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
+            halted: AtomicU32::new(0),
             class: class as u8,
             data: UnsafeCell::new(data),
         }
@@ -154,6 +178,7 @@ impl<T> RwSpinLock<T> {
             writer: AtomicU32::new(0),
             writers: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
+            halted: AtomicU32::new(0),
             class: class as u8,
             data: UnsafeCell::new(data),
         }
@@ -167,14 +192,79 @@ impl<T> RwSpinLock<T> {
             return true;
         }
         // A writer came first: back out so it can drain.
-        count.fetch_sub(1, Release);
+        self.leave(count);
         false
     }
 
+    /// Leaves the readers counted in `count`, this CPU's shard: a plain
+    /// decrement, or with halting waiters a read-modify-write and a look at
+    /// `halted`, so a writer halted on the drain is kicked (module comment,
+    /// "Halting waiters").
+    #[inline]
+    fn leave(&self, count: &AtomicU32) {
+        if halting_waiters() {
+            count.fetch_sub(1, AcqRel);
+            self.wake_halted();
+        } else {
+            // The shard is this CPU's (the guard is not `Send`, kernel code
+            // is not moved between CPUs, no interrupt handler takes the
+            // lock), so leaving needs no locked instruction in the kernel.
+            this_cpu_dec_release(count);
+        }
+    }
+
+    /// Kicks the waiters halted on this lock, if any. Called after every
+    /// read-modify-write that can end a wait (module comment).
+    #[inline]
+    fn wake_halted(&self) {
+        if self.halted.load(Acquire) != 0 && self.halted.swap(0, AcqRel) != 0 {
+            halt::kick_halted(self.addr());
+        }
+    }
+
+    /// The end of a write hold, by `release` or `downgrade`: opens the door
+    /// to the readers (those that tried meanwhile backed out), hands the
+    /// next writer its turn, and kicks whoever halted waiting for either.
+    /// Both changes are read-modify-writes with acquire, as the halting
+    /// handshake needs (module comment, "Halting waiters").
+    fn open_and_pass_on(&self, ticket: u16) {
+        self.writer.swap(0, AcqRel);
+        // Wrap 0xffff -> 0 without carrying into "next".
+        if ticket == u16::MAX {
+            self.writers.fetch_sub(0xffff, AcqRel);
+        } else {
+            self.writers.fetch_add(1, AcqRel);
+        }
+        self.wake_halted();
+    }
+
+    /// One turn of a wait: spin, and once the wait has spun for
+    /// `HALT_AFTER_CYCLES` halt until kicked, if `blocked` says it must go
+    /// on after `halted` is set. `blocked` reads the word the wait depends
+    /// on with read-modify-writes (module comment, "Halting waiters").
+    #[inline]
+    fn wait_turn(&self, hal: &dyn hal::Hal, spins: &mut u32, timer: &mut SpinTimer, blocked: impl Fn() -> bool) {
+        *spins = spins.wrapping_add(1);
+        hal.spin_wait(*spins);
+        if timer.should_halt(hal) {
+            halt::halt_while(hal, self.addr(), || {
+                self.halted.fetch_or(1, AcqRel);
+                blocked()
+            });
+        }
+    }
+
     /// Whether no reader is inside; once true with `WRITER` set, it stays
-    /// true. Read-modify-writes, not loads: see the module comment.
+    /// true. Read-modify-writes, not loads: see the module comment (a load
+    /// first, to skip the busy shards cheaply while spinning).
     fn drained(&self) -> bool {
         self.readers.iter().all(|r| r.0.load(Relaxed) == 0 && r.0.fetch_add(0, AcqRel) == 0)
+    }
+
+    /// [`Self::drained`] with read-modify-writes only, for a halting
+    /// writer's last look (a load may return a stale count).
+    fn drained_rmw(&self) -> bool {
+        self.readers.iter().all(|r| r.0.fetch_add(0, AcqRel) == 0)
     }
 
     fn addr(&self) -> usize {
@@ -188,6 +278,7 @@ impl<T> RwSpinLock<T> {
         let hal = hal::get();
         let mut start = None;
         let mut spins = 0u32;
+        let mut timer = SpinTimer::new();
         let shard = my_shard();
         while !self.try_enter(shard) {
             // A writer waits or holds: stay out until it leaves, counted
@@ -197,8 +288,7 @@ impl<T> RwSpinLock<T> {
                 self.wait_begin(hal)
             });
             while self.writer.load(Relaxed) & WRITER != 0 {
-                spins = spins.wrapping_add(1);
-                hal.spin_wait(spins);
+                self.wait_turn(hal, &mut spins, &mut timer, || self.writer.fetch_add(0, AcqRel) & WRITER != 0);
             }
         }
         if start.is_some() {
@@ -229,13 +319,13 @@ impl<T> RwSpinLock<T> {
         let hal = hal::get();
         let mut start = None;
         let mut spins = 0u32;
+        let mut timer = SpinTimer::new();
         // 1. Queue behind other writers.
         let t = self.writers.fetch_add(TICKET_ONE, Acquire);
         let ticket = (t >> 16) as u16;
         while self.writers.load(Acquire) as u16 != ticket {
             start.get_or_insert_with(|| self.wait_begin(hal));
-            spins = spins.wrapping_add(1);
-            hal.spin_wait(spins);
+            self.wait_turn(hal, &mut spins, &mut timer, || self.writers.fetch_add(0, AcqRel) as u16 != ticket);
         }
         // 2. The readers the last writer kept out go first (bounded).
         if self.waiting.load(Acquire) != 0 {
@@ -257,8 +347,7 @@ impl<T> RwSpinLock<T> {
         // 4. Let the readers inside drain.
         while !self.drained() {
             start.get_or_insert_with(|| self.wait_begin(hal));
-            spins = spins.wrapping_add(1);
-            hal.spin_wait(spins);
+            self.wait_turn(hal, &mut spins, &mut timer, || !self.drained_rmw());
         }
         self.record(start);
         lockdep::acquired(self.addr(), LockLevel::AddressSpace, nested);
@@ -354,10 +443,7 @@ impl<T> Deref for RwReadGuard<'_, T> {
 impl<T> Drop for RwReadGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
-        // The shard is this CPU's (the guard is not `Send`, kernel code is
-        // not moved between CPUs, no interrupt handler takes the lock), so
-        // leaving needs no locked instruction in the kernel.
-        this_cpu_dec_release(&self.lock.readers[self.shard as usize].0);
+        self.lock.leave(&self.lock.readers[self.shard as usize].0);
     }
 }
 
@@ -395,12 +481,7 @@ impl<'a, T> RwWriteGuard<'a, T> {
         // waits for our read hold.
         let shard = my_shard();
         this.lock.readers[shard as usize].0.fetch_add(1, AcqRel);
-        this.lock.writer.store(0, Release);
-        if this.ticket == u16::MAX {
-            this.lock.writers.fetch_sub(0xffff, Release);
-        } else {
-            this.lock.writers.fetch_add(1, Release);
-        }
+        this.lock.open_and_pass_on(this.ticket);
         // The lock-order checker keeps the lock as held: same address, same
         // level, only the mode changed.
         RwReadGuard { lock: this.lock, shard, _not_send: PhantomData }
@@ -410,14 +491,7 @@ impl<'a, T> RwWriteGuard<'a, T> {
 impl<T> Drop for RwWriteGuard<'_, T> {
     fn drop(&mut self) {
         lockdep::released(self.lock.addr());
-        // Readers that tried to enter meanwhile backed out; let them in.
-        self.lock.writer.store(0, Release);
-        // Next writer's turn; wrap 0xffff -> 0 without carrying into "next".
-        if self.ticket == u16::MAX {
-            self.lock.writers.fetch_sub(0xffff, Release);
-        } else {
-            self.lock.writers.fetch_add(1, Release);
-        }
+        self.lock.open_and_pass_on(self.ticket);
     }
 }
 
@@ -602,6 +676,64 @@ mod tests {
         assert_eq!(*l.read(), 8);
     }
 
+    /// Halting waiters (module comment): four CPUs that may halt (60 to
+    /// 63) take the lock with holds of 200 µs, longer than
+    /// `HALT_AFTER_CYCLES` (ns on the host), so each of the three waits
+    /// halts: readers behind a writer, writers behind a writer's ticket,
+    /// writers behind readers (among them downgraded holds). Every halt must
+    /// end with a kick: a lost one fails the halt after `LOST_KICK`.
+    #[test]
+    fn halted_waiters_are_always_kicked() {
+        const ROUNDS: u64 = 40;
+        let _cpus = crate::testing::HALTING_TEST.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = halting_waiters();
+        halt::set_halting_waiters(true);
+        let (halts, kicks) = halt::halt_counts();
+        let hold = || {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_micros(200) {
+                core::hint::spin_loop();
+            }
+        };
+        let l = Arc::new(RwSpinLock::new(LockClass::Other, (0u64, 0u64)));
+        let threads: Vec<_> = (60..64)
+            .map(|cpu| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    crate::testing::halting_cpu(cpu);
+                    for i in 0..ROUNDS {
+                        if cpu % 2 == 0 {
+                            let mut g = l.write();
+                            g.0 += 1;
+                            hold();
+                            g.1 += 1;
+                            if i % 4 == 0 {
+                                // A downgraded hold: writers wait for it.
+                                let r = g.downgrade();
+                                assert_eq!(r.0, r.1);
+                                hold();
+                            }
+                        } else {
+                            let g = l.read();
+                            assert_eq!(g.0, g.1, "a reader saw a half-done write");
+                            hold();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        halt::set_halting_waiters(mode);
+        assert_eq!(*l.read(), (2 * ROUNDS, 2 * ROUNDS));
+        let (halts_now, kicks_now) = halt::halt_counts();
+        assert!(
+            halts_now > halts && kicks_now > kicks,
+            "no waiter halted or was kicked: {halts_now} halts, {kicks_now} kicks"
+        );
+    }
+
     #[cfg(debug_assertions)]
     #[test]
     #[should_panic(expected = "recursive locking")]
@@ -654,5 +786,53 @@ mod loom_model {
             let seen = reader.join().unwrap();
             assert!(seen == 0 || seen == 1);
         });
+    }
+
+    /// Halting waiters (module comment): three CPUs that halt at their
+    /// first lost turn (the host HAL under loom), one writing and
+    /// downgrading, one reading, one writing. Every wait of the lock can
+    /// halt here (a reader behind a writer, a writer behind a ticket, a
+    /// writer behind readers), and a halt nobody kicks is a deadlock loom
+    /// reports. The execution's halt counts show that waiters halted.
+    #[test]
+    fn loom_rwlock_halted_waiters_are_always_kicked() {
+        let (halts, kicks) = halt::halt_counts();
+        let mut b = loom::model::Builder::new();
+        if b.preemption_bound.is_none() {
+            b.preemption_bound = Some(2);
+        }
+        b.check(|| {
+            halt::set_halting_waiters(true);
+            let l = Arc::new(RwSpinLock::new(LockClass::Other, LoomCell::new(0u64)));
+            let (l1, l2) = (l.clone(), l.clone());
+            let reader = loom::thread::spawn(move || {
+                crate::testing::halting_cpu(1);
+                let g = l1.read();
+                // SAFETY: loom's cell; a read hold excludes writers.
+                g.with(|v| unsafe { *v })
+            });
+            let writer = loom::thread::spawn(move || {
+                crate::testing::halting_cpu(2);
+                let w = l2.write();
+                // SAFETY: loom's cell; the write hold is exclusive.
+                w.with_mut(|v| unsafe { *v += 10 });
+            });
+            crate::testing::halting_cpu(0);
+            let w = l.write();
+            // SAFETY: as above.
+            w.with_mut(|v| unsafe { *v += 1 });
+            let r = w.downgrade();
+            // SAFETY: loom's cell; a read hold excludes writers.
+            let mine = r.with(|v| unsafe { *v });
+            assert!(mine == 1 || mine == 11);
+            drop(r);
+            let seen = reader.join().unwrap();
+            writer.join().unwrap();
+            assert!([0, 1, 10, 11].contains(&seen));
+            // SAFETY: every thread is joined.
+            assert_eq!(l.read().with(|v| unsafe { *v }), 11);
+        });
+        let (halts_now, kicks_now) = halt::halt_counts();
+        assert!(halts_now > halts && kicks_now > kicks, "no waiter halted or was kicked in any execution");
     }
 }

@@ -47,42 +47,24 @@
 //! # Halting waiters
 //!
 //! Test-and-set stops a descheduled vCPU from holding up a queue, but a
-//! waiter still burns its host core while the holder waits for one: with
-//! eight vCPUs on two host cores, six spinning waiters are six host threads
-//! the host runs in turn with the one that would release the lock. So, as
-//! Linux's paravirtual spinlocks do (`pv_wait`/`pv_kick`,
-//! kernel/locking/qspinlock_paravirt.h, there with a hypercall), a waiter
-//! that has spun for [`HALT_AFTER_CYCLES`] with interrupts on halts its vCPU
-//! (`sti; hlt`), which gives the host core back, and the unlocker wakes it
-//! with an IPI. The handshake is Dekker's, and a lost wake-up is impossible:
-//!
-//! * the waiter publishes the lock it waits for in its CPU's slot of
-//!   [`WAITING_ON`], then sets the `HALTED` bit of the lock's `owner` word
-//!   with one `fetch_or`, whose old value is the ticket served at that
-//!   moment: it halts only if the lock was still not its to take then;
-//! * the unlocker releases the lock with one `swap` of the `owner` word
-//!   (the next ticket, `HALTED` clear); if the old word had `HALTED`, it
-//!   kicks every CPU whose slot names this lock's address.
-//!
-//! The two read-modify-writes are ordered in the word's modification
-//! order: either the waiter's `fetch_or` came first (the unlock sees the
-//! bit and, synchronising with it, the slot written before it), or the
-//! `fetch_or` returns the released value and the waiter does not halt. A
-//! waiter whose bit an unlock just cleared sets it again on its next halt.
-//! The unlock never touches the lock after its `swap`: the next holder may
-//! free it at once (a PTE table's lock shares its word with the page's
-//! `private` once the table is freed). `sti; hlt` takes the kick even when
-//! it arrives between the two instructions, and the timer tick wakes the
-//! halt in any case. The cost: an unlock is an exchange instead of a store,
+//! waiter still burns its host core while the holder waits for one. So a
+//! waiter that has spun for [`HALT_AFTER_CYCLES`](super::HALT_AFTER_CYCLES)
+//! with interrupts on halts its vCPU and the unlocker kicks it (the
+//! handshake and why no wake-up is lost: `lock/halt.rs`). Here the flag
+//! that says "a waiter may be halted" is the `HALTED` bit of the `owner`
+//! word, the word the wait depends on: the waiter sets it with one
+//! `fetch_or`, whose old value is the ticket served at that moment (it
+//! halts only if the lock was still not its to take then), and the unlock
+//! releases the lock with one `swap` of the word (the next ticket, `HALTED`
+//! clear), which tells it whether to kick. The unlock never touches the
+//! lock after its `swap`: the next holder may free it at once (a PTE
+//! table's lock shares its word with the page's `private` once the table
+//! is freed). A waiter whose bit an unlock just cleared sets it again on
+//! its next halt. The cost: an unlock is an exchange instead of a store,
 //! and only with halting on (`set_halting_waiters`, the kernel's
 //! `spinlock=auto` under a hypervisor). The loom model
 //! `loom_halted_waiters_are_always_kicked` checks the handshake in every
 //! interleaving, with halts that only a kick ends.
-//!
-//! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
-//! lives inline in the page descriptor. With the `debug-ptlock` feature the
-//! lock also records its owner CPU and the `#[track_caller]` site that took it;
-//! it then no longer fits and `ptl` becomes a pointer (see `ptlock.rs`).
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -92,6 +74,7 @@ use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 #[cfg(feature = "debug-ptlock")]
 use core::{panic::Location, sync::atomic::AtomicPtr};
 
+use super::halt::{self, SpinTimer, halting_waiters};
 use super::{LockClass, LockLevel, lockdep, stats};
 use crate::hal;
 use crate::sync::{AtomicU16, AtomicU32};
@@ -106,79 +89,8 @@ pub const STARVE_CYCLES: u64 = 1 << 21;
 /// they explore the hand-over from competing to queueing.
 const LOOM_STARVE_SPINS: u32 = 2;
 
-/// How long, in TSC cycles, a test-and-set waiter with interrupts on spins
-/// before it halts its CPU until the unlocker kicks it (module comment,
-/// "Halting waiters"): about 25 µs, longer than any critical section that
-/// is not stretched by the host descheduling its holder.
-pub const HALT_AFTER_CYCLES: u64 = 1 << 16;
-
 /// The `owner` word's flag: a waiter may be halted on this lock.
 const HALTED: u32 = 1 << 16;
-
-/// Halting waiters on (module comment). Set once at boot.
-#[cfg(not(loom))]
-static HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-// Under loom, per model execution: a model that halts must not switch the
-// mode of the models running beside it in the same test process (their
-// unlocks would change from a store to a swap between two of their
-// executions, which loom cannot replay). Bookkeeping, so a core atomic.
-#[cfg(loom)]
-loom::lazy_static! {
-    static ref HALT_WAITERS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-}
-
-/// CPUs that may halt: every CPU, and in the loom models three (so an
-/// unlock's scan of the slots stays a few atomic loads to explore).
-pub(crate) const HALTING_CPUS: usize = if cfg!(loom) { 3 } else { crate::config::NR_CPUS };
-
-/// Per CPU: the address of the lock its halted waiter waits for, 0 when
-/// none. Written by its CPU, read by unlockers (module comment).
-#[cfg(not(loom))]
-static WAITING_ON: [core::sync::atomic::AtomicUsize; HALTING_CPUS] =
-    [const { core::sync::atomic::AtomicUsize::new(0) }; HALTING_CPUS];
-
-// Under loom the slots are loom atomics, fresh for each execution, so the
-// model explores every order of the handshake's four accesses.
-#[cfg(loom)]
-loom::lazy_static! {
-    static ref WAITING_ON: [loom::sync::atomic::AtomicUsize; HALTING_CPUS] =
-        core::array::from_fn(|_| loom::sync::atomic::AtomicUsize::new(0));
-}
-
-/// Waits ended by a halt, and kicks sent by unlockers, since boot.
-static HALTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-static KICKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
-/// Makes test-and-set waiters halt instead of spinning past
-/// [`HALT_AFTER_CYCLES`] (module comment). Only test-and-set waits halt, and
-/// only where [`hal::Hal::can_halt`] allows it.
-pub fn set_halting_waiters(on: bool) {
-    HALT_WAITERS.store(on, Relaxed);
-}
-
-/// Whether waiters halt (module comment).
-pub fn halting_waiters() -> bool {
-    HALT_WAITERS.load(Relaxed)
-}
-
-/// Halts taken by lock waiters and kicks sent by unlockers since boot.
-pub fn halt_counts() -> (u64, u64) {
-    (HALTS.load(Relaxed), KICKS.load(Relaxed))
-}
-
-/// Wakes every CPU halted on the lock at `addr` (already released: its
-/// memory is not touched).
-#[cold]
-fn kick_halted(addr: usize) {
-    let hal = hal::get();
-    for (cpu, slot) in WAITING_ON.iter().enumerate() {
-        if slot.load(SeqCst) == addr {
-            KICKS.fetch_add(1, Relaxed);
-            hal.kick(cpu);
-        }
-    }
-}
 
 /// Test-and-set instead of FIFO tickets (module comment). Set once at boot.
 static VIRT_SPINLOCKS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
@@ -300,7 +212,7 @@ impl RawSpinLock {
         let mut start = None;
         let mut spins = 0u32;
         // Since when this wait spins without a halt.
-        let mut spinning_since = 0;
+        let mut timer = SpinTimer::new();
         loop {
             if let Some(s) = start
                 && if cfg!(loom) {
@@ -318,7 +230,7 @@ impl RawSpinLock {
                 while self.serving(Acquire) != ticket {
                     spins = spins.wrapping_add(1);
                     hal.spin_wait(spins);
-                    if self.should_halt(hal, &mut spinning_since) {
+                    if timer.should_halt(hal) {
                         self.halt_while(hal, |serving| serving != ticket);
                     }
                 }
@@ -345,36 +257,10 @@ impl RawSpinLock {
             });
             spins = spins.wrapping_add(1);
             hal.spin_wait(spins);
-            if self.should_halt(hal, &mut spinning_since) {
+            if timer.should_halt(hal) {
                 self.halt_while(hal, |serving| self.next.load(SeqCst) != serving);
             }
         }
-    }
-
-    /// Whether a test-and-set wait that has spun since `*since` (0: from
-    /// now on) should halt (module comment, "Halting waiters").
-    #[inline]
-    fn should_halt(&self, hal: &dyn hal::Hal, since: &mut u64) -> bool {
-        if !halting_waiters() {
-            return false;
-        }
-        if cfg!(loom) {
-            // No clock under loom (it would make the model's choices differ
-            // between executions): a waiter that may halt halts at its
-            // first lost turn (its `spin_wait` does not yield, see the host
-            // HAL), so the models explore the handshake.
-            return hal.can_halt();
-        }
-        let now = hal.cycles();
-        if *since == 0 {
-            *since = now;
-            return false;
-        }
-        if now.wrapping_sub(*since) < HALT_AFTER_CYCLES || !hal.can_halt() {
-            return false;
-        }
-        *since = 0;
-        true
     }
 
     /// Halts this CPU while `taken(serving)` says the lock is not ours to
@@ -386,16 +272,7 @@ impl RawSpinLock {
     /// flag.
     #[cold]
     fn halt_while(&self, hal: &dyn hal::Hal, taken: impl Fn(u16) -> bool) {
-        // The kernel's CPUs are all below NR_CPUS; a host test's thread
-        // may not be, and then spins on.
-        let Some(slot) = WAITING_ON.get(hal.cpu_id()) else { return };
-        slot.store(self.addr(), SeqCst);
-        let serving = self.owner.fetch_or(HALTED, SeqCst) as u16;
-        if taken(serving) {
-            HALTS.fetch_add(1, Relaxed);
-            hal.halt();
-        }
-        slot.store(0, SeqCst);
+        halt::halt_while(hal, self.addr(), || taken(self.owner.fetch_or(HALTED, SeqCst) as u16));
     }
 
     /// The ticket now served.
@@ -449,7 +326,7 @@ impl RawSpinLock {
             // Released: from here on only the lock's address is used, never
             // its memory. Acquire pairs with the waiter's `fetch_or`, so its
             // slot is seen.
-            kick_halted(self.addr());
+            halt::kick_halted(self.addr());
         }
     }
 
@@ -625,6 +502,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::lock::{halt_counts, set_halting_waiters};
 
     /// Halting waiters: four threads, as CPUs 60 to 63 that may halt, take
     /// a test-and-set lock whose holder keeps it for 200 µs at a time, longer
@@ -632,6 +510,7 @@ mod tests {
     /// them, and a lost wake-up fails the halt after `LOST_KICK`.
     #[test]
     fn halted_waiters_are_always_kicked() {
+        let _cpus = crate::testing::HALTING_TEST.lock().unwrap_or_else(|e| e.into_inner());
         set_halting_waiters(true);
         let (halts, kicks) = halt_counts();
         let l = Arc::new(SpinLock::new(LockClass::Other, LockLevel::Untracked, 0u64));
