@@ -80,7 +80,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let hypervisor = features.contains(arch::cpu::Features::HYPERVISOR);
     // Under a hypervisor, a waiter that spun for a while also halts its vCPU
     // until the unlocker kicks it, giving the host core to the holder
-    // (mm/src/lock/spinlock.rs, "Halting waiters").
+    // (mm/src/lock/halt.rs; spinlocks and mmap_lock).
     let (test_and_set, halt) = match cmdline.value("spinlock") {
         None | Some("auto") => (hypervisor, hypervisor),
         Some("ticket") => (false, false),
@@ -105,7 +105,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         "boot: page-table locks: {}; spinlocks {}; faults lock {}",
         mm::describe_config(),
         if mm::lock::virt_spinlocks() && mm::lock::halting_waiters() {
-            "test-and-set, a ticket after 1 ms of losing, waiters halt after 25 µs until kicked (under a hypervisor: a descheduled vCPU does not hold up the line, and waiters give the host core back)"
+            "test-and-set, a ticket after 1 ms of losing, waiters (mmap_lock's too) halt after 25 µs until kicked (under a hypervisor: a descheduled vCPU does not hold up the line, and waiters give the host core back)"
         } else if mm::lock::virt_spinlocks() {
             "test-and-set, a ticket after 1 ms of losing (under a hypervisor: a descheduled vCPU does not hold up the line)"
         } else {
