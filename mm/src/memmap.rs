@@ -212,10 +212,32 @@ impl Section {
 /// Maximum number of holes-free RAM ranges (bootloader memory maps have a few).
 pub const MAX_SECTIONS: usize = 64;
 
+/// `pfn >> CHUNK_SHIFT` is a frame's 1 GiB chunk of the physical address
+/// space, the unit of [`MemMap`]'s lookup hint.
+const CHUNK_SHIFT: u32 = 18;
+
+/// Chunks the hint covers: the first TiB of physical addresses (frames
+/// above it are found by binary search).
+const HINT_CHUNKS: usize = 1024;
+
+/// A hint entry for a chunk no section overlaps.
+const NO_SECTION: u8 = u8::MAX;
+
 /// The memmap: sections sorted by PFN.
+///
+/// `pfn_to_page` is on every hot path (each PTE read, each frame allocated
+/// or freed), so the section of a frame is found in O(1): `hint` gives, per
+/// 1 GiB chunk, the section that covers most of it, and only a frame outside
+/// that section (in a chunk with a hole, such as the first, whose low 640
+/// KiB is its own section) needs the binary search. Linux's SPARSEMEM
+/// indexes its `mem_section` array the same way, by the high bits of the
+/// PFN; its sections have a fixed size and so need no search at all.
 pub struct MemMap {
     sections: [Section; MAX_SECTIONS],
     nr_sections: usize,
+    /// Per 1 GiB chunk: the index of the section that covers most of it, or
+    /// `NO_SECTION`.
+    hint: [u8; HINT_CHUNKS],
     window: DirectMap,
     bytes: u64,
 }
@@ -256,7 +278,26 @@ impl MemMap {
             cursor = unsafe { cursor.add(nr as usize) };
         }
         let bytes = Self::descriptor_bytes(ranges);
-        Self { sections, nr_sections: ranges.len(), window, bytes }
+        let hint = Self::hints(&sections[..ranges.len()]);
+        Self { sections, nr_sections: ranges.len(), hint, window, bytes }
+    }
+
+    /// The lookup hint of `sections` (see [`MemMap`]).
+    fn hints(sections: &[Section]) -> [u8; HINT_CHUNKS] {
+        let mut hint = [NO_SECTION; HINT_CHUNKS];
+        for (c, h) in hint.iter_mut().enumerate() {
+            let (start, end) = ((c as u64) << CHUNK_SHIFT, (c as u64 + 1) << CHUNK_SHIFT);
+            let overlap = |s: &Section| {
+                let (b, e) = (s.base.as_u64(), s.base.as_u64() + s.nr);
+                e.min(end).saturating_sub(b.max(start))
+            };
+            if let Some((i, s)) = sections.iter().enumerate().max_by_key(|(_, s)| overlap(s))
+                && overlap(s) > 0
+            {
+                *h = i as u8;
+            }
+        }
+        hint
     }
 
     /// Bytes of descriptors needed for `ranges`.
@@ -265,7 +306,20 @@ impl MemMap {
         frames * size_of::<Page>() as u64
     }
 
+    #[inline]
     fn section_of(&self, pfn: Pfn) -> Option<&Section> {
+        if let Some(&i) = self.hint.get((pfn.as_u64() >> CHUNK_SHIFT) as usize)
+            && let Some(s) = self.sections.get(i as usize)
+            && s.contains(pfn)
+        {
+            return Some(s);
+        }
+        self.search(pfn)
+    }
+
+    /// The section of `pfn` by binary search (frames the hint misses).
+    #[cold]
+    fn search(&self, pfn: Pfn) -> Option<&Section> {
         let secs = &self.sections[..self.nr_sections];
         let i = secs.partition_point(|s| s.base.as_u64() <= pfn.as_u64());
         let s = secs.get(i.checked_sub(1)?)?;
@@ -394,6 +448,42 @@ mod tests {
             assert_eq!(map.page_to_phys(page), Pfn::new(pfn).phys());
             let va = map.page_to_virt(page);
             assert!(core::ptr::eq(map.virt_to_page(va).unwrap(), page));
+        }
+    }
+
+    /// The O(1) section lookup (the hint per 1 GiB chunk, `MemMap`'s
+    /// comment) finds what the binary search finds, for every frame around
+    /// every section's edges: a chunk with a small section and a large one
+    /// (the PC's first chunk, with its 640 KiB), a section across a chunk
+    /// boundary, a chunk with two sections and a hole, holes, and a section
+    /// beyond the chunks the hint covers. (It fails when the hint picks a
+    /// section that does not contain the frame and the lookup trusts it.)
+    #[test]
+    fn the_hinted_lookup_finds_what_the_search_finds() {
+        const G: u64 = 1 << CHUNK_SHIFT;
+        let ranges = [
+            (0, 160),
+            (256, 2 * G + 100),
+            (3 * G + 10, 3 * G + 20),
+            (3 * G + 30, 3 * G + 40),
+            ((HINT_CHUNKS as u64 + 2) * G, (HINT_CHUNKS as u64 + 2) * G + 5),
+        ];
+        let mut sections = [Section::EMPTY; MAX_SECTIONS];
+        for (i, &(b, e)) in ranges.iter().enumerate() {
+            sections[i] = Section { base: Pfn::new(b), nr: e - b, pages: core::ptr::null() };
+        }
+        let hint = MemMap::hints(&sections[..ranges.len()]);
+        assert_eq!(&hint[..3], &[1, 1, 1], "the section with most of each chunk");
+        assert!(matches!(hint[3], 2 | 3), "a chunk with two sections of 10 frames each");
+        assert_eq!(hint[4], NO_SECTION);
+        let map = MemMap { sections, nr_sections: ranges.len(), hint, window: DirectMap::new(0), bytes: 0 };
+        for &(b, e) in &ranges {
+            for pfn in (b.saturating_sub(3)..b + 3).chain(e - 3..e + 3) {
+                let pfn = Pfn::new(pfn);
+                let (fast, slow) = (map.section_of(pfn), map.search(pfn));
+                assert_eq!(fast.map(|s| s.base), slow.map(|s| s.base), "pfn {:#x}", pfn.as_u64());
+                assert_eq!(fast.is_some(), ranges.iter().any(|&(b, e)| (b..e).contains(&pfn.as_u64())));
+            }
         }
     }
 
