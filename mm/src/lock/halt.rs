@@ -31,7 +31,8 @@
 //! read-modify-write reads from it and synchronises with it, so the flag
 //! (set before it) is visible to the changer's later look. Loom models
 //! `SeqCst` only as acquire/release, and this form it can verify
-//! (`loom_halted_waiters_are_always_kicked`, `loom_rwlock_halted_waiters`).
+//! (`loom_halted_waiters_are_always_kicked`,
+//! `loom_rwlock_halted_waiters_are_always_kicked`).
 //!
 //! The HAL announces and halts with interrupts off in between
 //! ([`hal::Hal::halt_if`]: `cli; announce; sti; hlt`): a kick that arrives

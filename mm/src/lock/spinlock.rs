@@ -65,6 +65,11 @@
 //! `spinlock=auto` under a hypervisor). The loom model
 //! `loom_halted_waiters_are_always_kicked` checks the handshake in every
 //! interleaving, with halts that only a kick ends.
+//!
+//! Lock plus class tag fit in 8 bytes, so by default `ptl` fits in a `usize` and
+//! lives inline in the page descriptor. With the `debug-ptlock` feature the
+//! lock also records its owner CPU and the `#[track_caller]` site that took it;
+//! it then no longer fits and `ptl` becomes a pointer (see `ptlock.rs`).
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -211,7 +216,7 @@ impl RawSpinLock {
     fn lock_test_and_set(&self, hal: &dyn hal::Hal) -> u16 {
         let mut start = None;
         let mut spins = 0u32;
-        // Since when this wait spins without a halt.
+        // When this wait stops spinning and halts (module comment).
         let mut timer = SpinTimer::new();
         loop {
             if let Some(s) = start
