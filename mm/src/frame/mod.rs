@@ -138,11 +138,10 @@ impl FrameAllocator {
             if list.count() == 0 {
                 list.refilled = true;
                 let mut zone = self.zone.lock();
-                for _ in 0..pcp::BATCH {
-                    let Some(pfn) = zone.alloc(map, 0) else { break };
+                zone.alloc_bulk(map, pcp::BATCH, |pfn| {
                     // SAFETY: the zone just gave us this frame.
-                    unsafe { list.push(map, pfn, &slot.count) };
-                }
+                    unsafe { list.push(map, pfn, &slot.count) }
+                });
                 self.zone_free.store(zone.free_frames(), Relaxed);
             }
             list.pop(map, &slot.count)

@@ -373,3 +373,67 @@ fn poison_covers_every_frame_of_a_block() {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.alloc_pages(3).map(|f| f.into_raw())));
     assert!(r.is_err(), "a write into the sixth frame of a freed block went unnoticed");
 }
+
+/// How many free blocks the zone has of each order.
+fn zone_shape(p: &PhysMem) -> Vec<u64> {
+    (0..NR_ORDERS).map(|o| p.nr_free_blocks(o)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A per-CPU refill takes whole blocks ([`Buddy::alloc_bulk`]), but must
+    /// hand out the same frames, and leave the same free blocks behind, as
+    /// that many single-frame allocations: on two identical machines whose
+    /// zones random allocations and frees fragmented the same way, one
+    /// refills in bulk and the other frame by frame.
+    #[test]
+    fn a_bulk_refill_takes_what_single_allocations_would(
+        ops in proptest::collection::vec(op(), 0..120),
+        n in 1usize..200,
+    ) {
+        let machines = [TestMachine::with_regions(&[(0x10_0000, 0x14_0000)]),
+                        TestMachine::with_regions(&[(0x10_0000, 0x14_0000)])];
+        let mut taken: Vec<Vec<u64>> = Vec::new();
+        let mut shapes = Vec::new();
+        for (k, m) in machines.iter().enumerate() {
+            let p = &m.phys;
+            p.drain_all_pcp();
+            let mut held: Vec<Frames<'_>> = Vec::new();
+            for op in &ops {
+                match *op {
+                    Op::Alloc(order) => held.extend(p.alloc_pages(order)),
+                    Op::Free(i) if !held.is_empty() => drop(held.swap_remove(i % held.len())),
+                    Op::Free(_) => {}
+                }
+            }
+            p.drain_all_pcp();
+            let map = p.memmap();
+            let mut zone = p.allocator().zone.lock();
+            let mut got = Vec::new();
+            if k == 0 {
+                let n_got = zone.alloc_bulk(map, n, |pfn| got.push(pfn.as_u64()));
+                prop_assert_eq!(n_got, got.len());
+            } else {
+                got.extend((0..n).map_while(|_| zone.alloc(map, 0)).map(|pfn| pfn.as_u64()));
+            }
+            // The zone's shape right after the refill; then the frames go
+            // back, so the machine drops with everything free.
+            let free = zone.free_frames();
+            drop(zone);
+            shapes.push((zone_shape(p), free));
+            let mut zone = p.allocator().zone.lock();
+            for &pfn in &got {
+                // SAFETY: the zone handed out these frames just above, and
+                // nothing used them.
+                unsafe { zone.free(map, Pfn::new(pfn), 0) };
+            }
+            drop(zone);
+            got.sort_unstable();
+            taken.push(got);
+            drop(held);
+        }
+        prop_assert_eq!(&taken[0], &taken[1]);
+        prop_assert_eq!(&shapes[0], &shapes[1]);
+    }
+}
