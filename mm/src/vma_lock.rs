@@ -47,8 +47,15 @@
 //! reclamation argument is one sentence. Linux needs a maple tree because
 //! processes map thousands of VMAs and change them constantly; here address
 //! spaces hold tens, and mapping changes are the rare operation. Past
-//! [`crate::vma::MAX_MAP_COUNT`] VMAs a copy is 65530 pointers: slow, but
+//! [`crate::vma::MAX_MAP_COUNT`] VMAs a copy is 65530 entries: slow, but
 //! bounded and correct.
+//!
+//! Each entry holds the VMA's end beside the node pointer, so the search
+//! reads the array alone and touches one node, the one it returns; and each
+//! node's lock word has a cache line of its own. Threads faulting in
+//! different VMAs then share no written line on the lookup path (Linux: the
+//! maple tree keeps its pivots in its own nodes; `vm_refcnt` is cache-line
+//! aligned).
 //!
 //! # Locks
 //!
@@ -76,6 +83,13 @@ const WRITER: u32 = 1 << 31;
 
 /// A VMA's lock (module comment): reader count and writer bit, the write
 /// session that last locked it, and whether it was replaced.
+///
+/// On a cache line of its own (Linux puts `vm_refcnt` on its own line for
+/// the same reason): every fault in the VMA writes `state` twice, and the
+/// VMA's range and flags beside it are read by every fault that looks at
+/// this node, in this VMA or not. Sharing the line would make each of those
+/// reads a miss on a line another CPU keeps writing.
+#[repr(align(64))]
 pub struct VmaLock {
     state: AtomicU32,
     lock_seq: AtomicU64,
@@ -182,19 +196,30 @@ impl fmt::Debug for VmaNode {
     }
 }
 
+/// One entry of the published array: a node and a copy of its end.
+struct Slot {
+    end: VirtAddr,
+    node: Arc<VmaNode>,
+}
+
 /// The published, sorted VMA array.
+///
+/// The binary search compares the ends kept in the array itself, as
+/// Linux's maple tree keeps its pivots in its own nodes: a lookup then reads
+/// one node, the one it returns, and not the nodes of other threads' VMAs,
+/// whose locks their faults keep writing.
 pub(crate) struct VmaArray {
-    nodes: Box<[Arc<VmaNode>]>,
+    slots: Box<[Slot]>,
 }
 
 impl VmaArray {
     pub(crate) fn new(nodes: impl Iterator<Item = Arc<VmaNode>>) -> Box<Self> {
-        Box::new(Self { nodes: nodes.collect() })
+        Box::new(Self { slots: nodes.map(|node| Slot { end: node.vma.end, node }).collect() })
     }
 
     fn find(&self, addr: VirtAddr) -> Option<&Arc<VmaNode>> {
-        let i = self.nodes.partition_point(|n| n.vma.end <= addr);
-        self.nodes.get(i).filter(|n| n.vma.contains(addr))
+        let i = self.slots.partition_point(|s| s.end <= addr);
+        self.slots.get(i).map(|s| &s.node).filter(|n| n.vma.contains(addr))
     }
 }
 
@@ -320,4 +345,33 @@ pub fn lock_vma_under_rcu<'r>(
         return Err(VmaLockFallback::Detached);
     }
     Ok(VmaReadGuard { node })
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::vma::{Prot, VmFlags};
+
+    /// A fault writes its VMA's lock word twice; every lookup reads the
+    /// node's range. They must not share a cache line (see [`VmaLock`]).
+    #[test]
+    fn the_lock_word_has_a_cache_line_of_its_own() {
+        let vma = Vma {
+            start: VirtAddr::new(0x1000_0000),
+            end: VirtAddr::new(0x2000_0000),
+            flags: VmFlags::from_prot_and_map(Prot::READ | Prot::WRITE, crate::vma::MapFlags::empty()),
+        };
+        let nodes: alloc::vec::Vec<_> = (0..8).map(|_| VmaNode::new(vma, 0)).collect();
+        let line = |p: usize| p / 64;
+        for n in &nodes {
+            let range = &n.vma as *const Vma as usize;
+            let range_lines = line(range)..=line(range + size_of::<Vma>() - 1);
+            let state = &n.lock.state as *const AtomicU32 as usize;
+            assert!(!range_lines.contains(&line(state)), "a VMA's lock word shares a cache line with its range");
+            for other in &nodes {
+                let theirs = &other.lock.state as *const AtomicU32 as usize;
+                assert!(core::ptr::eq(n, other) || line(state) != line(theirs), "two VMAs' lock words share a line");
+            }
+        }
+    }
 }
