@@ -120,6 +120,17 @@ pub struct BenchArgs {
     /// Accelerator (default: KVM only with hardware virtualization, else TCG).
     #[arg(long, value_enum)]
     accel: Option<Accel>,
+    /// Count instructions, not time: single-threaded TCG with QEMU's
+    /// `-icount shift=0`, where the guest's clocks advance one nanosecond
+    /// per instruction. A run is then deterministic (the same kernel gives
+    /// the same figures to the cycle, whatever the host is doing), so two
+    /// builds compare exactly: `cycles/fault` is about the instructions per
+    /// fault, `faults/s` the faults per 10^9 instructions (both counting the
+    /// user loop and munmap in the window). The vCPUs take turns on one host
+    /// thread, so it measures no scaling: no target verdicts, and `--check`,
+    /// `--pairs` and `--accel kvm` are refused.
+    #[arg(long)]
+    icount: bool,
     /// Per-boot timeout in seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -188,6 +199,14 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     }
     if args.pairs == Some(0) {
         bail!("--pairs takes a count of 1 or more");
+    }
+    if args.icount && (args.check || args.pairs.is_some()) {
+        bail!(
+            "--icount with --check or --pairs: under --icount the vCPUs take turns on one host thread, so it measures instructions per fault, not scaling, and gives no target verdicts; drop --icount for the targets (e.g. `cargo xtask bench --pairs 5 --check`)"
+        );
+    }
+    if args.icount && args.accel == Some(Accel::Kvm) {
+        bail!("--icount with --accel kvm: instruction counting is a TCG mode; drop --accel kvm");
     }
     let default_locks =
         if args.pairs.is_some() { vec!["split".to_string()] } else { vec!["split".into(), "single".into()] };
@@ -462,6 +481,7 @@ pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu
         smp: run.cpus,
         mem: mem_for(run, w.mib),
         accel,
+        icount: false,
         cmdline: format!(
             "mode=bench workload={} windows={} mib={} rounds={} window_ms={} fault_lock={}",
             run.workload, w.windows, w.mib, w.rounds, w.window_ms, run.fault_lock
@@ -483,9 +503,18 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let windows = args.windows.unwrap_or(if args.quick { 3 } else { 5 });
     let mib = args.mib.unwrap_or(if args.quick { 16 } else { 128 });
     let qemu_bin = setup::ensure_all(false)?;
-    let (accel, why) = qemu::choose_accel(args.accel);
+    let (accel, why) = if args.icount {
+        (Accel::Tcg, "--icount: single-threaded TCG counting instructions (-icount shift=0)".to_string())
+    } else {
+        qemu::choose_accel(args.accel)
+    };
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("xtask: bench on {accel} ({why}); host has {host_cpus} CPUs; {} runs, {windows} windows each", runs.len());
+    if args.icount {
+        println!(
+            "xtask: --icount: one virtual nanosecond per guest instruction, so faults/s is faults per 10^9 instructions and cycles/fault about instructions per fault; runs are deterministic, and the vCPUs take turns on one host thread"
+        );
+    }
     if host_cpus < 8 {
         println!(
             "xtask: note: with more vCPUs than host CPUs, throughput beyond {host_cpus} CPUs measures overcommit (and lock-holder preemption), not the guest alone"
@@ -510,6 +539,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         };
         let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
         let mut machine = machine(run, &shape, image, accel, &args.qemu_args);
+        machine.icount = args.icount;
         for a in &args.kernel_args {
             machine.cmdline.push(' ');
             machine.cmdline.push_str(a);
@@ -532,10 +562,11 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             );
             use std::io::Write as _;
             std::io::stdout().flush().ok();
-            let before = probe.capacity(run.cpus as usize);
+            // Instruction counts do not depend on the host: no probe.
+            let before = if args.icount { 1.0 } else { probe.capacity(run.cpus as usize) };
             let out =
                 qemu::run(&qemu_bin, &machine, &name, machine.limits(Duration::from_secs(args.timeout)), None, false)?;
-            let host = before.min(probe.capacity(run.cpus as usize));
+            let host = if args.icount { 1.0 } else { before.min(probe.capacity(run.cpus as usize)) };
             if !out.kernel_succeeded() {
                 println!("FAILED");
                 bail!("{} (serial log: {})", out.describe(&name), out.log.display());
@@ -606,6 +637,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         }),
         "host_cpus": host_cpus,
         "quick": args.quick,
+        "icount": args.icount,
         "pairs": args.pairs,
         "check": args.check,
         "windows": windows,
@@ -616,7 +648,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let mut report = report;
     let pairs = pair_stats(&report);
     report["pair_stats"] = json!(pairs.iter().map(PairStats::to_json).collect::<Vec<_>>());
-    let targets = if args.quick { Vec::new() } else { targets(&report, args.check) };
+    let targets = if args.quick || args.icount { Vec::new() } else { targets(&report, args.check) };
     report["targets"] = json!(targets.iter().map(Target::to_json).collect::<Vec<_>>());
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -630,6 +662,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     if args.quick {
         println!(
             "\nno target verdicts: --quick measures 16 MiB regions in short windows, not the targets' shape (run without --quick, e.g. `cargo xtask bench --pairs 5 --check`)"
+        );
+    } else if args.icount {
+        println!(
+            "\nno target verdicts: --icount counts instructions with the vCPUs taking turns on one host thread, so it measures no scaling (run without --icount, e.g. `cargo xtask bench --pairs 5 --check`)"
         );
     } else {
         print_targets(&report, &targets);
@@ -1532,6 +1568,37 @@ mod tests {
         assert_eq!(keys(&plan(&args).unwrap()), [("disjoint", "split", "vma", 1), ("disjoint", "single", "vma", 1)]);
         let err = plan(&parse(&["--pairs", "0"]).unwrap()).err().unwrap().to_string();
         assert!(err.contains("--pairs"), "{err}");
+    }
+
+    #[test]
+    fn icount_measures_no_scaling_so_check_pairs_and_kvm_are_refused() {
+        for flags in [&["--icount", "--check"][..], &["--icount", "--pairs", "3"][..]] {
+            let err = plan(&parse(flags).unwrap()).err().unwrap().to_string();
+            assert!(err.contains("--icount with --check or --pairs") && err.contains("no target verdicts"), "{err}");
+        }
+        let err = plan(&parse(&["--icount", "--accel", "kvm"]).unwrap()).err().unwrap().to_string();
+        assert!(err.contains("--icount with --accel kvm"), "{err}");
+        assert!(plan(&parse(&["--icount", "--cpus", "1"]).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn an_icount_machine_runs_single_threaded_tcg_counting_instructions() {
+        let args = parse(&["--icount", "--cpus", "2"]).unwrap();
+        let run = &plan(&args).unwrap()[0];
+        let w = Windows { windows: 1, mib: 16, rounds: 1, window_ms: 0 };
+        let mut m = machine(run, &w, PathBuf::from("k.img"), Accel::Tcg, &[]);
+        let args_of = |m: &Machine| -> Vec<String> {
+            m.command(std::path::Path::new("qemu"))
+                .unwrap()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert!(args_of(&m).iter().any(|a| a == "tcg,thread=multi"));
+        m.icount = true;
+        let a = args_of(&m);
+        assert!(a.iter().any(|a| a == "tcg,thread=single"), "{a:?}");
+        assert!(a.windows(2).any(|w| w[0] == "-icount" && w[1] == "shift=0"), "{a:?}");
     }
 
     #[test]

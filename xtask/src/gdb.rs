@@ -125,6 +125,7 @@ pub fn run(args: GdbArgs) -> Result<bool> {
         smp: args.size.smp,
         mem: args.size.mem.clone(),
         accel: args.accel,
+        icount: false,
         cmdline,
         extra: Vec::new(),
     };
@@ -257,6 +258,7 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
         smp: 2,
         mem: "1024M".into(),
         accel,
+        icount: false,
         cmdline: "mode=test filter=storm_same_pte_table".into(),
         extra: Vec::new(),
     };

@@ -156,6 +156,7 @@ fn run(args: RunArgs) -> Result<bool> {
         smp: args.machine.size.smp,
         mem: args.machine.size.mem.clone(),
         accel,
+        icount: false,
         cmdline: format!("mode=run log={}", args.log),
         extra: args.qemu_args.clone(),
     };

@@ -124,6 +124,10 @@ pub struct Machine {
     pub mem: String,
     /// KVM or TCG.
     pub accel: Accel,
+    /// TCG only: one host thread takes the vCPUs in turns and the guest's
+    /// clocks count instructions (`-icount shift=0`, one virtual nanosecond
+    /// per instruction), so a run is deterministic (`bench --icount`).
+    pub icount: bool,
     /// The kernel command line (fw_cfg).
     pub cmdline: String,
     /// Extra arguments appended verbatim.
@@ -145,6 +149,7 @@ impl Machine {
         match self.accel {
             Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
             // qemu64 lacks SMEP, SMAP, PCID and 1 GiB pages: use `max`.
+            Accel::Tcg if self.icount => c.args(["-accel", "tcg,thread=single", "-icount", "shift=0", "-cpu", "max"]),
             Accel::Tcg => c.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
         };
         if self.firmware == Firmware::Uefi {

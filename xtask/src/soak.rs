@@ -160,6 +160,7 @@ pub fn run(args: SoakArgs) -> Result<bool> {
             smp: args.smp,
             mem: args.mem.clone(),
             accel,
+            icount: false,
             cmdline: cmdline(args.minutes * 60, seed, args.phase_ms),
             extra: Vec::new(),
         };

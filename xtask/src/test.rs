@@ -507,6 +507,7 @@ pub fn run(args: TestArgs) -> Result<bool> {
                 smp: run.smp,
                 mem: args.machine.size.mem.clone(),
                 accel,
+                icount: false,
                 cmdline: run.cmdline.clone(),
                 extra: Vec::new(),
             };
