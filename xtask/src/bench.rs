@@ -205,8 +205,8 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
             "--icount with --check or --pairs: under --icount the vCPUs take turns on one host thread, so it measures instructions per fault, not scaling, and gives no target verdicts; drop --icount for the targets (e.g. `cargo xtask bench --pairs 5 --check`)"
         );
     }
-    if args.icount && args.accel == Some(Accel::Kvm) {
-        bail!("--icount with --accel kvm: instruction counting is a TCG mode; drop --accel kvm");
+    if args.icount {
+        qemu::choose_accel_icount(true, args.accel)?;
     }
     let default_locks =
         if args.pairs.is_some() { vec!["split".to_string()] } else { vec!["split".into(), "single".into()] };
@@ -503,11 +503,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let windows = args.windows.unwrap_or(if args.quick { 3 } else { 5 });
     let mib = args.mib.unwrap_or(if args.quick { 16 } else { 128 });
     let qemu_bin = setup::ensure_all(false)?;
-    let (accel, why) = if args.icount {
-        (Accel::Tcg, "--icount: single-threaded TCG counting instructions (-icount shift=0)".to_string())
-    } else {
-        qemu::choose_accel(args.accel)
-    };
+    let (accel, why) = qemu::choose_accel_icount(args.icount, args.accel)?;
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("xtask: bench on {accel} ({why}); host has {host_cpus} CPUs; {} runs, {windows} windows each", runs.len());
     if args.icount {

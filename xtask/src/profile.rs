@@ -87,6 +87,14 @@ pub struct ProfileArgs {
     /// An extra QEMU argument (repeatable).
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     qemu_args: Vec<String>,
+    /// Sample instructions, not time, as `bench --icount` does
+    /// (single-threaded TCG, `-icount shift=0`): the timer fires every
+    /// 10^9 / rate instructions, so the profile is deterministic and shows
+    /// where a fault's instructions go (not its time: under TCG a locked
+    /// instruction or an exception costs far more than an add). Use it on
+    /// one vCPU; refuses `--accel kvm`.
+    #[arg(long)]
+    icount: bool,
 }
 
 /// What one profile run does (from the command line, or `cargo xtask test`).
@@ -101,6 +109,8 @@ pub(crate) struct Plan {
     pub(crate) top: usize,
     /// Prefix of the output files' names.
     pub(crate) prefix: &'static str,
+    /// Instruction-counted TCG (`bench --icount`).
+    pub(crate) icount: bool,
 }
 
 /// What a profile run wrote.
@@ -119,11 +129,11 @@ pub fn run(args: ProfileArgs) -> Result<bool> {
     if !bench::WORKLOADS.contains(&args.workload.as_str()) {
         bail!("unknown workload {:?}; known: {}", args.workload, bench::WORKLOADS.join(", "));
     }
+    let (accel, why) = qemu::choose_accel_icount(args.icount, args.accel)?;
     let fault_lock = bench::FAULT_LOCKS.into_iter().find(|f| *f == args.fault_lock).expect("checked by clap");
     let config = BuildConfig { release: !args.debug, split_ptlock_cpus: args.split_ptlock_cpus, features: Vec::new() };
     let qemu_bin = setup::ensure_all(false)?;
     let (elf, image) = build_kernel(&config, Firmware::Bios)?;
-    let (accel, why) = qemu::choose_accel(args.accel);
     println!("xtask: accelerator {accel}: {why}");
     let plan = Plan {
         windows: Windows {
@@ -140,6 +150,7 @@ pub fn run(args: ProfileArgs) -> Result<bool> {
         timeout: Duration::from_secs(args.timeout),
         top: args.top,
         prefix: "",
+        icount: args.icount,
     };
     let out = profile(&plan, &qemu_bin, &elf, &image, accel)?;
     print!("\n{}", out.summary);
@@ -169,6 +180,7 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
         pair: None,
     };
     let mut machine = bench::machine(&run, &plan.windows, image.to_path_buf(), accel, &plan.qemu_args);
+    machine.icount = plan.icount;
     machine.cmdline.push_str(&format!(" profile={}", plan.rate));
     let name = format!("{}profile-{}-{}cpu", plan.prefix, plan.workload, plan.cpus);
     let kernel_symbols = Symbolizer::new(elf);
@@ -200,7 +212,7 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
         bail!("the kernel took no samples (serial log: {})", out.log.display());
     }
     let header = format!(
-        "profile: `{}` on {} vCPUs, {} page-table locks, faults under {} lock, {} kernel, {accel}; {} Hz from the local-APIC timer (no PMU under TCG: perfmon {}); {throughput} with the profiler on",
+        "profile: `{}` on {} vCPUs, {} page-table locks, faults under {} lock, {} kernel, {accel}{}; {} Hz from the local-APIC timer (no PMU under TCG: perfmon {}); {throughput} with the profiler on",
         plan.workload,
         plan.cpus,
         run.lock,
@@ -212,6 +224,7 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
         } else {
             "debug"
         },
+        if plan.icount { " counting instructions (-icount shift=0: samples are instructions, not time)" } else { "" },
         recording.rate,
         recording.perfmon,
     );
@@ -255,6 +268,7 @@ pub(crate) fn test_step(qemu_bin: &Path, elf: &Path, image: &Path, accel: Accel)
         timeout: Duration::from_secs(300),
         top: 10,
         prefix: "xtask-test-",
+        icount: false,
     };
     let out = profile(&plan, qemu_bin, elf, image, accel)?;
     let svg = std::fs::read_to_string(&out.svg)?;
@@ -707,6 +721,18 @@ PROFILE-END stacks=4 samples=10
                       trap_common;user::main;mm::memory::handle_mm_fault 1\n";
         assert_eq!(fault_path_share(stacks), 0.6);
         assert_eq!(fault_path_share(""), 0.0);
+    }
+
+    #[test]
+    fn icount_is_refused_with_kvm_before_anything_is_built() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            profile: ProfileArgs,
+        }
+        let args = <Cli as clap::Parser>::try_parse_from(["profile", "--icount", "--accel", "kvm"]).unwrap().profile;
+        let err = run(args).err().unwrap().to_string();
+        assert!(err.contains("--icount with --accel kvm"), "{err}");
     }
 
     #[test]

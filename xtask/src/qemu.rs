@@ -69,6 +69,18 @@ impl HostVirt {
     }
 }
 
+/// The accelerator for a run that may count instructions (`--icount`:
+/// TCG only, single-threaded, `Machine::icount`), else [`choose_accel`].
+pub fn choose_accel_icount(icount: bool, forced: Option<Accel>) -> anyhow::Result<(Accel, String)> {
+    match (icount, forced) {
+        (true, Some(Accel::Kvm)) => {
+            anyhow::bail!("--icount with --accel kvm: instruction counting is a TCG mode; drop --accel kvm")
+        }
+        (true, _) => Ok((Accel::Tcg, "--icount: single-threaded TCG counting instructions (-icount shift=0)".into())),
+        (false, _) => Ok(choose_accel(forced)),
+    }
+}
+
 /// Picks the accelerator: KVM only when the host CPU reports hardware
 /// virtualization and /dev/kvm opens (the /dev/kvm on some machines is a
 /// shadow-paging nested hypervisor that cannot run ordinary guests reliably),
