@@ -82,17 +82,24 @@ impl Buddy {
         }
     }
 
-    /// Takes a block of 2^order frames, or `None` if no block is big enough.
-    pub(crate) fn alloc(&mut self, map: &MemMap, order: usize) -> Option<Pfn> {
-        assert!(order <= MAX_ORDER, "order {order} too large");
+    /// Takes the smallest free block of at least 2^`order` frames and splits
+    /// off upper halves (filing them) until it is no bigger than
+    /// 2^max(`order`, `down_to`); returns the block kept and its order.
+    fn take(&mut self, map: &MemMap, order: usize, down_to: usize) -> Option<(u64, usize)> {
         let mut o = (order..NR_ORDERS).find(|&o| self.heads[o] != Links::NONE)?;
         let pfn = self.heads[o];
         self.unlink(map, pfn, o);
-        while o > order {
+        while o > down_to.max(order) {
             o -= 1;
             self.push(map, pfn + (1 << o), o);
         }
-        Some(Pfn::new(pfn))
+        Some((pfn, o))
+    }
+
+    /// Takes a block of 2^order frames, or `None` if no block is big enough.
+    pub(crate) fn alloc(&mut self, map: &MemMap, order: usize) -> Option<Pfn> {
+        assert!(order <= MAX_ORDER, "order {order} too large");
+        self.take(map, order, order).map(|(pfn, _)| Pfn::new(pfn))
     }
 
     /// Takes up to `n` free frames for a per-CPU list, whole blocks at a
@@ -111,13 +118,7 @@ impl Buddy {
         let mut got = 0;
         while got < n {
             let fits = (usize::BITS - 1 - (n - got).leading_zeros()) as usize;
-            let Some(mut o) = (0..NR_ORDERS).find(|&o| self.heads[o] != Links::NONE) else { break };
-            let pfn = self.heads[o];
-            self.unlink(map, pfn, o);
-            while o > fits {
-                o -= 1;
-                self.push(map, pfn + (1 << o), o);
-            }
+            let Some((pfn, o)) = self.take(map, 0, fits) else { break };
             for i in 0..1u64 << o {
                 put(Pfn::new(pfn + i));
             }

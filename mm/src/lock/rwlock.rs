@@ -255,10 +255,11 @@ impl<T> RwSpinLock<T> {
     }
 
     /// Whether no reader is inside; once true with `WRITER` set, it stays
-    /// true. Read-modify-writes, not loads: see the module comment (a load
-    /// first, to skip the busy shards cheaply while spinning).
+    /// true. Decided by read-modify-writes, not loads ([`Self::drained_rmw`];
+    /// see the module comment), after a pass of loads that fails cheaply
+    /// while a shard is busy.
     fn drained(&self) -> bool {
-        self.readers.iter().all(|r| r.0.load(Relaxed) == 0 && r.0.fetch_add(0, AcqRel) == 0)
+        self.readers.iter().all(|r| r.0.load(Relaxed) == 0) && self.drained_rmw()
     }
 
     /// [`Self::drained`] with read-modify-writes only, for a halting
