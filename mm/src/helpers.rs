@@ -49,7 +49,7 @@ use crate::pgtable::entry::{Pmd, Pte, PteFlags, pmd_same, pte_same};
 use crate::pgtable::slot::EntrySlot;
 use crate::pgtable::walk::{PmdRef, PudRef, pmd_clear_bad, pte_alloc};
 use crate::physmem::PhysMem;
-use crate::ptdesc::{PtLevel, page_ptdesc};
+use crate::ptdesc::{PtLevel, Ptdesc, page_ptdesc};
 use crate::ptlock::PtLock;
 
 /// A held page-table lock (`spinlock_t *` after `spin_lock`).
@@ -121,6 +121,22 @@ impl fmt::Debug for PtlRef<'_> {
 pub unsafe fn pte_lockptr<'a>(mm: &'a Mm<'_>, pmdval: Pmd) -> PtlRef<'a> {
     if USE_SPLIT_PTE_PTLOCKS && !mm.is_init_mm() {
         let pt = page_ptdesc(mm.phys(), pmdval.pfn()).expect("pte_lockptr: pmd does not point into managed memory");
+        // SAFETY: the caller's contract is this function's.
+        unsafe { table_ptl(mm, pt) }
+    } else {
+        PtlRef::new(mm.page_table_lock_raw(), LockLevel::Pte)
+    }
+}
+
+/// [`pte_lockptr`] for a PTE table whose descriptor the caller already
+/// holds (the map helpers found it validating the PMD value), so the fault
+/// path looks the table's frame up in the memmap once, not twice.
+///
+/// # Safety
+///
+/// As [`pte_lockptr`]'s, for the table `pt` describes.
+unsafe fn table_ptl<'a>(mm: &'a Mm<'_>, pt: Ptdesc<'a>) -> PtlRef<'a> {
+    if USE_SPLIT_PTE_PTLOCKS && !mm.is_init_mm() {
         debug_assert_eq!(pt.level(), Some(PtLevel::Pte), "pte_lockptr: pmd does not point to a PTE table");
         PtlRef::new(pt.ptlock_ptr(), LockLevel::Pte)
     } else {
@@ -223,6 +239,8 @@ impl Drop for RcuReadGuard {
 pub struct PteMap<'a> {
     phys: &'a PhysMem,
     table: PhysAddr,
+    /// The table's descriptor, as `map_pte` validated it.
+    ptdesc: Ptdesc<'a>,
     addr: VirtAddr,
     pmdval: Pmd,
     _rcu: RcuReadGuard,
@@ -235,7 +253,15 @@ impl<'a> PteMap<'a> {
             self.addr.as_u64() >> PMD_SHIFT,
             "address outside this PTE table's span"
         );
-        self.phys.slot(self.table.add(8 * addr.pte_index() as u64)).expect("validated table")
+        // SAFETY: `map_pte` made this map only for a PMD whose frame the
+        // memmap describes as a PTE table, so the table is managed RAM, which
+        // the window maps; the map's RCU read section keeps it from being
+        // freed (tables are freed a grace period after they are detached);
+        // the entry is 8-byte aligned and inside it (index < 512); entries
+        // are only accessed atomically. So the memmap lookup of
+        // `PhysMem::slot` would only repeat `map_pte`'s check, on every PTE
+        // access of every fault and zap.
+        unsafe { self.phys.slot_unchecked(self.table.add(8 * addr.pte_index() as u64)) }
     }
     /// Linux `ptep_get`: the mapped entry (lockless).
     pub fn ptep_get(&self) -> Pte {
@@ -279,11 +305,14 @@ fn map_pte<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMap
     if pmdval.is_none() || !pmdval.is_present() || pmdval.is_huge() {
         return None;
     }
-    match mm.phys().page(pmdval.pfn()) {
-        Some(p)
+    let ptdesc = match page_ptdesc(mm.phys(), pmdval.pfn()) {
+        Some(pt)
             if !pmdval.is_bad()
-                && p.kind() == PageKind::PageTable
-                && p.pt_level.load(Acquire) == PtLevel::Pte as u8 => {}
+                && pt.page().kind() == PageKind::PageTable
+                && pt.page().pt_level.load(Acquire) == PtLevel::Pte as u8 =>
+        {
+            pt
+        }
         // A table we do not manage: in a user address space that can only be
         // corruption; the kernel's may hold the bootloader's tables, which
         // we cannot map but must not destroy.
@@ -295,8 +324,8 @@ fn map_pte<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMap
             pmd_clear_bad(pmd, pmdval);
             return None;
         }
-    }
-    Some(PteMap { phys: mm.phys(), table: pmdval.phys(), addr, pmdval, _rcu: rcu })
+    };
+    Some(PteMap { phys: mm.phys(), table: pmdval.phys(), ptdesc, addr, pmdval, _rcu: rcu })
 }
 
 /// Linux `pte_offset_map`: maps the PTE for `addr` without locking. `None`
@@ -405,10 +434,10 @@ impl<M> fmt::Debug for PteMapNolock<'_, M> {
 /// lock, not taken, for read-only use. `None` if there is no PTE table.
 pub fn pte_offset_map_ro_nolock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) -> Option<PteMapNolock<'a, Ro>> {
     let map = map_pte(mm, pmd, addr)?;
-    // SAFETY: `map` validated `pmdval` as a PTE table inside its read-side
-    // section, which the returned mapping owns; the lock is handed out only
-    // borrowed from it (`PteMapNolock::ptl`).
-    let ptl = unsafe { pte_lockptr(mm, map.pmdval) };
+    // SAFETY: `map` validated the table inside its read-side section, which
+    // the returned mapping owns; the lock is handed out only borrowed from
+    // it (`PteMapNolock::ptl`).
+    let ptl = unsafe { table_ptl(mm, map.ptdesc) };
     Some(PteMapNolock { map, ptl, _mode: PhantomData })
 }
 
@@ -423,7 +452,7 @@ pub fn pte_offset_map_rw_nolock<'a>(
     let map = map_pte(mm, pmd, addr)?;
     let pmdval = map.pmdval;
     // SAFETY: as in `pte_offset_map_ro_nolock`.
-    let ptl = unsafe { pte_lockptr(mm, pmdval) };
+    let ptl = unsafe { table_ptl(mm, map.ptdesc) };
     Some((PteMapNolock { map, ptl, _mode: PhantomData }, pmdval))
 }
 
@@ -540,7 +569,7 @@ pub fn pte_offset_map_lock<'a>(mm: &'a Mm<'_>, pmd: PmdRef<'_>, addr: VirtAddr) 
         // SAFETY: `map` validated the PMD value as a PTE table inside its
         // read-side section; the guard holding the lock owns `map`, and drops
         // the lock before it.
-        let ptl = unsafe { pte_lockptr(mm, map.pmdval) }.lock();
+        let ptl = unsafe { table_ptl(mm, map.ptdesc) }.lock();
         if pmd_same(map.pmdval, pmd.get()) {
             return Some(PteGuard { ptl, map, _mode: PhantomData });
         }
