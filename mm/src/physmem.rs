@@ -286,7 +286,12 @@ impl PhysMem {
 
     /// Drops a reference; true if it was the last (the caller frees).
     pub(crate) fn put_folio_testzero(&self, pfn: Pfn) -> bool {
-        let page = self.page(pfn).expect("put of a frame outside the memmap");
+        Self::put_page_testzero(self.page(pfn).expect("put of a frame outside the memmap"), pfn)
+    }
+
+    /// [`PhysMem::put_folio_testzero`] for a caller that holds the frame's
+    /// descriptor `page` already (the TLB gather's free loop).
+    pub(crate) fn put_page_testzero(page: &Page, pfn: Pfn) -> bool {
         let old = page.refcount.fetch_sub(1, AcqRel);
         assert!(old > 0, "put of frame {pfn:?} with no reference");
         old == 1

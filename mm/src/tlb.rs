@@ -48,7 +48,9 @@ use crate::addr::{PAGE_SIZE, Pfn, VirtAddr};
 use crate::config::NR_CPUS;
 use crate::frame::{MAX_ORDER, PCP_BATCH};
 use crate::gigantic::GIGANTIC_ORDER;
+use crate::memmap::Page;
 use crate::mm_struct::Mm;
+use crate::physmem::PhysMem;
 
 const WORDS: usize = NR_CPUS.div_ceil(64);
 
@@ -210,7 +212,8 @@ impl FreeList {
         self.head = ((pfn.as_u64() + 1) << 8) | order as u64;
         self.len += 1;
     }
-    fn pop(&mut self, mm: &Mm<'_>) -> Option<(Pfn, usize)> {
+    /// The newest gathered block: its first frame, order and descriptor.
+    fn pop<'a>(&mut self, mm: &'a Mm<'_>) -> Option<(Pfn, usize, &'a Page)> {
         if self.head == 0 {
             return None;
         }
@@ -221,7 +224,7 @@ impl FreeList {
         self.head = page.link.load(Ordering::Relaxed);
         page.link.store(0, Ordering::Relaxed);
         self.len -= 1;
-        Some((pfn, order))
+        Some((pfn, order, page))
     }
 }
 
@@ -357,8 +360,8 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         // reference that was go back in batches, one per-CPU list lock each.
         let mut batch = [Pfn::new(0); PCP_BATCH];
         let mut n = 0;
-        while let Some((pfn, order)) = self.pages.pop(self.mm) {
-            if !phys.put_folio_testzero(pfn) {
+        while let Some((pfn, order, page)) = self.pages.pop(self.mm) {
+            if !PhysMem::put_page_testzero(page, pfn) {
                 // Pinned (crate::gup): the pinner's put frees it.
                 continue;
             }

@@ -44,8 +44,7 @@ use crate::physmem::PhysMem;
 /// Marks a frame that is about to be freed as free in its descriptor,
 /// checking that it was allocated and is not a live page table (and, in
 /// debug builds, poisons it: see [`poison`]).
-fn release(map: &MemMap, pfn: Pfn) {
-    let p: &Page = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
+fn release(map: &MemMap, pfn: Pfn, p: &Page) {
     let kind = p.kind();
     assert!(kind != PageKind::Free, "double free of frame {pfn:?}");
     debug_assert!(
@@ -131,7 +130,8 @@ impl FrameAllocator {
         &self.pcp[crate::hal::cpu_id() % NR_PCP]
     }
 
-    fn alloc_raw(&self, map: &MemMap, order: usize) -> Option<Pfn> {
+    /// The block's first frame and its descriptor.
+    fn alloc_raw<'m>(&self, map: &'m MemMap, order: usize) -> Option<(Pfn, &'m Page)> {
         if order == 0 {
             let slot = self.local();
             let mut list = slot.list.lock();
@@ -139,8 +139,10 @@ impl FrameAllocator {
                 list.refilled = true;
                 let mut zone = self.zone.lock();
                 zone.alloc_bulk(map, pcp::BATCH, |pfn| {
-                    // SAFETY: the zone just gave us this frame.
-                    unsafe { list.push(map, pfn, &slot.count) }
+                    let p = map.pfn_to_page(pfn).expect("pcp: PFN outside the memmap");
+                    // SAFETY: the zone just gave us this frame; `p` is its
+                    // descriptor.
+                    unsafe { list.push(p, pfn, &slot.count) }
                 });
                 self.zone_free.store(zone.free_frames(), Relaxed);
             }
@@ -149,7 +151,8 @@ impl FrameAllocator {
             let mut zone = self.zone.lock();
             let r = zone.alloc(map, order);
             self.zone_free.store(zone.free_frames(), Relaxed);
-            r
+            let pfn = r?;
+            Some((pfn, map.pfn_to_page(pfn).expect("allocated frame outside memmap")))
         }
     }
 
@@ -160,7 +163,7 @@ impl FrameAllocator {
     #[track_caller]
     pub(crate) fn alloc(&self, map: &MemMap, order: usize) -> Option<Pfn> {
         assert!(order <= MAX_ORDER, "order {order} > MAX_ORDER");
-        let pfn = match self.alloc_raw(map, order) {
+        let (pfn, head) = match self.alloc_raw(map, order) {
             Some(p) => p,
             None => {
                 self.drain_all(map);
@@ -168,14 +171,14 @@ impl FrameAllocator {
             }
         };
         for i in 0..1u64 << order {
-            let p = map.pfn_to_page(pfn.add(i)).expect("allocated frame outside memmap");
+            let p = if i == 0 { head } else { map.pfn_to_page(pfn.add(i)).expect("allocated frame outside memmap") };
             debug_assert_eq!(p.kind(), PageKind::Free, "allocator handed out a used frame");
             if poison::ACTIVE {
                 poison::on_alloc(map, pfn.add(i), p, Location::caller());
             }
             p.set_kind(PageKind::Kernel);
         }
-        map.pfn_to_page(pfn).expect("checked above").refcount.store(1, Relaxed);
+        head.refcount.store(1, Relaxed);
         Some(pfn)
     }
 
@@ -191,7 +194,7 @@ impl FrameAllocator {
             return unsafe { self.free_bulk(map, &[pfn]) };
         }
         for i in 0..1u64 << order {
-            release(map, pfn.add(i));
+            release(map, pfn.add(i), map.pfn_to_page(pfn.add(i)).expect("freeing a frame outside memmap"));
         }
         let mut zone = self.zone.lock();
         // SAFETY: forwarded from the caller.
@@ -210,14 +213,14 @@ impl FrameAllocator {
         if pfns.is_empty() {
             return;
         }
-        for &pfn in pfns {
-            release(map, pfn);
-        }
         let slot = self.local();
         let mut list = slot.list.lock();
+        // One memmap lookup per frame for both steps.
         for &pfn in pfns {
-            // SAFETY: the caller gives the frames up.
-            unsafe { list.push(map, pfn, &slot.count) };
+            let p = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
+            release(map, pfn, p);
+            // SAFETY: the caller gives the frames up; `p` is `pfn`'s.
+            unsafe { list.push(p, pfn, &slot.count) };
         }
         self.trim(map, slot, &mut list);
     }
@@ -251,7 +254,7 @@ impl FrameAllocator {
         let mut zone = self.zone.lock();
         while list.count() > high {
             for _ in 0..pcp::BATCH {
-                let Some(p) = list.pop(map, &slot.count) else { break };
+                let Some((p, _)) = list.pop(map, &slot.count) else { break };
                 // SAFETY: the frame was free on our list; now the zone's.
                 unsafe { zone.free(map, p, 0) };
             }
@@ -267,7 +270,7 @@ impl FrameAllocator {
             return;
         }
         let mut zone = self.zone.lock();
-        while let Some(p) = list.pop(map, &slot.count) {
+        while let Some((p, _)) = list.pop(map, &slot.count) {
             // SAFETY: the frame was free on our list; now the zone's.
             unsafe { zone.free(map, p, 0) };
         }

@@ -65,9 +65,9 @@ impl PcpList {
     ///
     /// # Safety
     ///
-    /// The caller owns frame `pfn` and gives it up.
-    pub(crate) unsafe fn push(&mut self, map: &MemMap, pfn: Pfn, mirror: &AtomicU64) {
-        let p = map.pfn_to_page(pfn).expect("pcp: PFN outside the memmap");
+    /// The caller owns frame `pfn` and gives it up; `p` is its descriptor
+    /// (callers have it at hand, so the list does not look it up again).
+    pub(crate) unsafe fn push(&mut self, p: &Page, pfn: Pfn, mirror: &AtomicU64) {
         // SAFETY: &mut self proves the list lock; the frame is being filed.
         unsafe { (*links(p)).next = self.head };
         p.set_flag(PG_PCP);
@@ -76,8 +76,8 @@ impl PcpList {
         mirror.store(self.count as u64, Relaxed);
     }
 
-    /// Takes a frame off the list.
-    pub(crate) fn pop(&mut self, map: &MemMap, mirror: &AtomicU64) -> Option<Pfn> {
+    /// Takes a frame off the list: the frame and its descriptor.
+    pub(crate) fn pop<'m>(&mut self, map: &'m MemMap, mirror: &AtomicU64) -> Option<(Pfn, &'m Page)> {
         if self.head == Links::NONE {
             return None;
         }
@@ -88,6 +88,6 @@ impl PcpList {
         p.clear_flag(PG_PCP);
         self.count -= 1;
         mirror.store(self.count as u64, Relaxed);
-        Some(Pfn::new(pfn))
+        Some((Pfn::new(pfn), p))
     }
 }
