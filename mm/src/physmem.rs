@@ -139,8 +139,8 @@ impl PhysMem {
         if self.fault.should_fail(FailSite::Frame) {
             return None;
         }
-        let pfn = self.allocator.alloc(&self.memmap, order)?;
-        Some(Frames::new(self, pfn, order))
+        let (pfn, page) = self.allocator.alloc(&self.memmap, order)?;
+        Some(Frames::new(self, pfn, order, Some(page)))
     }
 
     /// Allocates and zeroes 2^order frames.

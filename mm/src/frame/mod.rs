@@ -161,7 +161,9 @@ impl FrameAllocator {
     /// no block of that order exists anywhere. Debug builds check each frame's
     /// poison and record the caller as its owner ([`poison`]).
     #[track_caller]
-    pub(crate) fn alloc(&self, map: &MemMap, order: usize) -> Option<Pfn> {
+    ///
+    /// Returns the block's first frame and its descriptor.
+    pub(crate) fn alloc<'m>(&self, map: &'m MemMap, order: usize) -> Option<(Pfn, &'m Page)> {
         assert!(order <= MAX_ORDER, "order {order} > MAX_ORDER");
         let (pfn, head) = match self.alloc_raw(map, order) {
             Some(p) => p,
@@ -179,7 +181,7 @@ impl FrameAllocator {
             p.set_kind(PageKind::Kernel);
         }
         head.refcount.store(1, Relaxed);
-        Some(pfn)
+        Some((pfn, head))
     }
 
     /// Frees a block.
@@ -308,11 +310,14 @@ pub struct Frames<'p> {
     phys: &'p PhysMem,
     pfn: Pfn,
     order: u8,
+    /// The first frame's descriptor, when the allocator handed it out with
+    /// the block (a fault uses it at once; `from_raw` does not look it up).
+    page: Option<&'p Page>,
 }
 
 impl<'p> Frames<'p> {
-    pub(crate) fn new(phys: &'p PhysMem, pfn: Pfn, order: usize) -> Self {
-        Self { phys, pfn, order: order as u8 }
+    pub(crate) fn new(phys: &'p PhysMem, pfn: Pfn, order: usize, page: Option<&'p Page>) -> Self {
+        Self { phys, pfn, order: order as u8, page }
     }
 
     /// The first frame.
@@ -333,7 +338,7 @@ impl<'p> Frames<'p> {
     }
     /// The descriptor of the first frame.
     pub fn page(&self) -> &'p Page {
-        self.phys.memmap().pfn_to_page(self.pfn).expect("allocated frame outside memmap")
+        self.page.unwrap_or_else(|| self.phys.memmap().pfn_to_page(self.pfn).expect("allocated frame outside memmap"))
     }
     /// The direct-map address of the block.
     pub fn virt(&self) -> *mut u8 {
@@ -352,7 +357,7 @@ impl<'p> Frames<'p> {
     /// `pfn`/`order` came from `into_raw` on a block of `phys`, and ownership
     /// is not claimed twice.
     pub unsafe fn from_raw(phys: &'p PhysMem, pfn: Pfn, order: usize) -> Self {
-        Self::new(phys, pfn, order)
+        Self::new(phys, pfn, order, None)
     }
 }
 
