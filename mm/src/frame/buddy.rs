@@ -57,7 +57,11 @@ impl Buddy {
     }
 
     fn unlink(&mut self, map: &MemMap, pfn: u64, order: usize) {
-        let p = page(map, pfn);
+        self.unlink_page(map, page(map, pfn), order);
+    }
+
+    /// [`Buddy::unlink`] of the free block whose first descriptor is `p`.
+    fn unlink_page(&mut self, map: &MemMap, p: &Page, order: usize) {
         // SAFETY: `p` is on list `order` (PG_BUDDY with that order); zone lock held.
         let l = unsafe { *links(p) };
         if l.prev == Links::NONE {
@@ -75,11 +79,10 @@ impl Buddy {
         self.nr_free[order] -= 1;
     }
 
-    fn is_free_block(map: &MemMap, pfn: u64, order: usize) -> bool {
-        match map.pfn_to_page(Pfn::new(pfn)) {
-            Some(p) => p.has_flag(PG_BUDDY) && p.order.load(Relaxed) as usize == order,
-            None => false,
-        }
+    /// The descriptor of `pfn` if it heads a free block of 2^`order`
+    /// frames (the merge then unlinks it without a second lookup).
+    fn free_block(map: &MemMap, pfn: u64, order: usize) -> Option<&Page> {
+        map.pfn_to_page(Pfn::new(pfn)).filter(|p| p.has_flag(PG_BUDDY) && p.order.load(Relaxed) as usize == order)
     }
 
     /// Takes the smallest free block of at least 2^`order` frames and splits
@@ -140,10 +143,8 @@ impl Buddy {
         debug_assert_eq!(pfn & ((1 << order) - 1), 0, "misaligned block");
         while order < MAX_ORDER {
             let buddy = pfn ^ (1 << order);
-            if !Self::is_free_block(map, buddy, order) {
-                break;
-            }
-            self.unlink(map, buddy, order);
+            let Some(p) = Self::free_block(map, buddy, order) else { break };
+            self.unlink_page(map, p, order);
             pfn &= !(1 << order);
             order += 1;
         }
