@@ -24,7 +24,7 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::mem::{ManuallyDrop, size_of};
 use core::sync::atomic::Ordering::Relaxed;
-use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
+use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64};
 
 use crate::addr::{DirectMap, PAGE_SIZE, Pfn, PhysAddr};
 use crate::ptlock::PtlStorage;
@@ -120,6 +120,11 @@ pub struct Page {
     /// allocator on the owner's behalf at allocation and free; 0 for a
     /// frame not allocated since boot. Unused in release builds.
     pub(crate) owner: AtomicU64,
+    /// The per-CPU list this frame was last allocated from (order 0), where
+    /// its free sends it back (`frame::FrameAllocator::free_bulk`). Written
+    /// by the allocating CPU under that list's lock; read by the freeing
+    /// one, which owns the frame by then.
+    pub(crate) home: AtomicU16,
 }
 
 // The struct-page budget: at most 64 bytes per 4 KiB frame (1.5625% of RAM).
@@ -147,6 +152,7 @@ impl Page {
             word: UnsafeCell::new(PageWord { private: 0 }),
             link: AtomicU64::new(0),
             owner: AtomicU64::new(0),
+            home: AtomicU16::new(0),
         }
     }
 

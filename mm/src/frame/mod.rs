@@ -5,11 +5,12 @@
 //!
 //! | lock | protects |
 //! | --- | --- |
-//! | per-CPU list lock (`LockClass::FrameAllocator`, level `PcpList`) | that CPU's cached frames |
+//! | per-CPU list lock (`LockClass::FrameAllocator`, level `PcpList`) | that CPU's cached frames (taken by its CPU, and by a CPU returning frames the list handed out) |
 //! | zone lock (`LockClass::FrameAllocator`, level `Zone`) | the buddy lists |
 //!
-//! Order: per-CPU list lock, then zone lock. Neither is ever held while taking
-//! a page-table lock, so callers may free frames while holding a PTE lock.
+//! Order: per-CPU list lock, then zone lock; never two list locks at once.
+//! Neither is ever held while taking a page-table lock, so callers may free
+//! frames while holding a PTE lock.
 //!
 //! # Counting
 //!
@@ -57,6 +58,10 @@ fn release(map: &MemMap, pfn: Pfn, p: &Page) {
     p.set_kind(PageKind::Free);
     p.refcount.store(0, Relaxed);
 }
+
+/// Frames `free_bulk` sorts by home at a time (at least a batch).
+const FREE_CHUNK: usize = 64;
+const _: () = assert!(FREE_CHUNK >= pcp::BATCH && FREE_CHUNK <= u8::MAX as usize + 1);
 
 /// Number of per-CPU lists (loom models run two "CPUs").
 pub const NR_PCP: usize = if cfg!(loom) {
@@ -126,14 +131,19 @@ impl FrameAllocator {
         self.zone_free.store(zone.free_frames(), Relaxed);
     }
 
+    fn local_index(&self) -> usize {
+        crate::hal::cpu_id() % NR_PCP
+    }
+
     fn local(&self) -> &PcpSlot {
-        &self.pcp[crate::hal::cpu_id() % NR_PCP]
+        &self.pcp[self.local_index()]
     }
 
     /// The block's first frame and its descriptor.
     fn alloc_raw<'m>(&self, map: &'m MemMap, order: usize) -> Option<(Pfn, &'m Page)> {
         if order == 0 {
-            let slot = self.local();
+            let me = self.local_index();
+            let slot = &self.pcp[me];
             let mut list = slot.list.lock();
             if list.count() == 0 {
                 list.refilled = true;
@@ -146,7 +156,8 @@ impl FrameAllocator {
                 });
                 self.zone_free.store(zone.free_frames(), Relaxed);
             }
-            list.pop(map, &slot.count)
+            // Its free sends it back here (`free_bulk`).
+            list.pop(map, &slot.count).inspect(|(_, p)| p.home.store(me as u16, Relaxed))
         } else {
             let mut zone = self.zone.lock();
             let r = zone.alloc(map, order);
@@ -208,6 +219,18 @@ impl FrameAllocator {
     /// (Linux `free_unref_folios`): `munmap` of a large region frees tens of
     /// thousands, and one lock round trip each would dominate.
     ///
+    /// Each frame goes back to the list it was allocated from (its
+    /// `Page::home`), not necessarily ours. Linux files every freed page on
+    /// the freeing CPU's list; then a CPU that frees what another allocated
+    /// (one thread's `munmap` of a region all threads fault into,
+    /// `same-table`) overfills its own list, which gives batches back to
+    /// the zone (a buddy merge per frame, inside the `munmap`, while the
+    /// other threads wait for it), and the other CPU's list runs empty and
+    /// refills from the zone (a split per block), all under the one zone
+    /// lock. Sent home, every list gets back what it hands out: no trip to
+    /// the zone at all. The cost is one extra list lock per batch and list
+    /// that has frames in it; a thread freeing its own frames pays nothing.
+    ///
     /// # Safety
     ///
     /// As [`FrameAllocator::free`] for each frame (order 0).
@@ -215,16 +238,65 @@ impl FrameAllocator {
         if pfns.is_empty() {
             return;
         }
-        let slot = self.local();
+        let me = self.local_index();
+        for chunk in pfns.chunks(FREE_CHUNK) {
+            // Our own list first, noting the frames of other lists, then one
+            // visit per other list with frames in the chunk (usually none).
+            // Never two list locks at once.
+            let mut away = [0u8; FREE_CHUNK];
+            // SAFETY: forwarded from the caller.
+            let mut n = unsafe { self.file_home(map, me, chunk, &mut away, None) };
+            while n > 0 {
+                let home = Self::home_of(map.pfn_to_page(chunk[away[0] as usize]).expect("looked up before"));
+                // SAFETY: as above.
+                n = unsafe { self.file_home(map, home, chunk, &mut away, Some(n)) };
+            }
+        }
+    }
+
+    /// Files on list `home`, under its lock, the frames of `chunk` whose
+    /// home it is, then trims the list: all of `chunk` (`only` is `None`),
+    /// or those whose indices are the first `only` entries of `away`.
+    /// Leaves the indices of the frames it did not file at the front of
+    /// `away` and returns how many.
+    ///
+    /// # Safety
+    ///
+    /// As [`FrameAllocator::free_bulk`].
+    unsafe fn file_home(
+        &self,
+        map: &MemMap,
+        home: usize,
+        chunk: &[Pfn],
+        away: &mut [u8; FREE_CHUNK],
+        only: Option<usize>,
+    ) -> usize {
+        let slot = &self.pcp[home];
         let mut list = slot.list.lock();
-        // One memmap lookup per frame for both steps.
-        for &pfn in pfns {
+        let mut kept = 0;
+        let n = only.unwrap_or(chunk.len());
+        for k in 0..n {
+            let i = if only.is_some() { away[k] as usize } else { k };
+            let pfn = chunk[i];
             let p = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
+            if Self::home_of(p) != home {
+                // `kept <= k`: this never overwrites an index still to read.
+                away[kept] = i as u8;
+                kept += 1;
+                continue;
+            }
             release(map, pfn, p);
-            // SAFETY: the caller gives the frames up; `p` is `pfn`'s.
+            // SAFETY: the caller gives the frame up; `p` is its descriptor.
             unsafe { list.push(p, pfn, &slot.count) };
         }
         self.trim(map, slot, &mut list);
+        kept
+    }
+
+    /// The list an order-0 frame was allocated from (any list for a frame
+    /// that came some other way: a piece of a split block, say).
+    fn home_of(p: &Page) -> usize {
+        p.home.load(Relaxed) as usize % NR_PCP
     }
 
     /// Gives batches back to the zone while `list` is above its limit.

@@ -6,9 +6,12 @@
 //! only visits the zone in batches: to refill when empty, to give back when the
 //! list grows past `HIGH`.
 //!
-//! Each list has its own spinlock (always taken by "its" CPU in the kernel, so
-//! uncontended; on the host, threads may share a CPU number and the lock keeps
-//! that correct). Order: per-CPU list lock, then zone lock.
+//! Each list has its own spinlock: taken by "its" CPU to allocate and free,
+//! and by another CPU to return frames this list handed out (a batch at a
+//! time, `FrameAllocator::free_bulk`), so it is contended only when that
+//! happens while its CPU allocates; on the host, threads may also share a
+//! CPU number. Order: per-CPU list lock, then zone lock; never two list
+//! locks at once.
 
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering::Relaxed;

@@ -379,6 +379,52 @@ fn zone_shape(p: &PhysMem) -> Vec<u64> {
     (0..NR_ORDERS).map(|o| p.nr_free_blocks(o)).collect()
 }
 
+/// A frame freed on another CPU goes back to the list of the CPU that
+/// allocated it: one thread's `munmap` of frames another thread faulted in
+/// must not leave the faulting CPU's list to refill from the zone while the
+/// unmapping CPU's list overflows into it. The allocating CPU's next
+/// allocations get exactly those frames back (its list is LIFO); filed on
+/// the freeing CPU's list instead, they would come from the rest of the
+/// allocating CPU's last refill.
+#[test]
+fn a_frame_freed_on_another_cpu_goes_home_to_the_list_it_came_from() {
+    let m = TestMachine::new();
+    let p = &m.phys;
+    p.drain_all_pcp();
+    let (to_main, from_thread) = std::sync::mpsc::channel::<(usize, Vec<(Pfn, usize)>)>();
+    let (to_thread, from_main) = std::sync::mpsc::channel::<()>();
+    let (first, again) = std::thread::scope(|s| {
+        let t = s.spawn(move || {
+            // This thread is a CPU of its own (the host HAL numbers threads).
+            let first: Vec<_> = (0..5).map(|_| p.alloc_pages(0).expect("frame").into_raw()).collect();
+            to_main.send((crate::hal::cpu_id(), first.clone())).unwrap();
+            from_main.recv().unwrap();
+            let again: Vec<_> = (0..5).map(|_| p.alloc_pages(0).expect("frame").into_raw()).collect();
+            (first, again)
+        });
+        let (their_cpu, frames) = from_thread.recv().unwrap();
+        assert_ne!(their_cpu % NR_PCP, crate::hal::cpu_id() % NR_PCP, "the two threads share a list");
+        let pfns: Vec<Pfn> = frames.iter().map(|&(pfn, _)| pfn).collect();
+        // SAFETY: the other thread allocated these frames and gave them to
+        // us (`into_raw`); nothing uses them any more.
+        unsafe { p.free_frames_bulk(&pfns) };
+        to_thread.send(()).unwrap();
+        t.join().unwrap()
+    });
+    let mut first: Vec<_> = first.iter().map(|&(pfn, _)| pfn.as_u64()).collect();
+    let mut again: Vec<_> = again.iter().map(|&(pfn, _)| pfn.as_u64()).collect();
+    first.sort_unstable();
+    again.sort_unstable();
+    assert_eq!(
+        again, first,
+        "the allocating CPU did not get its freed frames back: they went to the freeing CPU's list"
+    );
+    for &pfn in &again {
+        // SAFETY: allocated above, unused.
+        unsafe { p.free_frames_bulk(&[Pfn::new(pfn)]) };
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
