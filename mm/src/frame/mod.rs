@@ -171,9 +171,9 @@ impl FrameAllocator {
     /// buddy (merging what it can) and tries once more, so "no memory" means
     /// no block of that order exists anywhere. Debug builds check each frame's
     /// poison and record the caller as its owner ([`poison`]).
-    #[track_caller]
     ///
     /// Returns the block's first frame and its descriptor.
+    #[track_caller]
     pub(crate) fn alloc<'m>(&self, map: &'m MemMap, order: usize) -> Option<(Pfn, &'m Page)> {
         assert!(order <= MAX_ORDER, "order {order} > MAX_ORDER");
         let (pfn, head) = match self.alloc_raw(map, order) {
@@ -245,11 +245,10 @@ impl FrameAllocator {
             // Never two list locks at once.
             let mut away = [0u8; FREE_CHUNK];
             // SAFETY: forwarded from the caller.
-            let mut n = unsafe { self.file_home(map, me, chunk, &mut away, None) };
-            while n > 0 {
-                let home = Self::home_of(map.pfn_to_page(chunk[away[0] as usize]).expect("looked up before"));
+            let mut left = unsafe { self.file_home(map, me, chunk, &mut away, None) };
+            while let Some((n, home)) = left {
                 // SAFETY: as above.
-                n = unsafe { self.file_home(map, home, chunk, &mut away, Some(n)) };
+                left = unsafe { self.file_home(map, home, chunk, &mut away, Some(n)) };
             }
         }
     }
@@ -258,7 +257,8 @@ impl FrameAllocator {
     /// home it is, then trims the list: all of `chunk` (`only` is `None`),
     /// or those whose indices are the first `only` entries of `away`.
     /// Leaves the indices of the frames it did not file at the front of
-    /// `away` and returns how many.
+    /// `away` and returns how many, with the home of the first of them
+    /// (`None` when it filed them all).
     ///
     /// # Safety
     ///
@@ -270,16 +270,20 @@ impl FrameAllocator {
         chunk: &[Pfn],
         away: &mut [u8; FREE_CHUNK],
         only: Option<usize>,
-    ) -> usize {
+    ) -> Option<(usize, usize)> {
         let slot = &self.pcp[home];
         let mut list = slot.list.lock();
         let mut kept = 0;
+        let mut next_home = 0;
         let n = only.unwrap_or(chunk.len());
         for k in 0..n {
             let i = if only.is_some() { away[k] as usize } else { k };
             let pfn = chunk[i];
             let p = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
             if Self::home_of(p) != home {
+                if kept == 0 {
+                    next_home = Self::home_of(p);
+                }
                 // `kept <= k`: this never overwrites an index still to read.
                 away[kept] = i as u8;
                 kept += 1;
@@ -290,7 +294,7 @@ impl FrameAllocator {
             unsafe { list.push(p, pfn, &slot.count) };
         }
         self.trim(map, slot, &mut list);
-        kept
+        (kept > 0).then_some((kept, next_home))
     }
 
     /// The list an order-0 frame was allocated from (any list for a frame
