@@ -142,7 +142,8 @@ pub struct MmStats {
     pub anon_faults: u64,
     /// Read faults that mapped the shared zero page.
     pub zero_page_faults: u64,
-    /// Write faults that copied the zero page into a private page (`do_wp_page`).
+    /// Write faults that copied a page into a private one (`wp_page_copy`):
+    /// the zero page, or a page `fork` left shared.
     pub cow_faults: u64,
     /// Faults that mapped a 2 MiB transparent huge page.
     pub thp_faults: u64,

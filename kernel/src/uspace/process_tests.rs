@@ -81,9 +81,17 @@ fn control_field<T>(offset: usize) -> u64 {
 /// The child sees what the parent wrote before `fork` (4 KiB pages, a THP,
 /// zero-page reads), keeps seeing it while the parent overwrites half of
 /// it, and its own writes never show in the parent; `wait` returns the
-/// child's status (its pid), `getpid` differs in the child. The parent's
-/// writes after `fork` copied pages (the child still held them), and its
-/// THP, copied for the child at `fork`, was reused in place.
+/// child's status (its pid), `getpid` differs in the child. Each of the
+/// parent's writes to a shared page after `fork` took a write-protect
+/// fault, and its THP, copied for the child at `fork`, was reused in place.
+///
+/// Whether a 4 KiB write copies or reuses depends on the scheduler, not
+/// on the memory manager: the child waits on the parent's CPU, so it
+/// normally still holds every page and each write copies; but a timer tick
+/// in ring 3 can preempt the parent between two writes, the child then
+/// runs to its exit and drops its references, and the parent's remaining
+/// writes find the pages its own (a CI run saw 2 copies and 30 reuses).
+/// Both are correct; the test asserts what holds in either order.
 #[ktest]
 fn fork_child_sees_parent_memory_and_writes_stay_private() {
     settle();
@@ -102,8 +110,15 @@ fn fork_child_sees_parent_memory_and_writes_stay_private() {
         s.wp_reuses
     );
     assert!(s.fork_shared >= 64, "fork shared {} 4 KiB pages, the program had 64 written", s.fork_shared);
-    assert!(s.cow_faults >= 32, "the parent overwrote 32 shared pages: {} copies", s.cow_faults);
+    // 32 4 KiB pages and the THP: one write-protect fault each, copying
+    // what the child still held and reusing the rest (the THP always).
     assert!(s.wp_reuses >= 1, "the parent's THP (copied for the child) was not reused in place");
+    assert!(
+        s.cow_faults + s.wp_reuses >= 33,
+        "the parent overwrote 32 shared 4 KiB pages and its THP: {} copies + {} reuses",
+        s.cow_faults,
+        s.wp_reuses
+    );
     drop((t, space, p));
     assert_nothing_leaked(before);
 }
