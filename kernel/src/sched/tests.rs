@@ -100,7 +100,7 @@ fn thousands_of_tasks_leave_nothing_behind() {
     // task held goes as its CPU switches away, which may take more than one
     // settle under a loaded host (a fresh-clone run beside other work saw
     // 384 bytes still held after one), so settle until the heap is back or
-    // a second has passed. A leak stays and fails.
+    // 30 s have passed. A leak stays and fails.
     let used = crate::workload::storm::settle_heap(heap_before);
     assert_eq!(used, heap_before, "heap usage grew");
 }

@@ -148,26 +148,41 @@ fn barrier_keeps_cpus_in_step() {
     });
 }
 
-/// The local-APIC timer ticks on every CPU at roughly TICK_HZ.
+/// The local-APIC timer ticks on every CPU at roughly TICK_HZ. Never more
+/// than twice as often, in any window; at least half as often in one of
+/// five: a host that keeps a vCPU off its core for longer than a tick loses
+/// that CPU's ticks (QEMU merges a tick into one still pending) while the
+/// TSC keeps counting, so one window alone can read low without a bug.
 #[ktest]
 fn timer_ticks_on_every_cpu() {
     const WAIT_MS: u64 = 500;
-    let before: Vec<u64> = (0..NR_CPUS).map(ticks).collect();
+    const WINDOWS: usize = 5;
     let was_enabled = arch::irq::enabled();
     arch::irq::enable();
-    let t0 = arch::time::now_ns();
-    arch::time::delay_us(WAIT_MS * 1000);
-    let elapsed_ms = (arch::time::now_ns() - t0) / 1_000_000;
+    let mut last_short = None;
+    for _ in 0..WINDOWS {
+        let before: Vec<u64> = (0..NR_CPUS).map(ticks).collect();
+        let t0 = arch::time::now_ns();
+        arch::time::delay_us(WAIT_MS * 1000);
+        let elapsed_ms = (arch::time::now_ns() - t0) / 1_000_000;
+        let expect = elapsed_ms * u64::from(TICK_HZ) / 1000;
+        last_short = None;
+        for cpu in percpu::online_cpus() {
+            let got = ticks(cpu) - before[cpu];
+            assert!(got <= expect * 2 + 2, "CPU {cpu}: {got} ticks in {elapsed_ms} ms, expected about {expect}");
+            if got * 10 < expect * 5 {
+                last_short = Some((cpu, got, elapsed_ms, expect));
+            }
+        }
+        if last_short.is_none() {
+            break;
+        }
+    }
     if !was_enabled {
         arch::irq::disable();
     }
-    let expect = elapsed_ms * u64::from(TICK_HZ) / 1000;
-    for cpu in percpu::online_cpus() {
-        let got = ticks(cpu) - before[cpu];
-        assert!(
-            got * 10 >= expect * 5 && got <= expect * 2 + 2,
-            "CPU {cpu}: {got} ticks in {elapsed_ms} ms, expected about {expect}"
-        );
+    if let Some((cpu, got, elapsed_ms, expect)) = last_short {
+        panic!("CPU {cpu}: {got} ticks in {elapsed_ms} ms, expected about {expect} (short in {WINDOWS} windows)");
     }
 }
 

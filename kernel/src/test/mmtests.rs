@@ -321,7 +321,16 @@ mod tests {
             });
             DUET.stage.store(1, Ordering::SeqCst);
             wait_stage(2);
-            arch::time::delay_us(50_000);
+            // Hold the lock until the fault has found its VMA write-locked
+            // (however long the host keeps the faulting vCPU off a core),
+            // then a while longer: a fault that got past it would finish.
+            let deadline = arch::time::now_ns() + 60_000_000_000;
+            while mm.stats().vma_fallback_locked == before.vma_fallback_locked {
+                assert_eq!(DUET.stage.load(Ordering::SeqCst), 2, "a fault ran on a VMA under change");
+                assert!(arch::time::now_ns() < deadline, "the fault never reached its VMA's lock in 60 s");
+                core::hint::spin_loop();
+            }
+            arch::time::delay_us(20_000);
             assert_eq!(DUET.stage.load(Ordering::SeqCst), 2, "a fault ran on a VMA under change");
             drop(w);
         });
