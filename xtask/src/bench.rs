@@ -107,6 +107,19 @@ pub struct BenchArgs {
     /// counts still run once each.
     #[arg(long, value_name = "N")]
     pairs: Option<u32>,
+    /// Measure what this host allows 1 -> 2 vCPU scaling to be, as N rounds
+    /// per workload of one 1-vCPU boot alone, then two 1-vCPU boots at once:
+    /// two VMs that share nothing (no guest memory, no QEMU process), only
+    /// the host's cores, caches and neighbours. Each round's ratio (the two
+    /// boots' faults/s summed, over the one alone), their median and spread
+    /// are the ceiling any `--pairs` ratio of that workload meets on this
+    /// host, and how much of a pair's spread is the host's. Each round also
+    /// boots one 2-vCPU VM, so the kernel's own 1 -> 2 ratio and its share
+    /// of the two VMs' throughput are measured in the same minutes. Split
+    /// locks only; no target verdicts (refuses `--pairs`, `--check`,
+    /// `--quick` and `--icount`).
+    #[arg(long, value_name = "N")]
+    ceiling: Option<u32>,
     /// Exit non-zero if a target is missed, or if a run a target needs is
     /// missing (each is named). The targets (split locks): 1 -> 2 vCPUs,
     /// median of the pairs, at least 1.85x for disjoint and 1.75x for
@@ -197,8 +210,13 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     if args.quick && args.pairs.is_some() {
         bail!("--pairs with --quick: --quick has its own fixed runs; use --pairs with --cpus/--workloads instead");
     }
-    if args.pairs == Some(0) {
-        bail!("--pairs takes a count of 1 or more");
+    if args.pairs == Some(0) || args.ceiling == Some(0) {
+        bail!("--pairs and --ceiling take a count of 1 or more");
+    }
+    if args.ceiling.is_some() && (args.pairs.is_some() || args.check || args.quick || args.icount) {
+        bail!(
+            "--ceiling with --pairs, --check, --quick or --icount: --ceiling measures the host (two 1-vCPU VMs at once against one alone), not the kernel's scaling, so it gives no target verdicts; run it on its own, e.g. `cargo xtask bench --ceiling 5 --workloads disjoint,same-table`"
+        );
     }
     if args.icount && (args.check || args.pairs.is_some()) {
         bail!(
@@ -490,6 +508,15 @@ pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu
     }
 }
 
+/// `m` with the bench's `--kernel-arg` options appended to its command line.
+fn with_kernel_args(mut m: Machine, kernel_args: &[String]) -> Machine {
+    for a in kernel_args {
+        m.cmdline.push(' ');
+        m.cmdline.push_str(a);
+    }
+    m
+}
+
 fn mem_for(run: &Run, mib: u64) -> String {
     // Every disjoint thread holds its region at once; leave room for tables,
     // the heap and the kernel.
@@ -516,6 +543,9 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             "xtask: note: with more vCPUs than host CPUs, throughput beyond {host_cpus} CPUs measures overcommit (and lock-holder preemption), not the guest alone"
         );
     }
+    if let Some(rounds) = args.ceiling {
+        return ceiling(&args, rounds, &qemu_bin, accel, windows, mib);
+    }
     let probe = HostProbe::calibrate(host_cpus);
     let mut records = Vec::new();
     let mut built: Option<(&str, PathBuf)> = None;
@@ -534,12 +564,8 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             }
         };
         let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
-        let mut machine = machine(run, &shape, image, accel, &args.qemu_args);
+        let mut machine = with_kernel_args(machine(run, &shape, image, accel, &args.qemu_args), &args.kernel_args);
         machine.icount = args.icount;
-        for a in &args.kernel_args {
-            machine.cmdline.push(' ');
-            machine.cmdline.push_str(a);
-        }
         let pair = run.pair.map(|k| format!("-pair{k}")).unwrap_or_default();
         let name = format!("bench-{}-{}-{}-{}cpu{pair}", run.workload, run.lock, run.fault_lock, run.cpus);
         // A boot during which the host was busy is repeated (up to
@@ -560,19 +586,9 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             std::io::stdout().flush().ok();
             // Instruction counts do not depend on the host: no probe.
             let before = if args.icount { 1.0 } else { probe.capacity(run.cpus as usize) };
-            let out =
-                qemu::run(&qemu_bin, &machine, &name, machine.limits(Duration::from_secs(args.timeout)), None, false)?;
+            let booted = boot(&qemu_bin, &machine, &name, run, args.timeout);
             let host = if args.icount { 1.0 } else { before.min(probe.capacity(run.cpus as usize)) };
-            if !out.kernel_succeeded() {
-                println!("FAILED");
-                bail!("{} (serial log: {})", out.describe(&name), out.log.display());
-            }
-            let text = std::fs::read_to_string(&out.log)?;
-            if let Err(e) = check_fault_lock(&text, run.fault_lock) {
-                println!("FAILED");
-                bail!("{name}: {e} (serial log: {})", out.log.display());
-            }
-            let mut rec = summarize(run, &find_result(&out.log)?)?;
+            let (mut rec, elapsed) = booted.inspect_err(|_| println!("FAILED"))?;
             rec["rounds"] = json!(rounds_for(&args, &run.workload));
             rec["host_capacity"] = json!((host * 1000.0).round() / 1000.0);
             rec["attempts"] = json!(attempt + 1);
@@ -601,7 +617,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 rec["faults_per_sec_min"].as_f64().unwrap(),
                 rec["faults_per_sec_max"].as_f64().unwrap(),
                 rec["cycles_per_fault_mean"].as_f64().unwrap_or(0.0),
-                out.elapsed.as_secs_f64()
+                elapsed.as_secs_f64()
             );
             if kept.as_ref().is_none_or(|(h, _)| host > *h) {
                 kept = Some((host, rec));
@@ -670,6 +686,123 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         check_verdict(&targets)?;
         println!("xtask: bench --check: every target met");
     }
+    Ok(true)
+}
+
+/// One bench boot of `run` on `machine` (serial log `name`): its summarized
+/// record and wall time. Fails if the kernel did not report success or
+/// locked faults other than `run` asked.
+fn boot(
+    qemu_bin: &std::path::Path,
+    machine: &Machine,
+    name: &str,
+    run: &Run,
+    timeout: u64,
+) -> Result<(Value, Duration)> {
+    let out = qemu::run(qemu_bin, machine, name, machine.limits(Duration::from_secs(timeout)), None, false)?;
+    if !out.kernel_succeeded() {
+        bail!("{} (serial log: {})", out.describe(name), out.log.display());
+    }
+    let text = std::fs::read_to_string(&out.log)?;
+    if let Err(e) = check_fault_lock(&text, run.fault_lock) {
+        bail!("{name}: {e} (serial log: {})", out.log.display());
+    }
+    Ok((summarize(run, &find_result(&out.log)?)?, out.elapsed))
+}
+
+/// `--ceiling`: per workload, `rounds` rounds of one 1-vCPU boot alone, two
+/// at once, and one 2-vCPU boot (see `BenchArgs::ceiling`); prints each
+/// round's ratios, their medians and spreads, and writes them to
+/// `target/bench/ceiling.json`.
+fn ceiling(
+    args: &BenchArgs,
+    rounds: u32,
+    qemu_bin: &std::path::Path,
+    accel: Accel,
+    windows: u32,
+    mib: u64,
+) -> Result<bool> {
+    let (_, image) =
+        build_kernel(&BuildConfig { release: true, split_ptlock_cpus: None, features: Vec::new() }, Firmware::Bios)?;
+    let fault_lock = FAULT_LOCKS.into_iter().find(|f| args.fault_lock.iter().any(|a| a == f)).unwrap_or("vma");
+    let rate = |rec: &Value| rec["faults_per_sec"].as_f64().unwrap_or(0.0);
+    let mut report = Vec::new();
+    for w in &args.workloads {
+        let run = Run { workload: w.clone(), lock: "split", fault_lock, cpus: 1, pair: None };
+        let run2 = Run { workload: w.clone(), lock: "split", fault_lock, cpus: 2, pair: None };
+        let shape = Windows { windows, mib, rounds: rounds_for(args, w), window_ms: args.window_ms };
+        let machine1 =
+            with_kernel_args(machine(&run, &shape, image.clone(), accel, &args.qemu_args), &args.kernel_args);
+        let machine2 =
+            with_kernel_args(machine(&run2, &shape, image.clone(), accel, &args.qemu_args), &args.kernel_args);
+        let name = |what: &str| format!("bench-{w}-ceiling-{what}");
+        let mut rows = Vec::new();
+        for k in 1..=rounds {
+            let (alone, _) = boot(qemu_bin, &machine1, &name(&format!("{k}-alone")), &run, args.timeout)?;
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| boot(qemu_bin, &machine1, &name(&format!("{k}-a")), &run, args.timeout));
+                let b = s.spawn(|| boot(qemu_bin, &machine1, &name(&format!("{k}-b")), &run, args.timeout));
+                (a.join().expect("boot thread"), b.join().expect("boot thread"))
+            });
+            let (smp2, _) = boot(qemu_bin, &machine2, &name(&format!("{k}-2cpu")), &run2, args.timeout)?;
+            let (two, alone, smp2) = (rate(&a?.0) + rate(&b?.0), rate(&alone), rate(&smp2));
+            if alone <= 0.0 || two <= 0.0 {
+                bail!("{w}: a 1-vCPU boot of round {k} measured no faults");
+            }
+            println!(
+                "xtask: ceiling {w} round {k}/{rounds}: one 1-vCPU VM {alone:.0} faults/s; two at once {two:.0} in all ({:.2}x); one 2-vCPU VM {smp2:.0} ({:.2}x, {:.0}% of two VMs)",
+                two / alone,
+                smp2 / alone,
+                100.0 * smp2 / two
+            );
+            rows.push(json!({
+                "round": k, "alone": alone, "two_at_once": two, "ratio": two / alone,
+                "two_vcpus": smp2, "ratio_2vcpu": smp2 / alone, "two_vcpus_of_two_vms": smp2 / two,
+            }));
+        }
+        let stats = |key: &str| {
+            let v: Vec<f64> = rows.iter().filter_map(|r| r[key].as_f64()).collect();
+            ratio_stats(&v).expect("at least one round")
+        };
+        let ((med, spread), (med2, spread2), (share, _)) =
+            (stats("ratio"), stats("ratio_2vcpu"), stats("two_vcpus_of_two_vms"));
+        report.push(json!({
+            "workload": w, "median": med, "spread": spread, "median_2vcpu": med2, "spread_2vcpu": spread2,
+            "median_two_vcpus_of_two_vms": share, "rounds": rows,
+        }));
+    }
+    println!(
+        "\nhost ceiling for 1 -> 2 vCPU scaling ({accel}; two 1-vCPU VMs that share only the host, at once, against one alone), and one 2-vCPU VM in the same rounds ({windows} windows of {mib} MiB per thread)"
+    );
+    for r in &report {
+        let list = |key: &str| -> String {
+            let v: Vec<String> = r["rounds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{:.2}", x[key].as_f64().unwrap_or(0.0)))
+                .collect();
+            v.join(", ")
+        };
+        let f = |key: &str| r[key].as_f64().unwrap_or(0.0);
+        println!(
+            "  {:<18} two VMs: median {:.2}x, spread {:.2} ({}); one 2-vCPU VM: median {:.2}x, spread {:.2} ({}); median {:.0}% of two VMs",
+            r["workload"].as_str().unwrap_or(""),
+            f("median"),
+            f("spread"),
+            list("ratio"),
+            f("median_2vcpu"),
+            f("spread_2vcpu"),
+            list("ratio_2vcpu"),
+            100.0 * f("median_two_vcpus_of_two_vms")
+        );
+    }
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("ceiling.json");
+    let doc = json!({ "accel": accel.to_string(), "windows": windows, "mib": mib, "workloads": report });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    println!("xtask: wrote {}", path.display());
     Ok(true)
 }
 
@@ -1595,6 +1728,28 @@ mod tests {
         let a = args_of(&m);
         assert!(a.iter().any(|a| a == "tcg,thread=single"), "{a:?}");
         assert!(a.windows(2).any(|w| w[0] == "-icount" && w[1] == "shift=0"), "{a:?}");
+    }
+
+    #[test]
+    fn kernel_args_go_on_the_machines_command_line() {
+        let args = parse(&["--cpus", "2", "--kernel-arg", "spinlock=tas", "--kernel-arg", "watchdog=off"]).unwrap();
+        let run = &plan(&args).unwrap()[0];
+        let w = Windows { windows: 1, mib: 16, rounds: 1, window_ms: 0 };
+        let m = with_kernel_args(machine(run, &w, PathBuf::from("k.img"), Accel::Tcg, &[]), &args.kernel_args);
+        assert!(m.cmdline.starts_with("mode=bench workload=disjoint"), "{}", m.cmdline);
+        assert!(m.cmdline.ends_with(" spinlock=tas watchdog=off"), "{}", m.cmdline);
+    }
+
+    #[test]
+    fn ceiling_measures_the_host_so_it_runs_alone() {
+        for flags in [&["--pairs", "3"][..], &["--check"][..], &["--quick"][..], &["--icount"][..]] {
+            let args: Vec<&str> = ["--ceiling", "2"].into_iter().chain(flags.iter().copied()).collect();
+            let err = plan(&parse(&args).unwrap()).err().unwrap().to_string();
+            assert!(err.contains("--ceiling with") && err.contains("no target verdicts"), "{flags:?}: {err}");
+        }
+        let err = plan(&parse(&["--ceiling", "0"]).unwrap()).err().unwrap().to_string();
+        assert!(err.contains("--ceiling take"), "{err}");
+        assert!(plan(&parse(&["--ceiling", "3", "--workloads", "disjoint"]).unwrap()).is_ok());
     }
 
     #[test]
