@@ -113,8 +113,7 @@ mod tests {
     fn alloc_free_stress() {
         // Nothing else may free heap memory meanwhile (exited tasks of
         // earlier tests are released by their CPUs asynchronously).
-        crate::workload::storm::settle();
-        let before = super::used();
+        let before = crate::workload::storm::settled_heap_usage();
         let mut seed = 0x1234_5678_9abc_def0u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -159,9 +158,9 @@ mod tests {
     #[ktest]
     fn injected_heap_failures_hit_only_fallible_allocations() {
         use mm::ptlock::FailSite;
-        crate::workload::storm::settle();
+        let before = crate::workload::storm::settled_heap_usage();
         let inject = mm::phys().fault_inject();
-        let (before, injected) = (super::used(), inject.injected_at(FailSite::Heap));
+        let injected = inject.injected_at(FailSite::Heap);
         inject.set_rate(FailSite::Heap, 4);
         let mut failed = 0;
         for i in 0..400 {

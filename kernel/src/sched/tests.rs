@@ -86,10 +86,9 @@ fn thousands_of_tasks_leave_nothing_behind() {
     };
     // Warm-up: every lazily built structure reaches its working size first.
     churn(0);
-    crate::workload::storm::settle();
+    let heap_before = crate::workload::storm::settled_heap_usage();
     let tasks_before = task::LIVE_TASKS.load(Ordering::SeqCst);
     let stacks_before = task::LIVE_STACKS.load(Ordering::SeqCst);
-    let heap_before = crate::boot::heap::used();
     for round in 1..40 {
         churn(round);
     }

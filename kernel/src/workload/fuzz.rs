@@ -118,8 +118,8 @@ mod tests {
         // (a process-table node, say), is not a leak.
         let warm: Vec<Fuzzer> = cpus.iter().map(|&c| start(c, fuzzer_seed(!seed, c), 64).expect("a fuzzer")).collect();
         drop(warm.into_iter().map(Fuzzer::join).collect::<Vec<_>>());
-        settle();
-        let (frames, heap, ptls) = (mm::nr_free_pages(), crate::boot::heap::used(), mm::phys().nr_allocated_ptlocks());
+        let heap = crate::workload::storm::settled_heap_usage();
+        let (frames, ptls) = (mm::nr_free_pages(), mm::phys().nr_allocated_ptlocks());
         let fuzzers: Vec<Fuzzer> =
             cpus.iter().map(|&c| start(c, fuzzer_seed(seed, c), CALLS).expect("a fuzzer")).collect();
         let n = cpus.len().max(2) as u64;

@@ -106,8 +106,8 @@ fn storms_under_failure_injection_end_in_oom_kills_and_leak_nothing() {
         run_one(&s, &mut warm_up);
     }
     assert_eq!(warm_up.threads_killed + warm_up.setup_failed, 0, "storms fail without injection: {warm_up:?}");
-    settle();
-    let (frames, heap, ptls) = (mm::nr_free_pages(), crate::boot::heap::used(), mm::phys().nr_allocated_ptlocks());
+    let heap = crate::workload::storm::settled_heap_usage();
+    let (frames, ptls) = (mm::nr_free_pages(), mm::phys().nr_allocated_ptlocks());
     let injected_before = FailSite::ALL.map(|s| inject.injected_at(s));
     inject.set_seed(seed);
     inject.configure(spec).expect("a valid fail= spec");

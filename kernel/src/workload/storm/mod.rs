@@ -234,6 +234,25 @@ pub fn settle_heap(baseline: usize) -> usize {
     }
 }
 
+/// [`settle`]s until two settles in a row leave the heap's usage unchanged
+/// (or 30 s have passed) and returns it: a baseline that work still
+/// finishing on other CPUs (an idle loop shrinking a run queue, an exited
+/// task's last reference) will not move under a test that compares the
+/// heap's usage before and after.
+pub fn settled_heap_usage() -> usize {
+    let start = arch::time::now_ns();
+    settle();
+    let mut used = crate::boot::heap::used();
+    loop {
+        settle();
+        let now = crate::boot::heap::used();
+        if now == used || arch::time::now_ns() - start > 30_000_000_000 {
+            return now;
+        }
+        used = now;
+    }
+}
+
 /// The CPUs online now.
 pub fn online() -> Vec<usize> {
     arch::percpu::online_cpus().collect()
