@@ -569,8 +569,12 @@ pub mod fork {
     pub const ROLE_EXIT_GROUP: u64 = 4;
     /// The status `ROLE_EXIT_GROUP` ends its process with.
     pub const EXIT_GROUP_CODE: i64 = 77;
-    /// How long `ROLE_SPIN` spins (TSC cycles: about 20 s at 3 GHz).
-    pub const MEMBER_SPIN_CYCLES: u64 = 60_000_000_000;
+    /// How long `ROLE_SPIN` spins (TSC cycles: about 80 s at 3 GHz). Only a
+    /// kill that failed lets it run out (and then `escaped` says so, well
+    /// inside the test run's time limit); it is long so that a slow setup
+    /// on a busy host (8 vCPUs spinning on 2 cores while the waiter forks)
+    /// can never look like one.
+    pub const MEMBER_SPIN_CYCLES: u64 = 240_000_000_000;
 
     /// The `PROC_MEMBER` page at [`CONTROL_ADDR`].
     #[repr(C)]
