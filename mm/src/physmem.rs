@@ -172,15 +172,30 @@ impl PhysMem {
         self.allocator.free_blocks(order)
     }
 
-    /// Frees order-0 frames in one go (one per-CPU list lock for all).
+    /// Frees order-0 frames in one go (one per-CPU list lock per list with
+    /// frames in it), each given with its descriptor.
     ///
     /// # Safety
     ///
     /// The caller owns each frame (allocated at order 0, not yet freed) and
-    /// nothing uses them afterwards.
-    pub(crate) unsafe fn free_frames_bulk(&self, pfns: &[Pfn]) {
+    /// nothing uses them afterwards; each `page` is its `pfn`'s descriptor
+    /// (from [`PhysMem::page`]).
+    pub(crate) unsafe fn free_pages_bulk(&self, frames: &[(Pfn, &Page)]) {
         // SAFETY: forwarded from the caller.
-        unsafe { self.allocator.free_bulk(&self.memmap, pfns) };
+        unsafe { self.allocator.free_bulk(&self.memmap, frames) };
+    }
+
+    /// [`PhysMem::free_pages_bulk`] for frames given by number alone.
+    ///
+    /// # Safety
+    ///
+    /// As [`PhysMem::free_pages_bulk`] for each frame.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) unsafe fn free_frames_bulk(&self, pfns: &[Pfn]) {
+        let frames: alloc::vec::Vec<(Pfn, &Page)> =
+            pfns.iter().map(|&pfn| (pfn, self.page(pfn).expect("freeing a frame outside memmap"))).collect();
+        // SAFETY: forwarded from the caller; each descriptor is its frame's.
+        unsafe { self.free_pages_bulk(&frames) };
     }
 
     /// Returns the executing CPU's cached frames to the buddy.

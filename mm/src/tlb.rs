@@ -358,7 +358,14 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         // above removed every cached translation of it: the mapping's
         // reference is the gather's to drop. Order-0 frames whose last
         // reference that was go back in batches, one per-CPU list lock each.
-        let mut batch = [Pfn::new(0); PCP_BATCH];
+        if self.pages.len == 0 {
+            return;
+        }
+        // Each frame goes with the descriptor `pop` found it by, so the
+        // free does not look it up again. The entries past `n` are never
+        // read; the zero page's descriptor only fills the array.
+        let filler = (phys.zero_pfn(), phys.page(phys.zero_pfn()).expect("the zero page is in the memmap"));
+        let mut batch = [filler; PCP_BATCH];
         let mut n = 0;
         while let Some((pfn, order, page)) = self.pages.pop(self.mm) {
             if !PhysMem::put_page_testzero(page, pfn) {
@@ -366,12 +373,13 @@ impl<'m, 'p> MmuGather<'m, 'p> {
                 continue;
             }
             if order == 0 {
-                batch[n] = pfn;
+                batch[n] = (pfn, page);
                 n += 1;
                 if n == batch.len() {
                     // SAFETY: the last reference is gone (above): the gather
-                    // owns each frame, and frees each once.
-                    unsafe { phys.free_frames_bulk(&batch) };
+                    // owns each frame, and frees each once, with the
+                    // descriptor `pop` looked it up by.
+                    unsafe { phys.free_pages_bulk(&batch) };
                     n = 0;
                 }
             } else {
@@ -379,8 +387,8 @@ impl<'m, 'p> MmuGather<'m, 'p> {
             }
         }
         // SAFETY: the batch's last frames, each one whose last reference the
-        // gather just dropped (above), freed once.
-        unsafe { phys.free_frames_bulk(&batch[..n]) };
+        // gather just dropped (above), freed once with its own descriptor.
+        unsafe { phys.free_pages_bulk(&batch[..n]) };
     }
 
     /// Linux `tlb_flush_mmu_tlbonly`: the shoot-down alone. The gathered

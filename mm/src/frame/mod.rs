@@ -203,8 +203,9 @@ impl FrameAllocator {
     /// nothing uses it afterwards.
     pub(crate) unsafe fn free(&self, map: &MemMap, pfn: Pfn, order: usize) {
         if order == 0 {
-            // SAFETY: forwarded from the caller.
-            return unsafe { self.free_bulk(map, &[pfn]) };
+            let page = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
+            // SAFETY: forwarded from the caller; `page` is `pfn`'s descriptor.
+            return unsafe { self.free_bulk(map, &[(pfn, page)]) };
         }
         for i in 0..1u64 << order {
             release(map, pfn.add(i), map.pfn_to_page(pfn.add(i)).expect("freeing a frame outside memmap"));
@@ -233,13 +234,16 @@ impl FrameAllocator {
     ///
     /// # Safety
     ///
-    /// As [`FrameAllocator::free`] for each frame (order 0).
-    pub(crate) unsafe fn free_bulk(&self, map: &MemMap, pfns: &[Pfn]) {
-        if pfns.is_empty() {
+    /// As [`FrameAllocator::free`] for each frame (order 0), and each
+    /// `(pfn, page)` pairs a frame with its own descriptor in `map` (the
+    /// caller looked it up already: a `munmap`'s gather has, and freeing
+    /// tens of thousands of frames should not look each up twice).
+    pub(crate) unsafe fn free_bulk(&self, map: &MemMap, frames: &[(Pfn, &Page)]) {
+        if frames.is_empty() {
             return;
         }
         let me = self.local_index();
-        for chunk in pfns.chunks(FREE_CHUNK) {
+        for chunk in frames.chunks(FREE_CHUNK) {
             // Our own list first, noting the frames of other lists, then one
             // visit per other list with frames in the chunk (usually none).
             // Never two list locks at once.
@@ -267,7 +271,7 @@ impl FrameAllocator {
         &self,
         map: &MemMap,
         home: usize,
-        chunk: &[Pfn],
+        chunk: &[(Pfn, &Page)],
         away: &mut [u8; FREE_CHUNK],
         only: Option<usize>,
     ) -> Option<(usize, usize)> {
@@ -278,8 +282,11 @@ impl FrameAllocator {
         let n = only.unwrap_or(chunk.len());
         for k in 0..n {
             let i = if only.is_some() { away[k] as usize } else { k };
-            let pfn = chunk[i];
-            let p = map.pfn_to_page(pfn).expect("freeing a frame outside memmap");
+            let (pfn, p) = chunk[i];
+            debug_assert!(
+                map.pfn_to_page(pfn).is_some_and(|d| core::ptr::eq(d, p)),
+                "freeing {pfn:?} with another frame's descriptor"
+            );
             if Self::home_of(p) != home {
                 if kept == 0 {
                     next_home = Self::home_of(p);

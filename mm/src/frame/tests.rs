@@ -199,6 +199,22 @@ fn a_recycling_cpu_grows_its_list_up_to_the_maximum_and_a_drain_resets_it() {
     assert_eq!(p.nr_free_pages(), before, "nothing lost");
 }
 
+/// A bulk free trusts the descriptor given with each frame (the gather's,
+/// so the free does not look it up again); a debug build checks that it is
+/// the frame's own.
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "with another frame's descriptor")]
+fn a_bulk_free_given_another_frames_descriptor_is_caught() {
+    let m = TestMachine::new();
+    let (a, _) = m.phys.alloc_pages(0).unwrap().into_raw();
+    let (b, _) = m.phys.alloc_pages(0).unwrap().into_raw();
+    let wrong = m.phys.page(b).unwrap();
+    // SAFETY: deliberately pairs `a` with `b`'s descriptor to check that the
+    // allocator refuses it before touching either.
+    unsafe { m.phys.free_pages_bulk(&[(a, wrong)]) };
+}
+
 #[test]
 #[should_panic(expected = "double free")]
 fn bulk_double_free_is_caught() {
