@@ -459,7 +459,7 @@ impl<T> SpinLock<T> {
     /// that mixes both: a model must not flip the process-wide mode under
     /// the models running beside it (and a host test must not flip it under
     /// the tests beside it).
-    #[cfg(any(loom, test))]
+    #[cfg(test)]
     pub(crate) fn lock_in_mode(&self, test_and_set: bool) -> SpinLockGuard<'_, T> {
         let raw = self.raw.lock_inner(LockLevel::from_u8(self.level), false, test_and_set);
         SpinLockGuard { raw, data: &self.data }
