@@ -223,15 +223,7 @@ pub fn settle() {
 /// those vCPUs off its cores; a leak stays (and only a failing run waits
 /// the whole 30 s).
 pub fn settle_heap(baseline: usize) -> usize {
-    let start = arch::time::now_ns();
-    loop {
-        settle();
-        let used = crate::boot::heap::used();
-        if used == baseline || arch::time::now_ns() - start > 30_000_000_000 {
-            return used;
-        }
-        arch::time::delay_us(10_000);
-    }
+    settle_heap_until(|used| used == baseline)
 }
 
 /// [`settle`]s until two settles in a row leave the heap's usage unchanged
@@ -240,16 +232,21 @@ pub fn settle_heap(baseline: usize) -> usize {
 /// task's last reference) will not move under a test that compares the
 /// heap's usage before and after.
 pub fn settled_heap_usage() -> usize {
+    let mut last = None;
+    settle_heap_until(|used| last.replace(used) == Some(used))
+}
+
+/// [`settle`]s until `done` accepts the heap's bytes in use, or 30 s have
+/// passed; returns the bytes in use then.
+fn settle_heap_until(mut done: impl FnMut(usize) -> bool) -> usize {
     let start = arch::time::now_ns();
-    settle();
-    let mut used = crate::boot::heap::used();
     loop {
         settle();
-        let now = crate::boot::heap::used();
-        if now == used || arch::time::now_ns() - start > 30_000_000_000 {
-            return now;
+        let used = crate::boot::heap::used();
+        if done(used) || arch::time::now_ns() - start > 30_000_000_000 {
+            return used;
         }
-        used = now;
+        arch::time::delay_us(10_000);
     }
 }
 
