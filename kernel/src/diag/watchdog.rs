@@ -13,12 +13,13 @@
 //!   interrupt handler): every CPU counts its ticks ([`tick`]) and watches
 //!   one buddy, the next CPU online (Linux's buddy hard-lockup detector):
 //!   if the buddy's count has not moved for [`TICK_LIMIT_SECS`] of the
-//!   watcher's own ticks, the buddy is locked up. Only a CPU's own clock is
-//!   ever compared with itself: QEMU's vCPUs do not share one TSC (an AP's
-//!   starts when it is started), and a host that pauses the whole machine
-//!   pauses the watcher's ticks too. Code that legitimately keeps
-//!   interrupts off for long while making progress says so with [`touch`]
-//!   (the cross-CPU barrier does, each round).
+//!   watcher's own ticks, the buddy is locked up. Counted in ticks, not in
+//!   TSC time (though the CPUs' TSCs agree, see the smp test
+//!   `tsc_never_goes_backwards_across_cpus`): a host that pauses the whole
+//!   machine pauses the watcher's ticks too, so a pause is never taken for
+//!   a lockup. Code that legitimately keeps interrupts off for long while
+//!   making progress says so with [`touch`] (the cross-CPU barrier does,
+//!   each round).
 //!
 //! Either way, the first CPU to notice stops every other CPU with an NMI
 //! (`arch::ipi::stop_other_cpus_reporting`), and each of them prints, one at

@@ -1,5 +1,6 @@
 //! SMP tests: every CPU online and answering, IPIs, the barrier, the timer,
-//! and TLB shoot-down correctness, deadlock freedom and stress.
+//! the TSCs agreeing, and TLB shoot-down correctness, deadlock freedom and
+//! stress.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -146,6 +147,52 @@ fn barrier_keeps_cpus_in_step() {
             barrier.wait();
         }
     });
+}
+
+/// Every CPU's TSC counts from the same origin: no CPU ever reads a TSC
+/// value below one another CPU has already read (Linux's `check_tsc_warp`,
+/// all CPUs at once, each reading and publishing under one lock). The
+/// bench's window spans the first thread's start on one CPU to the last
+/// thread's end on another (`Outcome::span_cycles`), and the storm tests'
+/// overlap checks compare TSCs across CPUs too: an offset between CPUs
+/// would add to, or hide in, those spans.
+#[ktest]
+fn tsc_never_goes_backwards_across_cpus() {
+    // Each CPU reads for this many of its own TSC cycles (about 20 ms),
+    // long enough to interleave with the others however the host runs them.
+    let span = 20_000 * arch::time::tsc_per_us().unwrap_or(1);
+    // The largest value read so far, and how far below it a later read was.
+    let last = Mutex::new(0u64);
+    let worst = AtomicU64::new(0);
+    let (reads, warps) = (AtomicU64::new(0), AtomicU64::new(0));
+    let barrier = Barrier::new(online());
+    on_each_cpu(|| {
+        barrier.wait();
+        let start = arch::time::rdtsc();
+        loop {
+            let (prev, now) = {
+                let mut last = last.lock();
+                let prev = *last;
+                let now = arch::time::rdtsc();
+                *last = now.max(prev);
+                (prev, now)
+            };
+            reads.fetch_add(1, Ordering::Relaxed);
+            if now < prev {
+                warps.fetch_add(1, Ordering::Relaxed);
+                worst.fetch_max(prev - now, Ordering::Relaxed);
+            }
+            if now.wrapping_sub(start) > span {
+                break;
+            }
+        }
+    });
+    let (warps, worst, reads) = (warps.into_inner(), worst.into_inner(), reads.into_inner());
+    log::info!("tsc: {reads} reads on {} CPUs, {warps} went backwards (worst by {worst} cycles)", online());
+    assert_eq!(
+        warps, 0,
+        "{warps} of {reads} TSC reads were below one another CPU had read, the worst by {worst} cycles"
+    );
 }
 
 /// The local-APIC timer ticks on every CPU at roughly TICK_HZ. Never more
