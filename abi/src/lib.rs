@@ -418,7 +418,9 @@ pub mod storm {
         pub len: u64,
         /// Threads taking part (barrier parties).
         pub threads: u64,
-        /// Rounds (each starts with a barrier).
+        /// Rounds (each starts with a barrier). In `MODE_CYCLE`, with
+        /// `duration_cycles`, `u64::MAX` makes each thread cycle until its
+        /// time is up (the bench's `disjoint` windows).
         pub rounds: u64,
         /// `map::*` flags for the mappings the program makes itself.
         pub map_flags: u64,
@@ -483,6 +485,10 @@ pub mod storm {
         pub gup_checks: u64,
         /// System calls that failed with `-ENOMEM` (only with `tolerate_oom`).
         pub oom: u64,
+        /// TSC cycles of the timed part spent waiting at barriers for the
+        /// other threads (and, with `unmap_each_round`, for thread 0's
+        /// munmap): time in the window this thread did none of its work.
+        pub waited_cycles: u64,
     }
 
     /// Calls `f` with the address of every page thread `i` touches in

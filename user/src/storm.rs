@@ -60,21 +60,21 @@ fn dontneed(start: u64, end: u64) -> u64 {
 /// `MODE_TOUCH_DONTNEED`'s zap (see `abi::storm`): thread `i`'s own block
 /// with `PATTERN_BLOCKS`, else every `threads`-th 2 MiB region from the
 /// `i`-th, between two barriers. Returns the failed `madvise` calls.
-fn dontneed_share(p: &Params, i: u64) -> u64 {
+fn dontneed_share(p: &Params, i: u64, out: &mut Report) -> u64 {
     let n = p.threads.max(1);
     let end = p.base + p.len;
     if p.pattern == storm::PATTERN_BLOCKS {
         let per = p.len / PAGE / n * PAGE;
         return dontneed(p.base + i * per, p.base + (i + 1) * per);
     }
-    sys::barrier(4, p.threads);
+    wait_for_all(4, p, out);
     let mut failed = 0;
     let mut region = p.base + i * HUGE;
     while region < end {
         failed += dontneed(region, (region + HUGE).min(end));
         region += n * HUGE;
     }
-    sys::barrier(5, p.threads);
+    wait_for_all(5, p, out);
     failed
 }
 
@@ -83,6 +83,14 @@ fn dontneed_share(p: &Params, i: u64) -> u64 {
 fn tsc() -> u64 {
     // SAFETY: `rdtsc` has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Waits at barrier `id` of the timed part for every thread, and counts the
+/// wait in `out.waited_cycles`.
+fn wait_for_all(id: u64, p: &Params, out: &mut Report) {
+    let t = tsc();
+    sys::barrier(id, p.threads);
+    out.waited_cycles += tsc().wrapping_sub(t);
 }
 
 /// Whether `deadline` (0: none) has passed.
@@ -264,7 +272,7 @@ pub fn run(index: u64) -> isize {
                             out.mismatches += 1;
                         }
                     });
-                    sys::barrier(1, p.threads);
+                    wait_for_all(1, &p, &mut out);
                 }
                 // Past the deadline the remaining pages are skipped, and only
                 // the pages touched are checked (both walks go in the same
@@ -313,7 +321,8 @@ pub fn run(index: u64) -> isize {
                     }
                 });
                 if mode == storm::MODE_TOUCH_DONTNEED {
-                    out.mismatches += dontneed_share(&p, index);
+                    let failed = dontneed_share(&p, index, &mut out);
+                    out.mismatches += failed;
                     // Threads with blocks of their own wait for nobody, so
                     // past the deadline they stop; with shared tables every
                     // thread takes part in every round's barriers.
@@ -324,7 +333,7 @@ pub fn run(index: u64) -> isize {
             }
         }
         if p.unmap_each_round != 0 {
-            sys::barrier(2, p.threads);
+            wait_for_all(2, &p, &mut out);
             if index == 0 {
                 if bad(sys::munmap(p.base as usize, p.len as usize), 0, &p, &mut out) {
                     out.mismatches += 1;
@@ -337,14 +346,14 @@ pub fn run(index: u64) -> isize {
                     }
                 }
             }
-            sys::barrier(3, p.threads);
+            wait_for_all(3, &p, &mut out);
         } else if p.remap_between_rounds != 0 && round + 1 < p.rounds {
-            sys::barrier(2, p.threads);
+            wait_for_all(2, &p, &mut out);
             if index == 0 {
                 let flags = abi::map::FIXED | p.map_flags as usize;
                 sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags);
             }
-            sys::barrier(3, p.threads);
+            wait_for_all(3, &p, &mut out);
         }
     }
     out.end_cycles = sys::cycles();

@@ -75,9 +75,12 @@ pub struct BenchArgs {
     /// 2 MiB regions). Default 128, 16 with `--quick`.
     #[arg(long)]
     mib: Option<u64>,
-    /// Passes per window. Default: 4 for `disjoint` (each pass maps, touches
-    /// and unmaps the thread's region, will-it-scale's loop; longer windows
-    /// average out host noise and the threads' finishing spread),
+    /// Passes per window; 0: as many as fit in `--window-ms`, each thread
+    /// stopping when the time is up (only `disjoint`, whose threads wait for
+    /// nobody). Default: 0 for `disjoint` (each pass maps, touches and unmaps
+    /// the thread's region, will-it-scale's loop, which also counts a fixed
+    /// time's work: with a fixed number of passes the thread the host ran
+    /// faster would sit idle until the slower one finished); 4 for
     /// `same-table` (each pass: every thread touches its interleaved pages,
     /// a barrier, thread 0 munmaps the region and maps it again, a barrier;
     /// will-it-scale's shared case, the munmap timed) and the madvise
@@ -169,6 +172,7 @@ fn kernel_arg(s: &str) -> Result<String, String> {
 }
 
 /// One (workload, lock, fault lock, cpus) measurement.
+#[derive(Debug)]
 pub(crate) struct Run {
     pub(crate) workload: String,
     pub(crate) lock: &'static str,
@@ -241,6 +245,9 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     }
     if args.cpus.iter().any(|&c| c == 0 || c > 64) {
         bail!("--cpus takes counts in 1..=64");
+    }
+    for w in &args.workloads {
+        check_rounds(w, rounds_for(args, w), args.window_ms)?;
     }
     if let Some(mib) = args.mib
         && (mib == 0 || mib % 2 != 0)
@@ -378,9 +385,18 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     let present_counted = counts_present(&run.workload);
     let (mut rates, mut fault_rates): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     let (mut faults, mut cycles, mut present, mut lost, mut spurious) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    // CPU time the threads spent waiting, over all windows (None: a kernel
+    // that does not report it).
+    let mut waiting = Some(0u64);
     for (i, w) in windows.iter().enumerate() {
         let f = w["faults"].as_u64().unwrap_or(0);
         let c = w["cycles"].as_u64().unwrap_or(0).max(1);
+        if let Some(wait) = w["waiting_cycles"].as_u64()
+            && wait > c * u64::from(run.cpus)
+        {
+            bail!("window {}: threads waited {wait} cycles, more than {} CPUs x {c} cycles", i + 1, run.cpus);
+        }
+        waiting = waiting.zip(w["waiting_cycles"].as_u64()).map(|(a, b)| a + b);
         let secs = c as f64 / tsc_per_us / 1e6;
         faults += f;
         cycles += c;
@@ -457,6 +473,10 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "spurious_faults": spurious,
         "lost_races_per_window": lost as f64 / n_windows,
         "spurious_faults_per_window": spurious as f64 / n_windows,
+        // Share of the CPUs' time in the windows the threads spent waiting
+        // (barriers, thread 0's munmap, uneven finishes): what a 1 -> 2
+        // ratio loses to the workload's serial parts.
+        "waiting_share": waiting.map(|w| w as f64 / (cycles as f64 * f64::from(run.cpus))),
         "cycles_per_fault_mean": raw["cycles_per_fault_mean"],
         "cycles_per_fault_p99": raw["cycles_per_fault_p99"],
         "windows": windows,
@@ -471,12 +491,40 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
 
 /// Passes per window for `workload` (see `BenchArgs::rounds`).
 fn rounds_for(args: &BenchArgs, workload: &str) -> u64 {
-    args.rounds.unwrap_or(default_rounds(workload, args.quick)).max(1)
+    args.rounds.unwrap_or(default_rounds(workload, args.quick))
 }
+
+/// `--rounds 0`: each thread makes passes until the window's time is up.
+pub(crate) const UNTIL_WINDOW_ENDS: u64 = 0;
 
 /// The default passes per window of `workload` (see `BenchArgs::rounds`).
 pub(crate) fn default_rounds(workload: &str, quick: bool) -> u64 {
-    if quick || !(workload == "disjoint" || workload == "same-table" || is_madvise(workload)) { 1 } else { 4 }
+    match workload {
+        _ if quick => 1,
+        "disjoint" => UNTIL_WINDOW_ENDS,
+        w if w == "same-table" || is_madvise(w) => 4,
+        _ => 1,
+    }
+}
+
+/// Refuses windows the kernel cannot time: a window of passes until the
+/// time is up needs a time, and threads that meet at barriers cannot each
+/// stop on their own clock (only `disjoint`'s wait for nobody).
+pub(crate) fn check_rounds(workload: &str, rounds: u64, window_ms: u64) -> Result<()> {
+    if rounds != UNTIL_WINDOW_ENDS {
+        return Ok(());
+    }
+    if workload != "disjoint" {
+        bail!(
+            "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass, so they cannot each stop when their time is up; only disjoint can (give {workload} a pass count, e.g. --rounds 4)"
+        );
+    }
+    if window_ms == 0 {
+        bail!(
+            "disjoint with --window-ms 0: its windows are the passes made until the window's time is up, so they need a time; give --window-ms (default 2000) or a pass count with --rounds"
+        );
+    }
+    Ok(())
 }
 
 /// The shape of a run's windows (the bench's `--windows`, `--mib`,
@@ -486,6 +534,18 @@ pub(crate) struct Windows {
     pub(crate) mib: u64,
     pub(crate) rounds: u64,
     pub(crate) window_ms: u64,
+}
+
+impl Windows {
+    /// How a window's passes end, in words ("4 passes", or "passes for
+    /// 2000 ms").
+    pub(crate) fn passes(&self) -> String {
+        if self.rounds == UNTIL_WINDOW_ENDS {
+            format!("passes for {} ms", self.window_ms)
+        } else {
+            format!("{} passes", self.rounds)
+        }
+    }
 }
 
 /// The QEMU machine of one boot of `run` (`cargo xtask profile` boots the
@@ -612,11 +672,15 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 String::new()
             };
             println!(
-                "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean{reclaimed}, {:.1} s, host {host:.2}",
+                "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean{reclaimed}{}, {:.1} s, host {host:.2}",
                 rec["faults_per_sec"].as_f64().unwrap(),
                 rec["faults_per_sec_min"].as_f64().unwrap(),
                 rec["faults_per_sec_max"].as_f64().unwrap(),
                 rec["cycles_per_fault_mean"].as_f64().unwrap_or(0.0),
+                rec["waiting_share"]
+                    .as_f64()
+                    .map(|w| format!(", threads waiting {:.1}%", 100.0 * w))
+                    .unwrap_or_default(),
                 elapsed.as_secs_f64()
             );
             if kept.as_ref().is_none_or(|(h, _)| host > *h) {
@@ -820,7 +884,7 @@ fn print_table(report: &Value) {
         report["windows"]
     );
     println!(
-        "{:<18} {:<7} {:<10} {:>4} {:>4} {:>12} {:>12} {:>12} {:>11} {:>10} {:>9} {:>7} {:>7} {:>7}  top contended lock (spin share)",
+        "{:<18} {:<7} {:<10} {:>4} {:>4} {:>12} {:>12} {:>12} {:>11} {:>6} {:>10} {:>9} {:>7} {:>7} {:>7}  top contended lock (spin share)",
         "workload",
         "lock",
         "fault_lock",
@@ -830,6 +894,7 @@ fn print_table(report: &Value) {
         "min",
         "max",
         "per cpu",
+        "wait%",
         "cyc/fault",
         "p99",
         "lost",
@@ -865,7 +930,7 @@ fn print_table(report: &Value) {
         let pair = r["pair"].as_u64().map_or("-".to_string(), |k| k.to_string());
         let per_window = |k: &str| r[k].as_f64().map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<18} {:<7} {:<10} {:>4} {:>4} {:>12.0} {:>12.0} {:>12.0} {:>11.0} {:>10} {:>9} {:>7} {:>7} {:>7}  {}",
+            "{:<18} {:<7} {:<10} {:>4} {:>4} {:>12.0} {:>12.0} {:>12.0} {:>11.0} {:>6} {:>10} {:>9} {:>7} {:>7} {:>7}  {}",
             workload,
             r["lock"].as_str().unwrap_or(""),
             r["fault_lock"].as_str().unwrap_or(""),
@@ -875,6 +940,7 @@ fn print_table(report: &Value) {
             r["faults_per_sec_min"].as_f64().unwrap_or(0.0),
             r["faults_per_sec_max"].as_f64().unwrap_or(0.0),
             r["faults_per_sec_per_cpu"].as_f64().unwrap_or(0.0),
+            r["waiting_share"].as_f64().map_or("-".to_string(), |w| format!("{:.1}", 100.0 * w)),
             r["cycles_per_fault_mean"],
             r["cycles_per_fault_p99"],
             per_window("lost_races_per_window"),
@@ -1589,15 +1655,26 @@ mod tests {
     #[test]
     fn same_page_alone_has_one_pass_windows_by_default_and_rounds_overrides() {
         let args = parse(&[]).unwrap();
-        assert_eq!(rounds_for(&args, "disjoint"), 4);
+        assert_eq!(rounds_for(&args, "disjoint"), UNTIL_WINDOW_ENDS, "a fixed time's work, as will-it-scale");
         assert_eq!(rounds_for(&args, "madvise"), 4);
-        assert_eq!(rounds_for(&args, "same-table"), 4, "as long a window as disjoint's");
+        assert_eq!(rounds_for(&args, "same-table"), 4);
         assert_eq!(rounds_for(&args, "same-page"), 1);
         let args = parse(&["--rounds", "3"]).unwrap();
         assert_eq!(rounds_for(&args, "same-table"), 3);
+        assert_eq!(rounds_for(&args, "disjoint"), 3);
         assert_eq!(rounds_for(&parse(&["--quick"]).unwrap(), "same-table"), 1);
-        let args = parse(&["--rounds", "0"]).unwrap();
-        assert_eq!(rounds_for(&args, "disjoint"), 1, "at least one pass");
+        assert_eq!(rounds_for(&parse(&["--quick"]).unwrap(), "disjoint"), 1);
+    }
+
+    #[test]
+    fn only_disjoint_windows_can_end_with_their_time() {
+        assert!(plan(&parse(&["--workloads", "disjoint", "--rounds", "0"]).unwrap()).is_ok());
+        let e = plan(&parse(&["--workloads", "disjoint,same-table", "--rounds", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("with same-table"), "{e}");
+        let e = plan(&parse(&["--workloads", "disjoint", "--window-ms", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("--window-ms 0"), "{e}");
+        // A pass count needs no time limit.
+        assert!(plan(&parse(&["--workloads", "disjoint", "--window-ms", "0", "--rounds", "4"]).unwrap()).is_ok());
     }
 
     #[test]
@@ -1633,6 +1710,24 @@ mod tests {
             "windows": [w.clone(), w.clone(), w],
             "cycles_per_fault_mean": 10, "cycles_per_fault_p99": 20, "locks": {}, "mm": {}
         })
+    }
+
+    #[test]
+    fn waiting_is_a_share_of_the_cpus_time_in_the_windows() {
+        let run = Run { workload: "same-table".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
+        // Three windows of 1e6 cycles on 2 CPUs: 6e6 CPU cycles, 0.6e6 waited.
+        let mut raw = raw_windows(300, 256, 0, 0);
+        for (w, wait) in raw["windows"].as_array_mut().unwrap().iter_mut().zip([100_000, 200_000, 300_000]) {
+            w["waiting_cycles"] = json!(wait);
+        }
+        let r = summarize(&run, &raw).unwrap();
+        assert!((r["waiting_share"].as_f64().unwrap() - 0.1).abs() < 1e-12, "{}", r["waiting_share"]);
+        // An older kernel's result has no figure, and says so.
+        assert!(summarize(&run, &raw_windows(300, 256, 0, 0)).unwrap()["waiting_share"].is_null());
+        // More waiting than the CPUs had time is a broken result.
+        raw["windows"][1]["waiting_cycles"] = json!(2_000_001);
+        let e = summarize(&run, &raw).unwrap_err().to_string();
+        assert!(e.contains("window 2") && e.contains("more than 2 CPUs"), "{e}");
     }
 
     #[test]

@@ -68,8 +68,9 @@ pub struct ProfileArgs {
     /// MiB per thread or per shared region, as for the bench.
     #[arg(long, default_value_t = 128)]
     mib: u64,
-    /// Passes per window (default as for the bench: 4 for disjoint and the
-    /// madvise workloads, else 1).
+    /// Passes per window (default as for the bench: for disjoint, as many
+    /// as fit in `--window-ms` (0); 4 for same-table and the madvise
+    /// workloads; else 1).
     #[arg(long)]
     rounds: Option<u64>,
     /// A window ends after this many milliseconds (0: no limit).
@@ -129,6 +130,8 @@ pub fn run(args: ProfileArgs) -> Result<bool> {
     if !bench::WORKLOADS.contains(&args.workload.as_str()) {
         bail!("unknown workload {:?}; known: {}", args.workload, bench::WORKLOADS.join(", "));
     }
+    let rounds = args.rounds.unwrap_or(bench::default_rounds(&args.workload, false));
+    bench::check_rounds(&args.workload, rounds, args.window_ms)?;
     let (accel, why) = qemu::choose_accel_icount(args.icount, args.accel)?;
     let fault_lock = bench::FAULT_LOCKS.into_iter().find(|f| *f == args.fault_lock).expect("checked by clap");
     let config = BuildConfig { release: !args.debug, split_ptlock_cpus: args.split_ptlock_cpus, features: Vec::new() };
@@ -136,12 +139,7 @@ pub fn run(args: ProfileArgs) -> Result<bool> {
     let (elf, image) = build_kernel(&config, Firmware::Bios)?;
     println!("xtask: accelerator {accel}: {why}");
     let plan = Plan {
-        windows: Windows {
-            windows: args.windows.max(1),
-            mib: args.mib,
-            rounds: args.rounds.unwrap_or(bench::default_rounds(&args.workload, false)).max(1),
-            window_ms: args.window_ms,
-        },
+        windows: Windows { windows: args.windows.max(1), mib: args.mib, rounds, window_ms: args.window_ms },
         workload: args.workload,
         fault_lock,
         cpus: args.cpus,
@@ -185,8 +183,13 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
     let name = format!("{}profile-{}-{}cpu", plan.prefix, plan.workload, plan.cpus);
     let kernel_symbols = Symbolizer::new(elf);
     println!(
-        "xtask: profiling `{}` on {} vCPUs at {} Hz ({} windows of {} MiB x {} passes) ...",
-        plan.workload, plan.cpus, plan.rate, plan.windows.windows, plan.windows.mib, plan.windows.rounds
+        "xtask: profiling `{}` on {} vCPUs at {} Hz ({} windows of {} MiB, {}) ...",
+        plan.workload,
+        plan.cpus,
+        plan.rate,
+        plan.windows.windows,
+        plan.windows.mib,
+        plan.windows.passes()
     );
     let out = qemu::run(qemu_bin, &machine, &name, machine.limits(plan.timeout), kernel_symbols.as_ref(), false)?;
     if !out.kernel_succeeded() {

@@ -14,7 +14,9 @@
 //!
 //! Workloads (modelled on will-it-scale's page_fault1, threads variant):
 //! * `disjoint`: each thread repeatedly maps its own region (`mib` MiB),
-//!   writes one byte per 4 KiB page, unmaps it;
+//!   writes one byte per 4 KiB page, unmaps it; `rounds` times, or with
+//!   `rounds=0` (xtask's default) until the window's time is up, so that a
+//!   thread the host runs faster does not wait for a slower one;
 //! * `same-table` (will-it-scale's shared case): one region of `threads x
 //!   mib` MiB; thread `t` of `n` writes pages `t, t + n, t + 2n, ...` (`mib`
 //!   MiB worth), so all of them fault into the same PTE tables; every round
@@ -29,6 +31,12 @@
 //! * `madvise-same-table`: as `same-table` (interleaved pages of one shared
 //!   region), and between two barriers each thread `MADV_DONTNEED`s every
 //!   n-th 2 MiB region of it.
+//!
+//! Each window also reports the CPU time its threads spent waiting (at the
+//! barriers of `same-table`'s rounds, while thread 0 unmaps, or before the
+//! last thread finished; `Outcome::waiting_cycles`): the part of a 1 -> 2
+//! CPU ratio lost to the workload's serial parts rather than to slower
+//! faults.
 //!
 //! Each window also reports the pages its threads touched and the faults
 //! that needs at least, so xtask can check the fault count against them,
@@ -82,6 +90,9 @@ struct Window {
     lost_races: u64,
     /// Faults that found the access already allowed.
     spurious_faults: u64,
+    /// CPU time (TSC cycles over all threads) the threads spent not working
+    /// (`Outcome::waiting_cycles`).
+    waiting: u64,
 }
 
 fn spec(workload: &str, cpus: &[usize], mib: u64, rounds: u64) -> Option<Spec> {
@@ -158,11 +169,17 @@ pub fn run(c: &Cmdline) -> ExitCode {
         let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
         return super::fork::bench(windows, mib, profile_rate);
     }
-    let rounds = parse(c, "rounds", 1).max(1);
-    // A window ends after this long even if the threads have not touched
-    // their whole regions (will-it-scale samples fixed durations); fast runs
-    // finish their regions well before it.
+    // Passes per window; 0: each thread makes passes until the window's
+    // time is up (will-it-scale counts a fixed time's work), which only
+    // `disjoint`'s threads can do: the others meet at barriers every pass.
+    let rounds = parse(c, "rounds", 1);
+    // A window ends after this long even if the threads have not made their
+    // passes; fast runs finish them well before it.
     let window_ms = parse(c, "window_ms", 2000);
+    if rounds == 0 && (workload != "disjoint" || window_ms == 0) {
+        log::error!("bench: rounds=0 (passes until the window's time is up) needs workload=disjoint and window_ms > 0");
+        return ExitCode::Failure;
+    }
     // `profile=HZ` (`cargo xtask profile`): sample the timed windows on every
     // CPU, and dump the samples after the result.
     let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
@@ -174,16 +191,20 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let mut cpus = online();
     cpus.truncate(parse(c, "threads", cpus.len() as u64).clamp(1, cpus.len() as u64) as usize);
     let n = cpus.len();
-    let Some(spec) = spec(workload, &cpus, mib, rounds) else {
+    let Some(spec) = spec(workload, &cpus, mib, if rounds == 0 { u64::MAX } else { rounds }) else {
         log::error!(
             "bench: unknown workload {workload:?} (disjoint, same-table, same-page, madvise, madvise-same-table)"
         );
         return ExitCode::Failure;
     };
     log::info!(
-        "bench: {workload} on {n} CPUs, {mib} MiB per {} x {rounds} rounds, 1 warm-up + {windows} windows{}",
+        "bench: {workload} on {n} CPUs, {mib} MiB per {}, 1 warm-up + {windows} windows{}",
         if matches!(workload, "disjoint" | "madvise" | "same-table") { "thread" } else { "region" },
-        if window_ms > 0 { alloc::format!(" of at most {window_ms} ms") } else { String::new() },
+        match (rounds, window_ms) {
+            (0, _) => format!(" of passes for {window_ms} ms"),
+            (_, 0) => format!(" of {rounds} passes"),
+            _ => format!(" of {rounds} passes, at most {window_ms} ms"),
+        }
     );
     let mut results = Vec::new();
     // The address spaces' counters, summed over the timed windows.
@@ -235,12 +256,16 @@ pub fn run(c: &Cmdline) -> ExitCode {
             out.stats.lost_races - out.stats_before.lost_races,
             out.stats.spurious_faults - out.stats_before.spurious_faults,
         );
+        let waiting = out.waiting_cycles();
+        let idle_permille = waiting * 1000 / (cycles * out.reports.len() as u64).max(1);
         log::info!(
-            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us",
-            arch::time::cycles_to_ns(cycles) / 1000
+            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us, threads waiting {}.{}% of it",
+            arch::time::cycles_to_ns(cycles) / 1000,
+            idle_permille / 10,
+            idle_permille % 10
         );
         if w > 0 {
-            results.push(Window { faults, cycles, touched, min_faults, present, lost_races, spurious_faults });
+            results.push(Window { faults, cycles, touched, min_faults, present, lost_races, spurious_faults, waiting });
             add_counters(&mut mm_sum, &out.stats);
         }
     }
@@ -258,7 +283,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(
-            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{}}}",
+            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{},\"waiting_cycles\":{}}}",
             if i == 0 { "" } else { "," },
             w.faults,
             w.cycles,
@@ -266,7 +291,8 @@ pub fn run(c: &Cmdline) -> ExitCode {
             w.min_faults,
             w.present,
             w.lost_races,
-            w.spurious_faults
+            w.spurious_faults,
+            w.waiting
         );
     }
     let (halts, kicks) = mm::lock::halt_counts();

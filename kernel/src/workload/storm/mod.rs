@@ -100,6 +100,19 @@ impl Outcome {
         let end = self.reports.iter().map(|r| r.end_cycles).max().unwrap_or(0);
         end.saturating_sub(start)
     }
+
+    /// CPU time in the span (in TSC cycles, summed over the threads) that
+    /// threads spent not working: waiting at the timed part's barriers, or
+    /// not yet started or already finished while another thread ran. With
+    /// one thread per CPU, its share of `threads x span_cycles` is the
+    /// share of the CPUs the storm left idle.
+    pub fn waiting_cycles(&self) -> u64 {
+        let span = self.span_cycles();
+        self.reports
+            .iter()
+            .map(|r| span.saturating_sub(r.end_cycles.saturating_sub(r.start_cycles)) + r.waited_cycles)
+            .sum()
+    }
 }
 
 /// Why a storm could not run.

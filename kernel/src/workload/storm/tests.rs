@@ -128,8 +128,9 @@ fn storm_same_page() {
 /// ends with a barrier, thread 0's munmap of the region (and its re-mmap
 /// before the next round) and another barrier. Every round faults every page
 /// afresh, the region is gone at the end, every thread's end time comes
-/// after the last munmap, and the pages made present in the region are
-/// exactly the pages touched (so `same-page`'s count of them is right too).
+/// after the last munmap, the pages made present in the region are exactly
+/// the pages touched (so `same-page`'s count of them is right too), and
+/// every thread's time at the round barriers is counted as waiting.
 #[ktest]
 fn storm_bench_same_table_unmaps_each_round() {
     let cpus = online();
@@ -149,6 +150,16 @@ fn storm_bench_same_table_unmaps_each_round() {
         out.mappings.len()
     );
     assert_eq!(out.region_made_present(), out.touched(), "every page touched was made present once per round");
+    for (i, r) in out.reports.iter().enumerate() {
+        let timed = r.end_cycles - r.start_cycles;
+        assert!(
+            r.waited_cycles > 0 && r.waited_cycles < timed,
+            "thread {i} waited {} of {timed} cycles",
+            r.waited_cycles
+        );
+    }
+    let waited: u64 = out.reports.iter().map(|r| r.waited_cycles).sum();
+    assert!(out.waiting_cycles() >= waited, "{} waiting cycles, {waited} at barriers", out.waiting_cycles());
     // Same pages, every thread: each page made present once per round, however
     // many threads raced for it.
     let pages = 40;
