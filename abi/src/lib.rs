@@ -461,7 +461,9 @@ pub mod storm {
         /// last round's, so the unmaps and re-maps fall inside the timed
         /// span (will-it-scale's shared `page_fault1`, whose loop includes
         /// the munmap). A failed `munmap` or `mmap` is a mismatch. Takes
-        /// the place of `remap_between_rounds`.
+        /// the place of `remap_between_rounds`. Once thread 0's time is up
+        /// (`duration_cycles`), the round it is in is the last, for every
+        /// thread ([`Report::last_round`]).
         pub unmap_each_round: u64,
     }
 
@@ -489,6 +491,13 @@ pub mod storm {
         /// other threads (and, with `unmap_each_round`, for thread 0's
         /// munmap): time in the window this thread did none of its work.
         pub waited_cycles: u64,
+        /// With `unmap_each_round`: rounds this thread completed.
+        pub rounds: u64,
+        /// With `unmap_each_round`, thread 0's only: nonzero once it has
+        /// unmapped the region for the last time (after the last round, or
+        /// when its time was up); the others read it after the round's last
+        /// barrier and stop too, so all make the same rounds.
+        pub last_round: u64,
     }
 
     /// Calls `f` with the address of every page thread `i` touches in

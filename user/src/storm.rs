@@ -338,15 +338,27 @@ pub fn run(index: u64) -> isize {
                 if bad(sys::munmap(p.base as usize, p.len as usize), 0, &p, &mut out) {
                     out.mismatches += 1;
                 }
-                if round + 1 < p.rounds {
+                if round + 1 < p.rounds && !past(deadline) {
                     let flags = abi::map::FIXED | p.map_flags as usize;
                     let r = sys::mmap(p.base as usize, p.len as usize, abi::prot::READ | abi::prot::WRITE, flags);
                     if bad(r, p.base as isize, &p, &mut out) {
                         out.mismatches += 1;
                     }
+                } else {
+                    // Published before the barrier the others wait at.
+                    out.last_round = 1;
+                    // SAFETY: our own report slot; the others only read
+                    // this field, after the barrier below.
+                    unsafe { core::ptr::addr_of_mut!((*r).last_round).write_volatile(1) };
                 }
             }
             wait_for_all(3, &p, &mut out);
+            out.rounds += 1;
+            // SAFETY: the report area is mapped for every thread; thread 0
+            // wrote this field before the barrier we just passed.
+            if unsafe { core::ptr::addr_of!((*report(0)).last_round).read_volatile() } != 0 {
+                break;
+            }
         } else if p.remap_between_rounds != 0 && round + 1 < p.rounds {
             wait_for_all(2, &p, &mut out);
             if index == 0 {

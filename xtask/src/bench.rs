@@ -75,15 +75,16 @@ pub struct BenchArgs {
     /// 2 MiB regions). Default 128, 16 with `--quick`.
     #[arg(long)]
     mib: Option<u64>,
-    /// Passes per window; 0: as many as fit in `--window-ms`, each thread
-    /// stopping when the time is up (only `disjoint`, whose threads wait for
-    /// nobody). Default: 0 for `disjoint` (each pass maps, touches and unmaps
-    /// the thread's region, will-it-scale's loop, which also counts a fixed
-    /// time's work: with a fixed number of passes the thread the host ran
-    /// faster would sit idle until the slower one finished); 4 for
-    /// `same-table` (each pass: every thread touches its interleaved pages,
-    /// a barrier, thread 0 munmaps the region and maps it again, a barrier;
-    /// will-it-scale's shared case, the munmap timed) and the madvise
+    /// Passes per window; 0: as many as fit in `--window-ms` (`disjoint`:
+    /// each thread stops when its time is up; `same-table`: every thread
+    /// stops after the pass in which thread 0's time is up). Default: 0 for
+    /// `disjoint` (each pass maps, touches and unmaps the thread's region,
+    /// will-it-scale's loop, which also counts a fixed time's work: with a
+    /// fixed number of passes the thread the host ran faster would sit idle
+    /// until the slower one finished) and `same-table` (each pass: every
+    /// thread touches its interleaved pages, a barrier, thread 0 munmaps the
+    /// region and maps it again, a barrier; will-it-scale's shared case, the
+    /// munmap timed), so both windows are as long; 4 for the madvise
     /// workloads (each pass touches, then MADV_DONTNEEDs); 1 for same-page
     /// (one pass over a fresh shared mapping; more passes add a re-map by
     /// one thread between them); 1 for all with `--quick`.
@@ -501,27 +502,28 @@ pub(crate) const UNTIL_WINDOW_ENDS: u64 = 0;
 pub(crate) fn default_rounds(workload: &str, quick: bool) -> u64 {
     match workload {
         _ if quick => 1,
-        "disjoint" => UNTIL_WINDOW_ENDS,
-        w if w == "same-table" || is_madvise(w) => 4,
+        "disjoint" | "same-table" => UNTIL_WINDOW_ENDS,
+        w if is_madvise(w) => 4,
         _ => 1,
     }
 }
 
 /// Refuses windows the kernel cannot time: a window of passes until the
-/// time is up needs a time, and threads that meet at barriers cannot each
-/// stop on their own clock (only `disjoint`'s wait for nobody).
+/// time is up needs a time, and threads that meet at barriers need to agree
+/// on their last pass (`disjoint`'s wait for nobody; in `same-table` thread
+/// 0 decides).
 pub(crate) fn check_rounds(workload: &str, rounds: u64, window_ms: u64) -> Result<()> {
     if rounds != UNTIL_WINDOW_ENDS {
         return Ok(());
     }
-    if workload != "disjoint" {
+    if workload != "disjoint" && workload != "same-table" {
         bail!(
-            "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass, so they cannot each stop when their time is up; only disjoint can (give {workload} a pass count, e.g. --rounds 4)"
+            "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass with no way to agree on the last one; only disjoint and same-table can (give {workload} a pass count, e.g. --rounds 4)"
         );
     }
     if window_ms == 0 {
         bail!(
-            "disjoint with --window-ms 0: its windows are the passes made until the window's time is up, so they need a time; give --window-ms (default 2000) or a pass count with --rounds"
+            "{workload} with --window-ms 0: its windows are the passes made until the window's time is up, so they need a time; give --window-ms (default 2000) or a pass count with --rounds"
         );
     }
     Ok(())
@@ -1657,7 +1659,7 @@ mod tests {
         let args = parse(&[]).unwrap();
         assert_eq!(rounds_for(&args, "disjoint"), UNTIL_WINDOW_ENDS, "a fixed time's work, as will-it-scale");
         assert_eq!(rounds_for(&args, "madvise"), 4);
-        assert_eq!(rounds_for(&args, "same-table"), 4);
+        assert_eq!(rounds_for(&args, "same-table"), UNTIL_WINDOW_ENDS, "as long a window as disjoint's");
         assert_eq!(rounds_for(&args, "same-page"), 1);
         let args = parse(&["--rounds", "3"]).unwrap();
         assert_eq!(rounds_for(&args, "same-table"), 3);
@@ -1667,12 +1669,12 @@ mod tests {
     }
 
     #[test]
-    fn only_disjoint_windows_can_end_with_their_time() {
-        assert!(plan(&parse(&["--workloads", "disjoint", "--rounds", "0"]).unwrap()).is_ok());
-        let e = plan(&parse(&["--workloads", "disjoint,same-table", "--rounds", "0"]).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("with same-table"), "{e}");
-        let e = plan(&parse(&["--workloads", "disjoint", "--window-ms", "0"]).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("--window-ms 0"), "{e}");
+    fn only_disjoint_and_same_table_windows_can_end_with_their_time() {
+        assert!(plan(&parse(&["--workloads", "disjoint,same-table", "--rounds", "0"]).unwrap()).is_ok());
+        let e = plan(&parse(&["--workloads", "disjoint,madvise-same-table", "--rounds", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("with madvise-same-table"), "{e}");
+        let e = plan(&parse(&["--workloads", "same-table", "--window-ms", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("same-table with --window-ms 0"), "{e}");
         // A pass count needs no time limit.
         assert!(plan(&parse(&["--workloads", "disjoint", "--window-ms", "0", "--rounds", "4"]).unwrap()).is_ok());
     }

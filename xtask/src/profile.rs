@@ -68,8 +68,8 @@ pub struct ProfileArgs {
     /// MiB per thread or per shared region, as for the bench.
     #[arg(long, default_value_t = 128)]
     mib: u64,
-    /// Passes per window (default as for the bench: for disjoint, as many
-    /// as fit in `--window-ms` (0); 4 for same-table and the madvise
+    /// Passes per window (default as for the bench: for disjoint and
+    /// same-table, as many as fit in `--window-ms` (0); 4 for the madvise
     /// workloads; else 1).
     #[arg(long)]
     rounds: Option<u64>,

@@ -16,7 +16,9 @@
 //! * `disjoint`: each thread repeatedly maps its own region (`mib` MiB),
 //!   writes one byte per 4 KiB page, unmaps it; `rounds` times, or with
 //!   `rounds=0` (xtask's default) until the window's time is up, so that a
-//!   thread the host runs faster does not wait for a slower one;
+//!   thread the host runs faster does not wait for a slower one (and
+//!   `same-table`'s rounds, with `rounds=0`, until the round in which
+//!   thread 0's time is up);
 //! * `same-table` (will-it-scale's shared case): one region of `threads x
 //!   mib` MiB; thread `t` of `n` writes pages `t, t + n, t + 2n, ...` (`mib`
 //!   MiB worth), so all of them fault into the same PTE tables; every round
@@ -169,15 +171,19 @@ pub fn run(c: &Cmdline) -> ExitCode {
         let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
         return super::fork::bench(windows, mib, profile_rate);
     }
-    // Passes per window; 0: each thread makes passes until the window's
-    // time is up (will-it-scale counts a fixed time's work), which only
-    // `disjoint`'s threads can do: the others meet at barriers every pass.
+    // Passes per window; 0: passes until the window's time is up
+    // (will-it-scale counts a fixed time's work): `disjoint`'s threads each
+    // stop when their time is up, `same-table`'s after the round in which
+    // thread 0's is (`Params::unmap_each_round`). The other workloads'
+    // threads meet at barriers with no such agreement.
     let rounds = parse(c, "rounds", 1);
     // A window ends after this long even if the threads have not made their
     // passes; fast runs finish them well before it.
     let window_ms = parse(c, "window_ms", 2000);
-    if rounds == 0 && (workload != "disjoint" || window_ms == 0) {
-        log::error!("bench: rounds=0 (passes until the window's time is up) needs workload=disjoint and window_ms > 0");
+    if rounds == 0 && (!matches!(workload, "disjoint" | "same-table") || window_ms == 0) {
+        log::error!(
+            "bench: rounds=0 (passes until the window's time is up) needs workload=disjoint or same-table, and window_ms > 0"
+        );
         return ExitCode::Failure;
     }
     // `profile=HZ` (`cargo xtask profile`): sample the timed windows on every

@@ -123,6 +123,36 @@ fn storm_same_page() {
     }
 }
 
+fn rounds_made(out: &Outcome) -> Vec<u64> {
+    out.reports.iter().map(|r| r.rounds).collect()
+}
+
+/// `same-table` windows of rounds until the time is up (the bench's
+/// default): thread 0 ends the storm after the round in which its time ran
+/// out, every thread stops after that same round (or the barriers would
+/// never fill), the region is unmapped, and thread 0 worked its whole time.
+#[ktest]
+fn storm_same_table_rounds_end_together_when_thread_0s_time_is_up() {
+    let cpus = online();
+    let n = cpus.len() as u64;
+    let tsc_per_ms = arch::time::tsc_per_us().expect("TSC calibrated") * 1000;
+    let p = Params {
+        rounds: u64::MAX,
+        unmap_each_round: 1,
+        duration_cycles: 30 * tsc_per_ms,
+        ..params(storm::MODE_TOUCH, storm::PATTERN_INTERLEAVED, n * 96 * PAGE, n as usize)
+    };
+    let out = storm(Spec { params: p, premap: Some(MapFlags::empty()), cpus });
+    let rounds = out.reports[0].rounds;
+    assert!(rounds >= 1 && out.reports.iter().all(|r| r.rounds == rounds), "rounds made: {:?}", rounds_made(&out));
+    assert_eq!(out.reports[0].last_round, 1, "thread 0 ended the storm");
+    assert!(out.mappings.is_empty(), "{} entries left after the last round", out.mappings.len());
+    assert_eq!(out.region_made_present(), out.touched(), "every page touched was made present once per round");
+    let r0 = &out.reports[0];
+    assert!(r0.end_cycles - r0.start_cycles >= p.duration_cycles, "thread 0 stopped before its time was up");
+    log::info!("storm_same_table_rounds_end_together: {rounds} rounds in 30 ms on {n} CPUs");
+}
+
 /// The bench's `same-table` shape (will-it-scale's shared case): threads
 /// touch interleaved pages of one region of `threads x len`, and every round
 /// ends with a barrier, thread 0's munmap of the region (and its re-mmap
@@ -160,6 +190,7 @@ fn storm_bench_same_table_unmaps_each_round() {
     }
     let waited: u64 = out.reports.iter().map(|r| r.waited_cycles).sum();
     assert!(out.waiting_cycles() >= waited, "{} waiting cycles, {waited} at barriers", out.waiting_cycles());
+    assert!(out.reports.iter().all(|r| r.rounds == rounds), "rounds made: {:?}", rounds_made(&out));
     // Same pages, every thread: each page made present once per round, however
     // many threads raced for it.
     let pages = 40;
