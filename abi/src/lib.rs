@@ -493,6 +493,9 @@ pub mod storm {
         pub waited_cycles: u64,
         /// With `unmap_each_round`: rounds this thread completed.
         pub rounds: u64,
+        /// With `unmap_each_round`, thread 0's only: TSC cycles in its
+        /// munmaps and re-mmaps (the others wait at a barrier meanwhile).
+        pub unmap_cycles: u64,
         /// With `unmap_each_round`, thread 0's only: nonzero once it has
         /// unmapped the region for the last time (after the last round, or
         /// when its time was up); the others read it after the round's last

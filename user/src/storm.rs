@@ -335,6 +335,7 @@ pub fn run(index: u64) -> isize {
         if p.unmap_each_round != 0 {
             wait_for_all(2, &p, &mut out);
             if index == 0 {
+                let t = tsc();
                 if bad(sys::munmap(p.base as usize, p.len as usize), 0, &p, &mut out) {
                     out.mismatches += 1;
                 }
@@ -351,6 +352,7 @@ pub fn run(index: u64) -> isize {
                     // this field, after the barrier below.
                     unsafe { core::ptr::addr_of_mut!((*r).last_round).write_volatile(1) };
                 }
+                out.unmap_cycles += tsc().wrapping_sub(t);
             }
             wait_for_all(3, &p, &mut out);
             out.rounds += 1;

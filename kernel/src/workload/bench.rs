@@ -263,12 +263,19 @@ pub fn run(c: &Cmdline) -> ExitCode {
             out.stats.spurious_faults - out.stats_before.spurious_faults,
         );
         let waiting = out.waiting_cycles();
-        let idle_permille = waiting * 1000 / (cycles * out.reports.len() as u64).max(1);
+        let permille = |part: u64, whole: u64| {
+            let p = part * 1000 / whole.max(1);
+            format!("{}.{}%", p / 10, p % 10)
+        };
+        // Each thread's waiting, at barriers (`same-table`: thread 0's is
+        // for the slowest toucher, the others' also for its munmap).
+        let each: Vec<String> = out.reports.iter().map(|r| permille(r.waited_cycles, cycles)).collect();
         log::info!(
-            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us, threads waiting {}.{}% of it",
+            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us, threads waiting {} of it (at barriers, by thread: {}; thread 0 unmapping {})",
             arch::time::cycles_to_ns(cycles) / 1000,
-            idle_permille / 10,
-            idle_permille % 10
+            permille(waiting, cycles * out.reports.len() as u64),
+            each.join(" "),
+            permille(out.reports.first().map_or(0, |r| r.unmap_cycles), cycles)
         );
         if w > 0 {
             results.push(Window { faults, cycles, touched, min_faults, present, lost_races, spurious_faults, waiting });
