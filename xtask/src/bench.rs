@@ -838,7 +838,8 @@ fn ceiling(
         }));
     }
     println!(
-        "\nhost ceiling for 1 -> 2 vCPU scaling ({accel}; two 1-vCPU VMs that share only the host, at once, against one alone), and one 2-vCPU VM in the same rounds ({windows} windows of {mib} MiB per thread)"
+        "\nhost ceiling for 1 -> 2 vCPU scaling ({accel}; two 1-vCPU VMs that share only the host, at once, against one alone), and one 2-vCPU VM in the same rounds ({windows} windows of {mib} MiB per thread or region, {} ms for disjoint and same-table unless --rounds says otherwise)",
+        args.window_ms
     );
     for r in &report {
         let list = |key: &str| -> String {
