@@ -17,7 +17,9 @@
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::addr::{PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, Pfn, PhysAddr, USER_PGTABLES_CEILING, VirtAddr};
+use crate::addr::{
+    PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SIZE, Pfn, PhysAddr, USER_PGTABLES_CEILING, VirtAddr,
+};
 use crate::mm_struct::Mm;
 use crate::pagewalk::addr_end;
 use crate::pgtable::entry::{Pmd, Pud};
@@ -136,10 +138,20 @@ fn free_pte_table(tlb: &mut MmuGather<'_, '_>, pmd: PmdRef<'_>, span: u64) {
 }
 
 /// Reads a detached table's entries (lockless: only walkers that found it
-/// before the detach can still read it, and nobody writes it).
+/// before the detach can still read it, and nobody writes it). A table
+/// outside managed RAM (a corrupted entry) reads as empty.
 fn table_entries<'a>(mm: &'a Mm<'_>, table: PhysAddr) -> impl Iterator<Item = (usize, u64)> + 'a {
-    (0..PTRS_PER_TABLE).filter_map(move |i| {
-        let v = mm.phys().slot(table.add(8 * i as u64))?.load(Relaxed);
+    // One check for the whole frame, not one per entry (the serial part of
+    // an munmap scans every table it frees): a table is one page-aligned
+    // frame, so if its first word is managed RAM, all 512 are.
+    let managed = table.is_aligned(PAGE_SIZE) && mm.phys().slot(table).is_some();
+    let n = if managed { PTRS_PER_TABLE } else { 0 };
+    (0..n).filter_map(move |i| {
+        // SAFETY: `managed`: the word is 8-byte aligned and lies in the same
+        // page-aligned frame of managed RAM as `table`, which the window
+        // maps for the life of `mm.phys()`; table entries are only ever
+        // accessed atomically.
+        let v = unsafe { mm.phys().slot_unchecked(table.add(8 * i as u64)) }.load(Relaxed);
         (v != 0).then_some((i, v))
     })
 }
