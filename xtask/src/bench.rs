@@ -392,12 +392,13 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     for (i, w) in windows.iter().enumerate() {
         let f = w["faults"].as_u64().unwrap_or(0);
         let c = w["cycles"].as_u64().unwrap_or(0).max(1);
-        if let Some(wait) = w["waiting_cycles"].as_u64()
+        let wait = w["waiting_cycles"].as_u64();
+        if let Some(wait) = wait
             && wait > c * u64::from(run.cpus)
         {
             bail!("window {}: threads waited {wait} cycles, more than {} CPUs x {c} cycles", i + 1, run.cpus);
         }
-        waiting = waiting.zip(w["waiting_cycles"].as_u64()).map(|(a, b)| a + b);
+        waiting = waiting.zip(wait).map(|(a, b)| a + b);
         let secs = c as f64 / tsc_per_us / 1e6;
         faults += f;
         cycles += c;
@@ -498,25 +499,29 @@ fn rounds_for(args: &BenchArgs, workload: &str) -> u64 {
 /// `--rounds 0`: each thread makes passes until the window's time is up.
 pub(crate) const UNTIL_WINDOW_ENDS: u64 = 0;
 
+/// The workloads whose windows can end with their time (`disjoint`'s
+/// threads wait for nobody; in `same-table` thread 0 says which pass is the
+/// last), and by default do.
+const TIME_BOUND: [&str; 2] = ["disjoint", "same-table"];
+
 /// The default passes per window of `workload` (see `BenchArgs::rounds`).
 pub(crate) fn default_rounds(workload: &str, quick: bool) -> u64 {
     match workload {
         _ if quick => 1,
-        "disjoint" | "same-table" => UNTIL_WINDOW_ENDS,
+        w if TIME_BOUND.contains(&w) => UNTIL_WINDOW_ENDS,
         w if is_madvise(w) => 4,
         _ => 1,
     }
 }
 
 /// Refuses windows the kernel cannot time: a window of passes until the
-/// time is up needs a time, and threads that meet at barriers need to agree
-/// on their last pass (`disjoint`'s wait for nobody; in `same-table` thread
-/// 0 decides).
+/// time is up needs a time, and a workload that can stop when it is up
+/// ([`TIME_BOUND`]).
 pub(crate) fn check_rounds(workload: &str, rounds: u64, window_ms: u64) -> Result<()> {
     if rounds != UNTIL_WINDOW_ENDS {
         return Ok(());
     }
-    if workload != "disjoint" && workload != "same-table" {
+    if !TIME_BOUND.contains(&workload) {
         bail!(
             "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass with no way to agree on the last one; only disjoint and same-table can (give {workload} a pass count, e.g. --rounds 4)"
         );
@@ -834,12 +839,11 @@ fn ceiling(
             (stats("ratio"), stats("ratio_2vcpu"), stats("two_vcpus_of_two_vms"));
         report.push(json!({
             "workload": w, "median": med, "spread": spread, "median_2vcpu": med2, "spread_2vcpu": spread2,
-            "median_two_vcpus_of_two_vms": share, "rounds": rows,
+            "median_two_vcpus_of_two_vms": share, "rounds": rows, "passes": shape.passes(),
         }));
     }
     println!(
-        "\nhost ceiling for 1 -> 2 vCPU scaling ({accel}; two 1-vCPU VMs that share only the host, at once, against one alone), and one 2-vCPU VM in the same rounds ({windows} windows of {mib} MiB per thread or region, {} ms for disjoint and same-table unless --rounds says otherwise)",
-        args.window_ms
+        "\nhost ceiling for 1 -> 2 vCPU scaling ({accel}; two 1-vCPU VMs that share only the host, at once, against one alone), and one 2-vCPU VM in the same rounds ({windows} windows of {mib} MiB per thread)"
     );
     for r in &report {
         let list = |key: &str| -> String {
@@ -853,8 +857,9 @@ fn ceiling(
         };
         let f = |key: &str| r[key].as_f64().unwrap_or(0.0);
         println!(
-            "  {:<18} two VMs: median {:.2}x, spread {:.2} ({}); one 2-vCPU VM: median {:.2}x, spread {:.2} ({}); median {:.0}% of two VMs",
+            "  {:<18} ({}) two VMs: median {:.2}x, spread {:.2} ({}); one 2-vCPU VM: median {:.2}x, spread {:.2} ({}); median {:.0}% of two VMs",
             r["workload"].as_str().unwrap_or(""),
+            r["passes"].as_str().unwrap_or(""),
             f("median"),
             f("spread"),
             list("ratio"),

@@ -16,14 +16,14 @@
 //! * `disjoint`: each thread repeatedly maps its own region (`mib` MiB),
 //!   writes one byte per 4 KiB page, unmaps it; `rounds` times, or with
 //!   `rounds=0` (xtask's default) until the window's time is up, so that a
-//!   thread the host runs faster does not wait for a slower one (and
-//!   `same-table`'s rounds, with `rounds=0`, until the round in which
-//!   thread 0's time is up);
+//!   thread the host runs faster does not wait for a slower one;
 //! * `same-table` (will-it-scale's shared case): one region of `threads x
 //!   mib` MiB; thread `t` of `n` writes pages `t, t + n, t + 2n, ...` (`mib`
 //!   MiB worth), so all of them fault into the same PTE tables; every round
 //!   ends with a barrier, thread 0's munmap of the region (and its re-mmap
 //!   for the next round) and another barrier, all inside the timed span;
+//!   with `rounds=0`, rounds go on until the one in which thread 0's time
+//!   is up, every thread's last;
 //! * `same-page`: all threads first-touch the same pages at once; its work
 //!   is the pages made present, not the faults (a lost race or a spurious
 //!   fault makes nothing present);
