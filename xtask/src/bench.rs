@@ -29,8 +29,11 @@ use crate::{build_kernel, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
 pub(crate) const SINGLE_LOCK_CPUS: u32 = 1_000_000;
-pub(crate) const WORKLOADS: [&str; 6] =
-    ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table", "fork"];
+pub(crate) const WORKLOADS: [&str; 7] =
+    ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table", "fork", "traps"];
+/// The workload that takes exceptions and nothing else (no memory manager,
+/// no lock): how far exception delivery alone scales on this host.
+pub(crate) const TRAPS: &str = "traps";
 /// How faults lock (kernel command line `fault_lock=`): their VMA's lock
 /// (per-VMA locks, the kernel's default) or `mmap_lock` shared.
 pub(crate) const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
@@ -53,7 +56,12 @@ pub struct BenchArgs {
     /// 2 MiB of it), fork (not in the default list: the threads populate
     /// `--mib` MiB together, one forks (timed: cycles per copied PTE), then
     /// all write every page again while the child still maps it: the
-    /// faults/s are copy-on-write faults).
+    /// faults/s are copy-on-write faults), traps (not in the default list:
+    /// no storm; every vCPU takes exceptions in the kernel for
+    /// `--window-ms`, and the faults/s are exception round trips: how far
+    /// the host's exception delivery scales, a ceiling for any storm that
+    /// takes one exception per page; split lock build only unless `--locks`
+    /// says otherwise).
     #[arg(long, default_value = "disjoint,same-table,same-page,madvise,madvise-same-table", value_delimiter = ',')]
     workloads: Vec<String>,
     /// Lock builds: split, single. Default: both; split alone with
@@ -250,6 +258,9 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     for w in &args.workloads {
         check_rounds(w, rounds_for(args, w), args.window_ms)?;
     }
+    if args.window_ms == 0 && args.workloads.iter().any(|w| w == TRAPS) {
+        bail!("traps with --window-ms 0: its windows are a time, not passes; give --window-ms (default 2000)");
+    }
     if let Some(mib) = args.mib
         && (mib == 0 || mib % 2 != 0)
         && !args.quick
@@ -278,6 +289,10 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
         }
         for &fault_lock in &fault_locks {
             for w in &args.workloads {
+                // Exceptions take no page-table lock: one build is enough.
+                if w == TRAPS && lock == "single" && args.locks.is_none() {
+                    continue;
+                }
                 let mut cpus: Vec<u32> = Vec::new();
                 for &c in &args.cpus {
                     if !cpus.contains(&c) && !(args.pairs.is_some() && (c == 1 || c == 2)) {
@@ -464,7 +479,11 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "seconds": cycles as f64 / tsc_per_us / 1e6,
         "stats_cycles": raw["stats_cycles"],
         "pair": run.pair,
-        "counts": if present_counted { "pages made present" } else { "fault returns" },
+        "counts": match run.workload.as_str() {
+            _ if present_counted => "pages made present",
+            TRAPS => "exception round trips",
+            _ => "fault returns",
+        },
         "faults_per_sec": med,
         "faults_per_sec_min": min,
         "faults_per_sec_max": max,
@@ -1683,6 +1702,40 @@ mod tests {
         assert!(e.to_string().contains("same-table with --window-ms 0"), "{e}");
         // A pass count needs no time limit.
         assert!(plan(&parse(&["--workloads", "disjoint", "--window-ms", "0", "--rounds", "4"]).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn traps_run_one_lock_build_for_their_time_and_count_exceptions() {
+        // No page-table lock in an exception: the single-lock build only
+        // when asked for.
+        let runs = plan(&parse(&["--workloads", "traps,disjoint", "--cpus", "1,2"]).unwrap()).unwrap();
+        assert_eq!(
+            keys(&runs),
+            [
+                ("traps", "split", "vma", 1),
+                ("traps", "split", "vma", 2),
+                ("disjoint", "split", "vma", 1),
+                ("disjoint", "split", "vma", 2),
+                ("disjoint", "single", "vma", 1),
+                ("disjoint", "single", "vma", 2)
+            ]
+        );
+        let asked = plan(&parse(&["--workloads", "traps", "--cpus", "2", "--locks", "single"]).unwrap()).unwrap();
+        assert_eq!(keys(&asked), [("traps", "single", "vma", 2)]);
+        assert!(!parse(&[]).unwrap().workloads.iter().any(|w| w == TRAPS), "traps is not a storm: not by default");
+        let e = plan(&parse(&["--workloads", "traps", "--window-ms", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("traps with --window-ms 0"), "{e}");
+        // Its result is a storm's: a window's faults are its exceptions.
+        let run = Run { workload: TRAPS.into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
+        let window =
+            json!({"faults": 3000, "cycles": 1_000_000, "touched": 3000, "min_faults": 3000, "waiting_cycles": 0});
+        let raw = json!({
+            "tsc_per_us": 1000, "split_pte_ptlocks": true, "fault_lock": "vma", "windows": [window],
+            "cycles_per_fault_mean": 600, "cycles_per_fault_p99": 0, "locks": {}, "mm": {}
+        });
+        let r = summarize(&run, &raw).unwrap();
+        assert_eq!(r["counts"], "exception round trips");
+        assert_eq!(r["faults_per_sec"].as_f64().unwrap(), 3_000_000.0);
     }
 
     #[test]

@@ -130,6 +130,11 @@ pub fn run(args: ProfileArgs) -> Result<bool> {
     if !bench::WORKLOADS.contains(&args.workload.as_str()) {
         bail!("unknown workload {:?}; known: {}", args.workload, bench::WORKLOADS.join(", "));
     }
+    if args.workload == bench::TRAPS {
+        bail!(
+            "traps runs with interrupts off on every vCPU (a cross-call), so the timer-driven profiler takes no sample in it; profile a storm instead (e.g. --workload disjoint)"
+        );
+    }
     let rounds = args.rounds.unwrap_or(bench::default_rounds(&args.workload, false));
     bench::check_rounds(&args.workload, rounds, args.window_ms)?;
     let (accel, why) = qemu::choose_accel_icount(args.icount, args.accel)?;
@@ -736,6 +741,18 @@ PROFILE-END stacks=4 samples=10
         let args = <Cli as clap::Parser>::try_parse_from(["profile", "--icount", "--accel", "kvm"]).unwrap().profile;
         let err = run(args).err().unwrap().to_string();
         assert!(err.contains("--icount with --accel kvm"), "{err}");
+    }
+
+    #[test]
+    fn traps_are_refused_before_anything_is_built() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            profile: ProfileArgs,
+        }
+        let args = <Cli as clap::Parser>::try_parse_from(["profile", "--workload", "traps"]).unwrap().profile;
+        let err = run(args).err().unwrap().to_string();
+        assert!(err.contains("interrupts off"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,9 @@
 //! * `fork`: each thread populates its share of `mib` MiB, one forks
 //!   (timed), and all write their shares again while the child still maps
 //!   them (copy-on-write faults that copy); see [`super::fork::bench`].
+//! * `traps`: no storm; every CPU takes exception round trips in the
+//!   kernel, the part of a fault no memory manager can make cheaper; see
+//!   [`super::traps`].
 //!
 //! The result also carries the fault-locking mode the kernel runs
 //! (`fault_lock=vma|mmap`) and the address spaces' counters summed over the
@@ -161,6 +164,14 @@ fn parse(c: &Cmdline, key: &str, default: u64) -> u64 {
     c.value(key).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// The fault-locking mode the kernel runs, as the result names it.
+pub(super) fn fault_lock_name() -> &'static str {
+    match mm::memory::fault_locking() {
+        mm::memory::FaultLocking::PerVma => "vma",
+        mm::memory::FaultLocking::MmapLock => "mmap",
+    }
+}
+
 /// Runs the benchmark the command line describes.
 pub fn run(c: &Cmdline) -> ExitCode {
     let workload = c.value("workload").unwrap_or("disjoint");
@@ -170,6 +181,10 @@ pub fn run(c: &Cmdline) -> ExitCode {
         // Its own driver: a fork and copy-on-write after it (`super::fork`).
         let profile_rate = c.value("profile").map(|v| v.parse::<u32>().unwrap_or(0));
         return super::fork::bench(windows, mib, profile_rate);
+    }
+    if workload == "traps" {
+        // Exception round trips in the kernel, no storm (`super::traps`).
+        return super::traps::bench(windows, parse(c, "window_ms", 2000));
     }
     // Passes per window; 0: passes until the window's time is up
     // (will-it-scale counts a fixed time's work): `disjoint`'s threads each
@@ -199,7 +214,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let n = cpus.len();
     let Some(spec) = spec(workload, &cpus, mib, if rounds == 0 { u64::MAX } else { rounds }) else {
         log::error!(
-            "bench: unknown workload {workload:?} (disjoint, same-table, same-page, madvise, madvise-same-table)"
+            "bench: unknown workload {workload:?} (disjoint, same-table, same-page, madvise, madvise-same-table, fork, traps)"
         );
         return ExitCode::Failure;
     };
@@ -289,10 +304,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
         "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"fault_lock\":\"{}\",\"stats_cycles\":{stats_cycles},\"windows\":[",
         arch::time::tsc_per_us().unwrap_or(0),
         mm::config::USE_SPLIT_PTE_PTLOCKS,
-        match mm::memory::fault_locking() {
-            mm::memory::FaultLocking::PerVma => "vma",
-            mm::memory::FaultLocking::MmapLock => "mmap",
-        }
+        fault_lock_name()
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(

@@ -274,10 +274,7 @@ pub fn bench(windows: u64, mib: u64, profile: Option<u32>) -> ExitCode {
         "{{\"workload\":\"fork\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"fault_lock\":\"{}\",\"stats_cycles\":{stats_cycles},\"windows\":[",
         arch::time::tsc_per_us().unwrap_or(0),
         mm::config::USE_SPLIT_PTE_PTLOCKS,
-        match mm::memory::fault_locking() {
-            mm::memory::FaultLocking::PerVma => "vma",
-            mm::memory::FaultLocking::MmapLock => "mmap",
-        }
+        super::bench::fault_lock_name()
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(

@@ -9,6 +9,7 @@ pub mod fork;
 pub mod fuzz;
 pub mod soak;
 pub mod storm;
+pub mod traps;
 
 use abi::storm::{MODE_TOUCH, PATTERN_BLOCKS, Params};
 use arch::qemu::ExitCode;
