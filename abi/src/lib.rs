@@ -17,7 +17,7 @@
 //! | 7  | `mprotect` | addr, len, prot                | 0 / -EINVAL / -ENOMEM |
 //! | 8  | `barrier`  | id, parties                    | 0 once `parties` threads of the address space arrived |
 //! | 9  | `cycles`   | -                              | the TSC |
-//! | 10 | `madvise`  | addr, len, advice              | 0 / -EINVAL (unaligned addr, unknown advice) / -ENOMEM (part unmapped) |
+//! | 10 | `madvise`  | addr, len, advice              | 0 / -EINVAL (unaligned addr, unknown advice) / -ENOMEM (part unmapped) / -EFAULT (`POPULATE_WRITE` on a part not writable) |
 //! | 11 | `checksum` | ptr, len                       | [`checksum`] of the bytes, read through pinned pages / -EFAULT / -ENOMEM (no memory to fault a page in) / -EINVAL (len > [`CHECKSUM_MAX`]) |
 //! | 12 | `mremap`   | old, old_len, new_len, flags, new | address / -EINVAL / -EFAULT (old range not in one mapping) / -ENOMEM |
 //! | 13 | `fork`     | -                              | the child's pid in the parent, 0 in the child / -ENOMEM / -EINTR (the process is being killed) |
@@ -66,6 +66,11 @@ pub mod advice {
     /// (Linux `MADV_COLLAPSE`): -EAGAIN if a block holds shared or pinned
     /// pages (the rest is done).
     pub const COLLAPSE: usize = 25;
+    /// Make every page of the range present and writable, as a write to
+    /// each would, without a fault per page (Linux `MADV_POPULATE_WRITE`):
+    /// -ENOMEM if part of the range is not mapped, -EFAULT if part of it is
+    /// not writable (checked before anything is populated).
+    pub const POPULATE_WRITE: usize = 23;
 }
 
 /// Longest range `checksum` accepts (bytes).
@@ -465,6 +470,12 @@ pub mod storm {
         /// (`duration_cycles`), the round it is in is the last, for every
         /// thread ([`Report::last_round`]).
         pub unmap_each_round: u64,
+        /// `MODE_CYCLE`: nonzero: the thread makes each run of this many
+        /// pages present with `MADV_POPULATE_WRITE` just before writing them,
+        /// so its writes take no fault: the fault path's work without an
+        /// exception per page (the bench's `populate`). A failed `madvise`
+        /// is a mismatch.
+        pub populate_pages: u64,
     }
 
     /// What one thread reports.

@@ -1,6 +1,8 @@
 //! `madvise` (Linux `mm/madvise.c`): `MADV_DONTNEED`, which drops the pages
 //! of a range while the mapping stays, and reclaims the PTE tables it
-//! empties.
+//! empties; `MADV_POPULATE_WRITE`, which makes a range present and writable
+//! as writes would, without an exception per page; `MADV_COLLAPSE`
+//! ([`crate::khugepaged`]).
 //!
 //! # Locks
 //!
@@ -20,10 +22,11 @@ use alloc::vec::Vec;
 
 use crate::addr::{PAGE_SIZE, PMD_SIZE, VirtAddr};
 use crate::counters::Counter;
+use crate::memory::FaultError;
 use crate::mm_struct::Mm;
 use crate::mmap::{MmapError, user_range};
 use crate::tlb::MmuGather;
-use crate::vma::Vma;
+use crate::vma::{VmFlags, Vma};
 use crate::zap::{ZapDetails, unmap_page_range};
 
 /// `madvise` advice (Linux `MADV_*`; the system call maps the numbers).
@@ -35,6 +38,12 @@ pub enum Advice {
     /// `MADV_COLLAPSE`: every 2 MiB block of the range becomes a transparent
     /// huge page, holes zero-filled ([`crate::khugepaged`]).
     Collapse,
+    /// `MADV_POPULATE_WRITE` (Linux 5.14): every page of the range is made
+    /// present and writable by the fault path, as a write to each would,
+    /// but in a loop under `mmap_lock` shared instead of an exception per
+    /// page. The whole range must be mapped (else `NoMemory`, `ENOMEM`) and
+    /// writable (else `BadAddress`, `EFAULT`: a write would fault).
+    PopulateWrite,
 }
 
 impl Mm<'_> {
@@ -56,7 +65,34 @@ impl Mm<'_> {
         match advice {
             Advice::DontNeed => self.madvise_dontneed(start, end),
             Advice::Collapse => self.madvise_collapse(start, end),
+            Advice::PopulateWrite => self.madvise_populate_write(start, end),
         }
+    }
+
+    fn madvise_populate_write(&self, start: u64, end: u64) -> Result<(), MmapError> {
+        {
+            // Refuse before populating anything, as Linux checks each VMA
+            // before faulting it in.
+            let vmas = self.mmap_lock.read();
+            let mut mapped_to = start;
+            for v in vmas.overlapping(start, end) {
+                if v.start.as_u64() > mapped_to {
+                    return Err(MmapError::NoMemory);
+                }
+                if !v.flags.contains(VmFlags::WRITE) || !v.flags.is_accessible() {
+                    return Err(MmapError::BadAddress);
+                }
+                mapped_to = v.end.as_u64();
+            }
+            if mapped_to < end {
+                return Err(MmapError::NoMemory);
+            }
+        }
+        // A VMA unmapped in between makes the populate fail, as on Linux.
+        self.populate(VirtAddr::new(start), end - start, true).map_err(|e| match e {
+            FaultError::MapErr | FaultError::Oom => MmapError::NoMemory,
+            FaultError::AccErr => MmapError::BadAddress,
+        })
     }
 
     fn madvise_dontneed(&self, start: u64, end: u64) -> Result<(), MmapError> {

@@ -67,6 +67,34 @@ fn dontneed_zeroes_the_range_frees_frames_and_reclaims_empty_tables() {
 /// Linux's errors: an unaligned start is `EINVAL`, unknown ranges `ENOMEM`
 /// after the mapped parts were done, zero length is a no-op, a THP cut by
 /// the range is split, and hugetlb ranges go in whole huge pages.
+/// POPULATE_WRITE makes every page of the range present and writable (a
+/// write then finds nothing to do), one fresh page each, and refuses a
+/// range with a hole (`ENOMEM`) or a read-only part (`EFAULT`) before
+/// populating any of it.
+#[test]
+fn populate_write_makes_the_range_present_and_writable_without_faults() {
+    let m = big();
+    let mm = Mm::new_in(&m.phys, m.kernel).unwrap();
+    on_cpu(&mm);
+    let len = 64 * PAGE_SIZE;
+    let a = mm.mmap(None, len, RW, MapFlags::empty()).unwrap().as_u64();
+    let populate = |a: u64, len: u64| mm.madvise(VirtAddr::new(a), len, Advice::PopulateWrite);
+    // One page less than the mapping: the last stays absent.
+    populate(a, len - PAGE_SIZE).unwrap();
+    assert_eq!(mm.stats().rss_pages, 63);
+    for p in (0..len - PAGE_SIZE).step_by(PAGE_SIZE as usize) {
+        assert_eq!(fault(&mm, a + p, Access::WRITE), Ok(FaultResult::Spurious), "page {:#x}", a + p);
+        assert_eq!(read_u64(&mm, a + p), 0, "a populated page reads zero");
+    }
+    assert_eq!(fault(&mm, a + len - PAGE_SIZE, Access::WRITE), Ok(FaultResult::Anon));
+    check_consistent(&mm);
+    // A hole after the mapping, a read-only mapping: refused, nothing done.
+    assert_eq!(populate(a, len + PAGE_SIZE), Err(MmapError::NoMemory));
+    let ro = mm.mmap(None, 4 * PAGE_SIZE, crate::Prot::READ, MapFlags::empty()).unwrap().as_u64();
+    assert_eq!(populate(ro, 4 * PAGE_SIZE), Err(MmapError::BadAddress));
+    assert_eq!(mm.stats().rss_pages, 64);
+}
+
 #[test]
 fn dontneed_errors_thp_splits_and_hugetlb_rules() {
     let m = big();

@@ -139,7 +139,15 @@ pub fn run(index: u64) -> isize {
                     continue;
                 }
                 let (start, mut a) = (addr as u64, addr as u64);
+                let populate = p.populate_pages * PAGE;
                 while a < start + p.len {
+                    if populate != 0 && (a - start).is_multiple_of(populate) {
+                        let len = populate.min(start + p.len - a) as usize;
+                        if sys::madvise(a as usize, len, abi::advice::POPULATE_WRITE) != 0 {
+                            out.mismatches += 1;
+                            break;
+                        }
+                    }
                     // SAFETY: we just mapped [addr, addr + len) read-write.
                     unsafe { (a as *mut u64).write_volatile(storm::tag(a, index, round)) };
                     if p.verify != 0 && !rest_is_zero(a) {

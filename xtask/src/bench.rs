@@ -29,8 +29,11 @@ use crate::{build_kernel, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
 pub(crate) const SINGLE_LOCK_CPUS: u32 = 1_000_000;
-pub(crate) const WORKLOADS: [&str; 7] =
-    ["disjoint", "same-table", "same-page", "madvise", "madvise-same-table", "fork", "traps"];
+pub(crate) const WORKLOADS: [&str; 8] =
+    ["disjoint", "populate", "same-table", "same-page", "madvise", "madvise-same-table", "fork", "traps"];
+/// `disjoint` with each page made present by `MADV_POPULATE_WRITE` before
+/// its write: the fault path's work without an exception per page.
+pub(crate) const POPULATE: &str = "populate";
 /// The workload that takes exceptions and nothing else (no memory manager,
 /// no lock): how far exception delivery alone scales on this host.
 pub(crate) const TRAPS: &str = "traps";
@@ -56,7 +59,11 @@ pub struct BenchArgs {
     /// 2 MiB of it), fork (not in the default list: the threads populate
     /// `--mib` MiB together, one forks (timed: cycles per copied PTE), then
     /// all write every page again while the child still maps it: the
-    /// faults/s are copy-on-write faults), traps (not in the default list:
+    /// faults/s are copy-on-write faults), populate (not in the default
+    /// list: disjoint, but each thread makes every 64 pages present with
+    /// MADV_POPULATE_WRITE before writing them; the faults/s are pages
+    /// written, with no exception each: what the fault path's work scales
+    /// like without the exception), traps (not in the default list:
     /// no storm; every vCPU takes exceptions in the kernel for
     /// `--window-ms`, and the faults/s are exception round trips: how far
     /// the host's exception delivery scales, a ceiling for any storm that
@@ -338,6 +345,11 @@ fn check_fault_lock(log: &str, want: &str) -> Result<()> {
     }
 }
 
+/// A table cell: the number, or `-` where the run has none.
+fn number_or_dash(v: &Value) -> String {
+    if v.is_null() { "-".into() } else { v.to_string() }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
@@ -367,11 +379,21 @@ fn fault_slack(cpus: u32, touched: u64) -> u64 {
 /// mapping that was populated, or a touch loop that skipped pages); more
 /// means faults repeated (a fault that did not make progress, a lost
 /// mapping).
-fn check_fault_count(window: &Value, cpus: u32) -> Result<()> {
+///
+/// `populate`'s pages are made present by `madvise` before they are
+/// written, so its writes may take only the slack's faults.
+fn check_fault_count(window: &Value, cpus: u32, workload: &str) -> Result<()> {
     let get = |k: &str| window[k].as_u64().with_context(|| format!("no `{k}` in the window's result"));
     let (faults, touched, min) = (get("faults")?, get("touched")?, get("min_faults")?);
     if touched == 0 {
         bail!("no page was touched");
+    }
+    if workload == POPULATE {
+        let max = fault_slack(cpus, 0);
+        if faults > max {
+            bail!("{faults} faults for {touched} pages made present by madvise first: expected at most {max}");
+        }
+        return Ok(());
     }
     let max = touched + fault_slack(cpus, touched);
     if faults < min || faults > max {
@@ -429,6 +451,9 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
             }
             present += p;
             rates.push(p as f64 / secs);
+        } else if run.workload == POPULATE {
+            present += w["present"].as_u64().unwrap_or(0);
+            rates.push(w["touched"].as_u64().unwrap_or(0) as f64 / secs);
         } else {
             present += w["present"].as_u64().unwrap_or(0);
             rates.push(f as f64 / secs);
@@ -462,7 +487,7 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         None => bail!("the kernel's result does not say whether PTE locks are split"),
     }
     for (i, w) in windows.iter().enumerate() {
-        check_fault_count(w, run.cpus).with_context(|| format!("window {}", i + 1))?;
+        check_fault_count(w, run.cpus, &run.workload).with_context(|| format!("window {}", i + 1))?;
     }
     let pt_reclaimed = mm["pt_reclaimed"].as_u64().unwrap_or(0);
     let fork = match fork_figures(raw, tsc_per_us) {
@@ -482,6 +507,7 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "counts": match run.workload.as_str() {
             _ if present_counted => "pages made present",
             TRAPS => "exception round trips",
+            POPULATE => "pages written (made present by madvise)",
             _ => "fault returns",
         },
         "faults_per_sec": med,
@@ -498,8 +524,9 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         // (barriers, thread 0's munmap, uneven finishes): what a 1 -> 2
         // ratio loses to the workload's serial parts.
         "waiting_share": waiting.map(|w| w as f64 / (cycles as f64 * f64::from(run.cpus))),
-        "cycles_per_fault_mean": raw["cycles_per_fault_mean"],
-        "cycles_per_fault_p99": raw["cycles_per_fault_p99"],
+        // `populate`'s few faults (stacks, text) say nothing of its pages.
+        "cycles_per_fault_mean": if run.workload == POPULATE { Value::Null } else { raw["cycles_per_fault_mean"].clone() },
+        "cycles_per_fault_p99": if run.workload == POPULATE { Value::Null } else { raw["cycles_per_fault_p99"].clone() },
         "windows": windows,
         "locks": raw["locks"],
         "lock_halts": raw["lock_halts"],
@@ -518,10 +545,10 @@ fn rounds_for(args: &BenchArgs, workload: &str) -> u64 {
 /// `--rounds 0`: each thread makes passes until the window's time is up.
 pub(crate) const UNTIL_WINDOW_ENDS: u64 = 0;
 
-/// The workloads whose windows can end with their time (`disjoint`'s
-/// threads wait for nobody; in `same-table` thread 0 says which pass is the
+/// The workloads whose windows can end with their time (`disjoint`'s and
+/// `populate`'s threads wait for nobody; in `same-table` thread 0 says which pass is the
 /// last), and by default do.
-const TIME_BOUND: [&str; 2] = ["disjoint", "same-table"];
+const TIME_BOUND: [&str; 3] = ["disjoint", "populate", "same-table"];
 
 /// The default passes per window of `workload` (see `BenchArgs::rounds`).
 pub(crate) fn default_rounds(workload: &str, quick: bool) -> u64 {
@@ -542,7 +569,7 @@ pub(crate) fn check_rounds(workload: &str, rounds: u64, window_ms: u64) -> Resul
     }
     if !TIME_BOUND.contains(&workload) {
         bail!(
-            "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass with no way to agree on the last one; only disjoint and same-table can (give {workload} a pass count, e.g. --rounds 4)"
+            "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass with no way to agree on the last one; only disjoint, populate and same-table can (give {workload} a pass count, e.g. --rounds 4)"
         );
     }
     if window_ms == 0 {
@@ -606,7 +633,7 @@ fn with_kernel_args(mut m: Machine, kernel_args: &[String]) -> Machine {
 fn mem_for(run: &Run, mib: u64) -> String {
     // Every disjoint thread holds its region at once; leave room for tables,
     // the heap and the kernel.
-    let per_thread = matches!(run.workload.as_str(), "disjoint" | "madvise" | "same-table");
+    let per_thread = matches!(run.workload.as_str(), "disjoint" | "populate" | "madvise" | "same-table");
     let need = 1024 + if per_thread { run.cpus as u64 * mib * 5 / 4 } else { mib * 2 };
     format!("{}M", need.max(2048))
 }
@@ -698,11 +725,14 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 String::new()
             };
             println!(
-                "{:>12.0} faults/s (min {:.0}, max {:.0}), {:.0} cycles/fault mean{reclaimed}{}, {:.1} s, host {host:.2}",
+                "{:>12.0} faults/s (min {:.0}, max {:.0}){}{reclaimed}{}, {:.1} s, host {host:.2}",
                 rec["faults_per_sec"].as_f64().unwrap(),
                 rec["faults_per_sec_min"].as_f64().unwrap(),
                 rec["faults_per_sec_max"].as_f64().unwrap(),
-                rec["cycles_per_fault_mean"].as_f64().unwrap_or(0.0),
+                rec["cycles_per_fault_mean"]
+                    .as_f64()
+                    .map(|c| format!(", {c:.0} cycles/fault mean"))
+                    .unwrap_or_default(),
                 rec["waiting_share"]
                     .as_f64()
                     .map(|w| format!(", threads waiting {:.1}%", 100.0 * w))
@@ -968,8 +998,8 @@ fn print_table(report: &Value) {
             r["faults_per_sec_max"].as_f64().unwrap_or(0.0),
             r["faults_per_sec_per_cpu"].as_f64().unwrap_or(0.0),
             r["waiting_share"].as_f64().map_or("-".to_string(), |w| format!("{:.1}", 100.0 * w)),
-            r["cycles_per_fault_mean"],
-            r["cycles_per_fault_p99"],
+            number_or_dash(&r["cycles_per_fault_mean"]),
+            number_or_dash(&r["cycles_per_fault_p99"]),
             per_window("lost_races_per_window"),
             per_window("spurious_faults_per_window"),
             reclaimed,
@@ -1736,6 +1766,27 @@ mod tests {
         let r = summarize(&run, &raw).unwrap();
         assert_eq!(r["counts"], "exception round trips");
         assert_eq!(r["faults_per_sec"].as_f64().unwrap(), 3_000_000.0);
+    }
+
+    #[test]
+    fn populate_counts_pages_written_and_allows_no_fault_per_page() {
+        let run = Run { workload: POPULATE.into(), lock: "split", fault_lock: "vma", cpus: 1, pair: None };
+        let raw = |faults: u64| {
+            json!({
+                "tsc_per_us": 1000, "split_pte_ptlocks": true, "fault_lock": "vma",
+                "windows": [{"faults": faults, "cycles": 1_000_000, "touched": 5000, "min_faults": 0, "waiting_cycles": 0}],
+                "cycles_per_fault_mean": 0, "cycles_per_fault_p99": 0, "locks": {}, "mm": {}
+            })
+        };
+        let r = summarize(&run, &raw(3)).unwrap();
+        assert_eq!(r["counts"], "pages written (made present by madvise)");
+        assert_eq!(r["faults_per_sec"].as_f64().unwrap(), 5_000_000.0, "pages written per second, not faults");
+        assert!(r["cycles_per_fault_mean"].is_null(), "its few faults are not its pages' cost");
+        // A fault per page means madvise made nothing present.
+        let e = summarize(&run, &raw(5000)).unwrap_err();
+        assert!(format!("{e:#}").contains("made present by madvise first"), "{e:#}");
+        assert!(plan(&parse(&["--workloads", "populate", "--rounds", "0"]).unwrap()).is_ok());
+        assert_eq!(default_rounds(POPULATE, false), UNTIL_WINDOW_ENDS);
     }
 
     #[test]

@@ -67,6 +67,7 @@ fn dispatch(number: usize, a: [u64; 6]) -> isize {
             let advice = match a[2] as usize {
                 abi::advice::DONTNEED => mm::Advice::DontNeed,
                 abi::advice::COLLAPSE => mm::Advice::Collapse,
+                abi::advice::POPULATE_WRITE => mm::Advice::PopulateWrite,
                 _ => return -errno::EINVAL,
             };
             result(with_space(|s| s.mm.madvise(VirtAddr::new(a[0]), a[1], advice)).map(|_| 0))

@@ -306,6 +306,20 @@ fn storm_cow_on_zero_page() {
     assert_distinct_frames(&out, 64);
 }
 
+/// `MODE_CYCLE` on `threads` threads: `rounds` times a region of `pages`
+/// mapped, written (every page checked to read zero but for its tag) and
+/// unmapped.
+fn cycle(threads: usize, pages: u64, rounds: u64) -> Params {
+    Params {
+        mode: storm::MODE_CYCLE,
+        len: pages * PAGE,
+        threads: threads as u64,
+        rounds,
+        verify: 1,
+        ..Params::default()
+    }
+}
+
 /// The benchmark's map/touch/unmap cycle (`MODE_CYCLE`, will-it-scale's
 /// `page_fault1`) on every CPU: each thread maps its own region anywhere,
 /// writes a tag into every page and checks that the other 4088 bytes read
@@ -318,20 +332,35 @@ fn storm_cycle_map_touch_unmap() {
     let cpus = online();
     let n = cpus.len();
     let (pages, rounds) = (128, 4);
-    let p = Params {
-        mode: storm::MODE_CYCLE,
-        len: pages * PAGE,
-        threads: n as u64,
-        rounds,
-        verify: 1,
-        ..Params::default()
-    };
+    let p = cycle(n, pages, rounds);
     let out = storm(Spec { params: p, premap: None, cpus });
     assert_eq!(out.touched(), n as u64 * rounds * pages, "pages touched");
     assert!(
         out.stats.anon_faults >= out.touched(),
         "every round faults every page again: {} faults for {} pages",
         out.stats.anon_faults,
+        out.touched()
+    );
+}
+
+/// `MODE_CYCLE` with `populate_pages` (the bench's `populate`): every run
+/// of pages is made present by `MADV_POPULATE_WRITE` before it is written,
+/// so the writes take no fault, yet each page is a fresh zeroed one
+/// (`verify`), every round again, and all frames come back.
+#[ktest]
+fn storm_cycle_populated_by_madvise_takes_no_fault_per_page() {
+    let cpus = online();
+    let n = cpus.len();
+    let (pages, rounds) = (256, 4);
+    let p = Params { populate_pages: 64, ..cycle(n, pages, rounds) };
+    let out = storm(Spec { params: p, premap: None, cpus });
+    assert_eq!(out.touched(), n as u64 * rounds * pages, "pages touched");
+    let faults = out.stats.anon_faults - out.stats_before.anon_faults;
+    assert!(faults >= out.touched(), "madvise made each page present through the fault path: {faults} anonymous pages");
+    let exceptions = out.stats.vma_lock_faults + out.stats.mmap_lock_faults;
+    assert!(
+        exceptions < out.touched() / 16,
+        "{exceptions} page-fault exceptions for {} pages made present by madvise first",
         out.touched()
     );
 }
@@ -346,15 +375,7 @@ fn storm_cycle_stops_at_its_deadline() {
     let n = cpus.len();
     let (pages, rounds) = (64, 100_000);
     let tsc_per_ms = arch::time::tsc_per_us().expect("TSC calibrated") * 1000;
-    let p = Params {
-        mode: storm::MODE_CYCLE,
-        len: pages * PAGE,
-        threads: n as u64,
-        rounds,
-        verify: 1,
-        duration_cycles: 100 * tsc_per_ms,
-        ..Params::default()
-    };
+    let p = Params { duration_cycles: 100 * tsc_per_ms, ..cycle(n, pages, rounds) };
     let out = storm(Spec { params: p, premap: None, cpus });
     for (i, r) in out.reports.iter().enumerate() {
         assert!(r.touched > 0, "thread {i} touched nothing before its deadline");
