@@ -14,9 +14,10 @@
 //! Under QEMU's TCG it is not. QEMU takes its global lock (the BQL) around
 //! the delivery of every guest exception (`cpu_handle_exception` in
 //! accel/tcg/cpu-exec.c), so the vCPUs of one VM deliver their exceptions
-//! one at a time. This workload's 1 -> 2 ratio is how far exception delivery
-//! scales on the host, and so a ceiling on any storm that takes one
-//! exception per page (README, "Performance").
+//! one at a time, and this workload's 1 -> 2 ratio is about 1x. A storm
+//! holds that lock for a small part of each fault, so it loses much less
+//! (README, "Performance", with the `populate` workload, which does a
+//! fault's work without the exception).
 //!
 //! The result has the storms' format: a window's `faults` are its
 //! exceptions, its time the span from the first CPU's start to the last
