@@ -357,10 +357,11 @@ pub mod storm {
     /// page), wait for all threads, then write and verify as `MODE_TOUCH`.
     pub const MODE_COW: u64 = 1;
     /// Rounds of: map `len` bytes anywhere, write a tag into the first word
-    /// of each 4 KiB page (with `verify`, also check that the rest of the
-    /// page reads zero), read every tag back, unmap (will-it-scale
-    /// page_fault1, per thread). A failed `mmap` or `munmap`, a wrong tag
-    /// or a nonzero byte counts as a mismatch.
+    /// of each 4 KiB page, unmap (will-it-scale page_fault1, per thread).
+    /// With `verify`, also check that the rest of each page reads zero
+    /// right after its write, and read every tag back before the unmap. A
+    /// failed `mmap` or `munmap`, a wrong tag or a nonzero byte counts as a
+    /// mismatch.
     pub const MODE_CYCLE: u64 = 2;
     /// Rounds of `mmap(MAP_FIXED)` over `[base, base + len)`: replaces the
     /// mapping (unmap + map under the address-space lock) while others touch it.
@@ -452,8 +453,11 @@ pub mod storm {
         /// `MODE_MREMAP`: where the pages move to and back from.
         pub aux: u64,
         /// `MODE_CYCLE`: nonzero: check all 4096 bytes of every page right
-        /// after its first write (a fresh page reads zero but for the tag).
-        /// Off in the benchmark, where it would double the time per page.
+        /// after its first write (a fresh page reads zero but for the tag),
+        /// and read every tag back before the unmap. Off in the benchmark,
+        /// which does what will-it-scale does: the checks would double the
+        /// time per page, and under TCG the read-back misses QEMU's TLB
+        /// whenever another thread's unmap has shot it down in between.
         pub verify: u64,
         /// Nonzero: a system call that fails with `-ENOMEM` (failure
         /// injection, memory pressure) is counted in `Report::oom` and its
