@@ -66,8 +66,8 @@ pub struct BenchArgs {
     /// like without the exception), traps (not in the default list:
     /// no storm; every vCPU takes exceptions in the kernel for
     /// `--window-ms`, and the faults/s are exception round trips: how far
-    /// the host's exception delivery scales, a ceiling for any storm that
-    /// takes one exception per page; split lock build only unless `--locks`
+    /// the host delivers exceptions in parallel, the part of a fault no
+    /// memory manager can change; split lock build only unless `--locks`
     /// says otherwise).
     #[arg(long, default_value = "disjoint,same-table,same-page,madvise,madvise-same-table", value_delimiter = ',')]
     workloads: Vec<String>,
@@ -451,12 +451,11 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
             }
             present += p;
             rates.push(p as f64 / secs);
-        } else if run.workload == POPULATE {
-            present += w["present"].as_u64().unwrap_or(0);
-            rates.push(w["touched"].as_u64().unwrap_or(0) as f64 / secs);
         } else {
             present += w["present"].as_u64().unwrap_or(0);
-            rates.push(f as f64 / secs);
+            // `populate`'s work is the pages it wrote, not its few faults.
+            let work = if run.workload == POPULATE { w["touched"].as_u64().unwrap_or(0) } else { f };
+            rates.push(work as f64 / secs);
         }
     }
     let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -490,6 +489,8 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         check_fault_count(w, run.cpus, &run.workload).with_context(|| format!("window {}", i + 1))?;
     }
     let pt_reclaimed = mm["pt_reclaimed"].as_u64().unwrap_or(0);
+    // `populate`'s few faults (stacks, text) say nothing of its pages.
+    let fault_cost = |key: &str| if run.workload == POPULATE { Value::Null } else { raw[key].clone() };
     let fork = match fork_figures(raw, tsc_per_us) {
         Some((ms, per_pte, ptes)) => json!({"ms": ms, "cycles_per_pte": per_pte, "ptes": ptes}),
         None if run.workload == "fork" => bail!("a fork run's result has no fork cycles and entries"),
@@ -524,9 +525,8 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         // (barriers, thread 0's munmap, uneven finishes): what a 1 -> 2
         // ratio loses to the workload's serial parts.
         "waiting_share": waiting.map(|w| w as f64 / (cycles as f64 * f64::from(run.cpus))),
-        // `populate`'s few faults (stacks, text) say nothing of its pages.
-        "cycles_per_fault_mean": if run.workload == POPULATE { Value::Null } else { raw["cycles_per_fault_mean"].clone() },
-        "cycles_per_fault_p99": if run.workload == POPULATE { Value::Null } else { raw["cycles_per_fault_p99"].clone() },
+        "cycles_per_fault_mean": fault_cost("cycles_per_fault_mean"),
+        "cycles_per_fault_p99": fault_cost("cycles_per_fault_p99"),
         "windows": windows,
         "locks": raw["locks"],
         "lock_halts": raw["lock_halts"],

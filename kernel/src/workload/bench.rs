@@ -155,7 +155,8 @@ fn spec(workload: &str, cpus: &[usize], mib: u64, rounds: u64) -> Option<Spec> {
         },
         _ => return None,
     };
-    let premap = (!matches!(workload, "disjoint" | "populate")).then_some(mm::MapFlags::empty());
+    // `MODE_CYCLE`'s threads map their own regions.
+    let premap = (params.mode != storm::MODE_CYCLE).then_some(mm::MapFlags::empty());
     Some(Spec { params, premap, cpus: cpus.to_vec() })
 }
 
