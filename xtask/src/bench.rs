@@ -14,6 +14,11 @@
 //! and reports each pair's ratio, their median and spread; the targets use
 //! the median. `--check` turns a missed target, or a missing run a target
 //! needs, into a failure. `--quick` is a smoke test with no target verdicts.
+//!
+//! `--guest linux` runs `disjoint` and `same-table` on Debian's stock
+//! Linux instead (linux.rs), in the same QEMU configuration, into
+//! `target/bench/linux.json` and `linux.svg`: the reference the kernel's
+//! figures are compared with, measured in the same session.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,7 +30,7 @@ use serde_json::{Value, json};
 use crate::hostprobe::HostProbe;
 use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Accel, Machine};
-use crate::{build_kernel, setup, workspace_root};
+use crate::{build_kernel, linux, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
 pub(crate) const SINGLE_LOCK_CPUS: u32 = 1_000_000;
@@ -37,6 +42,20 @@ pub(crate) const POPULATE: &str = "populate";
 /// The workload that takes exceptions and nothing else (no memory manager,
 /// no lock): how far exception delivery alone scales on this host.
 pub(crate) const TRAPS: &str = "traps";
+/// The default `--workloads`.
+const DEFAULT_WORKLOADS: &str = "disjoint,same-table,same-page,madvise,madvise-same-table";
+/// The `lock` of a Linux guest's runs (its table rows, pairs and plot).
+pub(crate) const LINUX: &str = "linux";
+
+/// Which kernel the bench boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestKind {
+    /// This kernel (the lock builds of `--locks`).
+    Ptlk,
+    /// Debian's stock cloud kernel running the same storms (linux.rs).
+    Linux,
+}
+
 /// How faults lock (kernel command line `fault_lock=`): their VMA's lock
 /// (per-VMA locks, the kernel's default) or `mmap_lock` shared.
 pub(crate) const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
@@ -69,8 +88,19 @@ pub struct BenchArgs {
     /// the host delivers exceptions in parallel, the part of a fault no
     /// memory manager can change; split lock build only unless `--locks`
     /// says otherwise).
-    #[arg(long, default_value = "disjoint,same-table,same-page,madvise,madvise-same-table", value_delimiter = ',')]
+    #[arg(long, default_value = DEFAULT_WORKLOADS, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// The kernel to measure: ptlk (this kernel), or linux: Debian's stock
+    /// cloud kernel (downloaded with apt-get into target/xtask/linux-debian
+    /// on first use), booted by QEMU with an initramfs whose /init runs
+    /// disjoint or same-table in the same shape (linux-storm/), THP off, in
+    /// the same QEMU configuration. Its runs are labelled `linux` and go to
+    /// target/bench/linux.json and linux.svg; `--pairs` works the same; no
+    /// target verdicts (the targets are this kernel's). Takes --cpus,
+    /// --workloads (default: disjoint,same-table), --pairs, --windows,
+    /// --mib, --window-ms, --timeout and --qemu-arg.
+    #[arg(long, value_enum, default_value = "ptlk")]
+    guest: GuestKind,
     /// Lock builds: split, single. Default: both; split alone with
     /// `--pairs`.
     #[arg(long, value_delimiter = ',')]
@@ -217,6 +247,9 @@ fn is_madvise(workload: &str) -> bool {
 }
 
 fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
+    if args.guest == GuestKind::Linux {
+        return plan_linux(args);
+    }
     for w in &args.workloads {
         if !WORKLOADS.contains(&w.as_str()) {
             bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
@@ -316,6 +349,57 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
                     runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c, pair: None });
                 }
             }
+        }
+    }
+    Ok(runs)
+}
+
+/// The runs of `--guest linux`: its two workloads, `--cpus` and `--pairs`
+/// as for this kernel, labelled [`LINUX`]; `fault_lock` is set once the
+/// kernel's release is known ([`linux::fault_lock`]).
+fn plan_linux(args: &BenchArgs) -> Result<Vec<Run>> {
+    let refused = [
+        (args.locks.is_some(), "--locks"),
+        (args.fault_lock != ["vma"], "--fault-lock"),
+        (!args.kernel_args.is_empty(), "--kernel-arg"),
+        (args.rounds.is_some(), "--rounds"),
+        (args.quick, "--quick"),
+        (args.check, "--check"),
+        (args.ceiling.is_some(), "--ceiling"),
+        (args.icount, "--icount"),
+    ];
+    if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
+        bail!(
+            "{flag} with --guest linux: Linux is measured as the reference, in the targets' shape only (it has no lock builds, its release decides how faults lock, and the targets are this kernel's); drop {flag}"
+        );
+    }
+    let default = args.workloads.join(",") == DEFAULT_WORKLOADS;
+    let workloads: Vec<String> =
+        if default { linux::WORKLOADS.iter().map(|w| w.to_string()).collect() } else { args.workloads.clone() };
+    if let Some(w) = workloads.iter().find(|w| !linux::WORKLOADS.contains(&w.as_str())) {
+        bail!("--guest linux runs {} only, not {w:?}", linux::WORKLOADS.join(" and "));
+    }
+    if args.window_ms == 0 {
+        bail!("--guest linux with --window-ms 0: its windows are a time (give --window-ms, default 2000)");
+    }
+    if args.cpus.iter().any(|&c| c == 0 || c > 64) {
+        bail!("--cpus takes counts in 1..=64");
+    }
+    let mut runs = Vec::new();
+    for w in &workloads {
+        for k in 1..=args.pairs.unwrap_or(0) {
+            for c in [1, 2] {
+                runs.push(Run { workload: w.clone(), lock: LINUX, fault_lock: "mmap", cpus: c, pair: Some(k) });
+            }
+        }
+        let mut cpus: Vec<u32> = Vec::new();
+        for &c in &args.cpus {
+            if !cpus.contains(&c) && !(args.pairs.is_some() && (c == 1 || c == 2)) {
+                cpus.push(c);
+            }
+        }
+        for c in cpus {
+            runs.push(Run { workload: w.clone(), lock: LINUX, fault_lock: "mmap", cpus: c, pair: None });
         }
     }
     Ok(runs)
@@ -475,8 +559,18 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         bail!("fault_lock=mmap, but {vma_lock_faults} faults were resolved under a VMA lock");
     }
     // The same for the page-table locks: the kernel built for `single`
-    // must not have split PTE locks, nor `split` lack them.
+    // must not have split PTE locks, nor `split` lack them. A Linux guest
+    // has no lock builds, but must be the guest that was asked for.
+    let linux_result = raw["guest"] == LINUX;
+    if linux_result != (run.lock == LINUX) {
+        bail!(
+            "asked for the {} run, but the result is {}from a Linux guest",
+            run.lock,
+            if linux_result { "" } else { "not " }
+        );
+    }
     match raw["split_pte_ptlocks"].as_bool() {
+        _ if linux_result => {}
         Some(split) if split == (run.lock == "split") => {}
         Some(split) => bail!(
             "asked for the {} lock build, but the kernel's result says split PTE locks are {}",
@@ -608,6 +702,7 @@ impl Windows {
 pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu_args: &[String]) -> Machine {
     Machine {
         image,
+        linux: None,
         firmware: Firmware::Bios,
         smp: run.cpus,
         mem: mem_for(run, w.mib),
@@ -619,6 +714,15 @@ pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu
         ),
         extra: ["-mem-prealloc".to_string()].into_iter().chain(qemu_args.iter().cloned()).collect(),
     }
+}
+
+/// The machine of one boot of `run` on the Linux guest: the same as this
+/// kernel's ([`machine`]), booting Linux with the storm's initramfs.
+fn linux_machine(run: &Run, w: &Windows, guest: &linux::Guest, accel: Accel, qemu_args: &[String]) -> Machine {
+    let mut m = machine(run, w, guest.kernel.bzimage.clone(), accel, qemu_args);
+    m.linux = Some(qemu::LinuxBoot { initrd: guest.initrd.clone() });
+    m.cmdline = linux::cmdline(&run.workload, w.windows, w.mib, w.window_ms);
+    m
 }
 
 /// `m` with the bench's `--kernel-arg` options appended to its command line.
@@ -639,10 +743,21 @@ fn mem_for(run: &Run, mib: u64) -> String {
 }
 
 pub fn run(args: BenchArgs) -> Result<bool> {
-    let runs = plan(&args)?;
+    let mut runs = plan(&args)?;
     let windows = args.windows.unwrap_or(if args.quick { 3 } else { 5 });
     let mib = args.mib.unwrap_or(if args.quick { 16 } else { 128 });
     let qemu_bin = setup::ensure_all(false)?;
+    let guest = match args.guest {
+        GuestKind::Linux => {
+            let guest = linux::prepare()?;
+            println!("xtask: bench --guest linux: {}", linux::describe(&guest));
+            for r in &mut runs {
+                r.fault_lock = linux::fault_lock(&guest.kernel.release);
+            }
+            Some(guest)
+        }
+        GuestKind::Ptlk => None,
+    };
     let (accel, why) = qemu::choose_accel_icount(args.icount, args.accel)?;
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("xtask: bench on {accel} ({why}); host has {host_cpus} CPUs; {} runs, {windows} windows each", runs.len());
@@ -664,6 +779,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let mut built: Option<(&str, PathBuf)> = None;
     for (i, run) in runs.iter().enumerate() {
         let image = match &built {
+            _ if guest.is_some() => PathBuf::new(),
             Some((lock, image)) if *lock == run.lock => image.clone(),
             _ => {
                 let config = BuildConfig {
@@ -677,7 +793,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             }
         };
         let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
-        let mut machine = with_kernel_args(machine(run, &shape, image, accel, &args.qemu_args), &args.kernel_args);
+        let mut machine = match &guest {
+            Some(g) => linux_machine(run, &shape, g, accel, &args.qemu_args),
+            None => with_kernel_args(machine(run, &shape, image, accel, &args.qemu_args), &args.kernel_args),
+        };
         machine.icount = args.icount;
         let pair = run.pair.map(|k| format!("-pair{k}")).unwrap_or_default();
         let name = format!("bench-{}-{}-{}-{}cpu{pair}", run.workload, run.lock, run.fault_lock, run.cpus);
@@ -757,6 +876,9 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         records.push(rec);
     }
     let report = json!({
+        "guest": if guest.is_some() { "linux" } else { "ptlk" },
+        "linux_release": guest.as_ref().map(|g| g.kernel.release.clone()),
+        "linux_cmdline": runs.first().filter(|_| guest.is_some()).map(|r| linux::cmdline(&r.workload, windows, mib, args.window_ms)),
         "accel": accel.to_string(),
         "accel_reason": why,
         "qemu_args": args.qemu_args,
@@ -780,18 +902,25 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let mut report = report;
     let pairs = pair_stats(&report);
     report["pair_stats"] = json!(pairs.iter().map(PairStats::to_json).collect::<Vec<_>>());
-    let targets = if args.quick || args.icount { Vec::new() } else { targets(&report, args.check) };
+    let no_targets = args.quick || args.icount || guest.is_some();
+    let targets = if no_targets { Vec::new() } else { targets(&report, args.check) };
     report["targets"] = json!(targets.iter().map(Target::to_json).collect::<Vec<_>>());
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let json_path = dir.join("faultstorm.json");
+    let stem = if guest.is_some() { "linux" } else { "faultstorm" };
+    let json_path = dir.join(format!("{stem}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     print_table(&report);
     print_pairs(&pairs);
-    let svg = dir.join("faultstorm.svg");
+    let svg = dir.join(format!("{stem}.svg"));
     plot(&report, &svg)?;
     println!("xtask: wrote {} and {}", json_path.display(), svg.display());
-    if args.quick {
+    if let Some(g) = &guest {
+        println!(
+            "\nno target verdicts: the targets are this kernel's; this measured Linux {} as the reference (compare with `cargo xtask bench --pairs N` in the same session)",
+            g.kernel.release
+        );
+    } else if args.quick {
         println!(
             "\nno target verdicts: --quick measures 16 MiB regions in short windows, not the targets' shape (run without --quick, e.g. `cargo xtask bench --pairs 5 --check`)"
         );
@@ -820,14 +949,42 @@ fn boot(
     timeout: u64,
 ) -> Result<(Value, Duration)> {
     let out = qemu::run(qemu_bin, machine, name, machine.limits(Duration::from_secs(timeout)), None, false)?;
-    if !out.kernel_succeeded() {
-        bail!("{} (serial log: {})", out.describe(name), out.log.display());
-    }
     let text = std::fs::read_to_string(&out.log)?;
-    if let Err(e) = check_fault_lock(&text, run.fault_lock) {
+    if !out.kernel_succeeded() {
+        // linux-storm says why it failed on a line of its own.
+        let why = text.lines().find(|l| l.starts_with("BENCH-FAILED")).map(|l| format!(": {l}")).unwrap_or_default();
+        bail!("{}{why} (serial log: {})", out.describe(name), out.log.display());
+    }
+    // Linux prints no boot summary; its release says how it locks faults.
+    if run.lock != LINUX
+        && let Err(e) = check_fault_lock(&text, run.fault_lock)
+    {
         bail!("{name}: {e} (serial log: {})", out.log.display());
     }
     Ok((summarize(run, &find_result(&out.log)?)?, out.elapsed))
+}
+
+/// `cargo xtask test`'s Linux-guest step: `--guest linux`'s two storms on
+/// 2 vCPUs, one short window each over 16 MiB per thread. Each must report
+/// one fault per page written (the bench's check: THP off, every fault
+/// counted) and `same-table` must have waited at its barriers (its passes
+/// really alternated with thread 0's munmap). A one-line summary.
+pub(crate) fn linux_test_step(qemu_bin: &std::path::Path, accel: Accel) -> Result<String> {
+    let guest = linux::prepare()?;
+    let fault_lock = linux::fault_lock(&guest.kernel.release);
+    let shape = Windows { windows: 1, mib: 16, rounds: UNTIL_WINDOW_ENDS, window_ms: 500 };
+    let mut parts = vec![format!("Linux {}", guest.kernel.release)];
+    for w in linux::WORKLOADS {
+        let run = Run { workload: w.into(), lock: LINUX, fault_lock, cpus: 2, pair: None };
+        let machine = linux_machine(&run, &shape, &guest, accel, &[]);
+        let (rec, _) = boot(qemu_bin, &machine, &format!("test-linux-{w}"), &run, 300)?;
+        let waited = rec["waiting_share"].as_f64().unwrap_or(0.0);
+        if w == "same-table" && waited <= 0.0 {
+            bail!("Linux same-table on 2 vCPUs never waited at a barrier: its passes did not alternate");
+        }
+        parts.push(format!("{w}: {} faults, {:.0}/s", rec["faults"], rec["faults_per_sec"].as_f64().unwrap_or(0.0)));
+    }
+    Ok(parts.join("; "))
 }
 
 /// `--ceiling`: per workload, `rounds` rounds of one 1-vCPU boot alone, two
@@ -1551,6 +1708,73 @@ mod tests {
         assert!(summarize(&mmap, &raw("mmap", 0)).is_ok());
         let err = summarize(&mmap, &raw("mmap", 3)).unwrap_err().to_string();
         assert!(err.contains("3 faults were resolved under a VMA lock"), "{err}");
+    }
+
+    #[test]
+    fn linux_results_are_read_like_the_kernels_and_not_mixed_up_with_them() {
+        // linux-storm's line: no lock build, no fault-cost figures.
+        let linux_raw = |faults: u64| {
+            json!({
+                "guest": "linux", "release": "6.1.0-57-cloud-amd64", "tsc_per_us": 2594.5,
+                "windows": [{"faults": faults, "cycles": 5_189_000_000u64, "touched": 180_000, "min_faults": 180_000, "waiting_cycles": 0}]
+            })
+        };
+        let run = Run { workload: "disjoint".into(), lock: LINUX, fault_lock: "mmap", cpus: 2, pair: None };
+        let r = summarize(&run, &linux_raw(180_000)).unwrap();
+        assert!((r["faults_per_sec"].as_f64().unwrap() - 90_000.0).abs() < 1.0, "{}", r["faults_per_sec"]);
+        assert!(r["cycles_per_fault_mean"].is_null());
+        // With THP on, a fault maps 512 pages: far fewer faults than pages.
+        let err = format!("{:#}", summarize(&run, &linux_raw(400)).unwrap_err());
+        assert!(err.contains("400 faults for 180000 pages"), "{err}");
+        // A kernel result where Linux was asked for, and the reverse.
+        let mut ptlk = linux_raw(180_000);
+        ptlk.as_object_mut().unwrap().remove("guest");
+        ptlk["split_pte_ptlocks"] = json!(true);
+        let err = summarize(&run, &ptlk).unwrap_err().to_string();
+        assert!(err.contains("not from a Linux guest"), "{err}");
+        let split = Run { lock: "split", fault_lock: "vma", ..run };
+        let err = summarize(&split, &linux_raw(180_000)).unwrap_err().to_string();
+        assert!(err.contains("asked for the split run") && err.contains("from a Linux guest"), "{err}");
+    }
+
+    #[test]
+    fn linux_guest_runs_its_two_storms_as_pairs_and_refuses_kernel_only_flags() {
+        let runs = plan(&parse(&["--guest", "linux", "--pairs", "2", "--cpus", "1,2,4"]).unwrap()).unwrap();
+        assert_eq!(
+            keys(&runs),
+            [
+                ("disjoint", LINUX, "mmap", 1),
+                ("disjoint", LINUX, "mmap", 2),
+                ("disjoint", LINUX, "mmap", 1),
+                ("disjoint", LINUX, "mmap", 2),
+                ("disjoint", LINUX, "mmap", 4),
+                ("same-table", LINUX, "mmap", 1),
+                ("same-table", LINUX, "mmap", 2),
+                ("same-table", LINUX, "mmap", 1),
+                ("same-table", LINUX, "mmap", 2),
+                ("same-table", LINUX, "mmap", 4),
+            ]
+        );
+        assert_eq!(runs.iter().map(|r| r.pair).collect::<Vec<_>>()[..5], [Some(1), Some(1), Some(2), Some(2), None]);
+        let one = plan(&parse(&["--guest", "linux", "--workloads", "same-table", "--cpus", "2"]).unwrap()).unwrap();
+        assert_eq!(keys(&one), [("same-table", LINUX, "mmap", 2)]);
+        for flags in [
+            &["--check"][..],
+            &["--quick"],
+            &["--locks", "single"],
+            &["--fault-lock", "mmap"],
+            &["--kernel-arg", "spinlock=tas"],
+            &["--rounds", "3"],
+            &["--ceiling", "2"],
+            &["--icount"],
+        ] {
+            let args = parse(&[&["--guest", "linux"][..], flags].concat()).unwrap();
+            let err = plan(&args).unwrap_err().to_string();
+            assert!(err.contains(&format!("{} with --guest linux", flags[0])), "{flags:?}: {err}");
+        }
+        let err = plan(&parse(&["--guest", "linux", "--workloads", "same-page"]).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("runs disjoint and same-table only"), "{err}");
+        assert!(parse(&["--guest", "freebsd"]).is_err());
     }
 
     #[test]

@@ -147,6 +147,12 @@ pub struct Console {
 }
 
 impl Console {
+    /// A console whose every line is the kernel's (a guest QEMU loads
+    /// directly, with no firmware or bootloader output before it).
+    pub fn started() -> Console {
+        Console { kernel: true }
+    }
+
     /// Whether a kernel line has been seen.
     pub fn in_kernel(&self) -> bool {
         self.kernel

@@ -121,6 +121,7 @@ pub fn run(args: GdbArgs) -> Result<bool> {
     };
     let machine = Machine {
         image,
+        linux: None,
         firmware,
         smp: args.size.smp,
         mem: args.size.mem.clone(),
@@ -254,6 +255,7 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
     let port = free_port()?;
     let machine = Machine {
         image: image.to_path_buf(),
+        linux: None,
         firmware: Firmware::Bios,
         smp: 2,
         mem: "1024M".into(),

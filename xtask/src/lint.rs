@@ -20,7 +20,7 @@ use crate::kernel::{self, BuildConfig};
 use crate::workspace_root;
 
 /// The crates built for the host (xtask's own tests included).
-const HOST_CRATES: [&str; 6] = ["mm", "xtask", "boot", "ktest", "ktest-macros", "abi"];
+const HOST_CRATES: [&str; 7] = ["mm", "xtask", "boot", "ktest", "ktest-macros", "abi", "linux-storm"];
 
 /// One lint: a name for the summary and the command that must succeed.
 pub struct Lint {
@@ -67,7 +67,7 @@ pub fn lints() -> Result<Vec<Lint>> {
 
     Ok(vec![
         Lint { name: "lint: cargo fmt --check", command: cargo(&["fmt", "--all", "--", "--check"]) },
-        Lint { name: "lint: clippy, host crates (mm, xtask, boot, ktest, ktest-macros, abi)", command: host_clippy },
+        Lint { name: "lint: clippy, host crates (mm, xtask, boot, ktest, ktest-macros, abi, linux-storm)", command: host_clippy },
         Lint { name: "lint: clippy, kernel target (kernel, arch, mm, abi, ktest)", command: kernel_clippy },
         Lint { name: "lint: clippy, user programs", command: user_clippy },
         Lint { name: "lint: rustdoc, host crates", command: host_doc },

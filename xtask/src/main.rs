@@ -9,6 +9,7 @@ mod gdb;
 mod hostprobe;
 mod kernel;
 mod lint;
+mod linux;
 mod profile;
 mod protocol;
 mod qemu;
@@ -152,6 +153,7 @@ fn run(args: RunArgs) -> Result<bool> {
     println!("xtask: accelerator {accel}: {why}");
     let machine = Machine {
         image,
+        linux: None,
         firmware,
         smp: args.machine.size.smp,
         mem: args.machine.size.mem.clone(),

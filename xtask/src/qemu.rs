@@ -126,8 +126,12 @@ pub fn boot_hint(accel: Accel, firmware: Firmware, expiry: Expiry, host: HostVir
 /// One QEMU invocation.
 #[derive(Clone, Debug)]
 pub struct Machine {
-    /// Disk image to boot.
+    /// Disk image to boot, or with `linux` a Linux kernel (bzImage).
     pub image: PathBuf,
+    /// Boot `image` as a Linux kernel with this initramfs and command line
+    /// (`-kernel`, `-initrd`, `-append`: `bench --guest linux`), not this
+    /// kernel's disk image.
+    pub linux: Option<LinuxBoot>,
     /// BIOS or UEFI.
     pub firmware: Firmware,
     /// Number of vCPUs.
@@ -140,7 +144,7 @@ pub struct Machine {
     /// clocks count instructions (`-icount shift=0`, one virtual nanosecond
     /// per instruction), so a run is deterministic (`bench --icount`).
     pub icount: bool,
-    /// The kernel command line (fw_cfg).
+    /// The kernel command line (fw_cfg; `-append` for a Linux guest).
     pub cmdline: String,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
@@ -172,17 +176,31 @@ impl Machine {
             c.arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()));
             c.arg("-drive").arg(format!("if=pflash,format=raw,file={}", vars_copy.display()));
         }
-        // Writes go to a throw-away overlay (the kernel never writes its
-        // disk), so two runs of one image at once (a `run` beside a `test`)
-        // do not fight over QEMU's image lock.
-        c.arg("-drive").arg(format!("format=raw,snapshot=on,file={}", self.image.display()));
+        if let Some(linux) = &self.linux {
+            c.arg("-kernel").arg(&self.image).arg("-initrd").arg(&linux.initrd).args(["-append", &self.cmdline]);
+        } else {
+            // Writes go to a throw-away overlay (the kernel never writes its
+            // disk), so two runs of one image at once (a `run` beside a
+            // `test`) do not fight over QEMU's image lock.
+            c.arg("-drive").arg(format!("format=raw,snapshot=on,file={}", self.image.display()));
+        }
         c.args(["-serial", "stdio", "-display", "none", "-monitor", "none", "-no-reboot"]);
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
-        // QEMU option syntax: a literal comma is written twice.
-        c.arg("-fw_cfg").arg(format!("name={CMDLINE_FW_CFG},string={}", self.cmdline.replace(',', ",,")));
+        if self.linux.is_none() {
+            // QEMU option syntax: a literal comma is written twice.
+            c.arg("-fw_cfg").arg(format!("name={CMDLINE_FW_CFG},string={}", self.cmdline.replace(',', ",,")));
+        }
         c.args(&self.extra);
         Ok(c)
     }
+}
+
+/// A Linux guest booted directly by QEMU (no firmware output, no
+/// bootloader: its first serial line is the guest's).
+#[derive(Clone, Debug)]
+pub struct LinuxBoot {
+    /// The initramfs (`-initrd`).
+    pub initrd: PathBuf,
 }
 
 /// How a QEMU run ended.
@@ -346,7 +364,8 @@ pub fn run(
 
     let mut report = TestReport::default();
     let mut clock = RunClock::new(limits);
-    let mut console = Console::default();
+    // A Linux guest is started by QEMU itself: every line is the guest's.
+    let mut console = if machine.linux.is_some() { Console::started() } else { Console::default() };
     // Boot-stage lines: in the log, echoed only if the kernel never starts.
     let mut boot_lines: Vec<String> = Vec::new();
     // The test the clock's test limit is running for.

@@ -12,6 +12,10 @@
 //!   them with `dpkg-deb -x` into `target/xtask/qemu-debian/` of this
 //!   checkout, behind a wrapper script that points QEMU at its libraries,
 //!   modules and firmware there. Nothing outside the checkout changes.
+//! - For `bench --guest linux` only: Debian's cloud kernel (the package
+//!   `linux-image-cloud-amd64` depends on), downloaded with `apt-get
+//!   download` and unpacked into `target/xtask/linux-debian/`, as root or
+//!   not. Nothing is installed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -276,6 +280,100 @@ fn apt_removals(simulated: &str) -> Vec<String> {
         .collect()
 }
 
+/// The package whose dependency is Debian's current cloud kernel: a small
+/// kernel for virtual machines (virtio, the 8250 serial port), stock
+/// otherwise.
+const LINUX_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// A Linux kernel unpacked from Debian's package.
+#[derive(Clone, Debug)]
+pub struct LinuxKernel {
+    /// The compressed kernel image QEMU boots (`-kernel`).
+    pub bzimage: PathBuf,
+    /// Its release (`uname -r`), e.g. `6.1.0-57-cloud-amd64`.
+    pub release: String,
+}
+
+fn linux_dir() -> PathBuf {
+    workspace_root().join("target/xtask/linux-debian")
+}
+
+/// The kernel unpacked before, if the unpacking finished.
+fn unpacked_linux(dir: &Path) -> Option<LinuxKernel> {
+    if !dir.join("complete").is_file() {
+        return None;
+    }
+    std::fs::read_dir(dir.join("root/boot")).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let release = name.strip_prefix("vmlinuz-")?.to_string();
+        Some(LinuxKernel { bzimage: e.path(), release })
+    })
+}
+
+/// The kernel package an `apt-cache depends` of [`LINUX_PACKAGE`] names
+/// (its `Depends: linux-image-...` line).
+fn kernel_package(depends: &str) -> Option<String> {
+    depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(str::trim)
+        .find(|p| p.starts_with("linux-image-") && !p.starts_with('<'))
+        .map(str::to_string)
+}
+
+/// Ensures Debian's cloud kernel is unpacked in the checkout (see the module
+/// comment) and returns it.
+pub fn ensure_linux() -> Result<LinuxKernel> {
+    let dir = linux_dir();
+    if let Some(kernel) = unpacked_linux(&dir) {
+        return Ok(kernel);
+    }
+    if on_path("apt-get").is_none() {
+        bail!(
+            "`--guest linux` boots Debian's cloud kernel, fetched with apt-get, and this is not a Debian-based system; \
+             unpack a `linux-image-*-cloud-amd64` package's boot/vmlinuz-* into {} and create {}",
+            dir.join("root/boot").display(),
+            dir.join("complete").display()
+        );
+    }
+    let depends = || output(Command::new("apt-cache").args(["depends", LINUX_PACKAGE])).ok();
+    let mut package = depends().as_deref().and_then(kernel_package);
+    if package.is_none() && is_root() {
+        println!("xtask: apt knows no {LINUX_PACKAGE}: running apt-get update");
+        apt_get(&["update"], "apt-get update")?;
+        package = depends().as_deref().and_then(kernel_package);
+    }
+    let Some(package) = package else {
+        bail!("apt knows no {LINUX_PACKAGE} (its package lists may be missing: run `apt-get update` as root)");
+    };
+    let (debs, tree) = (dir.join("debs"), dir.join("root"));
+    for d in [&debs, &tree] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing the unfinished {}", d.display()))?;
+        }
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    println!("xtask: downloading Debian's {package} into {} (for --guest linux)", debs.display());
+    let mut download = Command::new("apt-get");
+    download.current_dir(&debs).args(["download", &package]);
+    if is_root() {
+        // apt drops to its `_apt` user to download, which cannot write here.
+        download.args(["-o", "APT::Sandbox::User=root"]);
+    }
+    output(&mut download).with_context(|| format!("downloading {package}"))?;
+    for entry in std::fs::read_dir(&debs)? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))
+                .with_context(|| format!("unpacking {}", deb.display()))?;
+        }
+    }
+    std::fs::write(dir.join("complete"), &package)?;
+    let kernel = unpacked_linux(&dir).with_context(|| format!("{package} holds no boot/vmlinuz-*"))?;
+    println!("xtask: unpacked Linux {} into {}", kernel.release, tree.display());
+    Ok(kernel)
+}
+
 /// Everything `run` and `test` need.
 pub fn ensure_all(uefi: bool) -> Result<PathBuf> {
     ensure_rust()?;
@@ -310,6 +408,28 @@ mod tests {
                 ("libgstreamer-plugins-base1.0-0".to_string(), "1.22.0-3+deb12u7".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn the_cloud_kernel_package_is_read_from_apt_cache_depends() {
+        let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-57-cloud-amd64\n";
+        assert_eq!(kernel_package(out).as_deref(), Some("linux-image-6.1.0-57-cloud-amd64"));
+        assert_eq!(kernel_package("linux-image-cloud-amd64\n  Depends: <linux-image-6.1>\n"), None);
+        assert_eq!(kernel_package(""), None);
+    }
+
+    #[test]
+    fn an_unpacked_kernel_is_found_only_once_complete() {
+        let dir = std::env::temp_dir().join(format!("xtask-linux-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("root/boot")).unwrap();
+        std::fs::write(dir.join("root/boot/vmlinuz-6.1.0-57-cloud-amd64"), b"").unwrap();
+        std::fs::write(dir.join("root/boot/config-6.1.0-57-cloud-amd64"), b"").unwrap();
+        assert!(unpacked_linux(&dir).is_none(), "an unfinished unpacking is not used");
+        std::fs::write(dir.join("complete"), b"").unwrap();
+        let k = unpacked_linux(&dir).unwrap();
+        assert_eq!(k.release, "6.1.0-57-cloud-amd64");
+        assert!(k.bzimage.ends_with("root/boot/vmlinuz-6.1.0-57-cloud-amd64"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

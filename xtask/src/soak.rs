@@ -156,6 +156,7 @@ pub fn run(args: SoakArgs) -> Result<bool> {
         let (_, image) = build_kernel(&config, Firmware::Bios)?;
         let machine = Machine {
             image,
+            linux: None,
             firmware: Firmware::Bios,
             smp: args.smp,
             mem: args.mem.clone(),

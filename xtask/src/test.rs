@@ -503,6 +503,7 @@ pub fn run(args: TestArgs) -> Result<bool> {
             };
             let machine = Machine {
                 image,
+                linux: None,
                 firmware: run.firmware,
                 smp: run.smp,
                 mem: args.machine.size.mem.clone(),
@@ -537,6 +538,22 @@ pub fn run(args: TestArgs) -> Result<bool> {
             println!("xtask: [profile] {}: {detail}", if ok { "ok" } else { "FAILED" });
             results.push(StepResult {
                 name: "cargo xtask profile --cpus 2 (short disjoint storm)".into(),
+                ok,
+                detail,
+                elapsed: started.elapsed(),
+            });
+        }
+        // `cargo xtask bench --guest linux`, short: Debian's Linux runs the
+        // storms and reports one fault per page.
+        if !args.quick && args.filter.as_deref().is_none_or(|f| f == "linux") {
+            let started = Instant::now();
+            let (ok, detail) = match crate::bench::linux_test_step(&qemu_bin, accel) {
+                Ok(summary) => (true, summary),
+                Err(e) => (false, format!("{e:#}")),
+            };
+            println!("xtask: [bench --guest linux] {}: {detail}", if ok { "ok" } else { "FAILED" });
+            results.push(StepResult {
+                name: "cargo xtask bench --guest linux (2 vCPUs, short disjoint and same-table)".into(),
                 ok,
                 detail,
                 elapsed: started.elapsed(),
