@@ -60,7 +60,7 @@ pub enum GuestKind {
 /// (per-VMA locks, the kernel's default) or `mmap_lock` shared.
 pub(crate) const FAULT_LOCKS: [&str; 2] = ["vma", "mmap"];
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct BenchArgs {
     /// CPU counts to measure (one QEMU boot each).
     #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
@@ -90,17 +90,21 @@ pub struct BenchArgs {
     /// says otherwise).
     #[arg(long, default_value = DEFAULT_WORKLOADS, value_delimiter = ',')]
     workloads: Vec<String>,
-    /// The kernel to measure: ptlk (this kernel), or linux: Debian's stock
-    /// cloud kernel (downloaded with apt-get into target/xtask/linux-debian
-    /// on first use), booted by QEMU with an initramfs whose /init runs
+    /// The kernels to measure: ptlk (this kernel), linux (Debian's stock
+    /// cloud kernel, downloaded with apt-get into target/xtask/linux-debian
+    /// on first use, booted by QEMU with an initramfs whose /init runs
     /// disjoint or same-table in the same shape (linux-storm/), THP off, in
-    /// the same QEMU configuration. Its runs are labelled `linux` and go to
-    /// target/bench/linux.json and linux.svg; `--pairs` works the same; no
-    /// target verdicts (the targets are this kernel's). Takes --cpus,
-    /// --workloads (default: disjoint,same-table), --pairs, --windows,
-    /// --mib, --window-ms, --timeout and --qemu-arg.
-    #[arg(long, value_enum, default_value = "ptlk")]
-    guest: GuestKind,
+    /// the same QEMU configuration), or both: `--guest ptlk,linux`
+    /// interleaves them pair by pair (ptlk's pair k, then Linux's) and
+    /// compares their ratios pair by pair. Linux's runs are labelled `linux`;
+    /// Linux alone goes to target/bench/linux.json and linux.svg. With
+    /// linux, the workloads default to disjoint,same-table, and --quick,
+    /// --ceiling, --icount and --rounds are refused; Linux alone also
+    /// refuses this kernel's flags (--locks, --fault-lock, --kernel-arg,
+    /// --check), which with both apply to ptlk's runs. Linux's runs have no
+    /// targets.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ptlk")]
+    guest: Vec<GuestKind>,
     /// Lock builds: split, single. Default: both; split alone with
     /// `--pairs`.
     #[arg(long, value_delimiter = ',')]
@@ -247,9 +251,40 @@ fn is_madvise(workload: &str) -> bool {
 }
 
 fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
-    if args.guest == GuestKind::Linux {
-        return plan_linux(args);
+    let (ptlk, linux) = (args.guest.contains(&GuestKind::Ptlk), args.guest.contains(&GuestKind::Linux));
+    if !linux {
+        return plan_ptlk(args);
     }
+    let linux_runs = plan_linux(args, ptlk)?;
+    if !ptlk {
+        return Ok(linux_runs);
+    }
+    // This kernel in the same shape: Linux's workloads.
+    let shared = BenchArgs { workloads: linux_workloads(args), guest: vec![GuestKind::Ptlk], ..args.clone() };
+    let mut runs = plan_ptlk(&shared)?;
+    // Interleaved: per workload, ptlk's pair k, then Linux's, then the
+    // other CPU counts (a stable sort keeps ptlk's runs first).
+    runs.extend(linux_runs);
+    let order = |r: &Run| {
+        let w = linux::WORKLOADS.iter().position(|w| *w == r.workload).unwrap_or(usize::MAX);
+        (w, r.pair.unwrap_or(u32::MAX))
+    };
+    runs.sort_by_key(order);
+    Ok(runs)
+}
+
+/// The workloads of a bench with the Linux guest: Linux's two unless
+/// `--workloads` names others.
+fn linux_workloads(args: &BenchArgs) -> Vec<String> {
+    if args.workloads.join(",") == DEFAULT_WORKLOADS {
+        linux::WORKLOADS.iter().map(|w| w.to_string()).collect()
+    } else {
+        args.workloads.clone()
+    }
+}
+
+/// The runs of this kernel (`--guest ptlk`).
+fn plan_ptlk(args: &BenchArgs) -> Result<Vec<Run>> {
     for w in &args.workloads {
         if !WORKLOADS.contains(&w.as_str()) {
             bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
@@ -356,15 +391,17 @@ fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
 
 /// The runs of `--guest linux`: its two workloads, `--cpus` and `--pairs`
 /// as for this kernel, labelled [`LINUX`]; `fault_lock` is set once the
-/// kernel's release is known ([`linux::fault_lock`]).
-fn plan_linux(args: &BenchArgs) -> Result<Vec<Run>> {
+/// kernel's release is known ([`linux::fault_lock`]). `with_ptlk`: this
+/// kernel runs too, and takes the flags that are its own.
+fn plan_linux(args: &BenchArgs, with_ptlk: bool) -> Result<Vec<Run>> {
+    let own = !with_ptlk;
     let refused = [
-        (args.locks.is_some(), "--locks"),
-        (args.fault_lock != ["vma"], "--fault-lock"),
-        (!args.kernel_args.is_empty(), "--kernel-arg"),
+        (own && args.locks.is_some(), "--locks"),
+        (own && args.fault_lock != ["vma"], "--fault-lock"),
+        (own && !args.kernel_args.is_empty(), "--kernel-arg"),
+        (own && args.check, "--check"),
         (args.rounds.is_some(), "--rounds"),
         (args.quick, "--quick"),
-        (args.check, "--check"),
         (args.ceiling.is_some(), "--ceiling"),
         (args.icount, "--icount"),
     ];
@@ -373,9 +410,7 @@ fn plan_linux(args: &BenchArgs) -> Result<Vec<Run>> {
             "{flag} with --guest linux: Linux is measured as the reference, in the targets' shape only (it has no lock builds, its release decides how faults lock, and the targets are this kernel's); drop {flag}"
         );
     }
-    let default = args.workloads.join(",") == DEFAULT_WORKLOADS;
-    let workloads: Vec<String> =
-        if default { linux::WORKLOADS.iter().map(|w| w.to_string()).collect() } else { args.workloads.clone() };
+    let workloads = linux_workloads(args);
     if let Some(w) = workloads.iter().find(|w| !linux::WORKLOADS.contains(&w.as_str())) {
         bail!("--guest linux runs {} only, not {w:?}", linux::WORKLOADS.join(" and "));
     }
@@ -747,17 +782,20 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let windows = args.windows.unwrap_or(if args.quick { 3 } else { 5 });
     let mib = args.mib.unwrap_or(if args.quick { 16 } else { 128 });
     let qemu_bin = setup::ensure_all(false)?;
-    let guest = match args.guest {
-        GuestKind::Linux => {
+    let guest = match runs.iter().any(|r| r.lock == LINUX) {
+        true => {
             let guest = linux::prepare()?;
             println!("xtask: bench --guest linux: {}", linux::describe(&guest));
-            for r in &mut runs {
+            for r in runs.iter_mut().filter(|r| r.lock == LINUX) {
                 r.fault_lock = linux::fault_lock(&guest.kernel.release);
             }
             Some(guest)
         }
-        GuestKind::Ptlk => None,
+        false => None,
     };
+    // Linux alone is the reference, with files of its own; with this kernel
+    // beside it, the report is this kernel's.
+    let linux_only = !args.guest.contains(&GuestKind::Ptlk);
     let (accel, why) = qemu::choose_accel_icount(args.icount, args.accel)?;
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("xtask: bench on {accel} ({why}); host has {host_cpus} CPUs; {} runs, {windows} windows each", runs.len());
@@ -778,24 +816,25 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let mut records = Vec::new();
     let mut built: Option<(&str, PathBuf)> = None;
     for (i, run) in runs.iter().enumerate() {
-        let image = match &built {
-            _ if guest.is_some() => PathBuf::new(),
-            Some((lock, image)) if *lock == run.lock => image.clone(),
-            _ => {
-                let config = BuildConfig {
-                    release: true,
-                    split_ptlock_cpus: (run.lock == "single").then_some(SINGLE_LOCK_CPUS),
-                    features: Vec::new(),
-                };
-                let (_, image) = build_kernel(&config, Firmware::Bios)?;
-                built = Some((run.lock, image.clone()));
-                image
-            }
-        };
         let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
         let mut machine = match &guest {
-            Some(g) => linux_machine(run, &shape, g, accel, &args.qemu_args),
-            None => with_kernel_args(machine(run, &shape, image, accel, &args.qemu_args), &args.kernel_args),
+            Some(g) if run.lock == LINUX => linux_machine(run, &shape, g, accel, &args.qemu_args),
+            _ => {
+                let image = match &built {
+                    Some((lock, image)) if *lock == run.lock => image.clone(),
+                    _ => {
+                        let config = BuildConfig {
+                            release: true,
+                            split_ptlock_cpus: (run.lock == "single").then_some(SINGLE_LOCK_CPUS),
+                            features: Vec::new(),
+                        };
+                        let (_, image) = build_kernel(&config, Firmware::Bios)?;
+                        built = Some((run.lock, image.clone()));
+                        image
+                    }
+                };
+                with_kernel_args(machine(run, &shape, image, accel, &args.qemu_args), &args.kernel_args)
+            }
         };
         machine.icount = args.icount;
         let pair = run.pair.map(|k| format!("-pair{k}")).unwrap_or_default();
@@ -876,14 +915,14 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         records.push(rec);
     }
     let report = json!({
-        "guest": if guest.is_some() { "linux" } else { "ptlk" },
+        "guest": args.guest.iter().map(|g| if *g == GuestKind::Linux { "linux" } else { "ptlk" }).collect::<Vec<_>>(),
         "linux_release": guest.as_ref().map(|g| g.kernel.release.clone()),
-        "linux_cmdline": runs.first().filter(|_| guest.is_some()).map(|r| linux::cmdline(&r.workload, windows, mib, args.window_ms)),
+        "linux_cmdline": runs.iter().find(|r| r.lock == LINUX).map(|r| linux::cmdline(&r.workload, windows, mib, args.window_ms)),
         "accel": accel.to_string(),
         "accel_reason": why,
         "qemu_args": args.qemu_args,
         "kernel_args": args.kernel_args,
-        "fault_locks": runs.iter().map(|r| r.fault_lock).fold(Vec::new(), |mut v, f| {
+        "fault_locks": runs.iter().filter(|r| r.lock != LINUX).map(|r| r.fault_lock).fold(Vec::new(), |mut v, f| {
             if !v.contains(&f) {
                 v.push(f);
             }
@@ -902,20 +941,23 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let mut report = report;
     let pairs = pair_stats(&report);
     report["pair_stats"] = json!(pairs.iter().map(PairStats::to_json).collect::<Vec<_>>());
-    let no_targets = args.quick || args.icount || guest.is_some();
+    let against = against_linux(&pairs);
+    report["against_linux"] = json!(against);
+    let no_targets = args.quick || args.icount || linux_only;
     let targets = if no_targets { Vec::new() } else { targets(&report, args.check) };
     report["targets"] = json!(targets.iter().map(Target::to_json).collect::<Vec<_>>());
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let stem = if guest.is_some() { "linux" } else { "faultstorm" };
+    let stem = if linux_only { "linux" } else { "faultstorm" };
     let json_path = dir.join(format!("{stem}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     print_table(&report);
     print_pairs(&pairs);
+    print_against_linux(&against);
     let svg = dir.join(format!("{stem}.svg"));
     plot(&report, &svg)?;
     println!("xtask: wrote {} and {}", json_path.display(), svg.display());
-    if let Some(g) = &guest {
+    if let Some(g) = guest.as_ref().filter(|_| linux_only) {
         println!(
             "\nno target verdicts: the targets are this kernel's; this measured Linux {} as the reference (compare with `cargo xtask bench --pairs N` in the same session)",
             g.kernel.release
@@ -1087,7 +1129,8 @@ fn ceiling(
 /// The fault-lock modes the report's runs used, in `FAULT_LOCKS` order.
 fn fault_locks_in(report: &Value) -> Vec<&'static str> {
     let runs = report["runs"].as_array().cloned().unwrap_or_default();
-    FAULT_LOCKS.into_iter().filter(|f| runs.iter().any(|r| r["fault_lock"] == *f)).collect()
+    let ours = |r: &&Value| r["lock"] != LINUX;
+    FAULT_LOCKS.into_iter().filter(|f| runs.iter().filter(ours).any(|r| r["fault_lock"] == *f)).collect()
 }
 
 fn print_table(report: &Value) {
@@ -1374,6 +1417,72 @@ fn print_pairs(stats: &[PairStats]) {
             s.median(),
             s.spread(),
             s.pairs.len()
+        );
+    }
+}
+
+/// This kernel's 1 -> 2 vCPU pairs of each workload against Linux's of the
+/// same run (`--guest ptlk,linux`): per pair index both had, the two ratios
+/// and their difference, the median difference, how many pairs this kernel
+/// was ahead in, and its median rates over Linux's.
+pub(crate) fn against_linux(stats: &[PairStats]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for l in stats.iter().filter(|s| s.lock == LINUX && s.interleaved) {
+        for p in stats.iter().filter(|s| s.lock != LINUX && s.interleaved && s.workload == l.workload) {
+            let both: Vec<(&Pair, &Pair)> =
+                p.pairs.iter().filter_map(|a| l.pairs.iter().find(|b| b.index == a.index).map(|b| (a, b))).collect();
+            if both.is_empty() {
+                continue;
+            }
+            let diffs: Vec<f64> = both.iter().map(|(a, b)| a.ratio() - b.ratio()).collect();
+            let rates = |f: fn(&Pair) -> f64, of: &[&Pair]| median(&mut of.iter().map(|x| f(x)).collect::<Vec<_>>());
+            let (ours, theirs): (Vec<&Pair>, Vec<&Pair>) = both.iter().copied().unzip();
+            out.push(json!({
+                "workload": p.workload,
+                "lock": p.lock,
+                "fault_lock": p.fault_lock,
+                "linux_fault_lock": l.fault_lock,
+                "pairs": both.iter().map(|(a, _)| a.index).collect::<Vec<_>>(),
+                "ratios": ours.iter().map(|a| a.ratio()).collect::<Vec<_>>(),
+                "linux_ratios": theirs.iter().map(|b| b.ratio()).collect::<Vec<_>>(),
+                "median": p.median(),
+                "linux_median": l.median(),
+                "differences": diffs,
+                "median_difference": median(&mut diffs.clone()),
+                "ahead": diffs.iter().filter(|d| **d > 0.0).count(),
+                "rate_1_over_linux": rates(|x| x.one, &ours) / rates(|x| x.one, &theirs),
+                "rate_2_over_linux": rates(|x| x.two, &ours) / rates(|x| x.two, &theirs),
+            }));
+        }
+    }
+    out
+}
+
+fn print_against_linux(rows: &[Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!("\nagainst Linux, pair by pair (the same pair index: this kernel's boots, then Linux's, minutes apart)");
+    for r in rows {
+        let list = |k: &str| -> String {
+            let v: Vec<String> =
+                r[k].as_array().into_iter().flatten().map(|x| format!("{:+.2}", x.as_f64().unwrap_or(0.0))).collect();
+            v.join(", ")
+        };
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<18} {} {}: 1 -> 2 median {:.2}x against Linux's {:.2}x; differences {} (median {:+.2}, ahead in {} of {}); rates {:.2}x Linux's on 1 vCPU, {:.2}x on 2",
+            r["workload"].as_str().unwrap_or(""),
+            r["lock"].as_str().unwrap_or(""),
+            r["fault_lock"].as_str().unwrap_or(""),
+            f("median"),
+            f("linux_median"),
+            list("differences"),
+            f("median_difference"),
+            r["ahead"],
+            r["pairs"].as_array().map_or(0, Vec::len),
+            f("rate_1_over_linux"),
+            f("rate_2_over_linux"),
         );
     }
 }
@@ -1775,6 +1884,64 @@ mod tests {
         let err = plan(&parse(&["--guest", "linux", "--workloads", "same-page"]).unwrap()).unwrap_err().to_string();
         assert!(err.contains("runs disjoint and same-table only"), "{err}");
         assert!(parse(&["--guest", "freebsd"]).is_err());
+    }
+
+    #[test]
+    fn both_guests_interleave_pair_by_pair_and_only_this_kernel_has_targets() {
+        let args = parse(&["--guest", "ptlk,linux", "--pairs", "2", "--cpus", "1,2,8", "--check"]).unwrap();
+        let runs = plan(&args).unwrap();
+        let order: Vec<(&str, &str, u32, Option<u32>)> =
+            runs.iter().map(|r| (r.workload.as_str(), r.lock, r.cpus, r.pair)).collect();
+        assert_eq!(
+            order[..10],
+            [
+                ("disjoint", "split", 1, Some(1)),
+                ("disjoint", "split", 2, Some(1)),
+                ("disjoint", LINUX, 1, Some(1)),
+                ("disjoint", LINUX, 2, Some(1)),
+                ("disjoint", "split", 1, Some(2)),
+                ("disjoint", "split", 2, Some(2)),
+                ("disjoint", LINUX, 1, Some(2)),
+                ("disjoint", LINUX, 2, Some(2)),
+                ("disjoint", "split", 8, None),
+                ("disjoint", LINUX, 8, None),
+            ]
+        );
+        assert_eq!(runs.len(), 20, "the same again for same-table");
+        assert!(runs[10..].iter().all(|r| r.workload == "same-table"));
+        // This kernel's flags are its runs' when both run.
+        let with_lock = parse(&["--guest", "ptlk,linux", "--fault-lock", "mmap", "--cpus", "2"]).unwrap();
+        let runs = plan(&with_lock).unwrap();
+        assert_eq!(
+            keys(&runs),
+            [
+                ("disjoint", "split", "mmap", 2),
+                ("disjoint", "single", "mmap", 2),
+                ("disjoint", LINUX, "mmap", 2),
+                ("same-table", "split", "mmap", 2),
+                ("same-table", "single", "mmap", 2),
+                ("same-table", LINUX, "mmap", 2)
+            ]
+        );
+        // A report with both: the targets see only this kernel's runs (no
+        // `mmap` targets because Linux faults under mmap_lock).
+        let run = |lock: &str, fl: &str, cpus: u64, pair: u64, rate: f64| json!({"workload": "disjoint", "lock": lock, "fault_lock": fl, "cpus": cpus, "pair": pair, "faults_per_sec": rate, "host_capacity": 1.0});
+        let report = json!({"runs": [
+            run("split", "vma", 1, 1, 200_000.0), run("split", "vma", 2, 1, 340_000.0),
+            run(LINUX, "mmap", 1, 1, 50_000.0), run(LINUX, "mmap", 2, 1, 90_000.0),
+            run("split", "vma", 1, 2, 210_000.0), run("split", "vma", 2, 2, 399_000.0),
+            run(LINUX, "mmap", 1, 2, 52_000.0), run(LINUX, "mmap", 2, 2, 78_000.0),
+        ]});
+        assert_eq!(fault_locks_in(&report), ["vma"]);
+        assert!(targets(&report, true).iter().all(|t| !t.text.contains("mmap")), "no targets for Linux's fault lock");
+        let against = against_linux(&pair_stats(&report));
+        assert_eq!(against.len(), 1);
+        let a = &against[0];
+        let diffs: Vec<f64> = a["differences"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap()).collect();
+        assert!((diffs[0] - (1.7 - 1.8)).abs() < 1e-9 && (diffs[1] - (1.9 - 1.5)).abs() < 1e-9, "{diffs:?}");
+        assert_eq!(a["ahead"], 1);
+        assert!((a["median_difference"].as_f64().unwrap() - 0.15).abs() < 1e-9);
+        assert!((a["rate_1_over_linux"].as_f64().unwrap() - 205_000.0 / 51_000.0).abs() < 1e-9);
     }
 
     #[test]

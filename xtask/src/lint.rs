@@ -67,7 +67,10 @@ pub fn lints() -> Result<Vec<Lint>> {
 
     Ok(vec![
         Lint { name: "lint: cargo fmt --check", command: cargo(&["fmt", "--all", "--", "--check"]) },
-        Lint { name: "lint: clippy, host crates (mm, xtask, boot, ktest, ktest-macros, abi, linux-storm)", command: host_clippy },
+        Lint {
+            name: "lint: clippy, host crates (mm, xtask, boot, ktest, ktest-macros, abi, linux-storm)",
+            command: host_clippy,
+        },
         Lint { name: "lint: clippy, kernel target (kernel, arch, mm, abi, ktest)", command: kernel_clippy },
         Lint { name: "lint: clippy, user programs", command: user_clippy },
         Lint { name: "lint: rustdoc, host crates", command: host_doc },
