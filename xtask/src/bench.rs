@@ -1094,14 +1094,10 @@ fn ceiling(
         "\nhost ceiling for 1 -> 2 vCPU scaling ({accel}; two 1-vCPU VMs that share only the host, at once, against one alone), and one 2-vCPU VM in the same rounds ({windows} windows of {mib} MiB per thread)"
     );
     for r in &report {
-        let list = |key: &str| -> String {
-            let v: Vec<String> = r["rounds"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| format!("{:.2}", x[key].as_f64().unwrap_or(0.0)))
-                .collect();
-            v.join(", ")
+        let list = |key: &str| {
+            let values: Vec<f64> =
+                r["rounds"].as_array().into_iter().flatten().map(|x| x[key].as_f64().unwrap_or(0.0)).collect();
+            joined(&values, |v| format!("{v:.2}"))
         };
         let f = |key: &str| r[key].as_f64().unwrap_or(0.0);
         println!(
@@ -1464,10 +1460,9 @@ fn print_against_linux(rows: &[Value]) {
     }
     println!("\nagainst Linux, pair by pair (the same pair index: this kernel's boots, then Linux's, minutes apart)");
     for r in rows {
-        let list = |k: &str| -> String {
-            let v: Vec<String> =
-                r[k].as_array().into_iter().flatten().map(|x| format!("{:+.2}", x.as_f64().unwrap_or(0.0))).collect();
-            v.join(", ")
+        let list = |k: &str| {
+            let values: Vec<f64> = r[k].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+            joined(&values, |v| format!("{v:+.2}"))
         };
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
@@ -1485,6 +1480,11 @@ fn print_against_linux(rows: &[Value]) {
             f("rate_2_over_linux"),
         );
     }
+}
+
+/// `values`, each formatted by `format`, comma-separated.
+fn joined(values: &[f64], format: impl Fn(f64) -> String) -> String {
+    values.iter().map(|&v| format(v)).collect::<Vec<_>>().join(", ")
 }
 
 /// What became of one target.
