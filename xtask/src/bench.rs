@@ -99,7 +99,8 @@ pub struct BenchArgs {
     /// compares their ratios pair by pair. Linux's runs are labelled `linux`;
     /// Linux alone goes to target/bench/linux.json and linux.svg. With
     /// linux, the workloads default to disjoint,same-table, and --quick,
-    /// --ceiling, --icount and --rounds are refused; Linux alone also
+    /// --ceiling and --rounds are refused (--icount counts Linux's
+    /// instructions per fault too, without --pairs); Linux alone also
     /// refuses this kernel's flags (--locks, --fault-lock, --kernel-arg,
     /// --check), which with both apply to ptlk's runs. Linux's runs have no
     /// targets.
@@ -403,11 +404,15 @@ fn plan_linux(args: &BenchArgs, with_ptlk: bool) -> Result<Vec<Run>> {
         (args.rounds.is_some(), "--rounds"),
         (args.quick, "--quick"),
         (args.ceiling.is_some(), "--ceiling"),
-        (args.icount, "--icount"),
     ];
     if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
         bail!(
             "{flag} with --guest linux: Linux is measured as the reference, in the targets' shape only (it has no lock builds, its release decides how faults lock, and the targets are this kernel's); drop {flag}"
+        );
+    }
+    if args.icount && args.pairs.is_some() {
+        bail!(
+            "--icount with --pairs: under --icount the vCPUs take turns on one host thread, so it counts instructions per fault and measures no scaling; drop --pairs (e.g. `cargo xtask bench --guest linux --icount --cpus 1`)"
         );
     }
     let workloads = linux_workloads(args);
@@ -1875,12 +1880,14 @@ mod tests {
             &["--kernel-arg", "spinlock=tas"],
             &["--rounds", "3"],
             &["--ceiling", "2"],
-            &["--icount"],
         ] {
             let args = parse(&[&["--guest", "linux"][..], flags].concat()).unwrap();
             let err = plan(&args).unwrap_err().to_string();
             assert!(err.contains(&format!("{} with --guest linux", flags[0])), "{flags:?}: {err}");
         }
+        let err = plan(&parse(&["--guest", "linux", "--icount", "--pairs", "2"]).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("--icount with --pairs: under --icount"), "{err}");
+        assert_eq!(plan(&parse(&["--guest", "linux", "--icount", "--cpus", "1"]).unwrap()).unwrap().len(), 2);
         let err = plan(&parse(&["--guest", "linux", "--workloads", "same-page"]).unwrap()).unwrap_err().to_string();
         assert!(err.contains("runs disjoint and same-table only"), "{err}");
         assert!(parse(&["--guest", "freebsd"]).is_err());
