@@ -18,7 +18,9 @@
 //! `--guest linux` runs `disjoint` and `same-table` on Debian's stock
 //! Linux instead (linux.rs), in the same QEMU configuration, into
 //! `target/bench/linux.json` and `linux.svg`: the reference the kernel's
-//! figures are compared with, measured in the same session.
+//! figures are compared with, measured in the same session. `--guest
+//! ptlk,linux` boots both, interleaved pair by pair, and compares their
+//! 1 -> 2 vCPU ratios pair by pair ([`against_linux`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
