@@ -330,9 +330,7 @@ fn plan_ptlk(args: &BenchArgs) -> Result<Vec<Run>> {
             bail!("unknown fault lock {f:?}; known: {}", FAULT_LOCKS.join(", "));
         }
     }
-    if args.cpus.iter().any(|&c| c == 0 || c > 64) {
-        bail!("--cpus takes counts in 1..=64");
-    }
+    check_cpus(args)?;
     for w in &args.workloads {
         check_rounds(w, rounds_for(args, w), args.window_ms)?;
     }
@@ -371,21 +369,7 @@ fn plan_ptlk(args: &BenchArgs) -> Result<Vec<Run>> {
                 if w == TRAPS && lock == "single" && args.locks.is_none() {
                     continue;
                 }
-                let mut cpus: Vec<u32> = Vec::new();
-                for &c in &args.cpus {
-                    if !cpus.contains(&c) && !(args.pairs.is_some() && (c == 1 || c == 2)) {
-                        cpus.push(c);
-                    }
-                }
-                // The pairs first, interleaved: 1, 2, 1, 2, ...
-                for k in 1..=args.pairs.unwrap_or(0) {
-                    for c in [1, 2] {
-                        runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c, pair: Some(k) });
-                    }
-                }
-                for c in cpus {
-                    runs.push(Run { workload: w.clone(), lock, fault_lock, cpus: c, pair: None });
-                }
+                runs.extend(cpu_runs(args, w, lock, fault_lock));
             }
         }
     }
@@ -424,27 +408,31 @@ fn plan_linux(args: &BenchArgs, with_ptlk: bool) -> Result<Vec<Run>> {
     if args.window_ms == 0 {
         bail!("--guest linux with --window-ms 0: its windows are a time (give --window-ms, default 2000)");
     }
+    check_cpus(args)?;
+    Ok(workloads.iter().flat_map(|w| cpu_runs(args, w, LINUX, "mmap")).collect())
+}
+
+fn check_cpus(args: &BenchArgs) -> Result<()> {
     if args.cpus.iter().any(|&c| c == 0 || c > 64) {
         bail!("--cpus takes counts in 1..=64");
     }
-    let mut runs = Vec::new();
-    for w in &workloads {
-        for k in 1..=args.pairs.unwrap_or(0) {
-            for c in [1, 2] {
-                runs.push(Run { workload: w.clone(), lock: LINUX, fault_lock: "mmap", cpus: c, pair: Some(k) });
-            }
-        }
-        let mut cpus: Vec<u32> = Vec::new();
-        for &c in &args.cpus {
-            if !cpus.contains(&c) && !(args.pairs.is_some() && (c == 1 || c == 2)) {
-                cpus.push(c);
-            }
-        }
-        for c in cpus {
-            runs.push(Run { workload: w.clone(), lock: LINUX, fault_lock: "mmap", cpus: c, pair: None });
+    Ok(())
+}
+
+/// The boots of one (workload, lock, fault lock): the `--pairs` first,
+/// interleaved 1, 2, 1, 2, ..., then each other count of `--cpus` once (the
+/// 1 and 2 of `--cpus` give way to the pairs).
+fn cpu_runs(args: &BenchArgs, workload: &str, lock: &'static str, fault_lock: &'static str) -> Vec<Run> {
+    let run = |cpus, pair| Run { workload: workload.to_string(), lock, fault_lock, cpus, pair };
+    let mut runs: Vec<Run> = (1..=args.pairs.unwrap_or(0)).flat_map(|k| [run(1, Some(k)), run(2, Some(k))]).collect();
+    let mut cpus: Vec<u32> = Vec::new();
+    for &c in &args.cpus {
+        if !cpus.contains(&c) && !(args.pairs.is_some() && (c == 1 || c == 2)) {
+            cpus.push(c);
         }
     }
-    Ok(runs)
+    runs.extend(cpus.into_iter().map(|c| run(c, None)));
+    runs
 }
 
 /// How the boot summary says faults lock: `vma` or `mmap` (from the
