@@ -32,6 +32,7 @@ use serde_json::{Value, json};
 use crate::hostprobe::HostProbe;
 use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Accel, Machine};
+use crate::setup::LinuxSource;
 use crate::{build_kernel, linux, setup, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
@@ -108,6 +109,15 @@ pub struct BenchArgs {
     /// targets.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "ptlk")]
     guest: Vec<GuestKind>,
+    /// Which Debian cloud kernel `--guest linux` boots: `system` (the one
+    /// this system's apt sources offer: 6.1 on bookworm, whose faults take
+    /// `mmap_lock`) or a Debian suite, e.g. `trixie` (6.12, with per-VMA
+    /// locks, the Linux of issue 17's table) or `bookworm-backports`, read
+    /// from deb.debian.org through an apt state of its own under
+    /// target/xtask/linux-debian-SUITE (apt checks the suite's signature;
+    /// the system's apt is untouched).
+    #[arg(long, default_value = "system", value_parser = LinuxSource::parse)]
+    linux: LinuxSource,
     /// Lock builds: split, single. Default: both; split alone with
     /// `--pairs`.
     #[arg(long, value_delimiter = ',')]
@@ -256,6 +266,12 @@ fn is_madvise(workload: &str) -> bool {
 fn plan(args: &BenchArgs) -> Result<Vec<Run>> {
     let (ptlk, linux) = (args.guest.contains(&GuestKind::Ptlk), args.guest.contains(&GuestKind::Linux));
     if !linux {
+        if args.linux != LinuxSource::System {
+            bail!(
+                "--linux {} chooses the Linux of --guest linux, and this bench boots no Linux: add --guest linux (or ptlk,linux)",
+                args.linux
+            );
+        }
         return plan_ptlk(args);
     }
     let linux_runs = plan_linux(args, ptlk)?;
@@ -779,7 +795,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let qemu_bin = setup::ensure_all(false)?;
     let guest = match runs.iter().any(|r| r.lock == LINUX) {
         true => {
-            let guest = linux::prepare()?;
+            let guest = linux::prepare(&args.linux)?;
             println!("xtask: bench --guest linux: {}", linux::describe(&guest));
             for r in runs.iter_mut().filter(|r| r.lock == LINUX) {
                 r.fault_lock = linux::fault_lock(&guest.kernel.release);
@@ -1007,7 +1023,7 @@ fn boot(
 /// counted) and `same-table` must have waited at its barriers (its passes
 /// really alternated with thread 0's munmap). A one-line summary.
 pub(crate) fn linux_test_step(qemu_bin: &std::path::Path, accel: Accel) -> Result<String> {
-    let guest = linux::prepare()?;
+    let guest = linux::prepare(&LinuxSource::System)?;
     let fault_lock = linux::fault_lock(&guest.kernel.release);
     let shape = Windows { windows: 1, mib: 16, rounds: UNTIL_WINDOW_ENDS, window_ms: 500 };
     let mut parts = vec![format!("Linux {}", guest.kernel.release)];
@@ -1881,6 +1897,23 @@ mod tests {
         let err = plan(&parse(&["--guest", "linux", "--workloads", "same-page"]).unwrap()).unwrap_err().to_string();
         assert!(err.contains("runs disjoint and same-table only"), "{err}");
         assert!(parse(&["--guest", "freebsd"]).is_err());
+    }
+
+    #[test]
+    fn linux_takes_a_debian_suite_and_only_with_a_linux_guest() {
+        let args = parse(&["--guest", "linux", "--linux", "trixie"]).unwrap();
+        assert_eq!(args.linux, LinuxSource::Suite("trixie".into()));
+        assert_eq!(plan(&args).unwrap().len(), plan(&parse(&["--guest", "linux"]).unwrap()).unwrap().len());
+        assert_eq!(parse(&["--guest", "linux"]).unwrap().linux, LinuxSource::System);
+        assert_eq!(
+            parse(&["--linux", "bookworm-backports", "--guest", "ptlk,linux"]).unwrap().linux.to_string(),
+            "bookworm-backports"
+        );
+        for bad in ["Trixie", "trixie/main", "", "-x", "trixie main"] {
+            assert!(parse(&["--guest", "linux", "--linux", bad]).is_err(), "{bad:?}");
+        }
+        let err = plan(&parse(&["--linux", "trixie"]).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("--linux trixie chooses the Linux of --guest linux"), "{err}");
     }
 
     #[test]

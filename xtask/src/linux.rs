@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-use crate::setup::{self, LinuxKernel};
+use crate::setup::{self, LinuxKernel, LinuxSource};
 use crate::{kernel, workspace_root};
 
 /// The storms `linux-storm` runs.
@@ -29,10 +29,10 @@ pub struct Guest {
     pub initrd: PathBuf,
 }
 
-/// Unpacks Debian's cloud kernel (once), builds `linux-storm` and writes the
-/// initramfs that runs it.
-pub fn prepare() -> Result<Guest> {
-    let kernel = setup::ensure_linux()?;
+/// Unpacks Debian's cloud kernel from `source` (once), builds `linux-storm`
+/// and writes the initramfs that runs it.
+pub fn prepare(source: &LinuxSource) -> Result<Guest> {
+    let kernel = setup::ensure_linux(source)?;
     let storm = build_storm()?;
     let init = std::fs::read(&storm).with_context(|| format!("reading {}", storm.display()))?;
     let initrd = workspace_root().join("target/xtask/linux-storm.cpio");

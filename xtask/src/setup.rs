@@ -15,7 +15,13 @@
 //! - For `bench --guest linux` only: Debian's cloud kernel (the package
 //!   `linux-image-cloud-amd64` depends on), downloaded with `apt-get
 //!   download` and unpacked into `target/xtask/linux-debian/`, as root or
-//!   not. Nothing is installed.
+//!   not. Nothing is installed. With `--linux SUITE` (e.g. `trixie`, whose
+//!   6.12 has per-VMA locks) the package comes from that Debian suite
+//!   instead, through an apt state of its own in
+//!   `target/xtask/linux-debian-SUITE/apt/` (its own sources list, package
+//!   lists and cache; apt checks the suite's signature against the system's
+//!   Debian archive keyring), unpacked beside it; the system's apt is
+//!   untouched.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -294,8 +300,47 @@ pub struct LinuxKernel {
     pub release: String,
 }
 
-fn linux_dir() -> PathBuf {
-    workspace_root().join("target/xtask/linux-debian")
+/// Where `--guest linux` gets Debian's cloud kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinuxSource {
+    /// The package this system's apt sources offer (Linux 6.1 on bookworm).
+    System,
+    /// A Debian suite (`trixie`, `bookworm-backports`, ...), read through a
+    /// private apt state under the checkout, from `deb.debian.org`.
+    Suite(String),
+}
+
+impl LinuxSource {
+    /// `system`, or a suite's name (lowercase letters, digits and `-`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "system" {
+            return Ok(LinuxSource::System);
+        }
+        let valid = !s.is_empty()
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if valid {
+            Ok(LinuxSource::Suite(s.to_string()))
+        } else {
+            Err(format!("{s:?} is neither `system` nor a Debian suite name such as `trixie` or `bookworm-backports`"))
+        }
+    }
+}
+
+impl std::fmt::Display for LinuxSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinuxSource::System => f.write_str("system"),
+            LinuxSource::Suite(s) => f.write_str(s),
+        }
+    }
+}
+
+fn linux_dir(source: &LinuxSource) -> PathBuf {
+    match source {
+        LinuxSource::System => workspace_root().join("target/xtask/linux-debian"),
+        LinuxSource::Suite(s) => workspace_root().join(format!("target/xtask/linux-debian-{s}")),
+    }
 }
 
 /// The kernel unpacked before, if the unpacking finished.
@@ -321,10 +366,47 @@ fn kernel_package(depends: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Ensures Debian's cloud kernel is unpacked in the checkout (see the module
-/// comment) and returns it.
-pub fn ensure_linux() -> Result<LinuxKernel> {
-    let dir = linux_dir();
+/// The keyring a suite's package lists are checked against.
+const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// apt's options for a suite's private state under `dir`: its own sources
+/// list (that suite alone), package lists, cache and an empty status, so
+/// nothing of the system's apt changes. apt still checks the suite's
+/// `InRelease` signature, against the system's Debian archive keyring.
+fn private_apt(dir: &Path, suite: &str) -> Result<Vec<String>> {
+    if !Path::new(DEBIAN_KEYRING).is_file() {
+        bail!(
+            "--linux {suite} needs Debian's archive keyring to check the suite's signature, and {DEBIAN_KEYRING} is missing \
+             (package debian-archive-keyring)"
+        );
+    }
+    let apt = dir.join("apt");
+    for d in ["lists/partial", "cache/archives/partial", "parts", "preferences.d"] {
+        std::fs::create_dir_all(apt.join(d)).with_context(|| format!("creating {}", apt.join(d).display()))?;
+    }
+    let list = apt.join("sources.list");
+    std::fs::write(&list, format!("deb [signed-by={DEBIAN_KEYRING}] http://deb.debian.org/debian {suite} main\n"))
+        .with_context(|| format!("writing {}", list.display()))?;
+    let mut opts = vec![
+        format!("Dir::Etc::SourceList={}", list.display()),
+        format!("Dir::Etc::SourceParts={}", apt.join("parts").display()),
+        format!("Dir::Etc::Preferences={}", apt.join("preferences").display()),
+        format!("Dir::Etc::PreferencesParts={}", apt.join("preferences.d").display()),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        "Dir::State::Status=/dev/null".to_string(),
+    ];
+    if is_root() {
+        // apt drops to its `_apt` user to download, which cannot write here.
+        opts.push("APT::Sandbox::User=root".to_string());
+    }
+    Ok(opts.into_iter().flat_map(|o| ["-o".to_string(), o]).collect())
+}
+
+/// Ensures Debian's cloud kernel from `source` is unpacked in the checkout
+/// (see the module comment) and returns it.
+pub fn ensure_linux(source: &LinuxSource) -> Result<LinuxKernel> {
+    let dir = linux_dir(source);
     if let Some(kernel) = unpacked_linux(&dir) {
         return Ok(kernel);
     }
@@ -336,15 +418,31 @@ pub fn ensure_linux() -> Result<LinuxKernel> {
             dir.join("complete").display()
         );
     }
-    let depends = || output(Command::new("apt-cache").args(["depends", LINUX_PACKAGE])).ok();
+    let apt_opts = match source {
+        LinuxSource::System => Vec::new(),
+        LinuxSource::Suite(suite) => {
+            let opts = private_apt(&dir, suite)?;
+            println!("xtask: reading Debian {suite}'s package list (for --guest linux --linux {suite})");
+            output(Command::new("apt-get").args(&opts).arg("update")).with_context(|| {
+                format!("reading Debian suite {suite:?} from deb.debian.org (is it a suite, and is the network up?)")
+            })?;
+            opts
+        }
+    };
+    let depends = || output(Command::new("apt-cache").args(&apt_opts).args(["depends", LINUX_PACKAGE])).ok();
     let mut package = depends().as_deref().and_then(kernel_package);
-    if package.is_none() && is_root() {
+    if package.is_none() && is_root() && *source == LinuxSource::System {
         println!("xtask: apt knows no {LINUX_PACKAGE}: running apt-get update");
         apt_get(&["update"], "apt-get update")?;
         package = depends().as_deref().and_then(kernel_package);
     }
     let Some(package) = package else {
-        bail!("apt knows no {LINUX_PACKAGE} (its package lists may be missing: run `apt-get update` as root)");
+        match source {
+            LinuxSource::System => {
+                bail!("apt knows no {LINUX_PACKAGE} (its package lists may be missing: run `apt-get update` as root)")
+            }
+            LinuxSource::Suite(suite) => bail!("Debian {suite} has no {LINUX_PACKAGE}"),
+        }
     };
     let (debs, tree) = (dir.join("debs"), dir.join("root"));
     for d in [&debs, &tree] {
@@ -355,8 +453,8 @@ pub fn ensure_linux() -> Result<LinuxKernel> {
     }
     println!("xtask: downloading Debian's {package} into {} (for --guest linux)", debs.display());
     let mut download = Command::new("apt-get");
-    download.current_dir(&debs).args(["download", &package]);
-    if is_root() {
+    download.current_dir(&debs).args(&apt_opts).args(["download", &package]);
+    if is_root() && *source == LinuxSource::System {
         // apt drops to its `_apt` user to download, which cannot write here.
         download.args(["-o", "APT::Sandbox::User=root"]);
     }
