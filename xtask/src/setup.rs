@@ -423,9 +423,17 @@ pub fn ensure_linux(source: &LinuxSource) -> Result<LinuxKernel> {
         LinuxSource::Suite(suite) => {
             let opts = private_apt(&dir, suite)?;
             println!("xtask: reading Debian {suite}'s package list (for --guest linux --linux {suite})");
-            output(Command::new("apt-get").args(&opts).arg("update")).with_context(|| {
-                format!("reading Debian suite {suite:?} from deb.debian.org (is it a suite, and is the network up?)")
-            })?;
+            let update = Command::new("apt-get").args(&opts).arg("update").output().context("running apt-get")?;
+            if !update.status.success() {
+                // Nothing of a suite that could not be read stays behind.
+                let _ = std::fs::remove_dir_all(&dir);
+                let stderr = String::from_utf8_lossy(&update.stderr);
+                let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("E: ")).collect();
+                bail!(
+                    "--linux {suite}: apt could not read Debian suite {suite:?} from deb.debian.org (is it a suite, and is the network up?): {}",
+                    if errors.is_empty() { stderr.trim().to_string() } else { errors.join(" ") }
+                );
+            }
             opts
         }
     };
