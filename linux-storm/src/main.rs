@@ -111,8 +111,10 @@ fn run() -> Result<Value, String> {
         shape.workload, shape.mib, shape.windows, shape.window_ms
     );
     let storm = Storm::start(shape, cpus, (shape.window_ms as f64 * 1000.0 * tsc_per_us) as u64);
-    // One warm-up window, as the kernel's bench does, then the timed ones.
-    storm.window()?;
+    // One warm-up window, as the kernel's bench does, then the timed ones
+    // (the host accounts QEMU's vCPU threads from the warm-up line on).
+    let warm = storm.window()?;
+    println!("linux-storm: warm-up: {} faults for {} pages", warm["faults"], warm["touched"]);
     let mut windows = Vec::new();
     for i in 1..=shape.windows {
         let w = storm.window()?;

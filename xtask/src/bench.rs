@@ -33,7 +33,7 @@ use crate::hostprobe::HostProbe;
 use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Accel, Machine};
 use crate::setup::LinuxSource;
-use crate::{build_kernel, linux, setup, workspace_root};
+use crate::{build_kernel, linux, setup, vcputime, workspace_root};
 
 /// The single-lock build: `SPLIT_PTLOCK_CPUS` above `NR_CPUS`.
 pub(crate) const SINGLE_LOCK_CPUS: u32 = 1_000_000;
@@ -759,6 +759,7 @@ pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu
             run.workload, w.windows, w.mib, w.rounds, w.window_ms, run.fault_lock
         ),
         extra: ["-mem-prealloc".to_string()].into_iter().chain(qemu_args.iter().cloned()).collect(),
+        vcpu_time: Some(vcputime::STORM),
     }
 }
 
@@ -893,8 +894,15 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             } else {
                 String::new()
             };
+            let vcpus = &rec["vcpu_threads"];
+            let vcpus = match (vcpus["running"].as_f64(), vcpus["blocked"].as_f64(), vcpus["runnable"].as_f64()) {
+                (Some(r), Some(b), Some(w)) => {
+                    format!(", vCPU threads ran {:.0}% blocked {:.0}% runnable {:.0}%", 100.0 * r, 100.0 * b, 100.0 * w)
+                }
+                _ => String::new(),
+            };
             println!(
-                "{:>12.0} faults/s (min {:.0}, max {:.0}){}{reclaimed}{}, {:.1} s, host {host:.2}",
+                "{:>12.0} faults/s (min {:.0}, max {:.0}){}{reclaimed}{}, {:.1} s, host {host:.2}{vcpus}",
                 rec["faults_per_sec"].as_f64().unwrap(),
                 rec["faults_per_sec_min"].as_f64().unwrap(),
                 rec["faults_per_sec_max"].as_f64().unwrap(),
@@ -1014,7 +1022,18 @@ fn boot(
     {
         bail!("{name}: {e} (serial log: {})", out.log.display());
     }
-    Ok((summarize(run, &find_result(&out.log)?)?, out.elapsed))
+    let mut rec = summarize(run, &find_result(&out.log)?)?;
+    if let Some(v) = out.vcpu_time {
+        let share = |x: f64| (x * 1000.0).round() / 1000.0;
+        rec["vcpu_threads"] = json!({
+            "threads": v.threads,
+            "seconds": share(v.wall.as_secs_f64()),
+            "running": share(v.running),
+            "blocked": share(v.blocked),
+            "runnable": share(v.runnable),
+        });
+    }
+    Ok((rec, out.elapsed))
 }
 
 /// `cargo xtask test`'s Linux-guest step: `--guest linux`'s two storms on
@@ -1035,7 +1054,18 @@ pub(crate) fn linux_test_step(qemu_bin: &std::path::Path, accel: Accel) -> Resul
         if w == "same-table" && waited <= 0.0 {
             bail!("Linux same-table on 2 vCPUs never waited at a barrier: its passes did not alternate");
         }
-        parts.push(format!("{w}: {} faults, {:.0}/s", rec["faults"], rec["faults_per_sec"].as_f64().unwrap_or(0.0)));
+        // The host-side accounting of the storm's vCPU threads (vcputime.rs)
+        // must have found both and seen the timed windows between its lines.
+        let vcpus = &rec["vcpu_threads"];
+        if vcpus["threads"].as_u64() != Some(2) || vcpus["running"].as_f64().is_none_or(|r| r <= 0.0) {
+            bail!("Linux {w} on 2 vCPUs: no accounting of QEMU's 2 vCPU threads over the timed windows ({vcpus})");
+        }
+        parts.push(format!(
+            "{w}: {} faults, {:.0}/s, vCPU threads ran {:.0}%",
+            rec["faults"],
+            rec["faults_per_sec"].as_f64().unwrap_or(0.0),
+            100.0 * vcpus["running"].as_f64().unwrap_or(0.0)
+        ));
     }
     Ok(parts.join("; "))
 }

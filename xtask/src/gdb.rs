@@ -129,6 +129,7 @@ pub fn run(args: GdbArgs) -> Result<bool> {
         icount: false,
         cmdline,
         extra: Vec::new(),
+        vcpu_time: None,
     };
     std::fs::create_dir_all(qemu::log_dir())?;
     let serial = qemu::log_dir().join("gdb-serial.log");
@@ -263,6 +264,7 @@ pub fn batch_test(elf: &Path, image: &Path, accel: Accel) -> Result<(bool, Strin
         icount: false,
         cmdline: "mode=test filter=storm_same_pte_table".into(),
         extra: Vec::new(),
+        vcpu_time: None,
     };
     std::fs::create_dir_all(qemu::log_dir())?;
     let serial = qemu::log_dir().join("gdb-test-serial.log");

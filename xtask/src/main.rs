@@ -17,6 +17,7 @@ mod setup;
 mod soak;
 mod symbols;
 mod test;
+mod vcputime;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -161,6 +162,7 @@ fn run(args: RunArgs) -> Result<bool> {
         icount: false,
         cmdline: format!("mode=run log={}", args.log),
         extra: args.qemu_args.clone(),
+        vcpu_time: None,
     };
     let symbols = symbols::Symbolizer::new(&elf);
     let timeout = Duration::from_secs(args.machine.timeout.unwrap_or(600));

@@ -19,7 +19,7 @@ use crate::clock::{self, Console, Expiry, Limits, RunClock, Source};
 use crate::kernel::Firmware;
 use crate::protocol::{self, TestReport};
 use crate::symbols::{Symbolizer, parse_frame_addr};
-use crate::workspace_root;
+use crate::{vcputime, workspace_root};
 
 /// Exit status QEMU reports when the kernel wrote `ExitCode::Success`.
 pub const STATUS_SUCCESS: i32 = 33;
@@ -148,6 +148,10 @@ pub struct Machine {
     pub cmdline: String,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
+    /// Account what the vCPU threads did on the host between two serial
+    /// lines (`bench`: its timed windows); the result is in
+    /// [`Outcome::vcpu_time`].
+    pub vcpu_time: Option<vcputime::Marks>,
 }
 
 impl Machine {
@@ -185,6 +189,9 @@ impl Machine {
             c.arg("-drive").arg(format!("format=raw,snapshot=on,file={}", self.image.display()));
         }
         c.args(["-serial", "stdio", "-display", "none", "-monitor", "none", "-no-reboot"]);
+        // Named threads (`CPU 0/TCG`): for `top -H`, gdb's `info threads`
+        // on QEMU, and the vCPU accounting of `vcputime`.
+        c.args(["-name", "ptlk,debug-threads=on"]);
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         if self.linux.is_none() {
             // QEMU option syntax: a literal comma is written twice.
@@ -232,6 +239,9 @@ pub struct Outcome {
     pub first_output: Option<Duration>,
     /// QEMU's start to the kernel's first line.
     pub kernel_start: Option<Duration>,
+    /// What the vCPU threads did between the machine's
+    /// [`Machine::vcpu_time`] lines, if it asked and both were seen.
+    pub vcpu_time: Option<vcputime::VcpuTime>,
     /// The machine's accelerator and firmware (for the diagnosis).
     pub accel: Accel,
     /// BIOS or UEFI.
@@ -376,6 +386,9 @@ pub fn run(
     let mut last_line = String::new();
     let mut open_streams = 2;
     let mut expired = None;
+    // The vCPU threads' counters at the start line, then the shares at the end.
+    let mut vcpu_start: Option<vcputime::Snapshot> = None;
+    let mut vcpu_time: Option<vcputime::VcpuTime> = None;
     let stdout = std::io::stdout();
     while open_streams > 0 {
         let now = start.elapsed();
@@ -399,6 +412,14 @@ pub fn run(
                     writeln!(log, "{line}")?;
                     if !line.trim().is_empty() {
                         last_line = line.to_string();
+                    }
+                    if let Some(marks) = machine.vcpu_time {
+                        if vcpu_start.is_none() && line.contains(marks.start) {
+                            vcpu_start = vcputime::snapshot(child.id());
+                        } else if vcpu_time.is_none() && line.contains(marks.end) {
+                            let end = vcputime::snapshot(child.id());
+                            vcpu_time = vcpu_start.as_ref().zip(end.as_ref()).and_then(|(a, b)| a.until(b));
+                        }
                     }
                     if console.classify(line) == Source::Boot {
                         boot_lines.push(line.to_string());
@@ -503,6 +524,7 @@ pub fn run(
         limits,
         first_output: clock.first_output(),
         kernel_start: clock.kernel_start(),
+        vcpu_time,
         accel: machine.accel,
         firmware: machine.firmware,
     })

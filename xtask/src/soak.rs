@@ -164,6 +164,7 @@ pub fn run(args: SoakArgs) -> Result<bool> {
             icount: false,
             cmdline: cmdline(args.minutes * 60, seed, args.phase_ms),
             extra: Vec::new(),
+            vcpu_time: None,
         };
         let name = format!("soak-{lock}-smp{}", args.smp);
         let log_path = qemu::log_dir().join(format!("{name}.log"));

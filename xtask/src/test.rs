@@ -511,6 +511,7 @@ pub fn run(args: TestArgs) -> Result<bool> {
                 icount: false,
                 cmdline: run.cmdline.clone(),
                 extra: Vec::new(),
+                vcpu_time: None,
             };
             let log_name = format!("test-{}", run.name.replace([',', ':', ' '], "-").replace("--", "-"));
             let limits = Limits { test: run.test_timeout, ..machine.limits(run.timeout) };
@@ -611,6 +612,7 @@ mod tests {
             limits: crate::clock::Limits { boot: Duration::from_secs(120), run: Duration::from_secs(10), test: None },
             first_output: Some(Duration::from_secs(1)),
             kernel_start: Some(Duration::from_secs(1)),
+            vcpu_time: None,
             accel: Accel::Tcg,
             firmware: Firmware::Bios,
         }

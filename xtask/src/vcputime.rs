@@ -1,0 +1,180 @@
+//! What QEMU's vCPU threads did on the host while a bench storm ran: on a
+//! host CPU, runnable (waiting for one), or blocked (asleep in the host
+//! kernel).
+//!
+//! Under multi-threaded TCG a vCPU thread blocks when it waits for a lock of
+//! QEMU's: above all QEMU's global lock (the BQL), which QEMU takes to
+//! deliver every exception, so every page fault of the guest takes it once
+//! (`cpu_handle_exception`). Two vCPUs faulting at once meet there, and the
+//! loser sleeps in a futex until the holder wakes it; on these machines
+//! (themselves VMs) that sleep and wake-up cost tens of microseconds. A
+//! vCPU that halts (an idle guest CPU) blocks too. So the blocked share of
+//! a storm's vCPU threads is time the guest could not run for reasons
+//! outside it, and grows with the rate of exceptions: it is the part of a
+//! 1 -> 2 vCPU ratio that the emulator, not the guest kernel, takes.
+//!
+//! The figures come from `/proc/PID/task/TID/schedstat` (nanoseconds on a
+//! CPU, nanoseconds runnable but waiting) of the threads QEMU names
+//! `CPU n/TCG` or `CPU n/KVM` (`-name ...,debug-threads=on`), read at two
+//! serial lines of the guest: the end of its warm-up window and its result
+//! line, so only the timed windows count.
+
+use std::time::{Duration, Instant};
+
+/// The serial lines between which a storm's vCPU threads are accounted:
+/// the first line containing `start`, then the first containing `end`.
+#[derive(Clone, Copy, Debug)]
+pub struct Marks {
+    pub start: &'static str,
+    pub end: &'static str,
+}
+
+/// A bench storm's: from the end of the warm-up window (`bench: warm-up:`,
+/// `linux-storm: warm-up:`) to the `BENCH-RESULT` line.
+pub const STORM: Marks = Marks { start: "warm-up:", end: "BENCH-RESULT" };
+
+/// One vCPU thread's counters at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ThreadTimes {
+    tid: u32,
+    /// Nanoseconds on a host CPU.
+    running: u64,
+    /// Nanoseconds runnable, waiting for a host CPU.
+    runnable: u64,
+}
+
+/// The vCPU threads' counters at one moment.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    at: Instant,
+    threads: Vec<ThreadTimes>,
+}
+
+/// How the vCPU threads spent the time between two snapshots, as shares of
+/// it, averaged over the threads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VcpuTime {
+    pub threads: usize,
+    pub wall: Duration,
+    pub running: f64,
+    pub runnable: f64,
+    pub blocked: f64,
+}
+
+impl std::fmt::Display for VcpuTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vCPU threads ran {:.0}%, blocked {:.0}%, waited for a host CPU {:.0}%",
+            100.0 * self.running,
+            100.0 * self.blocked,
+            100.0 * self.runnable
+        )
+    }
+}
+
+/// Whether a thread name is one of QEMU's vCPU threads (`CPU 0/TCG`).
+fn is_vcpu_thread(comm: &str) -> bool {
+    comm.trim_end().strip_prefix("CPU ").and_then(|rest| rest.split_once('/')).is_some_and(|(n, accel)| {
+        !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && matches!(accel, "TCG" | "KVM")
+    })
+}
+
+/// A `schedstat` file's first two fields: nanoseconds running, runnable.
+fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
+    let mut it = s.split_whitespace().map(str::parse::<u64>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// The counters of process `pid`'s vCPU threads now; `None` if it has none
+/// (or is gone, or this is not Linux).
+pub fn snapshot(pid: u32) -> Option<Snapshot> {
+    let at = Instant::now();
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !is_vcpu_thread(&comm) {
+            continue;
+        }
+        let Some((running, runnable)) =
+            std::fs::read_to_string(entry.path().join("schedstat")).ok().as_deref().and_then(parse_schedstat)
+        else {
+            continue;
+        };
+        threads.push(ThreadTimes { tid, running, runnable });
+    }
+    (!threads.is_empty()).then_some(Snapshot { at, threads })
+}
+
+impl Snapshot {
+    /// How the threads present in both snapshots spent the time from this
+    /// one to `later`.
+    pub fn until(&self, later: &Snapshot) -> Option<VcpuTime> {
+        let wall = later.at.checked_duration_since(self.at)?;
+        between(&self.threads, &later.threads, wall)
+    }
+}
+
+fn between(before: &[ThreadTimes], after: &[ThreadTimes], wall: Duration) -> Option<VcpuTime> {
+    let wall_ns = wall.as_nanos() as f64;
+    if wall_ns <= 0.0 {
+        return None;
+    }
+    let (mut running, mut runnable, mut n) = (0.0, 0.0, 0usize);
+    for a in after {
+        let Some(b) = before.iter().find(|b| b.tid == a.tid) else { continue };
+        running += (a.running.saturating_sub(b.running) as f64 / wall_ns).min(1.0);
+        runnable += (a.runnable.saturating_sub(b.runnable) as f64 / wall_ns).min(1.0);
+        n += 1;
+    }
+    if n == 0 {
+        return None;
+    }
+    let (running, runnable) = (running / n as f64, runnable / n as f64);
+    Some(VcpuTime { threads: n, wall, running, runnable, blocked: (1.0 - running - runnable).max(0.0) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_threads_are_told_by_their_names() {
+        for name in ["CPU 0/TCG\n", "CPU 12/TCG", "CPU 3/KVM"] {
+            assert!(is_vcpu_thread(name), "{name:?}");
+        }
+        for name in ["qemu-system-x86", "CPU /TCG", "CPU x/TCG", "CPU 0/HVF", "worker", "call_rcu"] {
+            assert!(!is_vcpu_thread(name), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn schedstat_gives_running_and_runnable_nanoseconds() {
+        assert_eq!(parse_schedstat("869320 1200 2\n"), Some((869320, 1200)));
+        assert_eq!(parse_schedstat("5"), None);
+        assert_eq!(parse_schedstat("a b c"), None);
+    }
+
+    #[test]
+    fn shares_are_per_thread_averages_of_the_wall_time() {
+        let t = |tid, running, runnable| ThreadTimes { tid, running, runnable };
+        let before = [t(1, 100, 0), t(2, 0, 0), t(3, 0, 0)];
+        // Over 1000 ns: thread 1 ran 800 and waited 100, thread 2 ran 600
+        // and waited 0; thread 3 is gone, thread 4 is new: neither counts.
+        let after = [t(1, 900, 100), t(2, 600, 0), t(4, 1000, 0)];
+        let v = between(&before, &after, Duration::from_nanos(1000)).unwrap();
+        assert_eq!(v.threads, 2);
+        assert!((v.running - 0.7).abs() < 1e-9, "{v:?}");
+        assert!((v.runnable - 0.05).abs() < 1e-9, "{v:?}");
+        assert!((v.blocked - 0.25).abs() < 1e-9, "{v:?}");
+        assert_eq!(v.to_string(), "vCPU threads ran 70%, blocked 25%, waited for a host CPU 5%");
+        assert!(between(&before, &[t(9, 1, 1)], Duration::from_nanos(1000)).is_none());
+        assert!(between(&before, &after, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn this_process_threads_are_not_vcpus() {
+        assert!(snapshot(std::process::id()).is_none());
+    }
+}
