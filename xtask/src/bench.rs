@@ -1310,6 +1310,9 @@ pub(crate) struct Pair {
     pub(crate) two: f64,
     /// The lower host capacity of its two boots.
     pub(crate) host: f64,
+    /// The share of its 2-vCPU boot's timed windows its vCPU threads spent
+    /// on a host CPU (`vcputime.rs`), if it was measured.
+    pub(crate) ran: Option<f64>,
 }
 
 impl Pair {
@@ -1389,6 +1392,7 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
         let (ones, twos) = (of(1), of(2));
         let host = |r: &Value| r["host_capacity"].as_f64().unwrap_or(1.0);
         let rate = |r: &Value| r["faults_per_sec"].as_f64();
+        let ran = |r: &Value| r["vcpu_threads"]["running"].as_f64();
         let mut indices: Vec<u32> =
             ones.iter().chain(&twos).filter_map(|r| r["pair"].as_u64()).map(|k| k as u32).collect();
         indices.sort_unstable();
@@ -1399,7 +1403,7 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
                 && let (Some(one), Some(two)) = (rate(a), rate(b))
                 && one > 0.0
             {
-                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)) });
+                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)), ran: ran(b) });
             }
         }
         let interleaved = !indices.is_empty();
@@ -1408,7 +1412,7 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
             && let (Some(one), Some(two)) = (rate(a), rate(b))
             && one > 0.0
         {
-            pairs.push(Pair { index: 0, one, two, host: host(a).min(host(b)) });
+            pairs.push(Pair { index: 0, one, two, host: host(a).min(host(b)), ran: ran(b) });
         }
         if !pairs.is_empty() {
             out.push(PairStats { workload: w, lock: l, fault_lock: fl, interleaved, pairs });
@@ -1427,15 +1431,17 @@ fn print_pairs(stats: &[PairStats]) {
     if interleaved.is_empty() {
         return;
     }
-    println!("\n1 -> 2 vCPU pairs (boots interleaved 1, 2, 1, 2, ...; faults/s; host: the busier boot's capacity)");
     println!(
-        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>7} {:>5}",
-        "workload", "lock", "fault_lock", "pair", "1 vCPU", "2 vCPUs", "ratio", "host"
+        "\n1 -> 2 vCPU pairs (boots interleaved 1, 2, 1, 2, ...; faults/s; host: the busier boot's capacity; ran: the share of the 2-vCPU boot's windows its vCPU threads were on a host CPU)"
+    );
+    println!(
+        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>7} {:>5} {:>5}",
+        "workload", "lock", "fault_lock", "pair", "1 vCPU", "2 vCPUs", "ratio", "host", "ran"
     );
     for s in interleaved {
         for p in &s.pairs {
             println!(
-                "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>6.2}x {:>5.2}",
+                "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>6.2}x {:>5.2} {:>5}",
                 s.workload,
                 s.lock,
                 s.fault_lock,
@@ -1443,7 +1449,8 @@ fn print_pairs(stats: &[PairStats]) {
                 p.one,
                 p.two,
                 p.ratio(),
-                p.host
+                p.host,
+                p.ran.map_or("-".to_string(), |r| format!("{:.0}%", 100.0 * r))
             );
         }
         println!(

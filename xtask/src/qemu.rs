@@ -388,7 +388,8 @@ pub fn run(
     let mut expired = None;
     // The vCPU threads' counters at the start line, then the shares at the end.
     let mut vcpu_start: Option<vcputime::Snapshot> = None;
-    let mut vcpu_time: Option<vcputime::VcpuTime> = None;
+    let mut vcpu_end: Option<vcputime::Snapshot> = None;
+    let sampler = machine.vcpu_time.map(|_| vcputime::Sampler::start(child.id()));
     let stdout = std::io::stdout();
     while open_streams > 0 {
         let now = start.elapsed();
@@ -416,9 +417,14 @@ pub fn run(
                     if let Some(marks) = machine.vcpu_time {
                         if vcpu_start.is_none() && line.contains(marks.start) {
                             vcpu_start = vcputime::snapshot(child.id());
-                        } else if vcpu_time.is_none() && line.contains(marks.end) {
-                            let end = vcputime::snapshot(child.id());
-                            vcpu_time = vcpu_start.as_ref().zip(end.as_ref()).and_then(|(a, b)| a.until(b));
+                        } else if vcpu_start.is_some() && line.contains(marks.end) {
+                            // The last such line ends the span. QEMU may be
+                            // gone by the time a line is read (the guest ends
+                            // the run right after its last one): then the
+                            // sampler's last snapshot, at most
+                            // `vcputime::SAMPLE_EVERY` older, ends it.
+                            vcpu_end =
+                                vcputime::snapshot(child.id()).or_else(|| sampler.as_ref()?.latest()).or(vcpu_end);
                         }
                     }
                     if console.classify(line) == Source::Boot {
@@ -515,6 +521,7 @@ pub fn run(
     if let Some(k) = clock.kernel_start() {
         writeln!(log, "# kernel's first line after {:.2} s", k.as_secs_f64())?;
     }
+    let vcpu_time = vcpu_start.as_ref().zip(vcpu_end.as_ref()).and_then(|(a, b)| a.until(b));
     Ok(Outcome {
         ending,
         elapsed,

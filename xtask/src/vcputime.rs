@@ -17,13 +17,16 @@
 //! The figures come from `/proc/PID/task/TID/schedstat` (nanoseconds on a
 //! CPU, nanoseconds runnable but waiting) of the threads QEMU names
 //! `CPU n/TCG` or `CPU n/KVM` (`-name ...,debug-threads=on`), read at two
-//! serial lines of the guest: the end of its warm-up window and its result
-//! line, so only the timed windows count.
+//! serial lines of the guest: the end of its warm-up window and the end of
+//! its last timed window, so only the timed windows count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The serial lines between which a storm's vCPU threads are accounted:
-/// the first line containing `start`, then the first containing `end`.
+/// the first line containing `start`, then the last line after it
+/// containing `end`.
 #[derive(Clone, Copy, Debug)]
 pub struct Marks {
     pub start: &'static str,
@@ -31,8 +34,11 @@ pub struct Marks {
 }
 
 /// A bench storm's: from the end of the warm-up window (`bench: warm-up:`,
-/// `linux-storm: warm-up:`) to the `BENCH-RESULT` line.
-pub const STORM: Marks = Marks { start: "warm-up:", end: "BENCH-RESULT" };
+/// `linux-storm: warm-up:`) to the end of its last timed window (`bench:
+/// window 5/5:`, `linux-storm: window 5/5:`). Not to the `BENCH-RESULT`
+/// line: the guest ends the run right after it, and QEMU's threads may be
+/// gone by the time that line is read.
+pub const STORM: Marks = Marks { start: "warm-up:", end: " window " };
 
 /// One vCPU thread's counters at one moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +112,48 @@ pub fn snapshot(pid: u32) -> Option<Snapshot> {
         threads.push(ThreadTimes { tid, running, runnable });
     }
     (!threads.is_empty()).then_some(Snapshot { at, threads })
+}
+
+/// How often a [`Sampler`] snapshots the vCPU threads.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// Snapshots a process's vCPU threads every [`SAMPLE_EVERY`] on a thread of
+/// its own, until the process is gone or the sampler is dropped: the latest
+/// snapshot stands in for one taken at a serial line read after QEMU exited.
+pub struct Sampler {
+    latest: Arc<Mutex<Option<Snapshot>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sampler {
+    pub fn start(pid: u32) -> Self {
+        let (latest, stop) = (Arc::new(Mutex::new(None)), Arc::new(AtomicBool::new(false)));
+        let (l, s) = (Arc::clone(&latest), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match snapshot(pid) {
+                    Some(snap) => *l.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap),
+                    // Gone (or not started its vCPUs yet: keep trying while
+                    // nothing was seen).
+                    None if l.lock().unwrap_or_else(|e| e.into_inner()).is_some() => break,
+                    None => {}
+                }
+                std::thread::sleep(SAMPLE_EVERY);
+            }
+        });
+        Self { latest, stop }
+    }
+
+    /// The latest snapshot taken.
+    pub fn latest(&self) -> Option<Snapshot> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Snapshot {
