@@ -20,7 +20,12 @@
 //! `target/bench/linux.json` and `linux.svg`: the reference the kernel's
 //! figures are compared with, measured in the same session. `--guest
 //! ptlk,linux` boots both, interleaved pair by pair, and compares their
-//! 1 -> 2 vCPU ratios pair by pair ([`against_linux`]).
+//! 1 -> 2 vCPU ratios pair by pair ([`against_linux`]). `--linux SUITE`
+//! takes the Linux of another Debian suite (e.g. trixie's 6.12, with
+//! per-VMA locks).
+//!
+//! Every run also reports what QEMU's vCPU threads did on the host during
+//! its timed windows (vcputime.rs): on a CPU, blocked, or waiting for one.
 
 use std::path::PathBuf;
 use std::time::Duration;
