@@ -899,13 +899,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             } else {
                 String::new()
             };
-            let vcpus = &rec["vcpu_threads"];
-            let vcpus = match (vcpus["running"].as_f64(), vcpus["blocked"].as_f64(), vcpus["runnable"].as_f64()) {
-                (Some(r), Some(b), Some(w)) => {
-                    format!(", vCPU threads ran {:.0}% blocked {:.0}% runnable {:.0}%", 100.0 * r, 100.0 * b, 100.0 * w)
-                }
-                _ => String::new(),
-            };
+            let vcpus = vcputime::describe(&rec["vcpu_threads"]).map(|d| format!(", {d}")).unwrap_or_default();
             println!(
                 "{:>12.0} faults/s (min {:.0}, max {:.0}){}{reclaimed}{}, {:.1} s, host {host:.2}{vcpus}",
                 rec["faults_per_sec"].as_f64().unwrap(),
@@ -1029,14 +1023,7 @@ fn boot(
     }
     let mut rec = summarize(run, &find_result(&out.log)?)?;
     if let Some(v) = out.vcpu_time {
-        let share = |x: f64| (x * 1000.0).round() / 1000.0;
-        rec["vcpu_threads"] = json!({
-            "threads": v.threads,
-            "seconds": share(v.wall.as_secs_f64()),
-            "running": share(v.running),
-            "blocked": share(v.blocked),
-            "runnable": share(v.runnable),
-        });
+        rec["vcpu_threads"] = v.to_json();
     }
     Ok((rec, out.elapsed))
 }

@@ -77,6 +77,12 @@ fn on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
 }
 
+/// apt's option to download as root when running as root: apt drops to its
+/// `_apt` user to download, which cannot write into the checkout.
+fn apt_sandbox() -> &'static [&'static str] {
+    if is_root() { &["-o", "APT::Sandbox::User=root"] } else { &[] }
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -198,11 +204,7 @@ fn unpack_locally() -> Result<()> {
     }
     println!("xtask: downloading {} Debian packages into {}", wanted.len(), debs.display());
     let mut download = Command::new("apt-get");
-    download.current_dir(&debs).arg("download").args(&wanted);
-    if is_root() {
-        // apt drops to its `_apt` user to download, which cannot write here.
-        download.args(["-o", "APT::Sandbox::User=root"]);
-    }
+    download.current_dir(&debs).arg("download").args(&wanted).args(apt_sandbox());
     output(&mut download)
         .context("downloading QEMU's Debian packages (a fresh machine needs `apt-get update` first)")?;
     for entry in std::fs::read_dir(&debs)? {
@@ -387,7 +389,7 @@ fn private_apt(dir: &Path, suite: &str) -> Result<Vec<String>> {
     let list = apt.join("sources.list");
     std::fs::write(&list, format!("deb [signed-by={DEBIAN_KEYRING}] http://deb.debian.org/debian {suite} main\n"))
         .with_context(|| format!("writing {}", list.display()))?;
-    let mut opts = vec![
+    let opts = [
         format!("Dir::Etc::SourceList={}", list.display()),
         format!("Dir::Etc::SourceParts={}", apt.join("parts").display()),
         format!("Dir::Etc::Preferences={}", apt.join("preferences").display()),
@@ -396,11 +398,8 @@ fn private_apt(dir: &Path, suite: &str) -> Result<Vec<String>> {
         format!("Dir::Cache={}", apt.join("cache").display()),
         "Dir::State::Status=/dev/null".to_string(),
     ];
-    if is_root() {
-        // apt drops to its `_apt` user to download, which cannot write here.
-        opts.push("APT::Sandbox::User=root".to_string());
-    }
-    Ok(opts.into_iter().flat_map(|o| ["-o".to_string(), o]).collect())
+    let opts = opts.into_iter().flat_map(|o| ["-o".to_string(), o]);
+    Ok(opts.chain(apt_sandbox().iter().map(|o| o.to_string())).collect())
 }
 
 /// Ensures Debian's cloud kernel from `source` is unpacked in the checkout
@@ -462,9 +461,9 @@ pub fn ensure_linux(source: &LinuxSource) -> Result<LinuxKernel> {
     println!("xtask: downloading Debian's {package} into {} (for --guest linux)", debs.display());
     let mut download = Command::new("apt-get");
     download.current_dir(&debs).args(&apt_opts).args(["download", &package]);
-    if is_root() && *source == LinuxSource::System {
-        // apt drops to its `_apt` user to download, which cannot write here.
-        download.args(["-o", "APT::Sandbox::User=root"]);
+    if *source == LinuxSource::System {
+        // A suite's options carry it already.
+        download.args(apt_sandbox());
     }
     output(&mut download).with_context(|| format!("downloading {package}"))?;
     for entry in std::fs::read_dir(&debs)? {

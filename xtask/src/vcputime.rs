@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 /// The serial lines between which a storm's vCPU threads are accounted:
 /// the first line containing `start`, then the last line after it
 /// containing `end`.
@@ -68,16 +70,30 @@ pub struct VcpuTime {
     pub blocked: f64,
 }
 
-impl std::fmt::Display for VcpuTime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "vCPU threads ran {:.0}%, blocked {:.0}%, waited for a host CPU {:.0}%",
-            100.0 * self.running,
-            100.0 * self.blocked,
-            100.0 * self.runnable
-        )
+impl VcpuTime {
+    /// Its JSON record (`vcpu_threads` of a bench run): shares to 0.1%.
+    pub fn to_json(self) -> Value {
+        let round = |x: f64| (x * 1000.0).round() / 1000.0;
+        json!({
+            "threads": self.threads,
+            "seconds": round(self.wall.as_secs_f64()),
+            "running": round(self.running),
+            "blocked": round(self.blocked),
+            "runnable": round(self.runnable),
+        })
     }
+}
+
+/// The words for a [`VcpuTime::to_json`] record, e.g. `vCPU threads ran
+/// 97% blocked 2% runnable 1%`; `None` for a run without one.
+pub fn describe(record: &Value) -> Option<String> {
+    let share = |k: &str| record[k].as_f64().map(|x| 100.0 * x);
+    Some(format!(
+        "vCPU threads ran {:.0}% blocked {:.0}% runnable {:.0}%",
+        share("running")?,
+        share("blocked")?,
+        share("runnable")?
+    ))
 }
 
 /// Whether a thread name is one of QEMU's vCPU threads (`CPU 0/TCG`).
@@ -217,7 +233,8 @@ mod tests {
         assert!((v.running - 0.7).abs() < 1e-9, "{v:?}");
         assert!((v.runnable - 0.05).abs() < 1e-9, "{v:?}");
         assert!((v.blocked - 0.25).abs() < 1e-9, "{v:?}");
-        assert_eq!(v.to_string(), "vCPU threads ran 70%, blocked 25%, waited for a host CPU 5%");
+        assert_eq!(describe(&v.to_json()).as_deref(), Some("vCPU threads ran 70% blocked 25% runnable 5%"));
+        assert_eq!(describe(&Value::Null), None);
         assert!(between(&before, &[t(9, 1, 1)], Duration::from_nanos(1000)).is_none());
         assert!(between(&before, &after, Duration::ZERO).is_none());
     }
