@@ -597,6 +597,7 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     let max = rates.iter().cloned().fold(0.0, f64::max);
     let med = median(&mut rates.clone());
     let n_windows = windows.len().max(1) as f64;
+    let round_trip = round_trips(windows, run.cpus)?;
     let mm = &raw["mm"];
     // The kernel's own word on its fault locking, and its counters, agree
     // with the boot summary (checked before) or the run is not what it says.
@@ -672,6 +673,9 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "waiting_share": waiting.map(|w| w as f64 / (cycles as f64 * f64::from(run.cpus))),
         "cycles_per_fault_mean": fault_cost("cycles_per_fault_mean"),
         "cycles_per_fault_p99": fault_cost("cycles_per_fault_p99"),
+        // A cache line's round trip between two of the guest's vCPUs after
+        // each window (ns): where the host had them (see `round_trips`).
+        "round_trip_ns": round_trip,
         "windows": windows,
         "locks": raw["locks"],
         "lock_halts": raw["lock_halts"],
@@ -680,6 +684,44 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
         "pt_reclaimed_per_window": pt_reclaimed as f64 / windows.len().max(1) as f64,
         "fork": fork,
     }))
+}
+
+/// The words for a run's `round_trip_ns` (None if it has none).
+fn describe_round_trip(rt: &Value) -> Option<String> {
+    let f = |k: &str| rt[k].as_f64();
+    let unanswered = match rt["unanswered"].as_u64()? {
+        0 => String::new(),
+        n => format!(", {n} window(s) unanswered"),
+    };
+    Some(match f("median") {
+        Some(m) => format!("vCPU round trip {m:.0} ns (windows {:.0}-{:.0}{unanswered})", f("min")?, f("max")?),
+        None => format!("vCPU round trip unmeasured{unanswered}"),
+    })
+}
+
+/// The median, min and max over the windows of the kernel's measure, after
+/// each window, of a cache line's round trip between two of its vCPUs
+/// (kernel `workload::roundtrip`), as `{median, min, max, unanswered}` in ns;
+/// null for one vCPU, or a kernel (or Linux guest) that does not measure it.
+/// `unanswered` counts the windows after which the other vCPU did not answer
+/// within the kernel's second (the host kept it off its cores).
+fn round_trips(windows: &[Value], cpus: u32) -> Result<Value> {
+    let (mut ns, mut unanswered) = (Vec::new(), 0);
+    for (i, w) in windows.iter().enumerate() {
+        match w.get("round_trip_ns") {
+            None => return Ok(Value::Null),
+            Some(Value::Null) if cpus > 1 => unanswered += 1,
+            Some(Value::Null) => return Ok(Value::Null),
+            Some(v) => ns.push(v.as_f64().with_context(|| format!("window {}: round_trip_ns {v}", i + 1))?),
+        }
+    }
+    if ns.is_empty() && unanswered == 0 {
+        return Ok(Value::Null);
+    }
+    let min = ns.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = ns.iter().cloned().fold(0.0, f64::max);
+    let median = if ns.is_empty() { Value::Null } else { json!(median(&mut ns)) };
+    Ok(json!({"median": median, "min": min, "max": max, "unanswered": unanswered}))
 }
 
 /// Passes per window for `workload` (see `BenchArgs::rounds`).
@@ -900,8 +942,9 @@ pub fn run(args: BenchArgs) -> Result<bool> {
                 String::new()
             };
             let vcpus = vcputime::describe(&rec["vcpu_threads"]).map(|d| format!(", {d}")).unwrap_or_default();
+            let round_trip = describe_round_trip(&rec["round_trip_ns"]).map(|d| format!(", {d}")).unwrap_or_default();
             println!(
-                "{:>12.0} faults/s (min {:.0}, max {:.0}){}{reclaimed}{}, {:.1} s, host {host:.2}{vcpus}",
+                "{:>12.0} faults/s (min {:.0}, max {:.0}){}{reclaimed}{}, {:.1} s, host {host:.2}{vcpus}{round_trip}",
                 rec["faults_per_sec"].as_f64().unwrap(),
                 rec["faults_per_sec_min"].as_f64().unwrap(),
                 rec["faults_per_sec_max"].as_f64().unwrap(),
@@ -2290,6 +2333,36 @@ mod tests {
         raw["windows"][1]["waiting_cycles"] = json!(2_000_001);
         let e = summarize(&run, &raw).unwrap_err().to_string();
         assert!(e.contains("window 2") && e.contains("more than 2 CPUs"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_are_summarised_over_the_windows() {
+        let run = Run { workload: "same-table".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
+        let mut raw = raw_windows(300, 256, 0, 0);
+        for (w, ns) in raw["windows"].as_array_mut().unwrap().iter_mut().zip([480, 110, 130]) {
+            w["round_trip_ns"] = json!(ns);
+        }
+        let r = summarize(&run, &raw).unwrap();
+        assert_eq!(r["round_trip_ns"], json!({"median": 130.0, "min": 110.0, "max": 480.0, "unanswered": 0}));
+        assert_eq!(describe_round_trip(&r["round_trip_ns"]).unwrap(), "vCPU round trip 130 ns (windows 110-480)");
+        // A kernel that does not measure it has no figure; nor has one vCPU.
+        let r = summarize(&run, &raw_windows(300, 256, 0, 0)).unwrap();
+        assert!(r["round_trip_ns"].is_null() && describe_round_trip(&r["round_trip_ns"]).is_none());
+        let mut one = raw.clone();
+        for w in one["windows"].as_array_mut().unwrap() {
+            w["round_trip_ns"] = Value::Null;
+        }
+        let solo = Run { workload: "same-table".into(), lock: "split", fault_lock: "vma", cpus: 1, pair: None };
+        assert!(summarize(&solo, &one).unwrap()["round_trip_ns"].is_null());
+        // On two vCPUs a window without a figure is one the other did not
+        // answer: counted, and said.
+        raw["windows"][2]["round_trip_ns"] = Value::Null;
+        let r = summarize(&run, &raw).unwrap();
+        assert_eq!(r["round_trip_ns"], json!({"median": 295.0, "min": 110.0, "max": 480.0, "unanswered": 1}));
+        assert_eq!(
+            describe_round_trip(&r["round_trip_ns"]).unwrap(),
+            "vCPU round trip 295 ns (windows 110-480, 1 window(s) unanswered)"
+        );
     }
 
     #[test]

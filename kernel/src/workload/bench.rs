@@ -51,6 +51,11 @@
 //! (fresh anonymous pages, copies, THPs in 4 KiB pages), the faults that
 //! lost a race to another CPU and the spurious ones.
 //!
+//! After each window, on two CPUs or more, the benchmark measures a cache
+//! line's round trip between its CPU and another of the storm's
+//! (`super::roundtrip`, not timed): where the host had the vCPUs then, so a
+//! slow window can be told from a slow kernel.
+//!
 //! With `profile=HZ` on the command line the sampling profiler
 //! (`diag::profile`) runs during the timed windows and its samples follow
 //! the result line (`cargo xtask profile`).
@@ -76,6 +81,7 @@ use arch::qemu::ExitCode;
 use mm::MmStats;
 use mm::lock::{LockClass, lock_stats, reset_lock_stats};
 
+use super::roundtrip;
 use super::storm::{Spec, online, run as run_storm, settle};
 use crate::boot::cmdline::Cmdline;
 use crate::diag::faultstat;
@@ -103,7 +109,13 @@ struct Window {
     /// CPU time (TSC cycles over all threads) the threads spent not working
     /// (`Outcome::waiting_cycles`).
     waiting: u64,
+    /// Measured right after the window: a cache line's round trip between
+    /// two of its CPUs, in ns (`super::roundtrip`); `None` with one CPU.
+    round_trip_ns: Option<u64>,
 }
+
+/// Round trips per measurement after a window: about a millisecond under TCG.
+const ROUND_TRIPS: u64 = 2000;
 
 fn spec(workload: &str, cpus: &[usize], mib: u64, rounds: u64) -> Option<Spec> {
     let n = cpus.len();
@@ -299,15 +311,34 @@ pub fn run(c: &Cmdline) -> ExitCode {
         // Each thread's waiting, at barriers (`same-table`: thread 0's is
         // for the slowest toucher, the others' also for its munmap).
         let each: Vec<String> = out.reports.iter().map(|r| permille(r.waited_cycles, cycles)).collect();
+        // Between this CPU and another of the storm's: where the host has
+        // its vCPUs now (not timed; the next window starts after it).
+        let other = cpus.iter().copied().find(|&c| c != arch::percpu::cpu_id());
+        let round_trip_ns = other.and_then(|o| roundtrip::round_trip_ns(o, ROUND_TRIPS));
+        let round_trip = match (other, round_trip_ns) {
+            (None, _) => String::new(),
+            (Some(_), Some(ns)) => format!("; vCPU round trip {ns} ns"),
+            (Some(o), None) => format!("; vCPU round trip unmeasured (CPU {o} did not answer)"),
+        };
         log::info!(
-            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us, threads waiting {} of it (at barriers, by thread: {}; thread 0 unmapping {})",
+            "bench: {label}: {faults} faults ({present} pages made present, {lost_races} lost races, {spurious_faults} spurious) in {} us, threads waiting {} of it (at barriers, by thread: {}; thread 0 unmapping {}){round_trip}",
             arch::time::cycles_to_ns(cycles) / 1000,
             permille(waiting, cycles * out.reports.len() as u64),
             each.join(" "),
             permille(out.reports.first().map_or(0, |r| r.unmap_cycles), cycles)
         );
         if w > 0 {
-            results.push(Window { faults, cycles, touched, min_faults, present, lost_races, spurious_faults, waiting });
+            results.push(Window {
+                faults,
+                cycles,
+                touched,
+                min_faults,
+                present,
+                lost_races,
+                spurious_faults,
+                waiting,
+                round_trip_ns,
+            });
             add_counters(&mut mm_sum, &out.stats);
         }
     }
@@ -322,7 +353,7 @@ pub fn run(c: &Cmdline) -> ExitCode {
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(
-            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{},\"waiting_cycles\":{}}}",
+            "{}{{\"faults\":{},\"cycles\":{},\"touched\":{},\"min_faults\":{},\"present\":{},\"lost_races\":{},\"spurious_faults\":{},\"waiting_cycles\":{},\"round_trip_ns\":{}}}",
             if i == 0 { "" } else { "," },
             w.faults,
             w.cycles,
@@ -331,7 +362,8 @@ pub fn run(c: &Cmdline) -> ExitCode {
             w.present,
             w.lost_races,
             w.spurious_faults,
-            w.waiting
+            w.waiting,
+            w.round_trip_ns.map_or(String::from("null"), |ns| format!("{ns}"))
         );
     }
     let (halts, kicks) = mm::lock::halt_counts();

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod fork;
 pub mod fuzz;
+mod roundtrip;
 pub mod soak;
 pub mod storm;
 pub mod traps;
