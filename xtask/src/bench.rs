@@ -1348,6 +1348,9 @@ pub(crate) struct Pair {
     /// The share of its 2-vCPU boot's timed windows its vCPU threads spent
     /// on a host CPU (`vcputime.rs`), if it was measured.
     pub(crate) ran: Option<f64>,
+    /// The median cache-line round trip between its 2-vCPU boot's vCPUs
+    /// after each window, in ns (`round_trips`), if it was measured.
+    pub(crate) rt: Option<f64>,
 }
 
 impl Pair {
@@ -1398,6 +1401,7 @@ impl PairStats {
             "faults_per_sec_1": self.pairs.iter().map(|p| p.one).collect::<Vec<_>>(),
             "faults_per_sec_2": self.pairs.iter().map(|p| p.two).collect::<Vec<_>>(),
             "host_capacity": self.pairs.iter().map(|p| p.host).collect::<Vec<_>>(),
+            "round_trip_ns_2": self.pairs.iter().map(|p| p.rt).collect::<Vec<_>>(),
             "median": self.median(),
             "spread": self.spread(),
         })
@@ -1428,6 +1432,7 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
         let host = |r: &Value| r["host_capacity"].as_f64().unwrap_or(1.0);
         let rate = |r: &Value| r["faults_per_sec"].as_f64();
         let ran = |r: &Value| r["vcpu_threads"]["running"].as_f64();
+        let rt = |r: &Value| r["round_trip_ns"]["median"].as_f64();
         let mut indices: Vec<u32> =
             ones.iter().chain(&twos).filter_map(|r| r["pair"].as_u64()).map(|k| k as u32).collect();
         indices.sort_unstable();
@@ -1438,7 +1443,7 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
                 && let (Some(one), Some(two)) = (rate(a), rate(b))
                 && one > 0.0
             {
-                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)), ran: ran(b) });
+                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)), ran: ran(b), rt: rt(b) });
             }
         }
         let interleaved = !indices.is_empty();
@@ -1447,7 +1452,7 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
             && let (Some(one), Some(two)) = (rate(a), rate(b))
             && one > 0.0
         {
-            pairs.push(Pair { index: 0, one, two, host: host(a).min(host(b)), ran: ran(b) });
+            pairs.push(Pair { index: 0, one, two, host: host(a).min(host(b)), ran: ran(b), rt: rt(b) });
         }
         if !pairs.is_empty() {
             out.push(PairStats { workload: w, lock: l, fault_lock: fl, interleaved, pairs });
@@ -1467,16 +1472,16 @@ fn print_pairs(stats: &[PairStats]) {
         return;
     }
     println!(
-        "\n1 -> 2 vCPU pairs (boots interleaved 1, 2, 1, 2, ...; faults/s; host: the busier boot's capacity; ran: the share of the 2-vCPU boot's windows its vCPU threads were on a host CPU)"
+        "\n1 -> 2 vCPU pairs (boots interleaved 1, 2, 1, 2, ...; faults/s; host: the busier boot's capacity; ran: the share of the 2-vCPU boot's windows its vCPU threads were on a host CPU; rt: the median round trip of a cache line between its vCPUs after each window, ns)"
     );
     println!(
-        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>7} {:>5} {:>5}",
-        "workload", "lock", "fault_lock", "pair", "1 vCPU", "2 vCPUs", "ratio", "host", "ran"
+        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>7} {:>5} {:>5} {:>5}",
+        "workload", "lock", "fault_lock", "pair", "1 vCPU", "2 vCPUs", "ratio", "host", "ran", "rt"
     );
     for s in interleaved {
         for p in &s.pairs {
             println!(
-                "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>6.2}x {:>5.2} {:>5}",
+                "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>6.2}x {:>5.2} {:>5} {:>5}",
                 s.workload,
                 s.lock,
                 s.fault_lock,
@@ -1485,7 +1490,8 @@ fn print_pairs(stats: &[PairStats]) {
                 p.two,
                 p.ratio(),
                 p.host,
-                p.ran.map_or("-".to_string(), |r| format!("{:.0}%", 100.0 * r))
+                p.ran.map_or("-".to_string(), |r| format!("{:.0}%", 100.0 * r)),
+                p.rt.map_or("-".to_string(), |ns| format!("{ns:.0}"))
             );
         }
         println!(
@@ -2543,6 +2549,14 @@ mod tests {
         assert_eq!(stats[0].pairs.len(), 1);
         assert!(stats[0].interleaved && !stats[1].interleaved);
         assert_eq!((stats[1].pairs[0].index, stats[1].median()), (0, 1.7));
+        // A pair carries its 2-vCPU boot's round trip, not its 1-vCPU one's.
+        assert_eq!(stats[0].pairs[0].rt, None);
+        let mut report = report;
+        report["runs"][1]["round_trip_ns"] = json!({"median": 130.0, "min": 110.0, "max": 480.0, "unanswered": 0});
+        report["runs"][0]["round_trip_ns"] = json!({"median": 1.0, "min": 1.0, "max": 1.0, "unanswered": 0});
+        let stats = pair_stats(&report);
+        assert_eq!(stats[0].pairs[0].rt, Some(130.0));
+        assert_eq!(stats[0].to_json()["round_trip_ns_2"], json!([130.0]));
     }
 
     fn statuses(targets: &[Target]) -> Vec<Status> {
