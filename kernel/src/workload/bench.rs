@@ -114,7 +114,7 @@ struct Window {
     round_trip_ns: Option<u64>,
 }
 
-/// Round trips per measurement after a window: about a millisecond under TCG.
+/// Round trips per measurement after a window: under a millisecond under TCG.
 const ROUND_TRIPS: u64 = 2000;
 
 fn spec(workload: &str, cpus: &[usize], mib: u64, rounds: u64) -> Option<Spec> {
