@@ -44,6 +44,18 @@ fn assert_distinct_frames(out: &Outcome, expected_pages: u64) {
     assert_eq!(n, expected_pages, "mapped 4 KiB pages");
 }
 
+/// As [`assert_distinct_frames`], for whatever is mapped, except that any
+/// number of mappings may share the zero page.
+fn assert_distinct_frames_but_zero(out: &Outcome) {
+    let zero = mm::phys().zero_pfn();
+    let mut pas: Vec<u64> =
+        out.mappings.iter().filter(|m| m.size == PAGE && m.pa.pfn() != zero).map(|m| m.pa.as_u64()).collect();
+    let n = pas.len();
+    pas.sort_unstable();
+    pas.dedup();
+    assert_eq!(pas.len(), n, "a frame is mapped twice");
+}
+
 /// (a) Each CPU faults its own 2 MiB-aligned region (its own PTE table).
 #[ktest]
 fn storm_disjoint_regions() {
@@ -225,9 +237,11 @@ fn storm_faults_race_remap() {
         lost += out.reports.iter().map(|r| r.lost).sum::<u64>();
         fell_back += out.stats.vma_fallback_locked + out.stats.vma_fallback_detached;
         storms += 1;
-        // Whatever is still mapped is mapped once.
-        let mapped = out.mappings.len() as u64;
-        assert_distinct_frames(&out, mapped);
+        // Whatever is still mapped is mapped once, but for the zero page: a
+        // remap between a toucher's write and its read-back makes the
+        // read-back a read fault in the new VMA, which maps the zero page
+        // (as often as that happened).
+        assert_distinct_frames_but_zero(&out);
     }
     log::info!(
         "storm_faults_race_remap: {storms} storms: {lost} tags lost to remaps, {fell_back} faults found their VMA being replaced"
