@@ -17,6 +17,9 @@ use crate::{KernelArgs, MachineArgs, build_kernel, setup, workspace_root};
 #[derive(Args)]
 pub struct TestArgs {
     /// Run only tests whose names contain FILTER (host and kernel tests).
+    /// `profile` and `linux` name whole steps instead: the short `cargo
+    /// xtask profile` run, or the short `cargo xtask bench --guest linux`
+    /// run, alone.
     filter: Option<String>,
     #[command(flatten)]
     kernel: KernelArgs,
@@ -275,7 +278,19 @@ fn lockup_report(log: &str, test: &str) -> (bool, usize, bool) {
     (detected, holders, symbolized)
 }
 
+/// Filters that name a step of [`run`] rather than tests: with one of them,
+/// that step runs alone (no host tests, no kernel test boot, which would
+/// select no test and fail).
+const STEP_FILTERS: [&str; 2] = ["profile", "linux"];
+
+fn names_a_step(filter: Option<&str>) -> bool {
+    filter.is_some_and(|f| STEP_FILTERS.contains(&f))
+}
+
 fn kernel_runs(args: &TestArgs) -> Vec<KernelRun> {
+    if names_a_step(args.filter.as_deref()) {
+        return Vec::new();
+    }
     let filter = args.filter.clone().unwrap_or_default();
     let filter_word = if filter.is_empty() { String::new() } else { format!(" filter={filter}") };
     let main_timeout = Duration::from_secs(args.machine.timeout.unwrap_or(600));
@@ -453,7 +468,7 @@ pub fn run(args: TestArgs) -> Result<bool> {
             results.push(command_step(lint.name, lint.command)?);
         }
     }
-    if !args.skip_host {
+    if !args.skip_host && !names_a_step(args.filter.as_deref()) {
         setup::ensure_rust()?;
         results.extend(host_tests(&args)?);
     }
@@ -627,6 +642,25 @@ mod tests {
         assert!(detail.contains("`nosuchtest` matches no kernel test"), "{detail}");
         let o = outcome(Ending::Exit(qemu::STATUS_SUCCESS), "running 1 test\ntest a::b ... ok\n1 passed, 0 failed\n");
         assert!(judge(&run, &o).0);
+    }
+
+    #[test]
+    fn a_filter_naming_a_step_boots_no_kernel_test_run() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            test: TestArgs,
+        }
+        let args = |words: &[&str]| {
+            <Cli as clap::Parser>::parse_from(std::iter::once("test").chain(words.iter().copied())).test
+        };
+        for step in STEP_FILTERS {
+            assert!(kernel_runs(&args(&[step])).is_empty(), "`{step}` booted a kernel test run");
+        }
+        let storm = kernel_runs(&args(&["storm"]));
+        assert_eq!(storm.len(), 1);
+        assert_eq!(storm[0].filter(), Some("storm"));
+        assert!(kernel_runs(&args(&[])).len() > 1);
     }
 
     #[test]
