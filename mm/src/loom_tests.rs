@@ -234,6 +234,35 @@ fn bounded() -> loom::model::Builder {
     b
 }
 
+/// The frame allocator's last resort against another CPU's refill. Every
+/// free frame sits on CPU 0's list (fewer than a batch), and CPUs 1 and 2
+/// allocate one each: CPU 1's list (its own) and the zone are empty, CPU 2
+/// shares CPU 0's list (the models have two). CPU 1 must drain CPU 0's list
+/// and keep a frame even when CPU 2 empties that list and refills it from
+/// the zone in between: "no memory" must mean no free frame anywhere.
+#[test]
+fn loom_alloc_keeps_a_drained_frame_from_another_cpus_refill() {
+    bounded().check(|| {
+        let f = Fixture::new();
+        let phys = &f.machine().phys;
+        // Take every free frame and give them back: they land on this
+        // CPU's list, and each frame's words (loom atomics made on first
+        // touch) exist before the threads race.
+        let all: std::vec::Vec<_> = core::iter::from_fn(|| phys.alloc_pages(0)).collect();
+        assert!(!all.is_empty() && all.len() < crate::frame::PCP_BATCH, "fewer free frames than a batch");
+        drop(all);
+        assert_eq!(phys.allocator().nr_cached(), phys.nr_free_pages(), "every free frame is on a list");
+        let ts = [1, 2].map(|_| {
+            // Each thread keeps its frame until both are joined.
+            loom::thread::spawn(move || phys.alloc_pages(0).expect("free frames exist on CPU 0's list"))
+        });
+        let [a, b] = ts.map(|t| t.join().unwrap());
+        assert_ne!(a.pfn(), b.pfn());
+        drop((a, b));
+        f.teardown();
+    });
+}
+
 /// `do_anonymous_page` on two CPUs for the same page: both allocate and
 /// zero a frame outside the lock; under the PTE lock exactly one installs,
 /// the other sees the entry taken, frees its frame and returns quietly.

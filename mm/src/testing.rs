@@ -34,6 +34,7 @@ pub struct HostHal;
 /// The one host HAL instance.
 pub static HOST_HAL: HostHal = HostHal;
 
+#[cfg(not(loom))]
 static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
 
 /// One thread's read-side state as other threads see it: a sequence number,
@@ -126,8 +127,27 @@ loom::thread_local! {
     static RCU: RcuThread = RcuThread::register();
 }
 
+#[cfg(not(loom))]
 std::thread_local! {
     static CPU: usize = NEXT_CPU.fetch_add(1, Relaxed);
+}
+
+// Under loom: per loom thread (loom runs its threads as coroutines of one OS
+// thread, so a std thread-local would make every thread of a model one CPU,
+// and per-CPU state, such as the rwlock's reader shards, would never be
+// split between them), numbered from 0 in each execution in the order the
+// threads first ask, which is the same in loom's replay of that execution.
+// Bookkeeping, so a core atomic: numbering adds no interleavings.
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref LOOM_NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static CPU: usize = LOOM_NEXT_CPU.fetch_add(1, Relaxed);
+}
+
+std::thread_local! {
     static LOCKDEP: &'static LockdepCpu = Box::leak(Box::new(LockdepCpu::new()));
     static FLUSH_OBSERVER: RefCell<Option<FlushObserver>> = const { RefCell::new(None) };
     static THREAD_FLUSHES: Cell<u64> = const { Cell::new(0) };

@@ -168,9 +168,10 @@ impl FrameAllocator {
     }
 
     /// Allocates a block; on failure drains every per-CPU cache back into the
-    /// buddy (merging what it can) and tries once more, so "no memory" means
-    /// no block of that order exists anywhere. Debug builds check each frame's
-    /// poison and record the caller as its owner ([`poison`]).
+    /// buddy (merging what it can), taking the block from the zone as soon
+    /// as one exists ([`FrameAllocator::alloc_draining`]), so "no memory"
+    /// means no block of that order was free anywhere. Debug builds check
+    /// each frame's poison and record the caller as its owner ([`poison`]).
     ///
     /// Returns the block's first frame and its descriptor.
     #[track_caller]
@@ -178,10 +179,7 @@ impl FrameAllocator {
         assert!(order <= MAX_ORDER, "order {order} > MAX_ORDER");
         let (pfn, head) = match self.alloc_raw(map, order) {
             Some(p) => p,
-            None => {
-                self.drain_all(map);
-                self.alloc_raw(map, order)?
-            }
+            None => self.alloc_draining(map, order)?,
         };
         for i in 0..1u64 << order {
             let p = if i == 0 { head } else { map.pfn_to_page(pfn.add(i)).expect("allocated frame outside memmap") };
@@ -347,28 +345,63 @@ impl FrameAllocator {
         self.zone_free.store(zone.free_frames(), Relaxed);
     }
 
-    fn drain_slot(&self, map: &MemMap, slot: &PcpSlot) {
+    /// Gives `slot`'s frames back to the zone and its limit back to the
+    /// base; with `take`, then allocates a block of that order from the
+    /// zone under the same hold of the zone lock.
+    fn drain_slot(&self, map: &MemMap, slot: &PcpSlot, take: Option<usize>) -> Option<Pfn> {
         let mut list = slot.list.lock();
         list.high = 0;
         list.refilled = false;
-        if list.count() == 0 {
-            return;
+        if list.count() == 0 && take.is_none() {
+            return None;
         }
         let mut zone = self.zone.lock();
         while let Some((p, _)) = list.pop(map, &slot.count) {
             // SAFETY: the frame was free on our list; now the zone's.
             unsafe { zone.free(map, p, 0) };
         }
+        let got = take.and_then(|order| zone.alloc(map, order));
         self.zone_free.store(zone.free_frames(), Relaxed);
+        got
+    }
+
+    /// The last resort of [`FrameAllocator::alloc`]: drains every list (ours
+    /// first), and takes the block from the zone in the same hold of the
+    /// zone lock as a drain that made one free.
+    ///
+    /// Draining every list and then allocating left a window between the
+    /// two. Another CPU whose list ran empty in it refilled a whole batch
+    /// from the zone, taking back what the drain had just freed, and with
+    /// less than a batch of memory left the allocation failed while free
+    /// frames sat on that CPU's list. The loom models found it once each of
+    /// their threads was a CPU of its own; its model is
+    /// `loom_alloc_keeps_a_drained_frame_from_another_cpus_refill`.
+    fn alloc_draining<'m>(&self, map: &'m MemMap, order: usize) -> Option<(Pfn, &'m Page)> {
+        let me = self.local_index();
+        let mut got = None;
+        for i in 0..NR_PCP {
+            let slot = &self.pcp[(me + i) % NR_PCP];
+            let take = got.is_none().then_some(order);
+            if let Some(pfn) = self.drain_slot(map, slot, take) {
+                got = Some(pfn);
+            }
+        }
+        let pfn = got?;
+        let page = map.pfn_to_page(pfn).expect("allocated frame outside memmap");
+        if order == 0 {
+            // Its free sends it to our list (`free_bulk`).
+            page.home.store(me as u16, Relaxed);
+        }
+        Some((pfn, page))
     }
 
     pub(crate) fn drain_local(&self, map: &MemMap) {
-        self.drain_slot(map, self.local());
+        self.drain_slot(map, self.local(), None);
     }
 
     pub(crate) fn drain_all(&self, map: &MemMap) {
         for slot in &self.pcp {
-            self.drain_slot(map, slot);
+            self.drain_slot(map, slot, None);
         }
     }
 

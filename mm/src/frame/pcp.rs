@@ -31,8 +31,8 @@ pub const BATCH: usize = 63;
 /// would cost a buddy merge and a split and CPUs would queue for it. With
 /// `HIGH = 4 * 16` the zone lock was the top contended lock at 2 CPUs and
 /// freeing dominated `munmap`. Cached frames still count as free, and an
-/// allocation that finds no block drains every CPU's list and retries, so a
-/// big cache never causes a failure.
+/// allocation that finds no block drains every CPU's list, taking its block
+/// as a drain frees one, so a big cache never causes a failure.
 pub const HIGH: usize = 64 * BATCH;
 
 /// One CPU's free list.
