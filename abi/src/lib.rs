@@ -402,7 +402,9 @@ pub mod storm {
 
     /// Thread `i` of `n` touches the `i`-th contiguous block of pages.
     pub const PATTERN_BLOCKS: u64 = 0;
-    /// Thread `i` touches pages `i, i + n, i + 2n, ...` (same PTE tables).
+    /// Thread `i` touches pages `i, i + n, i + 2n, ...` (same PTE tables);
+    /// with [`Params::chunk_pages`] `c > 1`, runs of `c` pages instead:
+    /// pages `ic .. ic + c`, then `(i + n)c .. (i + n)c + c`, and so on.
     pub const PATTERN_INTERLEAVED: u64 = 1;
     /// Every thread touches every page (its own 8-byte slot in it).
     pub const PATTERN_SAME: u64 = 2;
@@ -480,6 +482,12 @@ pub mod storm {
         /// exception per page (the bench's `populate`). A failed `madvise`
         /// is a mismatch.
         pub populate_pages: u64,
+        /// `PATTERN_INTERLEAVED`: the threads take turns in runs of this
+        /// many pages (0 and 1: page by page). The bench's diagnostic
+        /// shapes of `same-table`: 8 gives each thread whole lines of PTEs
+        /// (8 entries of 8 bytes) in shared tables, 512 whole PTE tables in
+        /// the one shared VMA.
+        pub chunk_pages: u64,
     }
 
     /// What one thread reports.
@@ -536,10 +544,13 @@ pub mod storm {
                 }
             }
             PATTERN_INTERLEAVED => {
-                let mut k = i;
-                while k < pages {
-                    f(p.base + k * PAGE);
-                    k += n;
+                let c = p.chunk_pages.max(1);
+                let mut run = i;
+                while run * c < pages {
+                    for k in run * c..((run + 1) * c).min(pages) {
+                        f(p.base + k * PAGE);
+                    }
+                    run += n;
                 }
             }
             PATTERN_SAME => {
@@ -568,6 +579,55 @@ pub mod storm {
     /// The tag a thread writes into a page in a round.
     pub const fn tag(page_addr: u64, thread: u64, round: u64) -> u64 {
         (page_addr ^ (thread << 48) ^ (round << 40)) | 1
+    }
+
+    #[cfg(test)]
+    mod tests {
+        extern crate std;
+        use std::vec::Vec;
+
+        use super::*;
+
+        fn pages_of(p: &Params, i: u64) -> Vec<u64> {
+            let mut v = Vec::new();
+            for_each_page(p, i, |a| v.push((a - p.base) / 4096));
+            v
+        }
+
+        #[test]
+        fn interleaved_runs_cover_every_page_once_in_turns_of_chunk_pages() {
+            for (threads, chunk, pages) in [(2, 0, 64), (2, 1, 64), (2, 8, 64), (3, 8, 100), (2, 512, 2048), (4, 3, 10)]
+            {
+                let p = Params {
+                    pattern: PATTERN_INTERLEAVED,
+                    base: 1 << 32,
+                    len: pages * 4096,
+                    threads,
+                    chunk_pages: chunk,
+                    ..Params::default()
+                };
+                let mut owner = std::vec![None; pages as usize];
+                for i in 0..threads {
+                    for k in pages_of(&p, i) {
+                        assert_eq!(
+                            owner[k as usize], None,
+                            "page {k} touched twice ({threads} threads, chunk {chunk})"
+                        );
+                        owner[k as usize] = Some(i);
+                    }
+                }
+                let c = chunk.max(1);
+                for (k, o) in owner.iter().enumerate() {
+                    assert_eq!(*o, Some((k as u64 / c) % threads), "page {k} ({threads} threads, chunk {chunk})");
+                }
+            }
+            // Page by page, as before the chunks: thread 1 of 2 takes the odd pages.
+            let p = Params { pattern: PATTERN_INTERLEAVED, len: 8 * 4096, threads: 2, ..Params::default() };
+            assert_eq!(pages_of(&p, 1), [1, 3, 5, 7]);
+            // Runs of 8: each thread has whole lines of PTEs.
+            let p = Params { chunk_pages: 8, len: 32 * 4096, ..p };
+            assert_eq!(pages_of(&p, 1), (8..16).chain(24..32).collect::<Vec<_>>());
+        }
     }
 }
 

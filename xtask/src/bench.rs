@@ -264,6 +264,38 @@ fn fork_figures(raw: &Value, tsc_per_us: f64) -> Option<(f64, f64, u64)> {
 }
 
 /// Whether `workload` zaps with `MADV_DONTNEED` (and so reclaims tables).
+/// The workloads whose threads can take turns in runs of pages
+/// (`same-table:N`).
+const CHUNKED: [&str; 2] = ["same-table", "madvise-same-table"];
+
+/// A workload as `--workloads` names it: one of [`WORKLOADS`], and for the
+/// shared-table ones `NAME:N`, threads taking turns in runs of `N` pages
+/// instead of page by page (the kernel's `chunk=N`; a diagnostic shape,
+/// with no target verdicts). Returns the workload and `N` (1 without a
+/// suffix; 0 for a suffix that is not a number, refused by [`plan`]).
+pub(crate) fn chunked(workload: &str) -> (&str, u64) {
+    match workload.split_once(':') {
+        Some((w, n)) => (w, n.parse().unwrap_or(0)),
+        None => (workload, 1),
+    }
+}
+
+/// Refuses a workload name this kernel's bench does not run: not one of
+/// [`WORKLOADS`], or a `:N` on a workload that takes no runs of pages.
+pub(crate) fn check_workload(w: &str) -> Result<()> {
+    let (base, chunk) = chunked(w);
+    if !WORKLOADS.contains(&base) {
+        bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
+    }
+    if base != w && (!CHUNKED.contains(&base) || chunk < 2) {
+        bail!(
+            "workload {w:?}: NAME:N (threads taking turns in runs of N pages) is for {} only, with N of 2 or more (e.g. same-table:8: each thread has whole lines of PTEs; same-table:512: whole PTE tables)",
+            CHUNKED.join(" and ")
+        );
+    }
+    Ok(())
+}
+
 fn is_madvise(workload: &str) -> bool {
     workload.starts_with("madvise")
 }
@@ -310,9 +342,7 @@ fn linux_workloads(args: &BenchArgs) -> Vec<String> {
 /// The runs of this kernel (`--guest ptlk`).
 fn plan_ptlk(args: &BenchArgs) -> Result<Vec<Run>> {
     for w in &args.workloads {
-        if !WORKLOADS.contains(&w.as_str()) {
-            bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
-        }
+        check_workload(w)?;
     }
     if args.quick && args.check {
         bail!(
@@ -606,6 +636,15 @@ pub(crate) fn summarize(run: &Run, raw: &Value) -> Result<Value> {
     {
         bail!("asked for fault_lock={}, but the kernel's result says fault_lock={k}", run.fault_lock);
     }
+    // A kernel that ignored `chunk=N` ran the page-by-page shape.
+    let chunk = chunked(&run.workload).1;
+    if chunk != 1 && raw["chunk"].as_u64() != Some(chunk) {
+        bail!(
+            "asked for {} (runs of {chunk} pages), but the kernel's result says chunk={}",
+            run.workload,
+            raw["chunk"]
+        );
+    }
     let vma_lock_faults = mm["vma_lock_faults"].as_u64().unwrap_or(0);
     if run.fault_lock == "mmap" && vma_lock_faults > 0 {
         bail!("fault_lock=mmap, but {vma_lock_faults} faults were resolved under a VMA lock");
@@ -739,7 +778,7 @@ const TIME_BOUND: [&str; 3] = ["disjoint", "populate", "same-table"];
 
 /// The default passes per window of `workload` (see `BenchArgs::rounds`).
 pub(crate) fn default_rounds(workload: &str, quick: bool) -> u64 {
-    match workload {
+    match chunked(workload).0 {
         _ if quick => 1,
         w if TIME_BOUND.contains(&w) => UNTIL_WINDOW_ENDS,
         w if is_madvise(w) => 4,
@@ -754,7 +793,7 @@ pub(crate) fn check_rounds(workload: &str, rounds: u64, window_ms: u64) -> Resul
     if rounds != UNTIL_WINDOW_ENDS {
         return Ok(());
     }
-    if !TIME_BOUND.contains(&workload) {
+    if !TIME_BOUND.contains(&chunked(workload).0) {
         bail!(
             "--rounds 0 (passes until the window's time is up) with {workload}: its threads meet at barriers every pass with no way to agree on the last one; only disjoint, populate and same-table can (give {workload} a pass count, e.g. --rounds 4)"
         );
@@ -802,8 +841,17 @@ pub(crate) fn machine(run: &Run, w: &Windows, image: PathBuf, accel: Accel, qemu
         accel,
         icount: false,
         cmdline: format!(
-            "mode=bench workload={} windows={} mib={} rounds={} window_ms={} fault_lock={}",
-            run.workload, w.windows, w.mib, w.rounds, w.window_ms, run.fault_lock
+            "mode=bench workload={} windows={} mib={} rounds={} window_ms={} fault_lock={}{}",
+            chunked(&run.workload).0,
+            w.windows,
+            w.mib,
+            w.rounds,
+            w.window_ms,
+            run.fault_lock,
+            match chunked(&run.workload).1 {
+                1 => String::new(),
+                n => format!(" chunk={n}"),
+            }
         ),
         extra: ["-mem-prealloc".to_string()].into_iter().chain(qemu_args.iter().cloned()).collect(),
         vcpu_time: Some(vcputime::STORM),
@@ -831,7 +879,7 @@ fn with_kernel_args(mut m: Machine, kernel_args: &[String]) -> Machine {
 fn mem_for(run: &Run, mib: u64) -> String {
     // Every disjoint thread holds its region at once; leave room for tables,
     // the heap and the kernel.
-    let per_thread = matches!(run.workload.as_str(), "disjoint" | "populate" | "madvise" | "same-table");
+    let per_thread = matches!(chunked(&run.workload).0, "disjoint" | "populate" | "madvise" | "same-table");
     let need = 1024 + if per_thread { run.cpus as u64 * mib * 5 / 4 } else { mib * 2 };
     format!("{}M", need.max(2048))
 }
@@ -2339,6 +2387,40 @@ mod tests {
         raw["windows"][1]["waiting_cycles"] = json!(2_000_001);
         let e = summarize(&run, &raw).unwrap_err().to_string();
         assert!(e.contains("window 2") && e.contains("more than 2 CPUs"), "{e}");
+    }
+
+    #[test]
+    fn a_chunked_same_table_boots_same_table_in_runs_of_pages_and_gets_no_verdict() {
+        let args = parse(&["--workloads", "same-table:8,same-table:512,same-table", "--cpus", "2", "--locks", "split"])
+            .unwrap();
+        let runs = plan(&args).unwrap();
+        assert_eq!(
+            runs.iter().map(|r| r.workload.as_str()).collect::<Vec<_>>(),
+            ["same-table:8", "same-table:512", "same-table"]
+        );
+        let w = Windows { windows: 5, mib: 128, rounds: rounds_for(&args, &runs[0].workload), window_ms: 2000 };
+        // Its windows are as long as same-table's, its memory the same.
+        assert_eq!(w.rounds, UNTIL_WINDOW_ENDS);
+        assert_eq!(mem_for(&runs[0], 128), mem_for(&runs[2], 128));
+        let m = machine(&runs[0], &w, PathBuf::from("k.img"), Accel::Tcg, &[]);
+        assert!(m.cmdline.contains(" workload=same-table ") && m.cmdline.ends_with(" chunk=8"), "{}", m.cmdline);
+        let m = machine(&runs[2], &w, PathBuf::from("k.img"), Accel::Tcg, &[]);
+        assert!(!m.cmdline.contains("chunk"), "{}", m.cmdline);
+        // Only the shared-table workloads take runs, of 2 pages or more.
+        for bad in ["disjoint:8", "same-table:1", "same-table:0", "same-table:x", "same-tabl:8"] {
+            let e = plan(&parse(&["--workloads", bad]).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert!(plan(&parse(&["--workloads", "madvise-same-table:512"]).unwrap()).is_ok());
+        // The kernel must say it ran the runs: an older one ignores chunk=8.
+        let run = Run { workload: "same-table:8".into(), lock: "split", fault_lock: "vma", cpus: 2, pair: None };
+        let mut raw = raw_windows(300, 256, 0, 0);
+        let e = summarize(&run, &raw).unwrap_err().to_string();
+        assert!(e.contains("runs of 8 pages"), "{e}");
+        raw["chunk"] = json!(8);
+        assert!(summarize(&run, &raw).is_ok());
+        // No target speaks of it: the 1 -> 2 target is the page-by-page shape's.
+        assert!(SCALING_TARGETS.iter().all(|(w, _)| *w != "same-table:8"));
     }
 
     #[test]

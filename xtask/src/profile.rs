@@ -127,9 +127,7 @@ pub(crate) struct Output {
 }
 
 pub fn run(args: ProfileArgs) -> Result<bool> {
-    if !bench::WORKLOADS.contains(&args.workload.as_str()) {
-        bail!("unknown workload {:?}; known: {}", args.workload, bench::WORKLOADS.join(", "));
-    }
+    bench::check_workload(&args.workload)?;
     if args.workload == bench::TRAPS {
         bail!(
             "traps runs with interrupts off on every vCPU (a cross-call), so the timer-driven profiler takes no sample in it; profile a storm instead (e.g. --workload disjoint)"

@@ -28,7 +28,7 @@ pub enum Mode {
     /// The in-kernel test runner.
     Test,
     /// The fault-storm benchmark (`workload=`, `windows=`, `mib=`, `rounds=`,
-    /// `threads=`).
+    /// `threads=`, `chunk=`).
     Bench,
     /// The soak (`soak_secs=`, `soak_seed=`, `soak_phase_ms=`; `workload::soak`).
     Soak,

@@ -28,7 +28,9 @@
 //!   ends with a barrier, thread 0's munmap of the region (and its re-mmap
 //!   for the next round) and another barrier, all inside the timed span;
 //!   with `rounds=0`, rounds go on until the one in which thread 0's time
-//!   is up, every thread's last;
+//!   is up, every thread's last; with `chunk=N` the threads take turns in
+//!   runs of `N` pages instead (8: each has whole lines of PTEs; 512: whole
+//!   PTE tables), which tells what sharing the tables costs;
 //! * `same-page`: all threads first-touch the same pages at once; its work
 //!   is the pages made present, not the faults (a lost race or a spurious
 //!   fault makes nothing present);
@@ -235,15 +237,28 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let mut cpus = online();
     cpus.truncate(parse(c, "threads", cpus.len() as u64).clamp(1, cpus.len() as u64) as usize);
     let n = cpus.len();
-    let Some(spec) = spec(workload, &cpus, mib, if rounds == 0 { u64::MAX } else { rounds }) else {
+    let Some(mut spec) = spec(workload, &cpus, mib, if rounds == 0 { u64::MAX } else { rounds }) else {
         log::error!(
             "bench: unknown workload {workload:?} (disjoint, populate, same-table, same-page, madvise, madvise-same-table, fork, traps)"
         );
         return ExitCode::Failure;
     };
+    // `chunk=N`: the shared-table workloads' threads take turns in runs of N
+    // pages instead of page by page (`Params::chunk_pages`), a diagnostic
+    // that separates what the threads share: the PTE lines (N = 8 shares
+    // none), the PTE tables and their locks (N = 512 shares none), the VMA.
+    let chunk = parse(c, "chunk", 1);
+    if chunk != 1 {
+        if spec.params.pattern != storm::PATTERN_INTERLEAVED || chunk == 0 {
+            log::error!("bench: chunk={chunk}: needs workload=same-table or madvise-same-table, and at least 1 page");
+            return ExitCode::Failure;
+        }
+        spec.params.chunk_pages = chunk;
+    }
     log::info!(
-        "bench: {workload} on {n} CPUs, {mib} MiB per {}, 1 warm-up + {windows} windows{}",
+        "bench: {workload} on {n} CPUs, {mib} MiB per {}{}, 1 warm-up + {windows} windows{}",
         if matches!(workload, "disjoint" | "populate" | "madvise" | "same-table") { "thread" } else { "region" },
+        if chunk > 1 { format!(", threads taking turns in runs of {chunk} pages") } else { String::new() },
         match (rounds, window_ms) {
             (0, _) => format!(" of passes for {window_ms} ms"),
             (_, 0) => format!(" of {rounds} passes"),
@@ -346,10 +361,11 @@ pub fn run(c: &Cmdline) -> ExitCode {
     let s = faultstat::summary(cpus.iter().copied());
     let stats_cycles = arch::time::rdtsc().wrapping_sub(stats_start);
     let mut json = format!(
-        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"fault_lock\":\"{}\",\"stats_cycles\":{stats_cycles},\"windows\":[",
+        "{{\"workload\":\"{workload}\",\"cpus\":{n},\"tsc_per_us\":{},\"split_pte_ptlocks\":{},\"fault_lock\":\"{}\",\"chunk\":{},\"stats_cycles\":{stats_cycles},\"windows\":[",
         arch::time::tsc_per_us().unwrap_or(0),
         mm::config::USE_SPLIT_PTE_PTLOCKS,
-        fault_lock_name()
+        fault_lock_name(),
+        spec.params.chunk_pages.max(1)
     );
     for (i, w) in results.iter().enumerate() {
         json += &format!(
