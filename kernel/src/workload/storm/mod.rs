@@ -251,13 +251,27 @@ pub fn settled_heap_usage() -> usize {
 
 /// [`settle`]s until `done` accepts the heap's bytes in use, or 30 s have
 /// passed; returns the bytes in use then.
-fn settle_heap_until(mut done: impl FnMut(usize) -> bool) -> usize {
+fn settle_heap_until(done: impl FnMut(usize) -> bool) -> usize {
+    settle_until(crate::boot::heap::used, done)
+}
+
+/// [`settle`]s until the free frames are back to `baseline`, or 30 s have
+/// passed; returns the free frames then. An address space's frames (its
+/// tables, its pages) go back when its process is released, which, as for
+/// the heap ([`settle_heap`]), can come after one `settle`; a leak stays.
+pub fn settle_frames(baseline: u64) -> u64 {
+    settle_until(mm::nr_free_pages, |free| free == baseline)
+}
+
+/// [`settle`]s until `done` accepts what `measure` reads, or 30 s have
+/// passed; returns the last reading.
+fn settle_until<T: Copy>(measure: impl Fn() -> T, mut done: impl FnMut(T) -> bool) -> T {
     let start = arch::time::now_ns();
     loop {
         settle();
-        let used = crate::boot::heap::used();
-        if done(used) || arch::time::now_ns() - start > 30_000_000_000 {
-            return used;
+        let now = measure();
+        if done(now) || arch::time::now_ns() - start > 30_000_000_000 {
+            return now;
         }
         arch::time::delay_us(10_000);
     }

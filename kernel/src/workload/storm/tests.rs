@@ -17,8 +17,7 @@ fn storm(spec: Spec) -> Outcome {
     settle();
     let before = mm::nr_free_pages();
     let out = run(&spec).expect("storm set-up failed");
-    settle();
-    let after = mm::nr_free_pages();
+    let after = settle_frames(before);
     for (i, code) in out.exit_codes.iter().enumerate() {
         assert_eq!(*code, 0, "thread {i} on CPU {} exited with {code} (mismatches or killed)", out.cpus[i]);
     }
@@ -421,8 +420,7 @@ fn storm_oom_in_a_fault_kills_and_leaks_nothing() {
     assert!(space.mm.stats().oom >= 1, "the task was killed, but not by an out-of-memory fault");
     drop(t);
     drop(space);
-    settle();
-    assert_eq!(mm::nr_free_pages(), before, "frames leaked after an OOM kill");
+    assert_eq!(settle_frames(before), before, "frames leaked after an OOM kill");
 }
 
 /// Reruns `one` (a storm) until `happened` says its race occurred, at most
