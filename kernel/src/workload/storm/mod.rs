@@ -236,7 +236,9 @@ pub fn settle() {
 /// those vCPUs off its cores; a leak stays (and only a failing run waits
 /// the whole 30 s).
 pub fn settle_heap(baseline: usize) -> usize {
-    settle_heap_until(|used| used == baseline)
+    let (used, settles) = settle_until(crate::boot::heap::used, |used| used == baseline);
+    log_slow_settle("heap bytes in use", used, baseline, settles);
+    used
 }
 
 /// [`settle`]s until two settles in a row leave the heap's usage unchanged
@@ -246,13 +248,7 @@ pub fn settle_heap(baseline: usize) -> usize {
 /// heap's usage before and after.
 pub fn settled_heap_usage() -> usize {
     let mut last = None;
-    settle_heap_until(|used| last.replace(used) == Some(used))
-}
-
-/// [`settle`]s until `done` accepts the heap's bytes in use, or 30 s have
-/// passed; returns the bytes in use then.
-fn settle_heap_until(done: impl FnMut(usize) -> bool) -> usize {
-    settle_until(crate::boot::heap::used, done)
+    settle_until(crate::boot::heap::used, |used| last.replace(used) == Some(used)).0
 }
 
 /// [`settle`]s until the free frames are back to `baseline`, or 30 s have
@@ -260,20 +256,39 @@ fn settle_heap_until(done: impl FnMut(usize) -> bool) -> usize {
 /// tables, its pages) go back when its process is released, which, as for
 /// the heap ([`settle_heap`]), can come after one `settle`; a leak stays.
 pub fn settle_frames(baseline: u64) -> u64 {
-    settle_until(mm::nr_free_pages, |free| free == baseline)
+    let (free, settles) = settle_until(mm::nr_free_pages, |free| free == baseline);
+    log_slow_settle("free frames", free, baseline, settles);
+    free
 }
 
 /// [`settle`]s until `done` accepts what `measure` reads, or 30 s have
-/// passed; returns the last reading.
-fn settle_until<T: Copy>(measure: impl Fn() -> T, mut done: impl FnMut(T) -> bool) -> T {
+/// passed; returns the last reading and how many settles it took.
+fn settle_until<T: Copy>(measure: impl Fn() -> T, mut done: impl FnMut(T) -> bool) -> (T, u32) {
     let start = arch::time::now_ns();
+    let mut settles = 0;
     loop {
         settle();
+        settles += 1;
         let now = measure();
         if done(now) || arch::time::now_ns() - start > 30_000_000_000 {
-            return now;
+            return (now, settles);
         }
         arch::time::delay_us(10_000);
+    }
+}
+
+/// Says so in the log when a leak check needed more than one [`settle`]:
+/// a release that came late (an exited process freed when its last CPU
+/// switched away) reads "back after N settles", a leak "still ... after N
+/// settles"; a failing check's log then tells the two apart.
+fn log_slow_settle<T: PartialEq + core::fmt::Display>(what: &str, now: T, baseline: T, settles: u32) {
+    if settles <= 1 {
+        return;
+    }
+    if now == baseline {
+        log::info!("settle: {what} back to {baseline} after {settles} settles");
+    } else {
+        log::warn!("settle: {what} still {now}, not {baseline}, after {settles} settles");
     }
 }
 
