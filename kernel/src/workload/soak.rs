@@ -42,7 +42,8 @@ use mm::ptlock::FailSite;
 
 use super::fuzz;
 use super::storm::{
-    BASE, HUGE, PAGE, Spec, StormError, online, params as storm_params, run as run_storm, settle, settle_heap,
+    BASE, HUGE, PAGE, Spec, StormError, online, params as storm_params, run as run_storm, settle, settle_frames,
+    settle_heap,
 };
 use crate::boot::cmdline::Cmdline;
 use crate::sched::Task;
@@ -277,7 +278,7 @@ fn phase(r: &mut Rng, cpus: &[usize], phase_ms: u64, t: &mut Totals) -> Result<(
 fn check(base: &Baseline) -> Result<(), alloc::string::String> {
     settle();
     let heap = settle_heap(base.heap);
-    let frames = mm::nr_free_pages();
+    let frames = settle_frames(base.frames);
     if frames != base.frames {
         return Err(format!(
             "free frames {frames}, baseline {}: {} lost",
