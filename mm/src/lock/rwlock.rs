@@ -766,7 +766,7 @@ mod tests {
 mod loom_model {
     extern crate std;
 
-    use loom::cell::UnsafeCell as LoomCell;
+    use loom::cell::UnsafeCell as LoomUnsafeCell;
     use loom::sync::Arc;
 
     use super::*;
@@ -774,7 +774,7 @@ mod loom_model {
     #[test]
     fn loom_rwlock_reader_and_downgrading_writer_exclude() {
         loom::model(|| {
-            let l = Arc::new(RwSpinLock::new(LockClass::Other, LoomCell::new(0u64)));
+            let l = Arc::new(RwSpinLock::new(LockClass::Other, LoomUnsafeCell::new(0u64)));
             let l2 = l.clone();
             let reader = loom::thread::spawn(move || {
                 let g = l2.read();
@@ -808,7 +808,7 @@ mod loom_model {
         }
         b.check(|| {
             halt::set_halting_waiters(true);
-            let l = Arc::new(RwSpinLock::new(LockClass::Other, LoomCell::new(0u64)));
+            let l = Arc::new(RwSpinLock::new(LockClass::Other, LoomUnsafeCell::new(0u64)));
             let (l1, l2) = (l.clone(), l.clone());
             let reader = loom::thread::spawn(move || {
                 crate::testing::halting_cpu(1);
