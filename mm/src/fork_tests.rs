@@ -128,6 +128,81 @@ fn fork_out_of_memory_leaks_nothing() {
     assert_eq!(m.settled_free_pages(), start);
 }
 
+/// Two address spaces that share frames since a fork can unmap them at the
+/// same time, each gathering the same frames for its own shoot-down (the
+/// parent's munmap and the child's exit on two CPUs). Each gather must drop
+/// its own mapping's reference, once: the frames come back when both are
+/// done, not before, and nothing else is freed.
+#[test]
+fn two_gathers_holding_the_same_shared_frames_each_drop_their_reference() {
+    use crate::tlb::MmuGather;
+    use crate::zap::{ZapDetails, unmap_page_range};
+    let m = big();
+    let start = m.phys.nr_free_pages();
+    let parent = Mm::new_in(&m.phys, m.kernel).unwrap();
+    on_cpu(&parent);
+    const PAGES: u64 = 8;
+    let a = parent.mmap(None, PAGES * PAGE_SIZE, RW, MapFlags::empty()).unwrap().as_u64();
+    for p in 0..PAGES {
+        write_u64(&parent, a + p * PAGE_SIZE, 100 + p);
+    }
+    let child = parent.fork().unwrap();
+    on_cpu(&child);
+    let frames: Vec<_> = (0..PAGES).map(|p| frame_of(&parent, a + p * PAGE_SIZE)).collect();
+    let vma_of = |mm: &Mm<'_>| *mm.vmas().iter().find(|v| v.contains(VirtAddr::new(a))).unwrap();
+    let (pv, cv) = (vma_of(&parent), vma_of(&child));
+    // Both zap before either flushes: the frames sit in two gathers at once.
+    let mut in_parent = MmuGather::new(&parent);
+    let mut in_child = MmuGather::new(&child);
+    for (mm, tlb, vma) in [(&parent, &mut in_parent, &pv), (&child, &mut in_child, &cv)] {
+        let _zapping = mm.mmap_lock().read();
+        unmap_page_range(tlb, vma, a, a + PAGES * PAGE_SIZE, ZapDetails::default());
+    }
+    for f in &frames {
+        assert_eq!(m.phys.page(*f).unwrap().refcount(), 2, "a gathered frame keeps its reference until the flush");
+    }
+    in_parent.finish();
+    for f in &frames {
+        assert_eq!(m.phys.page(*f).unwrap().refcount(), 1, "the parent's gather dropped its reference, once");
+    }
+    in_child.finish();
+    let free_now = m.settled_free_pages();
+    drop(child);
+    drop(parent);
+    let end = m.settled_free_pages();
+    assert_eq!(end, start, "every frame came back");
+    assert!(end - free_now < PAGES + 16, "the shared frames were freed by the gathers, not left for the teardown");
+}
+
+/// A munmap of more frames shared since a fork than a gather holds outside
+/// its list flushes as it goes (dropping the PTE lock), and every frame
+/// comes back once both sides are gone.
+#[test]
+fn a_munmap_of_more_shared_frames_than_a_batch_flushes_as_it_goes() {
+    use crate::tlb::SHARED_BATCH;
+    let m = big();
+    let start = m.phys.nr_free_pages();
+    let parent = Mm::new_in(&m.phys, m.kernel).unwrap();
+    on_cpu(&parent);
+    let pages = 3 * SHARED_BATCH as u64 + 5;
+    let a = parent.mmap(None, pages * PAGE_SIZE, RW, MapFlags::empty()).unwrap().as_u64();
+    for p in 0..pages {
+        write_u64(&parent, a + p * PAGE_SIZE, 7 * p);
+    }
+    let child = parent.fork().unwrap();
+    on_cpu(&child);
+    let frames: Vec<_> = (0..pages).map(|p| frame_of(&parent, a + p * PAGE_SIZE)).collect();
+    parent.munmap(VirtAddr::new(a), pages * PAGE_SIZE).unwrap();
+    for (p, f) in frames.iter().enumerate() {
+        assert_eq!(m.phys.page(*f).unwrap().refcount(), 1, "the parent dropped its reference to page {p}");
+        assert_eq!(read_u64(&child, a + p as u64 * PAGE_SIZE), 7 * p as u64);
+    }
+    check_consistent(&child);
+    drop(child);
+    drop(parent);
+    assert_eq!(m.settled_free_pages(), start);
+}
+
 /// Random sequences of fork, write, munmap and exit against a page model:
 /// every address space reads what the model says, and nothing leaks.
 mod model {

@@ -39,7 +39,18 @@
 //! drop `mmap_lock` first).
 //!
 //! Lists are threaded through the frames' own descriptors (`Page::link`), so
-//! gathering never allocates and has no batch limit.
+//! gathering never allocates and has no batch limit. A descriptor has one
+//! link, so only a frame no other gather can hold goes on that list: one
+//! whose mapping just cleared held its only reference. A frame shared since
+//! a fork (one reference per mapping) may be gathered by the other address
+//! space at the same moment (the parent's munmap and the child's exit on two
+//! CPUs); threaded through one link, the two lists would run into each
+//! other (a frame put twice, another never). Such frames go in a small array
+//! of the gather's own instead (Linux gathers every page in arrays), and a
+//! full array means a flush before the gather takes more
+//! ([`MmuGather::remove_pte_page`]). No frame gains a mapping while its
+//! address space zaps (fork takes `mmap_lock` exclusive), so a reference
+//! count of one, read after the entry was cleared, stays the gather's alone.
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +64,10 @@ use crate::mm_struct::Mm;
 use crate::physmem::PhysMem;
 
 const WORDS: usize = NR_CPUS.div_ceil(64);
+
+/// Frames a gather holds outside its list before it must be flushed (module
+/// comment): only frames shared since a fork, or pinned, go there.
+pub const SHARED_BATCH: usize = 64;
 
 /// A set of CPU numbers `0..NR_CPUS`, updated concurrently (Linux
 /// `mm_cpumask`). An address space's bitmap holds every CPU that may cache
@@ -206,8 +221,7 @@ impl FreeList {
     const fn new() -> Self {
         Self { head: 0, len: 0 }
     }
-    fn push(&mut self, mm: &Mm<'_>, pfn: Pfn, order: usize) {
-        let page = mm.phys().page(pfn).expect("gathered frame outside the memmap");
+    fn push(&mut self, page: &Page, pfn: Pfn, order: usize) {
         page.link.store(self.head, Ordering::Relaxed);
         self.head = ((pfn.as_u64() + 1) << 8) | order as u64;
         self.len += 1;
@@ -260,6 +274,10 @@ pub struct MmuGather<'m, 'p> {
     end: u64,
     freed_tables: bool,
     pages: FreeList,
+    /// Order-0 frames that another address space may be gathering too
+    /// (module comment); `shared[..nr_shared]` are live.
+    shared: [Pfn; SHARED_BATCH],
+    nr_shared: usize,
     tables: TableChain,
     /// The gathered frames are already shot down ([`MmuGather::flush_tlb_only`]).
     pages_shot_down: bool,
@@ -275,6 +293,8 @@ impl<'m, 'p> MmuGather<'m, 'p> {
             end: 0,
             freed_tables: false,
             pages: FreeList::new(),
+            shared: [Pfn::new(0); SHARED_BATCH],
+            nr_shared: 0,
             tables: TableChain::default(),
             pages_shot_down: false,
             finished: false,
@@ -305,10 +325,36 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     /// Linux `tlb_remove_page_size`: the entry mapping `pfn` (a block of
     /// 2^order frames, or a gigantic page) at `[addr, addr + size)` was
     /// cleared; free the frames after the shoot-down.
+    ///
+    /// For huge blocks (THPs, hugetlb and gigantic pages), which fork copies
+    /// and no two address spaces ever map; a frame a PTE mapped goes through
+    /// [`MmuGather::remove_pte_page`].
     pub fn remove_page(&mut self, pfn: Pfn, order: usize, addr: VirtAddr) {
-        debug_assert!(order <= MAX_ORDER || order == GIGANTIC_ORDER);
+        debug_assert!(order > 0 && (order <= MAX_ORDER || order == GIGANTIC_ORDER));
         self.flush_range(addr, addr.add(PAGE_SIZE << order));
-        self.pages.push(self.mm, pfn, order);
+        let page = self.mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        self.pages.push(page, pfn, order);
+    }
+
+    /// Linux `__tlb_remove_page`: the PTE mapping the 4 KiB frame `pfn` at
+    /// `addr` was cleared; free the frame after the shoot-down. Returns
+    /// whether the gather is full: the caller then drops its page-table lock
+    /// and calls [`MmuGather::flush_mmu`] before it gathers more.
+    #[must_use = "a full gather must be flushed before it takes more frames"]
+    pub fn remove_pte_page(&mut self, pfn: Pfn, addr: VirtAddr) -> bool {
+        self.flush_range(addr, addr.add(PAGE_SIZE));
+        let page = self.mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        // Acquire: a fork's reference (taken under the other side's locks,
+        // published to us by `mmap_lock`) or another gather's put is seen.
+        if page.refcount.load(Ordering::Acquire) == 1 {
+            // Ours alone: no other gather can reach this descriptor.
+            self.pages.push(page, pfn, 0);
+            return false;
+        }
+        assert!(self.nr_shared < SHARED_BATCH, "gathered past a full batch without a flush");
+        self.shared[self.nr_shared] = pfn;
+        self.nr_shared += 1;
+        self.nr_shared == SHARED_BATCH
     }
 
     /// Linux `tlb_remove_table` (`pte_free_tlb` & co.): a page table whose
@@ -322,7 +368,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
 
     /// Frames waiting for the flush.
     pub fn nr_pending_pages(&self) -> u64 {
-        self.pages.len
+        self.pages.len + self.nr_shared as u64
     }
 
     /// Tables waiting for the grace period.
@@ -347,7 +393,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     /// with page-table locks held.
     pub fn flush_mmu(&mut self) {
         debug_assert!(
-            self.pages.len == 0 || self.pending_range().is_some() || self.pages_shot_down,
+            self.nr_pending_pages() == 0 || self.pending_range().is_some() || self.pages_shot_down,
             "gathered frames without a range to flush"
         );
         self.flush_tlb_only();
@@ -358,7 +404,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         // above removed every cached translation of it: the mapping's
         // reference is the gather's to drop. Order-0 frames whose last
         // reference that was go back in batches, one per-CPU list lock each.
-        if self.pages.len == 0 {
+        if self.nr_pending_pages() == 0 {
             return;
         }
         // Each frame goes with the descriptor `pop` found it by, so the
@@ -367,7 +413,12 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         let filler = (phys.zero_pfn(), phys.page(phys.zero_pfn()).expect("the zero page is in the memmap"));
         let mut batch = [filler; PCP_BATCH];
         let mut n = 0;
-        while let Some((pfn, order, page)) = self.pages.pop(self.mm) {
+        // The list's frames, then the shared ones (module comment).
+        let shared = core::mem::take(&mut self.nr_shared);
+        let shared = self.shared[..shared]
+            .iter()
+            .map(|&pfn| (pfn, 0, phys.page(pfn).expect("gathered frame outside the memmap")));
+        for (pfn, order, page) in core::iter::from_fn(|| self.pages.pop(self.mm)).chain(shared) {
             if !PhysMem::put_page_testzero(page, pfn) {
                 // Pinned (crate::gup): the pinner's put frees it.
                 continue;
@@ -434,7 +485,7 @@ impl Drop for MmuGather<'_, '_> {
             return;
         }
         if !self.finished {
-            if self.pages.len != 0 || self.tables.len != 0 || self.start < self.end {
+            if self.nr_pending_pages() != 0 || self.tables.len != 0 || self.start < self.end {
                 log::warn!("mm: MmuGather dropped without finish(): {self:?}");
             }
             self.finish_inner();
@@ -446,7 +497,7 @@ impl fmt::Debug for MmuGather<'_, '_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmuGather")
             .field("range", &self.pending_range())
-            .field("pages", &self.pages.len)
+            .field("pages", &self.nr_pending_pages())
             .field("tables", &self.tables.len)
             .finish()
     }

@@ -122,33 +122,41 @@ fn zap_huge_pud(tlb: &mut MmuGather<'_, '_>, pud: PudRef<'_>, haddr: VirtAddr) -
 }
 
 /// Linux `zap_pte_range`: under the PTE lock, clears each entry and gathers
-/// its frame (the zero page is only flushed, never freed). Returns the
-/// pages unmapped.
+/// its frame (the zero page is only flushed, never freed). When the gather
+/// fills up (frames shared since a fork, see [`crate::tlb`]), it drops the
+/// lock, flushes the gather, and goes on from the next entry, as Linux's
+/// `force_flush` does. Returns the pages unmapped.
 fn zap_pte_range(tlb: &mut MmuGather<'_, '_>, pmd: PmdRef<'_>, start: u64, end: u64) -> u64 {
     let mm = tlb.mm();
     let zero = mm.phys().zero_pfn();
-    let Some(mut pte) = pte_offset_map_lock(mm, pmd, VirtAddr::new(start)) else { return 0 };
-    let mut freed = 0i64;
     let mut unmapped = 0;
     let mut a = start;
     while a < end {
-        let va = VirtAddr::new(a);
-        let old = pte.ptep_get_and_clear(va);
-        if old.maps_frame() {
-            unmapped += 1;
-            if old.pfn() == zero {
-                tlb.flush_range(va, va.add(PAGE_SIZE));
-            } else {
-                tlb.remove_page(old.pfn(), 0, va);
-                freed += 1;
+        let Some(mut pte) = pte_offset_map_lock(mm, pmd, VirtAddr::new(a)) else { break };
+        let mut freed = 0i64;
+        let mut full = false;
+        while a < end && !full {
+            let va = VirtAddr::new(a);
+            let old = pte.ptep_get_and_clear(va);
+            if old.maps_frame() {
+                unmapped += 1;
+                if old.pfn() == zero {
+                    tlb.flush_range(va, va.add(PAGE_SIZE));
+                } else {
+                    full = tlb.remove_pte_page(old.pfn(), va);
+                    freed += 1;
+                }
+            } else if !old.is_none() {
+                log::error!("mm: zap of unexpected {old} at {va:?}");
             }
-        } else if !old.is_none() {
-            log::error!("mm: zap of unexpected {old} at {va:?}");
+            a += PAGE_SIZE;
         }
-        a += PAGE_SIZE;
+        drop(pte);
+        mm.counters.add(Counter::Rss, -freed);
+        if full {
+            tlb.flush_mmu();
+        }
     }
-    drop(pte);
-    mm.counters.add(Counter::Rss, -freed);
     unmapped
 }
 
