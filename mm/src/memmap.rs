@@ -18,7 +18,7 @@
 //! | `lru` | whichever free list the frame is on (zone lock or per-CPU list lock) |
 //! | `word` | the frame's owner; for a page table, only through `ptdesc` (`ptl`) |
 //! | `owner` | the allocator, on behalf of the frame's owner at its allocation and free (debug builds' page poisoning) |
-//! | `link` | PMD table: head of its deposited PTE tables (`pmd_huge_pte`), under its PMD lock; deposited PTE table: next in that list, same lock; frame or table waiting in an `MmuGather`: next in the gather's list, owned by the gather |
+//! | `link` | PMD table: head of its deposited PTE tables (`pmd_huge_pte`), under its PMD lock; deposited PTE table: next in that list, same lock; frame or table waiting in an `MmuGather`: next in the gather's list, owned by the gather (a frame only if its cleared mapping held its only reference: a frame shared since a fork may be in two gathers at once and waits in the gather's array instead) |
 
 use core::cell::UnsafeCell;
 use core::fmt;
