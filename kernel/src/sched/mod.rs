@@ -127,7 +127,7 @@ static CPUS: [CpuSched; NR_CPUS] = [const { CpuSched::new() }; NR_CPUS];
 /// does not creep up with each new high-water mark (the soak and the leak
 /// checks compare it with a baseline: a queue that grew from 4 to 8 slots
 /// read as a 32-byte leak).
-const RQ_RESERVE: usize = 16;
+pub(crate) const RQ_RESERVE: usize = 16;
 
 /// How a CPU asks another to reschedule (`smp::kick`, a reschedule IPI,
 /// registered at boot).
@@ -206,6 +206,31 @@ pub fn with_current_process<R>(f: impl FnOnce(&Arc<crate::uspace::Process>) -> R
     Some(f(process))
 }
 
+/// Gives back the slots a burst of tasks grew an empty run queue by, past
+/// [`RQ_RESERVE`].
+fn trim(rq: &mut VecDeque<Arc<Task>>) {
+    if rq.is_empty() && rq.capacity() > RQ_RESERVE {
+        rq.shrink_to(RQ_RESERVE);
+    }
+}
+
+/// Trims this CPU's run queue as its idle loop does. For leak checks, which
+/// compare the heap's usage before and after a burst of tasks on the CPU
+/// they run on: that CPU may not pass through its idle loop with an empty
+/// queue between the two readings (a joining task is woken straight into
+/// its place), and its queue's spare slots would read as a leak, or as a
+/// baseline the heap later falls below.
+pub fn trim_run_queue() {
+    let _irqs = IrqsOff::save();
+    trim(&mut local().rq.lock());
+}
+
+/// The slots this CPU's run queue has allocated (tests).
+pub(crate) fn run_queue_capacity() -> usize {
+    let _irqs = IrqsOff::save();
+    local().rq.lock().capacity()
+}
+
 extern "C" fn idle_loop(_: usize) -> ! {
     loop {
         // Idle is quiescent, and the time to free what waited for a grace
@@ -217,9 +242,7 @@ extern "C" fn idle_loop(_: usize) -> ! {
         arch::irq::disable();
         let has_work = {
             let mut rq = local().rq.lock();
-            if rq.is_empty() && rq.capacity() > RQ_RESERVE {
-                rq.shrink_to(RQ_RESERVE);
-            }
+            trim(&mut rq);
             !rq.is_empty()
         };
         if has_work {

@@ -223,6 +223,8 @@ pub fn settle() {
         }
     }
     crate::sched::yield_now();
+    // The other CPUs idle now and trim their run queues; this one may not.
+    crate::sched::trim_run_queue();
     // Freed kernel stacks keep their frames until a shoot-down recycles them.
     crate::kstack::purge();
     // Detached page tables wait for a grace period before they are freed.
