@@ -124,6 +124,9 @@ pub(crate) struct Output {
     pub(crate) samples: u64,
     /// CPUs that took samples.
     pub(crate) cpus: usize,
+    /// Windows after which the guest measured a vCPU round trip: none is
+    /// wanted, its ping-pong would be sampled as the storm's time.
+    pub(crate) round_trips: usize,
 }
 
 pub fn run(args: ProfileArgs) -> Result<bool> {
@@ -257,12 +260,16 @@ pub(crate) fn profile(plan: &Plan, qemu_bin: &Path, elf: &Path, image: &Path, ac
         summary,
         samples: folded.summary.total,
         cpus: folded.summary.per_cpu.len(),
+        round_trips: result["windows"]
+            .as_array()
+            .map_or(0, |ws| ws.iter().filter(|w| !w["round_trip_ns"].is_null()).count()),
     })
 }
 
 /// `cargo xtask test`'s profile step: a short `disjoint` storm on two vCPUs
 /// with the kernel the test run built; the flame graph must name
-/// `handle_mm_fault` and both CPUs must have sampled.
+/// `handle_mm_fault`, both CPUs must have sampled, and the guest must have
+/// measured no vCPU round trip while sampling.
 pub(crate) fn test_step(qemu_bin: &Path, elf: &Path, image: &Path, accel: Accel) -> Result<(bool, String)> {
     let plan = Plan {
         workload: "disjoint".into(),
@@ -282,15 +289,16 @@ pub(crate) fn test_step(qemu_bin: &Path, elf: &Path, image: &Path, accel: Accel)
     let fault_path = fault_path_share(&std::fs::read_to_string(&out.folded)?);
     // The storm spends most of its time in the fault path: a share this low
     // means the walk lost the frames between user space and the handler.
-    let ok = named && fault_path >= 0.1 && out.cpus == 2;
+    let ok = named && fault_path >= 0.1 && out.cpus == 2 && out.round_trips == 0;
     Ok((
         ok,
         format!(
-            "{} samples on {} CPUs; flame graph {} handle_mm_fault; {:.0}% of the samples in it under a user fault (user frames, trap_common, handle_mm_fault: at least 10% wanted): {}",
+            "{} samples on {} CPUs; flame graph {} handle_mm_fault; {:.0}% of the samples in it under a user fault (user frames, trap_common, handle_mm_fault: at least 10% wanted); {} vCPU round trips measured while sampling (none wanted): {}",
             out.samples,
             out.cpus,
             if named { "names" } else { "does NOT name" },
             100.0 * fault_path,
+            out.round_trips,
             out.svg.display()
         ),
     ))

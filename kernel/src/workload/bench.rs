@@ -60,7 +60,8 @@
 //!
 //! With `profile=HZ` on the command line the sampling profiler
 //! (`diag::profile`) runs during the timed windows and its samples follow
-//! the result line (`cargo xtask profile`).
+//! the result line (`cargo xtask profile`); the round trips are then not
+//! measured, so their spinning is not sampled as the storm's.
 //!
 //! * `fork`: each thread populates its share of `mib` MiB, one forks
 //!   (timed), and all write their shares again while the child still maps
@@ -327,8 +328,11 @@ pub fn run(c: &Cmdline) -> ExitCode {
         // for the slowest toucher, the others' also for its munmap).
         let each: Vec<String> = out.reports.iter().map(|r| permille(r.waited_cycles, cycles)).collect();
         // Between this CPU and another of the storm's: where the host has
-        // its vCPUs now (not timed; the next window starts after it).
-        let other = cpus.iter().copied().find(|&c| c != arch::percpu::cpu_id());
+        // its vCPUs now (not timed; the next window starts after it). Not
+        // while profiling: the ping-pong would be sampled as the storm's
+        // time, and on a busy host it spins for up to its second a window
+        // (a loaded fresh-clone run's profile was 77% ping-pong).
+        let other = cpus.iter().copied().find(|&c| c != arch::percpu::cpu_id()).filter(|_| profile_rate.is_none());
         let round_trip_ns = other.and_then(|o| roundtrip::round_trip_ns(o, ROUND_TRIPS));
         let round_trip = match (other, round_trip_ns) {
             (None, _) => String::new(),
