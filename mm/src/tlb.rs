@@ -341,6 +341,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     /// whether the gather is full: the caller then drops its page-table lock
     /// and calls [`MmuGather::flush_mmu`] before it gathers more.
     #[must_use = "a full gather must be flushed before it takes more frames"]
+    #[inline]
     pub fn remove_pte_page(&mut self, pfn: Pfn, addr: VirtAddr) -> bool {
         self.flush_range(addr, addr.add(PAGE_SIZE));
         let page = self.mm.phys().page(pfn).expect("gathered frame outside the memmap");
@@ -413,7 +414,8 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         let filler = (phys.zero_pfn(), phys.page(phys.zero_pfn()).expect("the zero page is in the memmap"));
         let mut batch = [filler; PCP_BATCH];
         let mut n = 0;
-        // The list's frames, then the shared ones (module comment).
+        // The list's frames, then those that may be in other gathers too
+        // (module comment).
         let shared = core::mem::take(&mut self.nr_shared);
         let shared = self.shared[..shared]
             .iter()
