@@ -210,6 +210,13 @@ pub(crate) fn flush_tlb_range(mm: &Mm<'_>, range: FlushRange) {
     crate::hal::get().flush_tlb(mm.cpu_bitmap(), range);
 }
 
+/// The descriptor of a frame a gather holds (it was mapped, so it is in
+/// the memmap).
+#[inline]
+fn gathered_page<'a>(mm: &'a Mm<'_>, pfn: Pfn) -> &'a Page {
+    mm.phys().page(pfn).expect("gathered frame outside the memmap")
+}
+
 /// A singly linked list of frames threaded through `Page::link`:
 /// `link = (next_pfn + 1) << 8 | order`, 0 ends the list.
 struct FreeList {
@@ -233,7 +240,7 @@ impl FreeList {
         }
         let pfn = Pfn::new((self.head >> 8) - 1);
         let order = (self.head & 0xff) as usize;
-        let page = mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        let page = gathered_page(mm, pfn);
         // The gather owns the link (memmap lock table): no other writer.
         self.head = page.link.load(Ordering::Relaxed);
         page.link.store(0, Ordering::Relaxed);
@@ -332,7 +339,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     pub fn remove_page(&mut self, pfn: Pfn, order: usize, addr: VirtAddr) {
         debug_assert!(order > 0 && (order <= MAX_ORDER || order == GIGANTIC_ORDER));
         self.flush_range(addr, addr.add(PAGE_SIZE << order));
-        let page = self.mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        let page = gathered_page(self.mm, pfn);
         self.pages.push(page, pfn, order);
     }
 
@@ -344,7 +351,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
     #[inline]
     pub fn remove_pte_page(&mut self, pfn: Pfn, addr: VirtAddr) -> bool {
         self.flush_range(addr, addr.add(PAGE_SIZE));
-        let page = self.mm.phys().page(pfn).expect("gathered frame outside the memmap");
+        let page = gathered_page(self.mm, pfn);
         // Acquire: a fork's reference (taken under the other side's locks,
         // published to us by `mmap_lock`) or another gather's put is seen.
         if page.refcount.load(Ordering::Acquire) == 1 {
@@ -417,9 +424,7 @@ impl<'m, 'p> MmuGather<'m, 'p> {
         // The list's frames, then those that may be in other gathers too
         // (module comment).
         let shared = core::mem::take(&mut self.nr_shared);
-        let shared = self.shared[..shared]
-            .iter()
-            .map(|&pfn| (pfn, 0, phys.page(pfn).expect("gathered frame outside the memmap")));
+        let shared = self.shared[..shared].iter().map(|&pfn| (pfn, 0, gathered_page(self.mm, pfn)));
         for (pfn, order, page) in core::iter::from_fn(|| self.pages.pop(self.mm)).chain(shared) {
             if !PhysMem::put_page_testzero(page, pfn) {
                 // Pinned (crate::gup): the pinner's put frees it.
