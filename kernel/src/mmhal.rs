@@ -134,6 +134,10 @@ impl mm::hal::Hal for KernelHal {
 
 static HAL: KernelHal = KernelHal;
 
+// The fault path's CPU number and RCU read side, bound at link time (no
+// indirect call per use; mm/src/hal.rs says why).
+mm::bind_hal!(HAL);
+
 /// `cpu`'s lock-order records (the locks it holds, with where it took them,
 /// and the one it is taking), for the lockup watchdog's report; `None` in
 /// release builds, which keep none.
@@ -220,6 +224,27 @@ mod tests {
             kicks_now > kicks,
             "in {rounds} rounds the unlock kicked no halted waiter ({kicks} kicks before, {kicks_now} after)"
         );
+    }
+
+    /// The entries `bind_hal!` binds at link time are this kernel's: on
+    /// every CPU, `mm`'s CPU number is the CPU's own, and `mm`'s read-side
+    /// section is the kernel's RCU reader (a grace period would wait for it).
+    #[ktest]
+    fn mm_sees_the_bound_cpu_number_and_rcu_reader_on_every_cpu() {
+        let cpus = AtomicU64::new(0);
+        arch::ipi::on_each_cpu(|| {
+            let cpu = arch::percpu::cpu_id();
+            assert_eq!(mm::hal::cpu_id(), cpu, "mm's CPU number on CPU {cpu}");
+            assert!(!crate::rcu::in_read_section(), "CPU {cpu} starts inside a read-side section");
+            mm::hal::rcu_read_lock();
+            let inside = crate::rcu::in_read_section();
+            mm::hal::rcu_read_unlock();
+            assert!(inside, "mm's rcu_read_lock did not enter the kernel's read-side section on CPU {cpu}");
+            assert!(!crate::rcu::in_read_section(), "mm's rcu_read_unlock did not leave it on CPU {cpu}");
+            cpus.fetch_or(1 << cpu, Ordering::Relaxed);
+        });
+        let online = arch::percpu::online_cpus().fold(0u64, |m, c| m | 1 << c);
+        assert_eq!(cpus.load(Ordering::Relaxed), online, "not every CPU ran the check");
     }
 
     /// Halting waiters (mm/src/lock/halt.rs): a test-and-set waiter with

@@ -3,6 +3,9 @@
 //! `mm` never touches CPU registers itself: the kernel registers one [`Hal`] at
 //! boot ([`set`]) and host tests use their own (`testing::HostHal`), so the one
 //! page-table walker and the one set of helpers run unchanged in both places.
+//! The three entries a page fault calls on every pass (the CPU number and the
+//! RCU read side) are also bound at link time on the kernel target
+//! ([`bind_hal!`](crate::bind_hal)), so the fault path makes no indirect call for them.
 //!
 //! What the HAL provides:
 //! * the current CPU number (per-CPU frame caches, lock statistics, the lock
@@ -232,10 +235,102 @@ fn default_hal() -> &'static dyn Hal {
     &crate::testing::HOST_HAL
 }
 
-/// Shortcut: the current CPU number.
+/// The current CPU number.
 #[inline]
 pub fn cpu_id() -> usize {
-    get().cpu_id()
+    fast::cpu_id()
+}
+
+/// Enters a read-side critical section ([`Hal::rcu_read_lock`]).
+#[inline]
+pub fn rcu_read_lock() {
+    fast::rcu_read_lock()
+}
+
+/// Leaves a read-side critical section ([`Hal::rcu_read_unlock`]).
+#[inline]
+pub fn rcu_read_unlock() {
+    fast::rcu_read_unlock()
+}
+
+/// The entries every page fault calls several times ([`cpu_id`] for lock
+/// statistics, per-CPU frame lists and counters; the RCU read side for the
+/// VMA lookup and `pte_offset_map`) are bound at link time on the kernel
+/// target, not called through the registered `&dyn Hal`: the kernel names
+/// its HAL with [`bind_hal!`](crate::bind_hal), and with LTO each call inlines to a few
+/// instructions (a fault ran 1828 instructions before, 1651 after). An
+/// indirect call also costs more than its instructions under TCG: QEMU
+/// resolves the call and its `ret` through a hash lookup each. Host builds
+/// (unit tests, loom) go through the registered HAL; so does every other
+/// entry, which runs off the fault path or only when a lock is contended.
+/// On the kernel target the bound entries are the kernel's from the first
+/// call, also before [`set`]: they must work wherever `mm` code can run.
+#[cfg(target_os = "none")]
+mod fast {
+    unsafe extern "Rust" {
+        fn __mm_hal_cpu_id() -> usize;
+        fn __mm_hal_rcu_read_lock();
+        fn __mm_hal_rcu_read_unlock();
+    }
+
+    #[inline]
+    pub(super) fn cpu_id() -> usize {
+        // SAFETY: `bind_hal!` defines each of these symbols with exactly the
+        // signature declared here, and the kernel does not link without it.
+        unsafe { __mm_hal_cpu_id() }
+    }
+
+    #[inline]
+    pub(super) fn rcu_read_lock() {
+        // SAFETY: as in `cpu_id`.
+        unsafe { __mm_hal_rcu_read_lock() }
+    }
+
+    #[inline]
+    pub(super) fn rcu_read_unlock() {
+        // SAFETY: as in `cpu_id`.
+        unsafe { __mm_hal_rcu_read_unlock() }
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+mod fast {
+    #[inline]
+    pub(super) fn cpu_id() -> usize {
+        super::get().cpu_id()
+    }
+
+    #[inline]
+    pub(super) fn rcu_read_lock() {
+        super::get().rcu_read_lock()
+    }
+
+    #[inline]
+    pub(super) fn rcu_read_unlock() {
+        super::get().rcu_read_unlock()
+    }
+}
+
+/// Binds the fault path's HAL entries ([`cpu_id`], [`rcu_read_lock`],
+/// [`rcu_read_unlock`]) to `$hal`, a `static` implementing [`Hal`], at link
+/// time. The kernel invokes it once, next to its [`set`] of the same HAL; a
+/// kernel that forgets it does not link.
+#[macro_export]
+macro_rules! bind_hal {
+    ($hal:path) => {
+        #[unsafe(no_mangle)]
+        fn __mm_hal_cpu_id() -> usize {
+            $crate::hal::Hal::cpu_id(&$hal)
+        }
+        #[unsafe(no_mangle)]
+        fn __mm_hal_rcu_read_lock() {
+            $crate::hal::Hal::rcu_read_lock(&$hal)
+        }
+        #[unsafe(no_mangle)]
+        fn __mm_hal_rcu_read_unlock() {
+            $crate::hal::Hal::rcu_read_unlock(&$hal)
+        }
+    };
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ pub struct RcuReadGuard {
 impl RcuReadGuard {
     /// Enters a section (nests).
     pub fn new() -> Self {
-        crate::hal::get().rcu_read_lock();
+        crate::hal::rcu_read_lock();
         Self { _not_send: PhantomData }
     }
 }
@@ -229,7 +229,7 @@ impl Default for RcuReadGuard {
 
 impl Drop for RcuReadGuard {
     fn drop(&mut self) {
-        crate::hal::get().rcu_read_unlock();
+        crate::hal::rcu_read_unlock();
     }
 }
 
