@@ -319,14 +319,17 @@ mod fast {
 macro_rules! bind_hal {
     ($hal:path) => {
         #[unsafe(no_mangle)]
+        #[inline]
         fn __mm_hal_cpu_id() -> usize {
             $crate::hal::Hal::cpu_id(&$hal)
         }
         #[unsafe(no_mangle)]
+        #[inline]
         fn __mm_hal_rcu_read_lock() {
             $crate::hal::Hal::rcu_read_lock(&$hal)
         }
         #[unsafe(no_mangle)]
+        #[inline]
         fn __mm_hal_rcu_read_unlock() {
             $crate::hal::Hal::rcu_read_unlock(&$hal)
         }

@@ -213,20 +213,29 @@ pub fn p4d_alloc<'a>(_mm: &'a Mm<'_>, pgd: PgdRef<'a>, _addr: VirtAddr) -> Optio
 /// under `mm.page_table_lock` only if the entry is still empty; otherwise
 /// (another CPU won) it is freed. `None`: out of memory, or the P4D entry is
 /// not a table.
+#[inline]
 pub fn pud_alloc<'a>(mm: &'a Mm<'_>, p4d: P4dRef<'a>, addr: VirtAddr) -> Option<PudRef<'a>> {
     if p4d.get().is_none() {
-        let mut new = pagetable_alloc(mm.phys())?;
-        pagetable_ctor(&mut new, PtLevel::Pud);
-        let ptl = mm.lock_page_table();
-        if p4d.get().is_none() {
-            mm.inc_nr(PtLevel::Pud);
-            p4d_populate(mm, p4d, new, &ptl);
-        } else {
-            drop(ptl);
-            drop(new); // lost the race: dtor + free, outside the lock
-        }
+        __pud_alloc(mm, p4d)?;
     }
     pud_offset(mm, p4d, addr)
+}
+
+/// Linux `__pud_alloc`: [`pud_alloc`]'s allocation, out of line (a fault
+/// almost always finds its upper tables present). `None`: out of memory.
+#[inline(never)]
+pub fn __pud_alloc(mm: &Mm<'_>, p4d: P4dRef<'_>) -> Option<()> {
+    let mut new = pagetable_alloc(mm.phys())?;
+    pagetable_ctor(&mut new, PtLevel::Pud);
+    let ptl = mm.lock_page_table();
+    if p4d.get().is_none() {
+        mm.inc_nr(PtLevel::Pud);
+        p4d_populate(mm, p4d, new, &ptl);
+    } else {
+        drop(ptl);
+        drop(new); // lost the race: dtor + free, outside the lock
+    }
+    Some(())
 }
 
 /// Linux `pmd_alloc`: the PMD entry for `addr`, allocating and constructing
@@ -234,26 +243,36 @@ pub fn pud_alloc<'a>(mm: &'a Mm<'_>, p4d: P4dRef<'a>, addr: VirtAddr) -> Option<
 /// it under the PUD lock (`mm.page_table_lock`) only if still empty, else
 /// freeing it (dtor + free). `None`: out of memory (frame or ctor), or the PUD
 /// maps a 1 GiB page or is bad.
+#[inline]
 pub fn pmd_alloc<'a>(mm: &'a Mm<'_>, pud: PudRef<'a>, addr: VirtAddr) -> Option<PmdRef<'a>> {
     if pud.get().is_none() {
-        let mut new = pagetable_alloc(mm.phys())?;
-        pagetable_pmd_ctor(mm, &mut new).ok()?; // on failure `new` drops: freed
-        let ptl = crate::pud_lock(mm, pud);
-        if pud.get().is_none() {
-            mm.inc_nr(PtLevel::Pmd);
-            pud_populate(mm, pud, new, &ptl);
-        } else {
-            drop(ptl);
-            drop(new);
-        }
+        __pmd_alloc(mm, pud)?;
     }
     pmd_offset(mm, pud, addr)
+}
+
+/// Linux `__pmd_alloc`: [`pmd_alloc`]'s allocation, out of line. `None`: out
+/// of memory (frame or ctor).
+#[inline(never)]
+pub fn __pmd_alloc(mm: &Mm<'_>, pud: PudRef<'_>) -> Option<()> {
+    let mut new = pagetable_alloc(mm.phys())?;
+    pagetable_pmd_ctor(mm, &mut new).ok()?; // on failure `new` drops: freed
+    let ptl = crate::pud_lock(mm, pud);
+    if pud.get().is_none() {
+        mm.inc_nr(PtLevel::Pmd);
+        pud_populate(mm, pud, new, &ptl);
+    } else {
+        drop(ptl);
+        drop(new);
+    }
+    Some(())
 }
 
 /// Linux `__pte_alloc` (+ `pmd_install`): allocates and constructs a PTE
 /// table outside any lock, then under `pmd_lock` installs it only if the PMD
 /// is still empty; if another CPU populated it first, the new table is
 /// destroyed and freed (after the lock is dropped).
+#[inline(never)]
 pub fn __pte_alloc(mm: &Mm<'_>, pmd: PmdRef<'_>) -> Result<(), AllocError> {
     let mut new = pagetable_alloc(mm.phys()).ok_or(AllocError)?;
     pagetable_pte_ctor(mm, &mut new)?; // on failure `new` drops: freed
@@ -272,6 +291,7 @@ pub fn __pte_alloc(mm: &Mm<'_>, pmd: PmdRef<'_>) -> Result<(), AllocError> {
 /// Linux `pte_alloc`: makes sure `pmd` points to something, allocating a PTE
 /// table if it is empty. `Ok` also when the PMD holds a huge page: the
 /// caller's `pte_offset_map_lock` then returns `None`. `Err`: out of memory.
+#[inline]
 pub fn pte_alloc(mm: &Mm<'_>, pmd: PmdRef<'_>) -> Result<(), AllocError> {
     if pmd.get().is_none() { __pte_alloc(mm, pmd) } else { Ok(()) }
 }
