@@ -216,16 +216,17 @@ pub fn p4d_alloc<'a>(_mm: &'a Mm<'_>, pgd: PgdRef<'a>, _addr: VirtAddr) -> Optio
 #[inline]
 pub fn pud_alloc<'a>(mm: &'a Mm<'_>, p4d: P4dRef<'a>, addr: VirtAddr) -> Option<PudRef<'a>> {
     if p4d.get().is_none() {
-        __pud_alloc(mm, p4d)?;
+        __pud_alloc(mm, p4d).ok()?;
     }
     pud_offset(mm, p4d, addr)
 }
 
 /// Linux `__pud_alloc`: [`pud_alloc`]'s allocation, out of line (a fault
-/// almost always finds its upper tables present). `None`: out of memory.
+/// almost always finds its upper tables present), as [`__pte_alloc`] is
+/// [`pte_alloc`]'s. `Err`: out of memory.
 #[inline(never)]
-pub fn __pud_alloc(mm: &Mm<'_>, p4d: P4dRef<'_>) -> Option<()> {
-    let mut new = pagetable_alloc(mm.phys())?;
+pub fn __pud_alloc(mm: &Mm<'_>, p4d: P4dRef<'_>) -> Result<(), AllocError> {
+    let mut new = pagetable_alloc(mm.phys()).ok_or(AllocError)?;
     pagetable_ctor(&mut new, PtLevel::Pud);
     let ptl = mm.lock_page_table();
     if p4d.get().is_none() {
@@ -235,7 +236,7 @@ pub fn __pud_alloc(mm: &Mm<'_>, p4d: P4dRef<'_>) -> Option<()> {
         drop(ptl);
         drop(new); // lost the race: dtor + free, outside the lock
     }
-    Some(())
+    Ok(())
 }
 
 /// Linux `pmd_alloc`: the PMD entry for `addr`, allocating and constructing
@@ -246,17 +247,17 @@ pub fn __pud_alloc(mm: &Mm<'_>, p4d: P4dRef<'_>) -> Option<()> {
 #[inline]
 pub fn pmd_alloc<'a>(mm: &'a Mm<'_>, pud: PudRef<'a>, addr: VirtAddr) -> Option<PmdRef<'a>> {
     if pud.get().is_none() {
-        __pmd_alloc(mm, pud)?;
+        __pmd_alloc(mm, pud).ok()?;
     }
     pmd_offset(mm, pud, addr)
 }
 
-/// Linux `__pmd_alloc`: [`pmd_alloc`]'s allocation, out of line. `None`: out
+/// Linux `__pmd_alloc`: [`pmd_alloc`]'s allocation, out of line. `Err`: out
 /// of memory (frame or ctor).
 #[inline(never)]
-pub fn __pmd_alloc(mm: &Mm<'_>, pud: PudRef<'_>) -> Option<()> {
-    let mut new = pagetable_alloc(mm.phys())?;
-    pagetable_pmd_ctor(mm, &mut new).ok()?; // on failure `new` drops: freed
+pub fn __pmd_alloc(mm: &Mm<'_>, pud: PudRef<'_>) -> Result<(), AllocError> {
+    let mut new = pagetable_alloc(mm.phys()).ok_or(AllocError)?;
+    pagetable_pmd_ctor(mm, &mut new)?; // on failure `new` drops: freed
     let ptl = crate::pud_lock(mm, pud);
     if pud.get().is_none() {
         mm.inc_nr(PtLevel::Pmd);
@@ -265,7 +266,7 @@ pub fn __pmd_alloc(mm: &Mm<'_>, pud: PudRef<'_>) -> Option<()> {
         drop(ptl);
         drop(new);
     }
-    Some(())
+    Ok(())
 }
 
 /// Linux `__pte_alloc` (+ `pmd_install`): allocates and constructs a PTE
