@@ -26,6 +26,10 @@
 //!
 //! Every run also reports what QEMU's vCPU threads did on the host during
 //! its timed windows (vcputime.rs): on a CPU, blocked, or waiting for one.
+//!
+//! A boot that never started (nothing on the serial port) is repeated
+//! ([`retry_silent`]); a boot that fails otherwise ends the measuring, and
+//! the runs before it are still printed and written, marked `incomplete`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +38,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
+use crate::clock::Expiry;
 use crate::hostprobe::HostProbe;
 use crate::kernel::{BuildConfig, Firmware};
 use crate::qemu::{self, Accel, Machine};
@@ -922,7 +927,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     let probe = HostProbe::calibrate(host_cpus);
     let mut records = Vec::new();
     let mut built: Option<(&str, PathBuf)> = None;
-    for (i, run) in runs.iter().enumerate() {
+    // A boot that fails for good ends the measuring, not the report: the
+    // runs before it are written and printed, then the failure is returned.
+    let mut failed: Option<(String, anyhow::Error)> = None;
+    'runs: for (i, run) in runs.iter().enumerate() {
         let shape = Windows { windows, mib, rounds: rounds_for(&args, &run.workload), window_ms: args.window_ms };
         let mut machine = match &guest {
             Some(g) if run.lock == LINUX => linux_machine(run, &shape, g, accel, &args.qemu_args),
@@ -964,9 +972,16 @@ pub fn run(args: BenchArgs) -> Result<bool> {
             std::io::stdout().flush().ok();
             // Instruction counts do not depend on the host: no probe.
             let before = if args.icount { 1.0 } else { probe.capacity(run.cpus as usize) };
-            let booted = boot(&qemu_bin, &machine, &name, run, args.timeout);
+            let booted = retry_silent(|| boot(&qemu_bin, &machine, &name, run, args.timeout));
             let host = if args.icount { 1.0 } else { before.min(probe.capacity(run.cpus as usize)) };
-            let (mut rec, elapsed) = booted.inspect_err(|_| println!("FAILED"))?;
+            let (mut rec, elapsed) = match booted {
+                Ok(b) => b,
+                Err(e) => {
+                    println!("FAILED");
+                    failed = Some((name, e));
+                    break 'runs;
+                }
+            };
             rec["rounds"] = json!(rounds_for(&args, &run.workload));
             rec["host_capacity"] = json!((host * 1000.0).round() / 1000.0);
             rec["attempts"] = json!(attempt + 1);
@@ -1046,6 +1061,7 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         "mib": mib,
         "window_ms": args.window_ms,
         "runs": records,
+        "incomplete": failed.as_ref().map(|(name, e)| json!({"failed_run": name, "error": format!("{e:#}")})),
     });
     let mut report = report;
     let pairs = pair_stats(&report);
@@ -1082,11 +1098,56 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     } else {
         print_targets(&report, &targets);
     }
+    if let Some((name, e)) = failed {
+        return Err(e.context(format!(
+            "bench stopped at `{name}`: the {} run(s) before it are in {} (marked incomplete)",
+            report["runs"].as_array().map_or(0, Vec::len),
+            json_path.display()
+        )));
+    }
     if args.check {
         check_verdict(&targets)?;
         println!("xtask: bench --check: every target met");
     }
     Ok(true)
+}
+
+/// A boot that ended with nothing on the serial port: QEMU or the firmware
+/// stuck before the guest ran (for a Linux guest, booted directly, Linux
+/// silent in its early boot, before `quiet` lets anything out). It says
+/// nothing about the fault path being measured, so [`retry_silent`] repeats
+/// it instead of ending a bench that may have run for an hour.
+#[derive(Debug)]
+struct NeverStarted(String);
+
+impl std::fmt::Display for NeverStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NeverStarted {}
+
+/// Repeats of a boot that never started ([`NeverStarted`]).
+const SILENT_RETRIES: u32 = 2;
+
+/// Runs `boot` (one boot), repeating it up to [`SILENT_RETRIES`] times while
+/// it fails with [`NeverStarted`]; any other failure, or a boot that stays
+/// silent, is returned as it is.
+fn retry_silent<T>(mut boot: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match boot() {
+            Err(e) if attempt <= SILENT_RETRIES && e.downcast_ref::<NeverStarted>().is_some() => {
+                attempt += 1;
+                println!(
+                    "\nxtask: {e}\nxtask: the guest never ran, so that boot measured nothing: repeating it (attempt {attempt} of {})",
+                    SILENT_RETRIES + 1
+                );
+            }
+            result => return result,
+        }
+    }
 }
 
 /// One bench boot of `run` on `machine` (serial log `name`): its summarized
@@ -1100,6 +1161,9 @@ fn boot(
     timeout: u64,
 ) -> Result<(Value, Duration)> {
     let out = qemu::run(qemu_bin, machine, name, machine.limits(Duration::from_secs(timeout)), None, false)?;
+    if out.ending == qemu::Ending::Timeout(Expiry::Silent) {
+        return Err(NeverStarted(out.describe(name)).into());
+    }
     let text = std::fs::read_to_string(&out.log)?;
     if !out.kernel_succeeded() {
         // linux-storm says why it failed on a line of its own.
@@ -1132,7 +1196,7 @@ pub(crate) fn linux_test_step(qemu_bin: &std::path::Path, accel: Accel) -> Resul
     for w in linux::WORKLOADS {
         let run = Run { workload: w.into(), lock: LINUX, fault_lock, cpus: 2, pair: None };
         let machine = linux_machine(&run, &shape, &guest, accel, &[]);
-        let (rec, _) = boot(qemu_bin, &machine, &format!("test-linux-{w}"), &run, 300)?;
+        let (rec, _) = retry_silent(|| boot(qemu_bin, &machine, &format!("test-linux-{w}"), &run, 300))?;
         let waited = rec["waiting_share"].as_f64().unwrap_or(0.0);
         if w == "same-table" && waited <= 0.0 {
             bail!("Linux same-table on 2 vCPUs never waited at a barrier: its passes did not alternate");
@@ -1894,6 +1958,41 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    /// A boot that never started is repeated, up to `SILENT_RETRIES` times,
+    /// and a boot that stays silent is then reported as it failed.
+    #[test]
+    fn a_boot_that_never_started_is_repeated() {
+        let mut calls = 0;
+        let got = retry_silent(|| {
+            calls += 1;
+            if calls <= SILENT_RETRIES { Err(NeverStarted(format!("silent {calls}")).into()) } else { Ok(calls) }
+        });
+        assert_eq!(got.unwrap(), SILENT_RETRIES + 1);
+
+        let mut calls = 0;
+        let err = retry_silent(|| -> Result<()> {
+            calls += 1;
+            Err(NeverStarted(format!("silent {calls}")).into())
+        })
+        .unwrap_err();
+        assert_eq!(calls, SILENT_RETRIES + 1);
+        assert_eq!(err.to_string(), format!("silent {}", SILENT_RETRIES + 1));
+    }
+
+    /// Any other failure (the kernel failed, printed no result, timed out
+    /// after it started) is returned at once: repeating it could hide a bug.
+    #[test]
+    fn a_boot_that_failed_after_starting_is_not_repeated() {
+        let mut calls = 0;
+        let err = retry_silent(|| -> Result<()> {
+            calls += 1;
+            bail!("`bench-x`: kernel reported FAILURE")
+        })
+        .unwrap_err();
+        assert_eq!(calls, 1);
+        assert!(err.to_string().contains("FAILURE"));
     }
 
     fn keys(runs: &[Run]) -> Vec<(&str, &str, &str, u32)> {
