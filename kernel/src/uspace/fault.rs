@@ -24,15 +24,22 @@ pub fn page_fault(frame: &mut TrapFrame, pf: PageFault) -> FaultOutcome {
     }
     let FaultAccess { write, exec, user, .. } = pf.access();
     let access = Access { write, exec, user };
-    // The interrupted code had interrupts on (ring 3 always does): keep them
-    // on while we work, so TLB shoot-downs and IPIs aimed at this CPU are
-    // answered promptly.
-    if frame.interrupts_were_enabled() {
-        arch::irq::enable();
-    }
+    let irqs_on = frame.interrupts_were_enabled();
     let start = crate::diag::faultstat::start();
-    let r = sched::with_current_space(|space| mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access));
-    arch::irq::disable();
+    // The current task is read with interrupts still off, so that read needs
+    // no cli/sti pair of its own: under QEMU's TCG each `sti` ends the
+    // translated block and goes back through the emulator's main loop.
+    let r = sched::with_current_space(|space| {
+        // The interrupted code had interrupts on (ring 3 always does): keep
+        // them on while we work, so TLB shoot-downs and IPIs aimed at this
+        // CPU are answered promptly.
+        if irqs_on {
+            arch::irq::enable();
+        }
+        let r = mm::handle_mm_fault(&space.mm, VirtAddr::new(addr), access);
+        arch::irq::disable();
+        r
+    });
     match r {
         Some(Ok(_)) => {
             crate::diag::faultstat::record(start);
