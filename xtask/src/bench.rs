@@ -1474,6 +1474,9 @@ pub(crate) struct Pair {
     /// The median cache-line round trip between its 2-vCPU boot's vCPUs
     /// after each window, in ns (`round_trips`), if it was measured.
     pub(crate) rt: Option<f64>,
+    /// The larger share of the host's CPU time its hypervisor stole during
+    /// either boot's timed windows (`vcputime.rs`), if the host reports it.
+    pub(crate) steal: Option<f64>,
 }
 
 impl Pair {
@@ -1525,6 +1528,7 @@ impl PairStats {
             "faults_per_sec_2": self.pairs.iter().map(|p| p.two).collect::<Vec<_>>(),
             "host_capacity": self.pairs.iter().map(|p| p.host).collect::<Vec<_>>(),
             "round_trip_ns_2": self.pairs.iter().map(|p| p.rt).collect::<Vec<_>>(),
+            "host_steal": self.pairs.iter().map(|p| p.steal).collect::<Vec<_>>(),
             "median": self.median(),
             "spread": self.spread(),
         })
@@ -1556,6 +1560,10 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
         let rate = |r: &Value| r["faults_per_sec"].as_f64();
         let ran = |r: &Value| r["vcpu_threads"]["running"].as_f64();
         let rt = |r: &Value| r["round_trip_ns"]["median"].as_f64();
+        let steal = |a: &Value, b: &Value| {
+            let s = |r: &Value| r["vcpu_threads"]["host_steal"].as_f64();
+            s(a).into_iter().chain(s(b)).reduce(f64::max)
+        };
         let mut indices: Vec<u32> =
             ones.iter().chain(&twos).filter_map(|r| r["pair"].as_u64()).map(|k| k as u32).collect();
         indices.sort_unstable();
@@ -1566,7 +1574,8 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
                 && let (Some(one), Some(two)) = (rate(a), rate(b))
                 && one > 0.0
             {
-                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)), ran: ran(b), rt: rt(b) });
+                let steal = steal(a, b);
+                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)), ran: ran(b), rt: rt(b), steal });
             }
         }
         let interleaved = !indices.is_empty();
@@ -1575,7 +1584,15 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
             && let (Some(one), Some(two)) = (rate(a), rate(b))
             && one > 0.0
         {
-            pairs.push(Pair { index: 0, one, two, host: host(a).min(host(b)), ran: ran(b), rt: rt(b) });
+            pairs.push(Pair {
+                index: 0,
+                one,
+                two,
+                host: host(a).min(host(b)),
+                ran: ran(b),
+                rt: rt(b),
+                steal: steal(a, b),
+            });
         }
         if !pairs.is_empty() {
             out.push(PairStats { workload: w, lock: l, fault_lock: fl, interleaved, pairs });
@@ -1595,16 +1612,16 @@ fn print_pairs(stats: &[PairStats]) {
         return;
     }
     println!(
-        "\n1 -> 2 vCPU pairs (boots interleaved 1, 2, 2, 1, 1, 2, ...; faults/s; host: the busier boot's capacity; ran: the share of the 2-vCPU boot's windows its vCPU threads were on a host CPU; rt: the median round trip of a cache line between its vCPUs after each window, ns)"
+        "\n1 -> 2 vCPU pairs (boots interleaved 1, 2, 2, 1, 1, 2, ...; faults/s; host: the busier boot's capacity; ran: the share of the 2-vCPU boot's windows its vCPU threads were on a host CPU; rt: the median round trip of a cache line between its vCPUs after each window, ns; steal: the larger share of the host's CPU time its hypervisor took during either boot's windows)"
     );
     println!(
-        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>7} {:>5} {:>5} {:>5}",
-        "workload", "lock", "fault_lock", "pair", "1 vCPU", "2 vCPUs", "ratio", "host", "ran", "rt"
+        "{:<18} {:<7} {:<10} {:>4} {:>12} {:>12} {:>7} {:>5} {:>5} {:>5} {:>6}",
+        "workload", "lock", "fault_lock", "pair", "1 vCPU", "2 vCPUs", "ratio", "host", "ran", "rt", "steal"
     );
     for s in interleaved {
         for p in &s.pairs {
             println!(
-                "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>6.2}x {:>5.2} {:>5} {:>5}",
+                "{:<18} {:<7} {:<10} {:>4} {:>12.0} {:>12.0} {:>6.2}x {:>5.2} {:>5} {:>5} {:>6}",
                 s.workload,
                 s.lock,
                 s.fault_lock,
@@ -1614,7 +1631,8 @@ fn print_pairs(stats: &[PairStats]) {
                 p.ratio(),
                 p.host,
                 p.ran.map_or("-".to_string(), |r| format!("{:.0}%", 100.0 * r)),
-                p.rt.map_or("-".to_string(), |ns| format!("{ns:.0}"))
+                p.rt.map_or("-".to_string(), |ns| format!("{ns:.0}")),
+                p.steal.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s))
             );
         }
         println!(
@@ -2759,6 +2777,15 @@ mod tests {
         let stats = pair_stats(&report);
         assert_eq!(stats[0].pairs[0].rt, Some(130.0));
         assert_eq!(stats[0].to_json()["round_trip_ns_2"], json!([130.0]));
+        // And the larger host steal of its two boots, whichever reported it.
+        assert_eq!(stats[0].pairs[0].steal, None);
+        report["runs"][0]["vcpu_threads"] = json!({"running": 0.99, "host_steal": 0.031});
+        report["runs"][1]["vcpu_threads"] = json!({"running": 0.97, "host_steal": 0.004});
+        report["runs"][4]["vcpu_threads"] = json!({"running": 0.97, "host_steal": 0.012});
+        let stats = pair_stats(&report);
+        assert_eq!(stats[0].pairs[0].steal, Some(0.031));
+        assert_eq!(stats[1].pairs[0].steal, Some(0.012));
+        assert_eq!(stats[0].to_json()["host_steal"], json!([0.031]));
     }
 
     fn statuses(targets: &[Target]) -> Vec<Status> {

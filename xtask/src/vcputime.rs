@@ -52,11 +52,23 @@ struct ThreadTimes {
     runnable: u64,
 }
 
+/// The host's CPU time so far, all its CPUs together (`/proc/stat`'s `cpu`
+/// line, in clock ticks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HostTicks {
+    /// Every state's ticks (user, nice, system, idle, iowait, irq, softirq,
+    /// steal; guest time is already inside user and nice).
+    total: u64,
+    /// Ticks the host's own hypervisor ran something else on its CPUs.
+    steal: u64,
+}
+
 /// The vCPU threads' counters at one moment.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     at: Instant,
     threads: Vec<ThreadTimes>,
+    host: Option<HostTicks>,
 }
 
 /// How the vCPU threads spent the time between two snapshots, as shares of
@@ -68,6 +80,9 @@ pub struct VcpuTime {
     pub running: f64,
     pub runnable: f64,
     pub blocked: f64,
+    /// The share of the host's CPU time its hypervisor stole over the same
+    /// span (`None` where the host does not report it).
+    pub steal: Option<f64>,
 }
 
 impl VcpuTime {
@@ -80,16 +95,19 @@ impl VcpuTime {
             "running": round(self.running),
             "blocked": round(self.blocked),
             "runnable": round(self.runnable),
+            "host_steal": self.steal.map(round),
         })
     }
 }
 
 /// The words for a [`VcpuTime::to_json`] record, e.g. `vCPU threads ran
-/// 97% blocked 2% runnable 1%`; `None` for a run without one.
+/// 97% blocked 2% runnable 1%, host steal 0.4%`; `None` for a run without
+/// one.
 pub fn describe(record: &Value) -> Option<String> {
     let share = |k: &str| record[k].as_f64().map(|x| 100.0 * x);
+    let steal = share("host_steal").map(|s| format!(", host steal {s:.1}%")).unwrap_or_default();
     Some(format!(
-        "vCPU threads ran {:.0}% blocked {:.0}% runnable {:.0}%",
+        "vCPU threads ran {:.0}% blocked {:.0}% runnable {:.0}%{steal}",
         share("running")?,
         share("blocked")?,
         share("runnable")?
@@ -107,6 +125,16 @@ fn is_vcpu_thread(comm: &str) -> bool {
 fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
     let mut it = s.split_whitespace().map(str::parse::<u64>);
     Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// `/proc/stat`'s `cpu` line as [`HostTicks`]; `None` for a line without
+/// the steal field (kernels before 2.6.11) or one that does not parse.
+fn parse_proc_stat(s: &str) -> Option<HostTicks> {
+    let line = s.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    let states = fields.get(..8)?;
+    Some(HostTicks { total: states.iter().sum(), steal: states[7] })
 }
 
 /// The counters of process `pid`'s vCPU threads now; `None` if it has none
@@ -127,7 +155,8 @@ pub fn snapshot(pid: u32) -> Option<Snapshot> {
         };
         threads.push(ThreadTimes { tid, running, runnable });
     }
-    (!threads.is_empty()).then_some(Snapshot { at, threads })
+    let host = std::fs::read_to_string("/proc/stat").ok().as_deref().and_then(parse_proc_stat);
+    (!threads.is_empty()).then_some(Snapshot { at, threads, host })
 }
 
 /// How often a [`Sampler`] snapshots the vCPU threads.
@@ -177,8 +206,18 @@ impl Snapshot {
     /// one to `later`.
     pub fn until(&self, later: &Snapshot) -> Option<VcpuTime> {
         let wall = later.at.checked_duration_since(self.at)?;
-        between(&self.threads, &later.threads, wall)
+        let mut v = between(&self.threads, &later.threads, wall)?;
+        v.steal = self.host.zip(later.host).and_then(|(a, b)| steal_share(a, b));
+        Some(v)
     }
+}
+
+/// The share of the host's CPU time stolen from `before` to `after`; `None`
+/// if no tick passed (or the counters went backwards).
+fn steal_share(before: HostTicks, after: HostTicks) -> Option<f64> {
+    let total = after.total.checked_sub(before.total).filter(|&t| t > 0)?;
+    let steal = after.steal.checked_sub(before.steal)?;
+    Some((steal as f64 / total as f64).min(1.0))
 }
 
 fn between(before: &[ThreadTimes], after: &[ThreadTimes], wall: Duration) -> Option<VcpuTime> {
@@ -197,7 +236,7 @@ fn between(before: &[ThreadTimes], after: &[ThreadTimes], wall: Duration) -> Opt
         return None;
     }
     let (running, runnable) = (running / n as f64, runnable / n as f64);
-    Some(VcpuTime { threads: n, wall, running, runnable, blocked: (1.0 - running - runnable).max(0.0) })
+    Some(VcpuTime { threads: n, wall, running, runnable, blocked: (1.0 - running - runnable).max(0.0), steal: None })
 }
 
 #[cfg(test)]
@@ -234,9 +273,43 @@ mod tests {
         assert!((v.runnable - 0.05).abs() < 1e-9, "{v:?}");
         assert!((v.blocked - 0.25).abs() < 1e-9, "{v:?}");
         assert_eq!(describe(&v.to_json()).as_deref(), Some("vCPU threads ran 70% blocked 25% runnable 5%"));
+        assert_eq!(v.to_json()["host_steal"], Value::Null);
         assert_eq!(describe(&Value::Null), None);
         assert!(between(&before, &[t(9, 1, 1)], Duration::from_nanos(1000)).is_none());
         assert!(between(&before, &after, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn steal_is_the_host_lost_share_of_its_cpu_time() {
+        // Two CPUs, 100 ticks a second, 10 s apart: 2000 ticks, 50 stolen.
+        let before = parse_proc_stat(
+            "cpu  1466180 0 268263 928482 5839 0 2128 22566 0 0\ncpu0 733090 0 134131 464241 2919 0 1064 11283 0 0\n",
+        )
+        .unwrap();
+        assert_eq!(before, HostTicks { total: 1466180 + 268263 + 928482 + 5839 + 2128 + 22566, steal: 22566 });
+        // Guest time (the last two fields) is inside user time: not added.
+        let after = parse_proc_stat("intr 5\ncpu  1467180 0 268763 928932 5839 0 2128 22616 300 0\n").unwrap();
+        assert_eq!(after.total - before.total, 2000);
+        assert_eq!(steal_share(before, after), Some(0.025));
+        assert_eq!(steal_share(before, before), None, "no tick passed");
+        assert_eq!(steal_share(after, before), None, "counters went backwards");
+        // Kernels without the steal field, and lines that do not parse.
+        assert_eq!(parse_proc_stat("cpu  1 2 3 4 5 6 7\n"), None);
+        assert_eq!(parse_proc_stat("cpu  1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(parse_proc_stat("cpu0 1 2 3 4 5 6 7 8\n"), None);
+        let v = VcpuTime {
+            threads: 2,
+            wall: Duration::from_secs(10),
+            running: 0.97,
+            runnable: 0.01,
+            blocked: 0.02,
+            steal: steal_share(before, after),
+        };
+        assert_eq!(v.to_json()["host_steal"].as_f64(), Some(0.025));
+        assert_eq!(
+            describe(&v.to_json()).as_deref(),
+            Some("vCPU threads ran 97% blocked 2% runnable 1%, host steal 2.5%")
+        );
     }
 
     #[test]
