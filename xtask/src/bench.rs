@@ -1535,6 +1535,24 @@ impl PairStats {
     }
 }
 
+/// Pair `index` of a 1-vCPU boot `a` and a 2-vCPU boot `b`; `None` if
+/// either lacks a rate or the 1-vCPU rate is zero.
+fn pair_of(index: u32, a: &Value, b: &Value) -> Option<Pair> {
+    let rate = |r: &Value| r["faults_per_sec"].as_f64();
+    let host = |r: &Value| r["host_capacity"].as_f64().unwrap_or(1.0);
+    let steal = |r: &Value| r["vcpu_threads"]["host_steal"].as_f64();
+    let (one, two) = (rate(a)?, rate(b)?);
+    (one > 0.0).then(|| Pair {
+        index,
+        one,
+        two,
+        host: host(a).min(host(b)),
+        ran: b["vcpu_threads"]["running"].as_f64(),
+        rt: b["round_trip_ns"]["median"].as_f64(),
+        steal: steal(a).into_iter().chain(steal(b)).reduce(f64::max),
+    })
+}
+
 /// The 1 -> 2 vCPU pairs of every (workload, lock, fault lock) in the
 /// report, in the order of its runs: the `--pairs` boots (a pair missing
 /// one of its boots is left out), or, where there are none, the plain 1-
@@ -1556,44 +1574,16 @@ pub(crate) fn pair_stats(report: &Value) -> Vec<PairStats> {
     for (w, l, fl) in keys {
         let of = |cpus: u64| runs_of(report, &w, &l, &fl, cpus);
         let (ones, twos) = (of(1), of(2));
-        let host = |r: &Value| r["host_capacity"].as_f64().unwrap_or(1.0);
-        let rate = |r: &Value| r["faults_per_sec"].as_f64();
-        let ran = |r: &Value| r["vcpu_threads"]["running"].as_f64();
-        let rt = |r: &Value| r["round_trip_ns"]["median"].as_f64();
-        let steal = |a: &Value, b: &Value| {
-            let s = |r: &Value| r["vcpu_threads"]["host_steal"].as_f64();
-            s(a).into_iter().chain(s(b)).reduce(f64::max)
-        };
         let mut indices: Vec<u32> =
             ones.iter().chain(&twos).filter_map(|r| r["pair"].as_u64()).map(|k| k as u32).collect();
         indices.sort_unstable();
         indices.dedup();
-        let mut pairs = Vec::new();
-        for &k in &indices {
-            if let (Some(a), Some(b)) = (with_pair(&ones, Some(k)), with_pair(&twos, Some(k)))
-                && let (Some(one), Some(two)) = (rate(a), rate(b))
-                && one > 0.0
-            {
-                let steal = steal(a, b);
-                pairs.push(Pair { index: k, one, two, host: host(a).min(host(b)), ran: ran(b), rt: rt(b), steal });
-            }
-        }
         let interleaved = !indices.is_empty();
-        if !interleaved
-            && let (Some(a), Some(b)) = (with_pair(&ones, None), with_pair(&twos, None))
-            && let (Some(one), Some(two)) = (rate(a), rate(b))
-            && one > 0.0
-        {
-            pairs.push(Pair {
-                index: 0,
-                one,
-                two,
-                host: host(a).min(host(b)),
-                ran: ran(b),
-                rt: rt(b),
-                steal: steal(a, b),
-            });
-        }
+        let pairs: Vec<Pair> = if interleaved {
+            indices.iter().filter_map(|&k| pair_of(k, with_pair(&ones, Some(k))?, with_pair(&twos, Some(k))?)).collect()
+        } else {
+            with_pair(&ones, None).zip(with_pair(&twos, None)).and_then(|(a, b)| pair_of(0, a, b)).into_iter().collect()
+        };
         if !pairs.is_empty() {
             out.push(PairStats { workload: w, lock: l, fault_lock: fl, interleaved, pairs });
         }
