@@ -155,8 +155,10 @@ pub fn snapshot(pid: u32) -> Option<Snapshot> {
         };
         threads.push(ThreadTimes { tid, running, runnable });
     }
-    let host = std::fs::read_to_string("/proc/stat").ok().as_deref().and_then(parse_proc_stat);
-    (!threads.is_empty()).then_some(Snapshot { at, threads, host })
+    (!threads.is_empty()).then(|| {
+        let host = std::fs::read_to_string("/proc/stat").ok().as_deref().and_then(parse_proc_stat);
+        Snapshot { at, threads, host }
+    })
 }
 
 /// How often a [`Sampler`] snapshots the vCPU threads.
