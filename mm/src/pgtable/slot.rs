@@ -17,13 +17,6 @@ use crate::addr::{PAGE_SIZE, Pfn, PhysAddr};
 use crate::physmem::PhysMem;
 use crate::sync::AtomicU64;
 
-/// Words zeroed or copied per loop turn in [`PhysMem::zero_frames`] and
-/// [`PhysMem::copy_frames`]: 512 bytes, 8 turns a page. Under QEMU's TCG
-/// every loop turn ends a translated block, and the compiler unrolls a
-/// smaller chunk only to 16 words (32 turns a page).
-#[cfg(not(loom))]
-const TURN_WORDS: usize = 64;
-
 /// One 64-bit word of a frame: a page-table entry (a `pte_t *`, `pmd_t *` ...).
 #[derive(Clone, Copy)]
 pub struct EntrySlot<'a> {
@@ -150,10 +143,7 @@ impl PhysMem {
             // `self`, aligned, accessed only atomically here; the caller's
             // contract keeps them allocated and `dst` unshared.
             let (d, s) = unsafe { (core::slice::from_raw_parts(d, words), core::slice::from_raw_parts(s, words)) };
-            // `TURN_WORDS` words per turn, as in `zero_frames`.
-            let ((dc, drest), (sc, srest)) = (d.as_chunks::<TURN_WORDS>(), s.as_chunks::<TURN_WORDS>());
-            debug_assert!(drest.is_empty() && srest.is_empty(), "a frame is 512 words");
-            for (dw, sw) in dc.iter().zip(sc) {
+            for (dw, sw) in d.chunks_exact(8).zip(s.chunks_exact(8)) {
                 for (a, b) in dw.iter().zip(sw) {
                     a.store(b.load(Ordering::Relaxed), Ordering::Relaxed);
                 }
@@ -176,9 +166,11 @@ impl PhysMem {
             // SAFETY: the block is managed RAM mapped for the life of `self`,
             // aligned, and only ever accessed atomically.
             let words = unsafe { core::slice::from_raw_parts(base, (bytes / 8) as usize) };
-            // `TURN_WORDS` stores per turn: 32 turns a page cost a
-            // `disjoint` fault 58 more instructions than 8.
-            let (chunks, rest) = words.as_chunks::<TURN_WORDS>();
+            // 64 stores (512 bytes) per turn, 8 turns a page: under QEMU's
+            // TCG every loop turn ends a translated block. The compiler
+            // unrolls a smaller chunk only to 16 stores (32 turns a page),
+            // which cost a `disjoint` fault 58 more instructions.
+            let (chunks, rest) = words.as_chunks::<64>();
             debug_assert!(rest.is_empty(), "a frame is 512 words");
             for chunk in chunks {
                 for w in chunk {
